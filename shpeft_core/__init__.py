@@ -1,0 +1,1 @@
+"""shpeft_core."""
