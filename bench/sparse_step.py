@@ -1,0 +1,244 @@
+"""Training-step cost of SH-PEFT sparse deltas vs full fine-tuning, head-only, GPS-style masked
+gradients and LoRA r=8, side by side in one process on the same timm model and batch.
+
+Per method: median step time (forward + backward + AdamW step), ratio to full fine-tuning,
+peak memory, trainable parameters and optimiser-state bytes. The last line printed is one JSON
+object {"methods": {NAME: {...}}}.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over a training step with only that
+method's model on the device. On CPU (where allocator peaks are not observable), the bytes of
+parameters + gradients + optimiser state + tensors saved for backward (unique storages not
+aliasing parameters or buffers, recorded with torch.autograd.graph.saved_tensors_hooks) --
+the memory a step must hold at its peak, excluding allocator slack and short-lived temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from shpeft_core import (
+    BackboneSpec,
+    ImportanceConfig,
+    apply_sparse_training,
+    compute_importance,
+    create_backbone,
+    eligible_parameters,
+    head_parameter_names,
+    hybrid_scores,
+    select_mask,
+)
+from shpeft_core.eligibility import eligible_modules
+
+METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-4", "shpeft_1e-3")
+LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
+
+
+class Method:
+    def __init__(self, name, model, optimizer, grad_masks=None, trainable=0):
+        self.name, self.model, self.optimizer = name, model, optimizer
+        self.grad_masks = grad_masks or []
+        self.trainable = trainable
+        self.times: list[float] = []
+
+    amp = False  # bf16 autocast (CUDA only)
+
+    def step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and x.is_cuda):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        for p, m in self.grad_masks:  # GPS: dense gradient, frozen entries zeroed before the step
+            p.grad.mul_(m)
+        self.optimizer.step()
+        return loss
+
+
+def _adamw(params, wd=0.0):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=wd)
+
+
+def build(name, spec, num_classes, scores, device) -> Method:
+    model = create_backbone(spec, num_classes).to(device)
+    model.train()
+    head = set(head_parameter_names(model))
+    if name == "full":
+        params = list(model.parameters())
+        return Method(name, model, _adamw(params, 0.05), trainable=sum(p.numel() for p in params))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name == "head":
+        params = [p for n, p in model.named_parameters() if n in head]
+        for p in params:
+            p.requires_grad_(True)
+        return Method(name, model, _adamw(params), trainable=sum(p.numel() for p in params))
+    if name == "gps_mask":
+        mask = select_mask(scores, 1e-3, "per_row")  # GPS: top-K inputs per output neuron
+        eligible = eligible_parameters(model)
+        masks = []
+        for n, idx in mask.items():
+            m = torch.zeros(eligible[n].numel(), device=device)
+            m[idx.long().to(device)] = 1.0
+            masks.append((eligible[n], m.view_as(eligible[n])))
+            eligible[n].requires_grad_(True)
+        heads = [p for n, p in model.named_parameters() if n in head]
+        for p in heads:
+            p.requires_grad_(True)
+        # weight decay 0: with decay the frozen entries would drift (GPS's own caveat).
+        opt = _adamw([p for p, _ in masks] + heads, 0.0)
+        k = sum(int(v.numel()) for v in mask.values()) + sum(p.numel() for p in heads)
+        return Method(name, model, opt, masks, trainable=k)
+    if name == "lora_r8":
+        from peft import LoraConfig, get_peft_model
+
+        head_path = ".".join(next(iter(head)).split(".")[:-1])
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, modules_to_save=[head_path])
+        pm = get_peft_model(model, cfg).to(device)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        return Method(name, pm, _adamw(params, 0.05), trainable=sum(p.numel() for p in params))
+    if name.startswith("shpeft_"):
+        density = float(name.split("_", 1)[1])
+        apply_sparse_training(model, {n: v.to(device) for n, v in select_mask(scores, density, "global").items()})
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Method(name, model, _adamw(params, 0.05), trainable=sum(p.numel() for p in params))
+    raise ValueError(name)
+
+
+def optimizer_state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def cpu_step_bytes(method: Method, x, y) -> int:
+    """params + grads + optimiser state + tensors saved for backward (unique storages)."""
+    model = method.model
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in owned:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    method.optimizer.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params += sum(b.numel() * b.element_size() for b in model.buffers())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return params + grads + optimizer_state_bytes(method.optimizer) + sum(saved.values())
+
+
+def cuda_step_bytes(method: Method, x, y, device) -> int:
+    """Peak of the second step (optimiser state exists by then) with only this method on the device."""
+    method.step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    method.step(x, y)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--img-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per method")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--smoke-test", action="store_true", help="tiny model and steps (< 1 min on 2 CPUs)")
+    args = ap.parse_args(argv)
+    if args.smoke_test:
+        args.model, args.img_size, args.batch_size, args.steps, args.warmup = "vit_tiny_patch16_224", 64, 4, 3, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    Method.amp = args.bf16
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    spec = BackboneSpec(args.model, None, kwargs)
+    probe = create_backbone(spec, args.num_classes)
+    size = probe.pretrained_cfg["input_size"][-1] if not args.img_size else args.img_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    # One shared grad2 score map so every masked method selects from the same ranking.
+    imp = compute_importance(probe, [(x.cpu(), y.cpu())], ImportanceConfig(num_batches=1, head_warmup="ridge"),
+                             num_classes=args.num_classes, device=str(device))
+    scores = hybrid_scores(imp, None, 1.0)
+    eligible_total = sum(t.numel() for t in scores.values())
+    del probe
+    names = [m for m in args.methods.split(",") if m]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    peak = {}
+    if device.type == "cuda":
+        for n in names:  # one method at a time on the device
+            m = build(n, spec, args.num_classes, scores, device)
+            peak[n] = cuda_step_bytes(m, x, y, device)
+            del m
+            torch.cuda.empty_cache()
+    methods = [build(n, spec, args.num_classes, scores, device) for n in names]
+    if device.type != "cuda":
+        for m in methods:
+            peak[m.name] = cpu_step_bytes(m, x, y)
+
+    for _ in range(args.warmup):
+        for m in methods:
+            m.step(x, y)
+    # Interleaved rounds: load drift on a shared machine hits every method alike.
+    for _ in range(args.steps):
+        for m in methods:
+            sync()
+            t0 = time.perf_counter()
+            m.step(x, y)
+            sync()
+            m.times.append(time.perf_counter() - t0)
+
+    result = {}
+    full_ms = None
+    for m in methods:
+        ms = statistics.median(m.times) * 1e3
+        if m.name == "full":
+            full_ms = ms
+        result[m.name] = {
+            "step_ms": round(ms, 2),
+            "trainable": int(m.trainable),
+            "optimizer_state_bytes": int(optimizer_state_bytes(m.optimizer)),
+            "peak_mem_mb": round(peak[m.name] / 2**20, 1),
+        }
+    for r in result.values():
+        r["ratio_to_full"] = round(r["step_ms"] / full_ms, 3) if full_ms else None
+    info = {
+        "model": args.model, "img_size": size, "batch_size": args.batch_size, "device": str(device),
+        "threads": torch.get_num_threads(), "bf16": bool(args.bf16 and device.type == "cuda"), "torch": torch.__version__, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "eligible_weights": eligible_total, "steps": args.steps,
+        "peak_mem": "cuda max_memory_allocated" if device.type == "cuda" else "params+grads+optimizer state+saved activations",
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print("setup " + json.dumps(info))
+    hdr = f"{'method':<12} {'step_ms':>9} {'ratio':>6} {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}"
+    print(hdr)
+    for n, r in result.items():
+        print(f"{n:<12} {r['step_ms']:>9.1f} {r['ratio_to_full'] or 0:>6.3f} {r['peak_mem_mb']:>9.1f} "
+              f"{r['trainable']:>10d} {r['optimizer_state_bytes']:>12d}")
+    print(json.dumps({"methods": result}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The `shpeft` command line.
+
+Each command imports what it needs (torch, timm, ray) when it runs.
+Exit codes: 0 success, 1 runtime failure (including tasks that failed in a job), 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import NoReturn
+
+import click
+
+from tasks.cli import tasks_cli
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _console():
+    from rich.console import Console
+
+    # Wide enough that catalogue tables do not wrap into unreadable columns when piped.
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+def _load_job_or_exit(path: str):
+    from orchestrator.jobspec import JobSpecError, load_job
+
+    try:
+        return load_job(path)
+    except JobSpecError as exc:
+        _fail(str(exc), EXIT_INVALID)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="shpeft")
+def main() -> None:
+    """Sparse hybrid PEFT: one backbone, many medical tasks, one small delta per task.
+
+    Typical flow: `shpeft run job.yaml` (or `shpeft submit` to a Ray cluster), then
+    `shpeft list STORE` / `shpeft show STORE JOB`, then `shpeft predict` or `shpeft export`.
+    """
+
+
+# ---------------------------------------------------------------- run / submit / status / logs
+
+
+@main.command(short_help="Validate a job file and run it (local Ray or a cluster).")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster to join (e.g. 'auto', HEAD:6379); default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray (default: all visible).")
+@click.option("--force", is_flag=True, help="Redo every task even if a verified delta exists.")
+@click.option("--no-progress", is_flag=True, help="No per-task progress lines.")
+def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, no_progress: bool) -> None:
+    """Validate JOB.yaml and run it: shared importance, per-task fine-tuning, sweeps, catalogue.
+
+    An invalid job file exits with code 2 before anything is written. The exit code is 1 when
+    any task failed (the others still complete).
+
+    Example: shpeft run examples/demo.yaml --num-cpus 2
+    """
+    job = _load_job_or_exit(job_file)
+    from orchestrator.pipeline import run_job
+
+    result = run_job(job, address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
+    raise click.exceptions.Exit(int(result.exit_code))
+
+
+_address_option = click.option(
+    "--address",
+    required=True,
+    envvar="RAY_API_SERVER_ADDRESS",
+    show_envvar=True,
+    help="Ray dashboard URL of the cluster's head, e.g. http://HEAD:8265.",
+)
+_timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+    help="Seconds to wait for the dashboard to answer.",
+)
+
+
+def _client(address: str, timeout: float):
+    from orchestrator.jobs_api import JobsApiError, submission_client
+
+    try:
+        return submission_client(address, timeout=timeout)
+    except JobsApiError as exc:
+        _fail(str(exc))
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--env {pair!r} must be KEY=VALUE", EXIT_INVALID)
+        env[key] = value
+    return env
+
+
+@main.command(short_help="Submit a job file to a Ray cluster; prints the submission id.")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@_address_option
+@click.option("--working-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Folder to upload with the job (must contain JOB.yaml); default: only the job file.")
+@click.option("--submission-id", default=None, help="Your own id for the submission (default: Ray picks one).")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable).")
+@click.option("--force", is_flag=True, help="Pass --force to `shpeft run` on the cluster.")
+@_timeout_option
+def submit(job_file: str, address: str, working_dir: str | None, submission_id: str | None,
+           env_pairs: tuple[str, ...], force: bool, timeout: float) -> None:
+    """Submit JOB.yaml to a Ray cluster through the Jobs API and print the submission id.
+
+    The cluster runs `shpeft run JOB.yaml --address auto` (shpeft must be installed on its
+    nodes; see cluster/README.md). The job file is validated locally first (exit 2 if invalid).
+
+    Example: shpeft submit examples/medmnist224_vitb16_gpu.yaml --address http://HEAD:8265
+    """
+    from orchestrator.jobs_api import JobsApiError, submit_job_file
+    from shpeft_core.io import local_path
+
+    job = _load_job_or_exit(job_file)
+    env = _parse_env(env_pairs)
+    if local_path(job.store) is not None:
+        click.echo(
+            f"warning: store {job.store!r} is a local path; on a cluster it is written on the head node's "
+            "disk. Use an object-store URI (s3://, gs://) to read results from here.",
+            err=True,
+        )
+    client = _client(address, timeout)
+    try:
+        res = submit_job_file(client, job_file, working_dir=working_dir, submission_id=submission_id,
+                              env_vars=env, extra_run_args=("--force",) if force else ())
+    except JobsApiError as exc:
+        _fail(str(exc))
+    click.echo(f"submitted: {res.entrypoint}", err=True)
+    click.echo(f"follow with: shpeft logs {res.submission_id} --address {address} --follow", err=True)
+    click.echo(res.submission_id)
+
+
+@main.command(short_help="Status of a submitted job.")
+@click.argument("submission_id")
+@_address_option
+@click.option("--wait", is_flag=True, help="Wait until the job ends; exit 0 only if it succeeded.")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between polls with --wait.")
+@_timeout_option
+def status(submission_id: str, address: str, wait: bool, poll: float, timeout: float) -> None:
+    """Print the status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED).
+
+    Example: shpeft status raysubmit_abc123 --address http://HEAD:8265
+    """
+    import time
+
+    from orchestrator.jobs_api import JobsApiError, job_status
+
+    client = _client(address, timeout)
+    terminal = {"SUCCEEDED", "FAILED", "STOPPED"}
+    try:
+        state, message = job_status(client, submission_id)
+        while wait and state not in terminal:
+            time.sleep(poll)
+            state, message = job_status(client, submission_id)
+    except JobsApiError as exc:
+        _fail(str(exc))
+    click.echo(f"{submission_id}: {state}" + (f" ({message})" if message else ""))
+    if wait and state != "SUCCEEDED":
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+@main.command(short_help="Logs of a submitted job (--follow to stream).")
+@click.argument("submission_id")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Stream new log lines until the job ends.")
+@_timeout_option
+def logs(submission_id: str, address: str, follow: bool, timeout: float) -> None:
+    """Print the driver logs of a submitted job.
+
+    Example: shpeft logs raysubmit_abc123 --address http://HEAD:8265 --follow
+    """
+    from orchestrator.jobs_api import JobsApiError, follow_job_logs, job_logs
+
+    client = _client(address, timeout)
+    try:
+        if follow:
+            follow_job_logs(client, submission_id, lambda s: click.echo(s, nl=False))
+        else:
+            click.echo(job_logs(client, submission_id), nl=False)
+    except JobsApiError as exc:
+        _fail(str(exc))
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+_LIST_COLUMNS = ("job_id", "task", "status", "metric", "val", "test", "density", "alpha", "trainable", "bytes", "finished_at")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if (value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)) else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _metric_value(row: dict, split: str):
+    metric = row.get("metric") or "macro_f1"
+    return row.get(f"{split}_{metric}")
+
+
+def _catalogue_rows(store: str, job: str | None) -> list[dict]:
+    from orchestrator.catalogue import read_catalogue
+
+    try:
+        return read_catalogue(store, job).to_pylist()
+    except FileNotFoundError as exc:
+        _fail(f"store {store} cannot be read: {exc}")
+
+
+def _resolve_job_id(store: str, job: str) -> str:
+    """JOB may be a job id or the job file it came from."""
+    if os.path.isfile(job):
+        from orchestrator.jobspec import job_id
+
+        return job_id(_load_job_or_exit(job))
+    return job
+
+
+def _json_default(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+@main.command("list", short_help="The catalogue of a store: every job and task.")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def list_(store: str, as_json: bool) -> None:
+    """List every job and task in the catalogue of STORE (a folder or fsspec URI).
+
+    'val' and 'test' show each task's selection metric (column 'metric').
+
+    Example: shpeft list ./demo-store
+    """
+    rows = _catalogue_rows(store, None)
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=1))
+        return
+    if not rows:
+        click.echo(f"no jobs in the catalogue of {store}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"catalogue of {store}")
+    for col in _LIST_COLUMNS:
+        table.add_column(col, justify="right" if col in ("val", "test", "density", "alpha", "trainable", "bytes") else "left")
+    for r in sorted(rows, key=lambda r: (r.get("started_at") or "", r["job_id"], r["task"])):
+        cells = {**r, "val": _metric_value(r, "val"), "test": _metric_value(r, "test")}
+        table.add_row(*[_fmt(cells.get(c)) for c in _LIST_COLUMNS])
+    _console().print(table)
+
+
+@main.command(short_help="Every catalogue field of one job.")
+@click.argument("store")
+@click.argument("job")
+@click.option("--task", default=None, help="Only this task.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of tables.")
+def show(store: str, job: str, task: str | None, as_json: bool) -> None:
+    """Show every catalogue field of one job (JOB = a job id from `shpeft list`, or its job file).
+
+    Example: shpeft show ./demo-store 3f2a9c0d1e4b
+    """
+    jid = _resolve_job_id(store, job)
+    rows = _catalogue_rows(store, jid)
+    if not rows:
+        known = sorted({r["job_id"] for r in _catalogue_rows(store, None)})
+        _fail(f"no job {jid!r} in the catalogue of {store}; known jobs: {known or 'none'}")
+    if task is not None:
+        rows = [r for r in rows if r["task"] == task]
+        if not rows:
+            _fail(f"job {jid} has no task {task!r}")
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=1))
+        return
+    from rich.table import Table
+
+    console = _console()
+    for r in rows:
+        table = Table(title=f"job {jid} · task {r['task']} · {r.get('status')}", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in r.items():
+            if value is not None and key not in ("job_id", "task"):
+                table.add_row(key, _fmt(value))
+        console.print(table)
+
+
+# ---------------------------------------------------------------- predict / export
+
+
+@main.command(short_help="Predict images with several task deltas on one backbone.")
+@click.option("--backbone", default=None, help="timm backbone name; default and check: the first delta's.")
+@click.option("--backbone-source", default=None,
+              help="Base weights ('hub', a file or URI); default: where the first delta says it was trained from.")
+@click.option("--delta", "deltas", multiple=True, required=True, metavar="URI", help="A task delta (repeat for several tasks).")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image and task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON lines.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_json, images) -> None:
+    """Predict IMAGES with several task deltas on one backbone instance.
+
+    Each delta is applied in turn (one forward per batch per task) and removed again.
+
+    Example: shpeft predict --delta store/deltas/busi.safetensors --delta store/deltas/covid_ct.safetensors scan1.png scan2.png
+    """
+    from orchestrator.predict import PredictError, predict_files
+    from shpeft_core.delta import DeltaError
+
+    try:
+        preds = predict_files(list(deltas), list(images), backbone=backbone, backbone_source=backbone_source,
+                              batch_size=batch_size, device=device, top_k=top_k)
+    except (PredictError, DeltaError, FileNotFoundError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if as_json:
+        for p in preds:
+            click.echo(json.dumps({"task": p.task, "image": p.image, "label": p.label,
+                                   "class_name": p.class_name, "probability": p.probability}))
+        return
+    from rich.table import Table
+
+    table = Table(title="predictions")
+    for col in ("image", "task", "class", "label", "probability"):
+        table.add_column(col, justify="right" if col in ("label", "probability") else "left")
+    for p in sorted(preds, key=lambda p: (images.index(p.image), p.task)):
+        table.add_row(p.image, p.task, p.class_name, str(p.label), f"{p.probability:.4f}")
+    _console().print(table)
+
+
+@main.command(short_help="Merge a delta into a plain timm checkpoint (safetensors).")
+@click.argument("delta", metavar="DELTA")
+@click.option("--merged", "out", required=True, metavar="OUT.safetensors", help="Where to write the merged timm checkpoint.")
+@click.option("--backbone-source", default=None, help="Base weights to merge into; default: the delta's backbone_source.")
+def export(delta: str, out: str, backbone_source: str | None) -> None:
+    """Merge DELTA into its backbone and write a plain timm checkpoint (safetensors).
+
+    The file loads into timm.create_model(backbone, num_classes=N, **backbone_kwargs), values in
+    its header metadata, with no shpeft installed.
+
+    Example: shpeft export store/deltas/busi.safetensors --merged busi_vitb16.safetensors
+    """
+    from orchestrator.export import export_merged
+    from shpeft_core.delta import DeltaError
+
+    if not out.endswith(".safetensors"):
+        _fail(f"--merged {out!r} must end in .safetensors", EXIT_INVALID)
+    try:
+        res = export_merged(delta, out, backbone_source=backbone_source)
+    except FileNotFoundError as exc:  # the delta, or the backbone weights it names
+        _fail(str(exc), EXIT_INVALID)
+    except DeltaError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    click.echo(
+        f"wrote {res['uri']} ({res['bytes']} bytes, {res['tensors']} tensors, sha256 {res['sha256']}); "
+        f"load with timm.create_model({res['backbone']!r}, num_classes={res['num_classes']})"
+    )
+
+
+# ---------------------------------------------------------------- demo
+
+
+@main.command(short_help="The synthetic end-to-end demo job on a local Ray.")
+@click.option("--store", default=None, help="Folder or fsspec URI for the demo's data and outputs [default: ./demo-store].")
+@click.option("--smoke-test", is_flag=True, help="Smallest settings (under 2 minutes on 2 CPUs).")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the embedded Ray (default: all visible).")
+def demo(store: str | None, smoke_test: bool, num_cpus: int | None) -> None:
+    """Run the main job on a local embedded Ray: synthetic medical-like tasks, a small backbone
+    pre-trained on a disjoint source corpus (cached in the store), importance, sparse fine-tuning,
+    a short sweep, and the results table.
+
+    Example: shpeft demo --smoke-test
+    """
+    from orchestrator.demo import run_demo
+
+    raise click.exceptions.Exit(int(run_demo(store, smoke_test, num_cpus=num_cpus)))
+
+
+main.add_command(tasks_cli)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,361 @@
+"""The job file: one YAML document describing a backbone, a store, many tasks and how to tune them.
+
+Validated with pydantic before anything runs. Every section forbids unknown keys; any problem is
+reported as one `JobSpecError` whose message names the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.spec import TaskSpec
+
+__all__ = [
+    "JobSpecError",
+    "BackboneSection",
+    "CatalogueTaskRef",
+    "ImportanceSection",
+    "SelectionSection",
+    "TrainingSection",
+    "AshaSection",
+    "SweepSection",
+    "JobSpec",
+    "load_job",
+    "parse_job",
+    "job_id",
+    "canonical_json",
+    "content_hash",
+]
+
+ESTIMATORS = ("grad2", "grad1", "taylor1", "taylor2")
+
+
+class JobSpecError(ValueError):
+    """A job file that cannot run; the message names the field path and the allowed values."""
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) for content hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """Short sha256 hex of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackboneSection(_Section):
+    name: str = Field(description="timm model name, e.g. vit_base_patch16_224 or test_vit.", min_length=1)
+    source: str | None = Field(
+        default=None,
+        description="Where the weights come from: 'hub' (timm pretrained from the HF hub), a local file "
+        "or any fsspec URI of a .safetensors/.pth/.bin file; null = random init (tests only).",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra timm.create_model keyword arguments (e.g. img_size)."
+    )
+
+
+class CatalogueTaskRef(_Section):
+    catalogue: str = Field(description="Name of a dataset in the built-in catalogue (`shpeft tasks list`).")
+    source: str = Field(description="Local path or fsspec URI of your copy of that dataset.", min_length=1)
+    name: str | None = Field(default=None, description="Task name in outputs; defaults to the catalogue name.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="TaskSpec fields to override (e.g. metric, image_size, format)."
+    )
+
+
+def _task_entry_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "catalogue" if "catalogue" in value else "inline"
+    return "catalogue" if isinstance(value, CatalogueTaskRef) else "inline"
+
+
+TaskEntry = Annotated[
+    Union[Annotated[CatalogueTaskRef, Tag("catalogue")], Annotated[TaskSpec, Tag("inline")]],
+    Discriminator(_task_entry_kind),
+]
+
+
+class ImportanceSection(_Section):
+    estimator: Literal["grad2", "grad1", "taylor1", "taylor2"] = Field(
+        default="grad2", description="Per-weight importance estimator (grad2 = Fisher/SPT, grad1 = GPS)."
+    )
+    batches: int = Field(default=16, ge=1, description="Batches of gradients accumulated per dataset.")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Batch size for importance; defaults to training.batch_size."
+    )
+    loss: Literal["ce", "supcon"] = Field(
+        default="ce", description="ce with a warmed-up head, or GPS's head-free supervised-contrastive loss."
+    )
+    head_warmup: Literal["linear_probe", "ridge", "none"] = Field(
+        default="linear_probe", description="How the task head is warmed before gradients are taken."
+    )
+    pool: list[str] | None = Field(
+        default=None,
+        description="Names of the datasets forming the shared task-agnostic pool (target tasks and/or "
+        "pool_datasets); null = every target task plus every pool dataset.",
+    )
+    pool_datasets: list[TaskEntry] = Field(
+        default_factory=list,
+        description="Extra datasets used only for the task-agnostic pool (never fine-tuned).",
+    )
+    normalization: Literal["rank", "max", "zscore", "none"] = Field(
+        default="rank", description="How each dataset's map is normalised before maps are combined."
+    )
+    reduce: Literal["mean", "median", "max"] = Field(default="mean", description="How normalised maps are combined.")
+    magnitude_blend: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Weight of pre-trained |w| blended into the agnostic map."
+    )
+    use_gpu: bool | None = Field(
+        default=None, description="Compute importance on a GPU; defaults to training.use_gpu."
+    )
+
+
+class SelectionSection(_Section):
+    density: float = Field(
+        default=1e-4, gt=0.0, le=1.0, description="Fraction of eligible weights trained, in (0, 1]."
+    )
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Hybrid weight in [0, 1]: 1 = task-specific only, 0 = task-agnostic only.",
+    )
+    granularity: Literal["global", "per_tensor", "per_row"] = Field(
+        default="global", description="global top-k, per-tensor budget, or per-row (GPS) top-k."
+    )
+
+
+class TrainingSection(_Section):
+    epochs: int = Field(default=10, ge=1, description="Training epochs per task.")
+    batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
+    lr: float = Field(default=1e-3, gt=0.0, description="Learning rate for the sparse values.")
+    head_lr: float | None = Field(default=None, gt=0.0, description="Learning rate of the head; defaults to lr.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_epochs: int = Field(default=1, ge=0, description="Linear warm-up epochs before cosine decay.")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    seed: int = Field(default=0, ge=0, description="Seed for data order and initialisation.")
+    workers_per_task: int = Field(default=1, ge=1, description="Data-parallel Ray Train workers per task.")
+    use_gpu: bool = Field(default=False, description="Train (and compute importance) on GPUs.")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per training worker.")
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0.0, description="GPUs reserved per worker (fractions share a GPU); 1 when use_gpu and 0."
+    )
+    data_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per training worker.")
+    max_concurrent_tasks: int | None = Field(
+        default=None, ge=1, description="Most tasks training at once; null = as many as the cluster's CPUs/GPUs hold."
+    )
+    max_failures: int = Field(
+        default=2, ge=0, description="Worker failures a task's trainer survives (resuming from its last checkpoint)."
+    )
+
+    @model_validator(mode="after")
+    def _gpu_consistency(self) -> "TrainingSection":
+        if self.gpus_per_worker > 0 and not self.use_gpu:
+            raise ValueError("gpus_per_worker > 0 needs use_gpu: true")
+        return self
+
+
+class AshaSection(_Section):
+    grace_period: int = Field(default=1, ge=1, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(default=2.0, gt=1.0, description="ASHA's halving rate (> 1).")
+    brackets: int = Field(default=1, ge=1, description="Number of ASHA brackets.")
+
+
+def _check_range(value: tuple[float, float], lo: float, hi: float, lo_open: bool) -> tuple[float, float]:
+    a, b = value
+    if not (a <= b):
+        raise ValueError(f"range must be [low, high] with low <= high, got [{a}, {b}]")
+    left = "(" if lo_open else "["
+    for v in (a, b):
+        if (v <= lo if lo_open else v < lo) or v > hi or math.isnan(v):
+            raise ValueError(f"range values must lie in {left}{lo}, {hi}], got [{a}, {b}]")
+    return value
+
+
+class SweepSection(_Section):
+    enabled: bool = Field(default=False, description="Tune density and alpha per task with Optuna TPE + ASHA.")
+    trials_per_task: int = Field(default=8, ge=1, description="Trials per task.")
+    density_range: tuple[float, float] = Field(
+        default=(1e-4, 1e-2), description="[low, high] in (0, 1], sampled log-uniformly."
+    )
+    alpha_range: tuple[float, float] = Field(default=(0.0, 1.0), description="[low, high] in [0, 1], uniform.")
+    epochs: int | None = Field(default=None, ge=1, description="Epochs per trial (ASHA max_t); defaults to training.epochs.")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="Most trials at once; null = as many as the cluster holds."
+    )
+    asha: AshaSection = Field(default_factory=AshaSection, description="ASHA early-stopping settings.")
+    seed: int = Field(default=0, ge=0, description="Seed of the TPE sampler.")
+
+    @field_validator("density_range")
+    @classmethod
+    def _density(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _check_range(v, 0.0, 1.0, lo_open=True)
+
+    @field_validator("alpha_range")
+    @classmethod
+    def _alpha(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _check_range(v, 0.0, 1.0, lo_open=False)
+
+
+class JobSpec(_Section):
+    backbone: BackboneSection = Field(description="The shared pre-trained backbone.")
+    store: str = Field(
+        description="fsspec URI or absolute/relative local folder where every output is written.", min_length=1
+    )
+    tasks: list[TaskEntry] = Field(min_length=1, description="Target tasks: inline task specs or catalogue references.")
+    importance: ImportanceSection = Field(default_factory=ImportanceSection, description="Importance estimation.")
+    selection: SelectionSection = Field(default_factory=SelectionSection, description="Hybrid weight selection.")
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Per-task fine-tuning.")
+    sweep: SweepSection = Field(default_factory=SweepSection, description="Optional density/alpha sweep.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "JobSpec":
+        targets = [task_name(t) for t in self.tasks]
+        dupes = sorted({n for n in targets if targets.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, duplicated: {dupes}")
+        pool_names = [task_name(t) for t in self.importance.pool_datasets]
+        clash = sorted(set(pool_names) & set(targets)) + sorted({n for n in pool_names if pool_names.count(n) > 1})
+        if clash:
+            raise ValueError(f"importance.pool_datasets names must be unique and differ from task names: {clash}")
+        if self.importance.pool is not None:
+            known = set(targets) | set(pool_names)
+            unknown = [n for n in self.importance.pool if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"importance.pool names {unknown} are unknown; allowed: {sorted(known)}"
+                )
+        return self
+
+
+def task_name(entry: CatalogueTaskRef | TaskSpec) -> str:
+    if isinstance(entry, CatalogueTaskRef):
+        return entry.name or entry.catalogue
+    return entry.name
+
+
+def _format_location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if item in ("catalogue", "inline") and parts and parts[-1].endswith("]"):
+            continue  # discriminator tag, not a field
+        if isinstance(item, int):
+            parts[-1 if parts else 0:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "<job>"
+
+
+def _walk(loc: tuple) -> tuple[type[BaseModel] | None, str | None]:
+    """The model class holding the last field of ``loc`` and that field's name."""
+    model: Any = JobSpec
+    parent, name = None, None
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        if item == "catalogue":
+            model = CatalogueTaskRef if parent is not None else model
+            continue
+        if item == "inline":
+            model = TaskSpec
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or item not in model.model_fields:
+            return (model if isinstance(model, type) and issubclass(model, BaseModel) else None), str(item)
+        parent, name = model, str(item)
+        ann = model.model_fields[item].annotation
+        model = _inner_model(ann)
+    return parent, name
+
+
+def _inner_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_hint(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err.get("type", "")
+    model, name = _walk(tuple(err["loc"]))
+    if kind == "extra_forbidden":
+        allowed = sorted(model.model_fields) if model is not None else []
+        return f"unknown key; allowed keys here: {allowed}"
+    parts = []
+    if "expected" in ctx:
+        parts.append(f"allowed: {ctx['expected']}")
+    bounds = [f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx]
+    if bounds:
+        parts.append("allowed: " + " and ".join(bounds))
+    if model is not None and name in model.model_fields and model.model_fields[name].description:
+        parts.append(f"{name}: {model.model_fields[name].description}")
+    return "; ".join(parts)
+
+
+def _error_message(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = _format_location(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        hint = _allowed_hint(err)
+        given = err.get("input")
+        given_s = "" if isinstance(given, (dict, list)) or err.get("type") == "missing" else f" (got {given!r})"
+        lines.append(f"{path}: {msg}{given_s}" + (f" [{hint}]" if hint and hint not in msg else ""))
+    head = f"invalid job file {source}: " if source else "invalid job: "
+    return head + "; ".join(lines)
+
+
+def parse_job(data: Any, source: str = "") -> JobSpec:
+    """Validate a job given as a mapping; raises `JobSpecError`."""
+    if not isinstance(data, dict):
+        raise JobSpecError(f"invalid job file {source}: the top level must be a mapping with keys "
+                           f"{sorted(JobSpec.model_fields)}, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobSpecError(_error_message(source, exc)) from None
+
+
+def load_job(path_or_uri: str | os.PathLike) -> JobSpec:
+    """Read and validate a YAML job file from a local path or fsspec URI; raises `JobSpecError`."""
+    import fsspec
+
+    source = str(path_or_uri)
+    try:
+        with fsspec.open(source, "r") as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise JobSpecError(f"job file {source} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"job file {source} is not valid YAML: {exc}") from None
+    return parse_job(data, source)
+
+
+def job_id(job: JobSpec) -> str:
+    """Short hex id derived from the job's content (canonical JSON of the validated job)."""
+    return content_hash(job.model_dump(mode="json"), length=12)

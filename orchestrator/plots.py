@@ -1,0 +1,121 @@
+"""PNG plots written into the store: density vs metric (Pareto front), alpha vs metric, importance per layer."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
+
+__all__ = ["write_plots", "pareto_front", "layer_of", "importance_mass_per_layer"]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(density, metric) points not dominated by one with lower-or-equal density and higher metric."""
+    front, best = [], float("-inf")
+    for d, m in sorted(points, key=lambda p: (p[0], -p[1])):
+        if m > best:
+            front.append((d, m))
+            best = m
+    return front
+
+
+def layer_of(param_name: str) -> str:
+    """Group parameter names into layers: 'blocks.3.attn.qkv.weight' -> 'blocks.3'; 'stages.1.blocks.0...' kept."""
+    m = re.match(r"((?:[A-Za-z_]+\.\d+\.)*(?:[A-Za-z_]+\.\d+))", param_name)
+    return m.group(1) if m else param_name.split(".")[0]
+
+
+def importance_mass_per_layer(scores: dict[str, Any]) -> dict[str, float]:
+    """Share of the total importance held by each layer (sums to 1)."""
+    mass: dict[str, float] = {}
+    for name, t in scores.items():
+        mass[layer_of(name)] = mass.get(layer_of(name), 0.0) + float(t.double().abs().sum())
+    total = sum(mass.values()) or 1.0
+    return {k: v / total for k, v in mass.items()}
+
+
+def _save(fig, uri: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def _trial_points(store: str, row: dict) -> list[dict]:
+    if row.get("status") != "ok":
+        return []
+    uri = join_uri(store, "sweeps", f"{row['task']}-{row.get('config_hash')}", "trials.json")
+    if exists(uri):
+        return [t for t in json.loads(read_bytes(uri))["trials"] if t.get("val_metric") is not None]
+    m = row.get("metric") or "macro_f1"
+    if row.get(f"val_{m}") is None:
+        return []
+    return [{"density": row["density"], "alpha": row["alpha"], "val_metric": row[f"val_{m}"]}]
+
+
+def write_plots(store: str, job_id: str, rows: list[dict], dataset_map_uris: list[str],
+                agnostic_uri: str | None) -> list[str]:
+    """Writes the three PNGs under <store>/plots/<job_id>/ and returns their URIs."""
+    from shpeft_core.importance import ImportanceMap
+
+    root = join_uri(store, "plots", job_id)
+    out = []
+    per_task = {r["task"]: _trial_points(store, r) for r in rows}
+    per_task = {k: v for k, v in per_task.items() if v}
+    if per_task:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (task, pts) in enumerate(sorted(per_task.items())):
+            color = f"C{i % 10}"
+            ax.scatter([p["density"] for p in pts], [p["val_metric"] for p in pts], color=color, alpha=0.6, label=task)
+            front = pareto_front([(p["density"], p["val_metric"]) for p in pts])
+            ax.plot([d for d, _ in front], [m for _, m in front], color=color, drawstyle="steps-post")
+        ax.set_xscale("log")
+        ax.set_xlabel("density (fraction of eligible weights)")
+        ax.set_ylabel("validation metric")
+        ax.set_title("density vs metric (line: Pareto front)")
+        ax.legend(fontsize=7)
+        out.append(_save(fig, join_uri(root, "density_vs_metric.png")))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (task, pts) in enumerate(sorted(per_task.items())):
+            ax.scatter([p["alpha"] for p in pts], [p["val_metric"] for p in pts], color=f"C{i % 10}", label=task)
+        ax.set_xlabel("alpha (1 = task-specific, 0 = task-agnostic)")
+        ax.set_ylabel("validation metric")
+        ax.set_title("alpha vs metric")
+        ax.legend(fontsize=7)
+        out.append(_save(fig, join_uri(root, "alpha_vs_metric.png")))
+
+    maps = {}
+    if agnostic_uri and exists(agnostic_uri):
+        maps["task-agnostic"] = ImportanceMap.load(agnostic_uri)
+    for uri in sorted(set(dataset_map_uris)):
+        if exists(uri):
+            m = ImportanceMap.load(uri)
+            maps[m.metadata.get("dataset_name") or uri.rsplit("/", 1)[-1][:12]] = m
+    if maps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        layers: list[str] = []
+        masses = {}
+        for label, m in maps.items():
+            masses[label] = importance_mass_per_layer(m.scores)
+            for layer in masses[label]:
+                if layer not in layers:
+                    layers.append(layer)
+        for label, mass in masses.items():
+            ax.plot(range(len(layers)), [mass.get(layer, 0.0) for layer in layers], marker="o", label=label,
+                    linewidth=2.5 if label == "task-agnostic" else 1)
+        ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
+        ax.set_ylabel("share of importance mass")
+        ax.set_title("importance mass per layer")
+        ax.legend(fontsize=7)
+        out.append(_save(fig, join_uri(root, "importance_mass_per_layer.png")))
+    return out

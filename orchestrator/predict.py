@@ -1,0 +1,187 @@
+"""Inference with many task deltas on one backbone instance.
+
+The backbone is built once; each task's delta is applied in place, the images go through in
+batches (one forward per batch per task), and the delta is removed again (bit-exact), so switching
+tasks costs only the scatter of a few thousand values and a head swap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from shpeft_core.delta import DeltaError, TaskDelta, apply_delta, create_model_for_delta, load_delta
+
+__all__ = [
+    "PredictError",
+    "TaskPrediction",
+    "task_name",
+    "class_names",
+    "check_same_backbone",
+    "decode_image",
+    "load_images",
+    "task_logits",
+    "predict_files",
+]
+
+
+class PredictError(ValueError):
+    """Inputs that cannot be predicted on; the message names the delta, option or image."""
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    task: str
+    image: str
+    label: int
+    class_name: str
+    probability: float
+
+
+def task_name(delta: TaskDelta, uri: str = "") -> str:
+    name = delta.metadata.get("task") or ""
+    if name:
+        return name
+    base = os.path.basename(uri.rstrip("/"))
+    return base.split(".", 1)[0] or "task"
+
+
+def class_names(delta: TaskDelta) -> list[str]:
+    n = int(delta.metadata["num_classes"])
+    raw = delta.metadata.get("class_names") or ""
+    names = json.loads(raw) if raw else None
+    if not names or len(names) != n:
+        return [str(i) for i in range(n)]
+    return [str(c) for c in names]
+
+
+_IDENTITY_KEYS = ("backbone", "backbone_fingerprint", "backbone_kwargs")
+
+
+def check_same_backbone(deltas: Sequence[TaskDelta], uris: Sequence[str], backbone: str | None = None) -> None:
+    """All deltas must target the same backbone weights (and ``backbone`` when given)."""
+    first = deltas[0].metadata
+    if backbone is not None and first.get("backbone") != backbone:
+        raise PredictError(
+            f"--backbone {backbone!r} does not match delta {uris[0]} (trained on {first.get('backbone')!r})"
+        )
+    for d, uri in zip(deltas[1:], uris[1:]):
+        for key in _IDENTITY_KEYS:
+            a = first.get(key, "") or ""
+            b = d.metadata.get(key, "") or ""
+            if key == "backbone_kwargs":
+                a, b = json.loads(a or "{}"), json.loads(b or "{}")
+            if a != b:
+                raise PredictError(
+                    f"delta {uri} has {key}={d.metadata.get(key)!r} but {uris[0]} has {first.get(key)!r}; "
+                    "deltas predicted together must share one backbone"
+                )
+
+
+def decode_image(path: str):
+    """A PIL RGB image from a PNG/JPEG/... file or a DICOM file (windowed to 8 bits); path or URI."""
+    from shpeft_core.io import read_bytes
+    from tasks.dicom import is_dicom_bytes, decode_dicom
+    from tasks.images import DICOM_EXTENSIONS, decode_image as decode_bytes
+
+    try:
+        data = read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise PredictError(f"image {path} cannot be read: {exc}") from None
+    try:
+        if path.lower().endswith(DICOM_EXTENSIONS) or is_dicom_bytes(data[:132]):
+            return decode_dicom(data, where=path)
+        return decode_bytes(data, where=path)
+    except ValueError as exc:  # tasks' DatasetError names the file
+        raise PredictError(str(exc)) from None
+
+
+def load_images(paths: Sequence[str], transform) -> torch.Tensor:
+    """Decode and transform images into one float batch [N, 3, H, W]."""
+    if not paths:
+        raise PredictError("no images given")
+    return torch.stack([transform(decode_image(p)) for p in paths])
+
+
+@torch.no_grad()
+def task_logits(
+    model: nn.Module,
+    deltas: Sequence[TaskDelta],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """Logits [N, num_classes] per delta, each computed with that delta applied to ``model``."""
+    fingerprints = {d.metadata.get("backbone_fingerprint") for d in deltas}
+    if len(fingerprints) > 1:
+        raise PredictError("deltas predicted together must share one backbone (backbone_fingerprint differs)")
+    model.eval()
+    out = []
+    for i, delta in enumerate(deltas):
+        # The base weights are fingerprinted once; remove() restores them bit-exactly, and the
+        # deltas share one fingerprint (check_same_backbone), so later tasks skip the hash.
+        handle = apply_delta(model, delta, check_fingerprint=(i == 0))
+        try:
+            chunks = [
+                model(images[j : j + batch_size].to(device)).float().cpu()
+                for j in range(0, images.shape[0], batch_size)
+            ]
+        finally:
+            handle.remove()
+        out.append(torch.cat(chunks))
+    return out
+
+
+def predict_files(
+    delta_uris: Sequence[str],
+    image_paths: Sequence[str],
+    *,
+    backbone: str | None = None,
+    backbone_source: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    top_k: int = 1,
+) -> list[TaskPrediction]:
+    """Top-``top_k`` predictions per task and image; the backbone is built once from the first delta."""
+    from orchestrator.train_loop import model_transform
+
+    if not delta_uris:
+        raise PredictError("give at least one --delta")
+    deltas = []
+    for uri in delta_uris:
+        try:
+            deltas.append(load_delta(uri))
+        except FileNotFoundError as exc:
+            raise PredictError(f"delta {uri} cannot be read: {exc}") from None
+        except DeltaError as exc:
+            raise PredictError(str(exc)) from None
+    check_same_backbone(deltas, delta_uris, backbone)
+    names = [task_name(d, u) for d, u in zip(deltas, delta_uris)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PredictError(f"several deltas are for the same task {dupes}; give each task once")
+    try:
+        model = create_model_for_delta(deltas[0], backbone_source=backbone_source).to(device)
+    except OSError as exc:  # missing file, hub unreachable or offline
+        source = backbone_source if backbone_source is not None else deltas[0].metadata.get("backbone_source")
+        raise PredictError(
+            f"weights of backbone {deltas[0].metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
+        ) from None
+    images = load_images(image_paths, model_transform(model, train=False))  # as in evaluation
+    logits = task_logits(model, deltas, images, batch_size=batch_size, device=device)
+    preds: list[TaskPrediction] = []
+    for delta, name, lg in zip(deltas, names, logits):
+        labels = class_names(delta)
+        probs = lg.softmax(dim=-1)
+        k = min(top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=-1)
+        for row, path in enumerate(image_paths):
+            for p, i in zip(top_p[row].tolist(), top_i[row].tolist()):
+                preds.append(TaskPrediction(name, path, int(i), labels[i], float(p)))
+    return preds

@@ -1,0 +1,143 @@
+"""Stage 3: a per-task Ray Tune sweep over density (log-uniform) and alpha (uniform).
+
+One Tuner per task (an OptunaSearch holds one study), tasks swept one after another so a single
+Tune run owns the cluster at a time. Each trial is a function reserving 0.01 CPU that builds a
+TorchTrainer and reports every epoch to Tune (TuneReportCallback), so ASHA can stop it early.
+At most ``slots`` trials run at once, where every slot can hold its whole trainer (see trainer_slots),
+so a trial never waits on CPUs another waiting trial holds. The best trial's last delta is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, remove
+
+__all__ = ["run_task_sweep"]
+
+
+def _space(lo: float, hi: float, log: bool):
+    from ray import tune
+
+    if math.isclose(lo, hi):
+        return lo
+    return tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
+
+
+def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: dict, config_hash: str, board,
+                   force: bool, progress: bool) -> dict[str, Any]:
+    """Sweep one task; copies the best trial's delta to deltas/<task>.safetensors and evaluates it."""
+    import optuna
+    import ray
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .pipeline import (TRIAL_CPU, _cluster_resources, _evaluate_delta, _loop_config, _ray_storage, _say,
+                           _worker_resources, _backbone_dict, trainer_slots)
+    from .train_loop import train_task_loop
+
+    t0 = time.perf_counter()
+    sw = job.sweep
+    sweep_root = join_uri(store, "sweeps", f"{spec.name}-{config_hash}")
+    summary_uri = join_uri(sweep_root, "trials.json")
+    final_uri = join_uri(store, "deltas", f"{spec.name}.safetensors")
+    if force:
+        remove(sweep_root, recursive=True)
+
+    summary = json.loads(read_bytes(summary_uri)) if exists(summary_uri) else None
+    if summary is None:
+        cpus, gpus = _cluster_resources()
+        slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=TRIAL_CPU, user_limit=sw.max_concurrent_trials)
+        epochs = sw.epochs or job.training.epochs
+        _say(f"[{spec.name}] sweep: {sw.trials_per_task} trials (Optuna TPE seed {sw.seed} + ASHA), "
+             f"up to {slots} at once", progress)
+        base_cfg = _loop_config(job, store, spec, backbone_fp, dataset, agnostic, job.selection.density,
+                                job.selection.alpha, board)
+        base_cfg["final_delta_uri"] = None
+        train_storage = _ray_storage(join_uri(sweep_root, "train"))
+        tune_storage = _ray_storage(join_uri(sweep_root, "tune"))
+        scaling = dict(num_workers=job.training.workers_per_task, use_gpu=job.training.use_gpu,
+                       resources_per_worker=_worker_resources(job))
+        max_failures = job.training.max_failures
+
+        def trial(config: dict[str, Any]) -> None:
+            trial_id = tune.get_context().get_trial_id()
+            cfg = dict(base_cfg)
+            cfg.update(density=float(config["density"]), alpha=float(config["alpha"]), trial_name=trial_id,
+                       trial_delta_uri=join_uri(sweep_root, "trials", f"{trial_id}.safetensors"))
+            cfg["delta_metadata"] = {**base_cfg["delta_metadata"], "density": repr(cfg["density"]),
+                                     "alpha": repr(cfg["alpha"]), "sweep_trial": trial_id}
+            trainer = TorchTrainer(
+                train_task_loop,
+                train_loop_config=cfg,
+                scaling_config=ray.train.ScalingConfig(**scaling),
+                run_config=ray.train.RunConfig(
+                    name=f"trial-{trial_id}", storage_path=train_storage[0], storage_filesystem=train_storage[1],
+                    callbacks=[TuneReportCallback()],
+                    failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                ),
+            )
+            trainer.fit()
+
+        sampler = optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
+        tuner = tune.Tuner(
+            tune.with_resources(trial, {"cpu": TRIAL_CPU}),
+            param_space={
+                "density": _space(*sw.density_range, log=True),
+                "alpha": _space(*sw.alpha_range, log=False),
+            },
+            tune_config=tune.TuneConfig(
+                metric="val_metric", mode="max",
+                search_alg=OptunaSearch(sampler=sampler),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                        grace_period=min(sw.asha.grace_period, epochs),
+                                        reduction_factor=sw.asha.reduction_factor, brackets=sw.asha.brackets),
+                num_samples=sw.trials_per_task,
+                max_concurrent_trials=slots,
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=tune_storage[0], storage_filesystem=tune_storage[1],
+                                      verbose=0),
+        )
+        grid = tuner.fit()
+        trials = []
+        for res in grid:
+            m = res.metrics or {}
+            trials.append({
+                "trial_id": m.get("trial_id"),
+                "density": float(res.config["density"]), "alpha": float(res.config["alpha"]),
+                "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
+                "trainable_values": m.get("trainable_values"),
+                "error": None if res.error is None else str(res.error)[:500],
+                "delta_uri": join_uri(sweep_root, "trials", f"{m.get('trial_id')}.safetensors") if m.get("trial_id") else None,
+            })
+        ok = [t for t in trials if t["error"] is None and t["val_metric"] is not None and t["delta_uri"]
+              and exists(t["delta_uri"])]
+        if not ok:
+            errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a metric"
+            raise RuntimeError(f"sweep of {spec.name}: every trial failed: {errors}")
+        # Best by the last reported metric: the trial's delta file holds exactly that epoch's weights.
+        best = max(ok, key=lambda t: (t["val_metric"], -t["density"]))
+        summary = {"task": spec.name, "metric": spec.metric, "trials": trials, "best": best,
+                   "seconds": time.perf_counter() - t0}
+        atomic_write_bytes(summary_uri, json.dumps(summary, indent=1).encode())
+    else:
+        _say(f"[{spec.name}] sweep already finished, reusing its best trial", progress)
+
+    best = summary["best"]
+    atomic_write_bytes(final_uri, read_bytes(best["delta_uri"]))
+    ev = ray.get(
+        ray.remote(_evaluate_delta).options(num_cpus=_worker_resources(job)["CPU"],
+                                            num_gpus=_worker_resources(job).get("GPU", 0)).remote(
+            _backbone_dict(job), spec.model_dump(mode="json"), final_uri, job.training.batch_size,
+            job.training.use_gpu)
+    )
+    return {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": final_uri,
+            "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}

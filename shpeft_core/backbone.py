@@ -1,0 +1,166 @@
+"""Backbone construction (timm) and identity (fingerprint, head names)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import timm
+from torch import nn
+
+from . import io
+
+__all__ = [
+    "BackboneSpec",
+    "RANDOM_INIT_SEED",
+    "create_backbone",
+    "backbone_fingerprint",
+    "head_parameter_names",
+    "head_module_path",
+    "unwrap",
+    "backbone_name",
+    "source_label",
+]
+
+# Random-init backbones are seeded so that the same spec always gives the same weights:
+# a delta trained on one can be re-applied later (tests, demos, synthetic studies).
+RANDOM_INIT_SEED = 0
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A timm backbone: name, where its weights come from, extra create_model kwargs.
+
+    source: None (seeded random init), "hub" (timm pretrained weights from the HF hub),
+    or a local path / fsspec URI of a weights file.
+    """
+
+    name: str
+    source: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def source_label(source: str | None) -> str:
+    """The string stored in metadata for a BackboneSpec.source."""
+    return "random" if source in (None, "", "random") else source
+
+
+def _local_weights(uri: str) -> str:
+    local = io.local_path(uri)
+    if local is not None:
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"backbone weights {uri!r}: no such file")
+        return local
+    if not io.exists(uri):
+        raise FileNotFoundError(f"backbone weights {uri!r}: no such file")
+    # Remote weights are cached under a name derived from the URI; the suffix tells timm the format.
+    cache = os.environ.get("SHPEFT_CACHE", os.path.join(tempfile.gettempdir(), "shpeft-weights"))
+    base = uri.rstrip("/").rsplit("/", 1)[-1]
+    target = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + base)
+    if not os.path.isfile(target):
+        io.atomic_write_bytes(target, io.read_bytes(uri))
+    return target
+
+
+def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
+    """A timm model for ``spec`` with a fresh ``num_classes`` head."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    kwargs = dict(spec.kwargs)
+    if spec.source in (None, "", "random"):
+        # Built headless first so the backbone's weights do not depend on num_classes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+            model.reset_classifier(num_classes)
+    elif spec.source == "hub":
+        model = timm.create_model(spec.name, pretrained=True, num_classes=num_classes, **kwargs)
+    else:
+        if not spec.source.endswith(WEIGHT_SUFFIXES):
+            raise ValueError(
+                f"backbone weights {spec.source!r}: expected a file ending in {', '.join(WEIGHT_SUFFIXES)}"
+            )
+        local = _local_weights(spec.source)
+        # The new head is seeded too, so the whole model is reproducible from the spec.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(
+                spec.name,
+                pretrained=True,
+                pretrained_cfg_overlay=dict(file=local),
+                num_classes=num_classes,
+                **kwargs,
+            )
+    model.shpeft_spec = {"name": spec.name, "source": source_label(spec.source), "kwargs": kwargs}
+    return model
+
+
+def backbone_name(model: nn.Module) -> str:
+    m = unwrap(model)
+    spec = getattr(m, "shpeft_spec", None)
+    if spec:
+        return spec["name"]
+    cfg = getattr(m, "pretrained_cfg", None) or {}
+    return cfg.get("architecture", "") or ""
+
+
+def head_module_path(model: nn.Module) -> str | None:
+    """Module path of the classifier (``head``, ``head.fc``...), None when there is none."""
+    m = unwrap(model)
+    clf = m.get_classifier()
+    for name, mod in m.named_modules():
+        if mod is clf and name:
+            return name
+    return None
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    m = unwrap(model)
+    path = head_module_path(m)
+    if path is None:
+        return []
+    return [f"{path}.{n}" for n, _ in m.get_classifier().named_parameters()]
+
+
+def _sparse_extra_keys(model: nn.Module) -> set[str]:
+    # Entries a sparse-training module adds to the state dict: not backbone weights.
+    from .sparse import SparseDeltaMixin
+
+    out = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseDeltaMixin):
+            prefix = f"{name}." if name else ""
+            out.update(prefix + k for k in ("values", "indices"))
+    return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """sha256 over backbone tensors (head and sparse deltas excluded): names, dtypes, shapes, bytes."""
+    m = unwrap(model)
+    head = head_module_path(m)
+    skip = _sparse_extra_keys(m)
+    h = hashlib.sha256()
+    state = m.state_dict(keep_vars=True)
+    for name in sorted(state):
+        if name in skip or (head is not None and name.startswith(head + ".")):
+            continue
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()

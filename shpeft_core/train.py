@@ -1,0 +1,312 @@
+"""Framework-free training loop for sparse-delta models (runs as is inside Ray Train workers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _st, io
+from .backbone import head_parameter_names, unwrap
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "evaluate",
+    "fit",
+    "lr_factor",
+    "save_train_state",
+    "load_train_state",
+    "TrainStateError",
+]
+
+TRAIN_STATE_FORMAT = "shpeft-train-state/1"
+
+
+class TrainStateError(ValueError):
+    """A training-state directory that cannot be resumed from."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = True  # autocast to bfloat16, CUDA only
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume bit-exactly after ``epoch`` completed epochs."""
+
+    epoch: int
+    step: int
+    trainable: dict[str, Tensor]
+    optimizer: dict
+    rng_state: Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def _gather(t: Tensor) -> Tensor:
+    """Concatenate a per-rank tensor over all ranks when running distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
+def _metrics(logits: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    loss = F.cross_entropy(logits, labels).item()
+    pred = logits.argmax(1)
+    y, p = labels.numpy(), pred.numpy()
+    probs = torch.softmax(logits.double(), 1).numpy()
+    aucs = []
+    # One-vs-rest per class present with both positives and negatives; classes absent from
+    # y_true are skipped instead of failing the whole evaluation.
+    for c in range(num_classes):
+        pos = y == c
+        if pos.any() and (~pos).any():
+            aucs.append(roc_auc_score(pos.astype(np.int64), probs[:, c]))
+    return {
+        "loss": float(loss),
+        "accuracy": float((p == y).mean()),
+        "macro_f1": float(f1_score(y, p, average="macro", zero_division=0)),
+        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu", bf16: bool = True) -> dict:
+    """loss, accuracy, macro_f1 and one-vs-rest macro AUC over ``loader`` (all ranks when distributed)."""
+    net = unwrap(model)
+    dev = torch.device(device)
+    was_training = net.training
+    net.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with _autocast(dev, bf16):
+            out = net(x.to(dev))
+        logits.append(out.float().cpu())
+        labels.append(y.cpu().long())
+    net.train(was_training)
+    if not logits:
+        raise ValueError("evaluation loader yielded no batches")
+    all_logits = _gather(torch.cat(logits))
+    all_labels = _gather(torch.cat(labels))
+    return _metrics(all_logits, all_labels, num_classes)
+
+
+def _param_groups(net: nn.Module, config: TrainConfig) -> tuple[list[dict], list[str]]:
+    head = set(head_parameter_names(net))
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no trainable parameters (call apply_sparse_training first)")
+    head_lr = config.head_lr if config.head_lr is not None else config.lr
+    groups = {"body": [], "head_decay": [], "head_no_decay": []}
+    names = {"body": [], "head_decay": [], "head_no_decay": []}
+    for n, p in named:
+        key = "body" if n not in head else ("head_decay" if p.dim() > 1 else "head_no_decay")
+        groups[key].append(p)
+        names[key].append(n)
+    spec = {
+        "body": (config.lr, config.weight_decay),
+        "head_decay": (head_lr, config.weight_decay),
+        "head_no_decay": (head_lr, 0.0),
+    }
+    out, order = [], []
+    for key in ("body", "head_decay", "head_no_decay"):
+        if groups[key]:
+            lr, wd = spec[key]
+            out.append({"params": groups[key], "lr": lr, "weight_decay": wd, "base_lr": lr})
+            order += names[key]
+    return out, order
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    config: TrainConfig,
+    *,
+    num_classes: int,
+    start_epoch: int = 0,
+    resume_state: TrainState | None = None,
+    on_epoch_end: Callable[[int, dict, TrainState], None] | None = None,
+) -> list[dict]:
+    """Train the trainable parameters (values + head) with AdamW; returns per-epoch metrics.
+
+    ``model`` may be wrapped in DDP: the wrapper is used for the forward (gradient sync),
+    the inner module for names. Each epoch's dict holds epoch, train_loss, lr and evaluate()'s keys.
+    """
+    net = unwrap(model)
+    device = torch.device(config.device)
+    groups, names = _param_groups(net, config)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    params = [p for g in groups for p in g["params"]]
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:  # iterable loaders without a length: schedule per epoch instead of per step
+        steps_per_epoch = None
+    if steps_per_epoch == 0:
+        raise ValueError("training loader yielded no batches")
+    per = steps_per_epoch or 1
+    total = config.epochs * per
+    warmup = int(round(config.warmup_epochs * per))
+    history: list[dict] = []
+    step = start_epoch * (steps_per_epoch or 0)
+    if resume_state is not None:
+        by_name = dict(zip(names, params))
+        if set(resume_state.trainable) != set(by_name):
+            diff = sorted(set(resume_state.trainable) ^ set(by_name))
+            raise TrainStateError(f"resume state does not match the model's trainable parameters: {diff[:5]}")
+        with torch.no_grad():
+            for n, p in by_name.items():
+                src = resume_state.trainable[n]
+                if tuple(src.shape) != tuple(p.shape):
+                    raise TrainStateError(f"resume state {n}: shape {tuple(src.shape)} vs model {tuple(p.shape)}")
+                p.copy_(src)
+        opt.load_state_dict(resume_state.optimizer)
+        start_epoch, step = resume_state.epoch, resume_state.step
+        history = list(resume_state.history)
+        if resume_state.rng_state is not None:
+            torch.set_rng_state(resume_state.rng_state)
+    else:
+        torch.manual_seed(config.seed)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        for x, y in train_loader:
+            factor = lr_factor(step if steps_per_epoch else epoch, total, warmup)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, config.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip and config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * y.shape[0]
+            n_seen += y.shape[0]
+        if n_seen == 0:
+            raise ValueError(f"training loader yielded no batches in epoch {epoch}")
+        metrics = evaluate(model, val_loader, num_classes=num_classes, device=config.device, bf16=config.bf16)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen),
+                   "lr": opt.param_groups[0]["lr"], **metrics}
+        history.append(metrics)
+        if on_epoch_end is not None:
+            state = TrainState(
+                epoch=epoch + 1,
+                step=step,
+                trainable={n: p.detach().clone() for n, p in zip(names, params)},
+                optimizer=opt.state_dict(),
+                rng_state=torch.get_rng_state(),
+                history=list(history),
+            )
+            on_epoch_end(epoch, metrics, state)
+    return history
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Tensor):
+        raise TypeError("tensor in JSON part of train state")
+    return x
+
+
+def save_train_state(state: TrainState, dir_or_uri: str) -> dict:
+    """Write ``tensors.safetensors`` then ``state.json`` (the commit marker) under ``dir_or_uri``."""
+    tensors: dict[str, Tensor] = {f"trainable/{n}": t for n, t in state.trainable.items()}
+    scalars: dict[str, dict] = {}
+    for pid, pstate in state.optimizer["state"].items():
+        for key, val in pstate.items():
+            if isinstance(val, Tensor):
+                tensors[f"optimizer/{pid}/{key}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    if state.rng_state is not None:
+        tensors["rng/torch_cpu"] = state.rng_state
+    sha, size = _st.write(io.join_uri(dir_or_uri, "tensors.safetensors"), tensors, {"format": TRAIN_STATE_FORMAT})
+    doc = {
+        "format": TRAIN_STATE_FORMAT,
+        "epoch": state.epoch,
+        "step": state.step,
+        "trainable": list(state.trainable),
+        "optimizer_param_groups": state.optimizer["param_groups"],
+        "optimizer_scalars": scalars,
+        "history": state.history,
+        "tensors_sha256": sha,
+    }
+    io.atomic_write_bytes(io.join_uri(dir_or_uri, "state.json"), json.dumps(_jsonable(doc), indent=1).encode())
+    return {"sha256": sha, "bytes": size}
+
+
+def load_train_state(dir_or_uri: str) -> TrainState:
+    json_uri = io.join_uri(dir_or_uri, "state.json")
+    st_uri = io.join_uri(dir_or_uri, "tensors.safetensors")
+    if not io.exists(json_uri):
+        raise TrainStateError(f"{json_uri}: no such file")
+    try:
+        doc = json.loads(io.read_bytes(json_uri))
+    except json.JSONDecodeError as exc:
+        raise TrainStateError(f"{json_uri}: not JSON: {exc}") from exc
+    if doc.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainStateError(f"{json_uri}: format {doc.get('format')!r}, expected {TRAIN_STATE_FORMAT!r}")
+    data = io.read_bytes(st_uri)
+    if io.sha256_bytes(data) != doc["tensors_sha256"]:
+        raise TrainStateError(f"{st_uri}: checksum does not match state.json")
+    tensors, _ = _st.loads(data, where=st_uri)
+    trainable = {n: tensors[f"trainable/{n}"] for n in doc["trainable"]}
+    opt_state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer/"):
+            _, pid, name = key.split("/", 2)
+            opt_state.setdefault(int(pid), {})[name] = t
+    for pid, vals in doc["optimizer_scalars"].items():
+        opt_state.setdefault(int(pid), {}).update(vals)
+    return TrainState(
+        epoch=int(doc["epoch"]),
+        step=int(doc["step"]),
+        trainable=trainable,
+        optimizer={"state": opt_state, "param_groups": doc["optimizer_param_groups"]},
+        rng_state=tensors.get("rng/torch_cpu"),
+        history=doc["history"],
+    )

@@ -1,0 +1,179 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shpeft_core import apply_sparse_training, head_parameter_names, count_trainable, eligible_parameters, trainable_parameters
+from shpeft_core.sparse import MaskError, SparseDeltaConv2d, SparseDeltaLinear, remove_sparse_training
+
+from helpers_core import IMG, tiny_model
+
+
+def _random_indices(numel, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(numel, generator=g)[:k]).values.to(torch.int32)
+
+
+LINEAR_CASES = [
+    # (in, out, bias, input shape prefix, k)
+    (7, 5, True, (4,), 6),
+    (7, 5, False, (2, 3), 35),  # every entry selected
+    (16, 9, True, (3, 4, 2), 1),
+]
+
+
+@pytest.mark.parametrize("fin,fout,bias,prefix,k", LINEAR_CASES)
+def test_linear_values_grad_equals_dense_grad_gathered(fin, fout, bias, prefix, k):
+    torch.manual_seed(0)
+    base = nn.Linear(fin, fout, bias=bias).double()
+    idx = _random_indices(fin * fout, k, 1)
+    mod = SparseDeltaLinear(base, idx)
+    with torch.no_grad():
+        mod.values.normal_()
+    x = torch.randn(*prefix, fin, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(*prefix, fout, dtype=torch.float64)
+    loss = ((mod(x) - target) ** 2).sum()
+    gx, gv = torch.autograd.grad(loss, [x, mod.values])
+    # Dense reference: the merged weight as a leaf, plain F.linear.
+    w = mod.weight.detach().clone().reshape(-1)
+    w[idx.long()] += mod.values.detach()
+    w = w.reshape(fout, fin).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = ((F.linear(x_ref, w, mod.bias) - target) ** 2).sum()
+    gx_ref, gw_ref = torch.autograd.grad(ref, [x_ref, w])
+    torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    assert mod.weight.grad is None
+
+
+CONV_CASES = [
+    # (cin, cout, kernel, stride, padding, dilation, bias, hw, k)
+    (3, 4, 3, 1, 0, 1, True, 7, 10),
+    (3, 4, 3, 2, 1, 1, False, 8, 25),
+    (2, 5, (2, 3), (1, 2), (1, 0), 1, True, 9, 30),
+    (3, 6, 4, 4, 0, 1, True, 16, 12),  # patch-embedding style
+    (2, 3, 3, 1, 2, 2, True, 9, 54),  # dilation, every entry selected
+]
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,dilation,bias,hw,k", CONV_CASES)
+def test_conv_values_grad_equals_dense_grad_gathered(cin, cout, kernel, stride, padding, dilation, bias, hw, k):
+    torch.manual_seed(0)
+    base = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=bias).double()
+    idx = _random_indices(base.weight.numel(), k, 2)
+    mod = SparseDeltaConv2d(base, idx)
+    with torch.no_grad():
+        mod.values.normal_()
+    x = torch.randn(2, cin, hw, hw, dtype=torch.float64, requires_grad=True)
+    out = mod(x)
+    target = torch.randn_like(out)
+    gx, gv = torch.autograd.grad(((out - target) ** 2).sum(), [x, mod.values])
+    w = mod.weight.detach().clone().reshape(-1)
+    w[idx.long()] += mod.values.detach()
+    w = w.reshape(mod.weight.shape).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out_ref = F.conv2d(x_ref, w, mod.bias, stride, padding, dilation)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    gx_ref, gw_ref = torch.autograd.grad(((out_ref - target) ** 2).sum(), [x_ref, w])
+    torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_gather_matches_unchunked(monkeypatch):
+    import shpeft_core.sparse as sp
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).double()
+    mod = SparseDeltaLinear(base, _random_indices(120, 50, 3))
+    x = torch.randn(6, 12, dtype=torch.float64)
+    full = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+    monkeypatch.setattr(sp, "GATHER_CHUNK_ELEMENTS", 7)  # forces chunks of one index
+    chunked = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+    torch.testing.assert_close(full, chunked, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_equals_functional_with_merged_weight():
+    torch.manual_seed(0)
+    lin = SparseDeltaLinear(nn.Linear(8, 6), _random_indices(48, 9, 4))
+    conv = SparseDeltaConv2d(nn.Conv2d(3, 4, 3, padding=1), _random_indices(108, 9, 5))
+    with torch.no_grad():
+        lin.values.normal_()
+        conv.values.normal_()
+    x = torch.randn(5, 8)
+    img = torch.randn(2, 3, 6, 6)
+    wl = lin.weight.detach().clone().reshape(-1).index_add(0, lin.indices.long(), lin.values.detach()).reshape(6, 8)
+    wc = conv.weight.detach().clone().reshape(-1).index_add(0, conv.indices.long(), conv.values.detach()).reshape(4, 3, 3, 3)
+    assert torch.equal(lin(x), F.linear(x, wl, lin.bias))
+    assert torch.equal(conv(img), F.conv2d(img, wc, conv.bias, 1, 1))
+    # Untouched entries of the base weight are the merged weight's.
+    assert torch.equal(torch.from_numpy(lin.to_plain().weight.detach().numpy()), wl)
+
+
+def _all_eligible_mask(model, per_param=3):
+    return {n: _random_indices(p.numel(), per_param, i) for i, (n, p) in enumerate(eligible_parameters(model).items())}
+
+
+@pytest.mark.parametrize("kind", ["vit", "convnext", "swin"])
+def test_apply_sparse_training_freezes_all_but_values_and_head(kind):
+    model = tiny_model(kind)
+    mask = _all_eligible_mask(model)
+    names_before = set(model.state_dict())
+    apply_sparse_training(model, mask)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n in trainable if not n.endswith(".values")}
+    expected_head = {"vit": {"head.weight", "head.bias"}}.get(kind, {"head.fc.weight", "head.fc.bias"})
+    assert head == expected_head == set(head_parameter_names(model))
+    assert {n[: -len(".values")] + ".weight" for n in trainable - head} == set(mask)
+    head_numel = sum(p.numel() for n, p in model.named_parameters() if n in head)
+    assert count_trainable(model) == 3 * len(mask) + head_numel
+    # timm names survive: every original state_dict key is still there.
+    assert names_before <= set(model.state_dict())
+    x = torch.randn(2, 3, IMG[kind], IMG[kind])
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+    assert all(p.grad is not None for p in trainable_parameters(model))
+
+
+def test_frozen_entries_bit_identical_after_adamw_with_weight_decay():
+    torch.manual_seed(0)
+    model = tiny_model("vit")
+    mask = _all_eligible_mask(model, per_param=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("head")}
+    apply_sparse_training(model, mask)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=0.1, weight_decay=0.5)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    params = dict(model.named_parameters())
+    for n, t in before.items():
+        assert torch.equal(params[n], t), n  # base weights and every other frozen tensor untouched
+    merged = remove_sparse_training(model, merge=True)
+    changed = 0
+    for n, idx in mask.items():
+        w = dict(merged.named_parameters())[n].detach().reshape(-1)
+        keep = torch.ones(w.numel(), dtype=torch.bool)
+        keep[idx.long()] = False
+        assert torch.equal(w[keep], before[n].reshape(-1)[keep]), n
+        changed += int((w[idx.long()] != before[n].reshape(-1)[idx.long()]).sum())
+    assert changed > 0  # the selected entries did train
+
+
+@pytest.mark.parametrize(
+    "mask,match",
+    [
+        ({"blocks.0.attn.qkv.weight": torch.tensor([3, 1], dtype=torch.int32)}, "sorted"),
+        ({"blocks.0.attn.qkv.weight": torch.tensor([1, 1], dtype=torch.int32)}, "sorted"),
+        ({"blocks.0.attn.qkv.weight": torch.tensor([1, 2])}, "int32"),
+        ({"blocks.0.attn.qkv.weight": torch.tensor([10**7], dtype=torch.int32)}, "out of range"),
+        ({"blocks.9.attn.qkv.weight": torch.tensor([1], dtype=torch.int32)}, "no such parameter"),
+        ({"blocks.0.norm1.weight": torch.tensor([1], dtype=torch.int32)}, "not supported"),
+    ],
+)
+def test_bad_masks_are_refused_naming_the_parameter(mask, match):
+    model = tiny_model("vit")
+    with pytest.raises(MaskError, match=match) as info:
+        apply_sparse_training(model, mask)
+    assert next(iter(mask)) in str(info.value)

@@ -1,0 +1,168 @@
+"""End to end on a local 2-CPU Ray: deltas, catalogue, caching, resume after a killed worker, sweep."""
+
+import json
+import os
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from shpeft_core.delta import apply_delta, load_delta, merge_delta  # noqa: E402
+from shpeft_core.io import exists, sha256_file  # noqa: E402
+from tasks.data import build_loader  # noqa: E402
+from tasks.synthetic import write_task_family  # noqa: E402
+
+from orchestrator.catalogue import read_catalogue  # noqa: E402
+from orchestrator.jobspec import JobSpecError, job_id, load_job, parse_job  # noqa: E402
+from orchestrator.pipeline import run_job  # noqa: E402
+from orchestrator.train_loop import build_backbone, model_transform  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backbone_file(tmp_path_factory):
+    """A 'pre-trained' backbone as a local safetensors file, like a user's own weights."""
+    import safetensors.torch
+    import timm
+
+    path = str(tmp_path_factory.mktemp("weights") / "test_vit.safetensors")
+    torch.manual_seed(123)
+    model = timm.create_model(BACKBONE["name"], num_classes=7, **BACKBONE["kwargs"])
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    BACKBONE["source"] = path
+    yield path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def task_specs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    return write_task_family(root, n_tasks=2, images_per_task=60, formats=("medmnist", "imagefolder"), seed=3)
+
+
+def _job(store, specs, **over):
+    job = {
+        "backbone": BACKBONE,
+        "store": str(store),
+        "tasks": [s.model_dump(mode="json") for s in specs],
+        "importance": {"batches": 2, "batch_size": 16},
+        "selection": {"density": 0.02, "alpha": 0.5},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_epochs": 0, "max_failures": 2},
+    }
+    for k, v in over.items():
+        job[k] = {**job.get(k, {}), **v} if isinstance(v, dict) else v
+    return parse_job(job)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, task_specs, tmp_path_factory):
+    """Both tasks train at once; the first task's worker is killed once at the end of epoch 1."""
+    store = tmp_path_factory.mktemp("store")
+    job = _job(store, task_specs)
+    os.environ["SHPEFT_FAULT_INJECT"] = f"{task_specs[0].name}:1"
+    try:
+        result = run_job(job, progress=False)
+    finally:
+        del os.environ["SHPEFT_FAULT_INJECT"]
+    return job, result
+
+
+def test_end_to_end_deltas_and_catalogue(first_run, task_specs):
+    job, result = first_run
+    assert result.exit_code == 0, result.rows
+    assert result.job_id == job_id(job)
+    assert result.counters["importance_computed"] == 3  # two task maps + the combined pool map
+    assert result.counters["tasks_trained"] == 2
+    table = read_catalogue(result.store, result.job_id).to_pylist()
+    assert {r["task"] for r in table} == {s.name for s in task_specs}
+    for row in table:
+        assert row["status"] == "ok" and row["trained"] and row["error"] is None
+        assert row["delta_uri"].endswith(f"deltas/{row['task']}.safetensors")
+        assert sha256_file(row["delta_uri"]) == row["sha256"]
+        assert os.path.getsize(row["delta_uri"]) == row["bytes"]
+        assert 0.0 <= row["val_macro_f1"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["trainable"] > row["sparse_values"] > 0
+        assert row["importance_key"] and row["agnostic_key"] and row["importance_cache"] == "miss"
+    assert any(p.endswith("importance_mass_per_layer.png") for p in result.plots)
+
+
+def test_killed_worker_resumes_from_checkpoint(first_run, task_specs):
+    _, result = first_run
+    rows = {r["task"]: r for r in result.rows}
+    faulted, clean = rows[task_specs[0].name], rows[task_specs[1].name]
+    assert faulted["status"] == "ok"
+    assert faulted["resumed_from_epoch"] == 0  # restarted after epoch 0's checkpoint
+    assert clean["resumed_from_epoch"] is None
+    marker = os.path.join(result.store, "runs", f"{faulted['task']}-{faulted['config_hash']}", "fault-injected.json")
+    assert json.loads(open(marker).read()) == {"epoch": 1}
+
+
+def test_second_run_computes_and_trains_nothing(first_run):
+    job, first = first_run
+    before = {r["task"]: r["sha256"] for r in first.rows}
+    again = run_job(job, progress=False)
+    assert again.exit_code == 0
+    assert again.counters["importance_computed"] == 0 and again.counters["importance_loaded"] == 3
+    assert again.counters["tasks_trained"] == 0 and again.counters["tasks_skipped"] == 2
+    rows = read_catalogue(again.store, again.job_id).to_pylist()
+    assert all(not r["trained"] for r in rows)
+    assert {r["task"]: r["sha256"] for r in rows} == before
+
+
+def test_delta_on_stock_timm_model_gives_pipeline_logits(first_run, task_specs):
+    import timm
+
+    _, result = first_run
+    spec = task_specs[0]
+    delta = load_delta(f"{result.store}/deltas/{spec.name}.safetensors")
+    pipeline_model = build_backbone(BACKBONE, spec.num_classes).eval()
+    apply_delta(pipeline_model, delta)
+    stock = timm.create_model(BACKBONE["name"], num_classes=spec.num_classes, **BACKBONE["kwargs"]).eval()
+    stock.load_state_dict(merge_delta(delta, build_backbone(BACKBONE, spec.num_classes)).state_dict())
+    images, _ = next(iter(build_loader(spec, "test", transform=model_transform(stock, train=False), batch_size=8)))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(images), pipeline_model(images), rtol=1e-5, atol=1e-5)
+    # and the delta really changed the backbone
+    plain = build_backbone(BACKBONE, spec.num_classes).eval()
+    plain.load_state_dict({k: v for k, v in stock.state_dict().items() if k.startswith("head")}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(plain(images), stock(images))
+
+
+def test_bad_job_file_names_field_and_writes_nothing(tmp_path, task_specs):
+    store = tmp_path / "store"
+    bad = tmp_path / "job.yaml"
+    bad.write_text(
+        f"backbone: {{name: test_vit}}\nstore: {store}\n"
+        f"tasks: [{json.dumps(task_specs[0].model_dump(mode='json'))}]\n"
+        "selection: {density: 2.0}\n"
+    )
+    with pytest.raises(JobSpecError, match=r"selection\.density: .*\(0, 1\]"):
+        load_job(bad)
+    assert not store.exists()
+
+
+def test_sweep_runs_optuna_with_asha(ray_local, task_specs, tmp_path):
+    spec = task_specs[1]
+    job = _job(tmp_path / "store", [spec], training={"epochs": 2, "cpus_per_worker": 0.9},
+               sweep={"enabled": True, "trials_per_task": 2, "density_range": [0.005, 0.05], "seed": 1})
+    result = run_job(job, progress=False)
+    assert result.exit_code == 0, result.rows
+    row = result.rows[0]
+    assert row["sweep_trials"] == 2 and 0.005 <= row["density"] <= 0.05 and 0.0 <= row["alpha"] <= 1.0
+    summary = json.loads(open(f"{result.store}/sweeps/{spec.name}-{row['config_hash']}/trials.json").read())
+    assert len(summary["trials"]) == 2 and summary["best"]["density"] == row["density"]
+    best_delta = load_delta(row["delta_uri"])
+    assert float(best_delta.metadata["density"]) == row["density"]
+    assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
+    assert any(p.endswith("density_vs_metric.png") for p in result.plots)
