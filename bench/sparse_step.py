@@ -35,7 +35,6 @@ from shpeft_core import (
     hybrid_scores,
     select_mask,
 )
-from shpeft_core.eligibility import eligible_modules
 
 METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-4", "shpeft_1e-3")
 LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"

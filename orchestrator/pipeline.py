@@ -76,25 +76,16 @@ def normalise_store(store: str) -> str:
 
 
 def resolve_task(entry):
-    """A job's task entry as a TaskSpec: inline specs as they are, catalogue names via the task registry."""
-    from tasks.spec import TaskSpec
-
+    """A job's task entry as a TaskSpec: inline specs as they are, catalogue names via tasks.catalogue."""
     if not isinstance(entry, CatalogueTaskRef):
         return entry
-    from tasks.registry import DEFAULT_REGISTRY
+    from tasks.catalogue import CATALOGUE
 
-    try:
-        base = DEFAULT_REGISTRY.get(entry.catalogue)
-    except KeyError:
+    if entry.catalogue not in CATALOGUE:
         raise ValueError(
-            f"tasks: catalogue name {entry.catalogue!r} is unknown; see `shpeft tasks list` "
-            f"(known: {sorted(DEFAULT_REGISTRY.names())})"
-        ) from None
-    data = base.model_dump() if isinstance(base, TaskSpec) else dict(base)
-    data.update(entry.overrides)
-    data["source"] = entry.source
-    data["name"] = entry.name or entry.catalogue
-    return TaskSpec.model_validate(data)
+            f"tasks: catalogue name {entry.catalogue!r} is unknown; see `shpeft tasks list` (known: {sorted(CATALOGUE)})"
+        )
+    return CATALOGUE[entry.catalogue].to_spec(entry.source, name=entry.name or entry.catalogue, **entry.overrides)
 
 
 # ---------------------------------------------------------------- keys and hashes
@@ -693,4 +684,4 @@ def print_results_table(rows: list[dict[str, Any]]) -> None:
             "yes" if r.get("trained") else "no",
             (r.get("delta_uri") or "") if r.get("status") == "ok" else (r.get("error") or "")[:120],
         )
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)

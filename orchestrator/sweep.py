@@ -27,6 +27,21 @@ def _space(lo: float, hi: float, log: bool):
     return tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
 
 
+def _remove_leftover_placement_groups(before: set[str]) -> None:
+    """Free trial trainers' worker placement groups that outlive their trial.
+
+    With Tune over Train V2 on Ray 2.60 the trainers' placement groups can stay reserved after the
+    Tuner returns, which would starve everything scheduled afterwards. Only groups created during
+    this sweep are touched (sweeps run one at a time, and nothing else in the job creates any then).
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, info in ray.util.placement_group_table().items():
+        if pg_id not in before and info.get("state") == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: dict, config_hash: str, board,
                    force: bool, progress: bool) -> dict[str, Any]:
     """Sweep one task; copies the best trial's delta to deltas/<task>.safetensors and evaluates it."""
@@ -106,7 +121,11 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
             run_config=tune.RunConfig(name="tune", storage_path=tune_storage[0], storage_filesystem=tune_storage[1],
                                       verbose=0),
         )
-        grid = tuner.fit()
+        pgs_before = set(ray.util.placement_group_table())
+        try:
+            grid = tuner.fit()
+        finally:
+            _remove_leftover_placement_groups(pgs_before)
         trials = []
         for res in grid:
             m = res.metrics or {}

@@ -20,6 +20,7 @@ __all__ = [
     "backbone_fingerprint",
     "head_parameter_names",
     "head_module_path",
+    "head_module_paths",
     "unwrap",
     "backbone_name",
     "source_label",
@@ -113,22 +114,26 @@ def backbone_name(model: nn.Module) -> str:
     return cfg.get("architecture", "") or ""
 
 
-def head_module_path(model: nn.Module) -> str | None:
-    """Module path of the classifier (``head``, ``head.fc``...), None when there is none."""
+def head_module_paths(model: nn.Module) -> list[str]:
+    """Module paths of the classifier(s): ``["head"]``, ``["head.fc"]``, DeiT-distilled both heads."""
     m = unwrap(model)
     clf = m.get_classifier()
-    for name, mod in m.named_modules():
-        if mod is clf and name:
-            return name
-    return None
+    clfs = list(clf) if isinstance(clf, (tuple, list)) else [clf]
+    ids = {id(c) for c in clfs if isinstance(c, nn.Module)}
+    return [name for name, mod in m.named_modules() if name and id(mod) in ids]
+
+
+def head_module_path(model: nn.Module) -> str | None:
+    """Module path of the (first) classifier, None when there is none."""
+    paths = head_module_paths(model)
+    return paths[0] if paths else None
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
     m = unwrap(model)
-    path = head_module_path(m)
-    if path is None:
-        return []
-    return [f"{path}.{n}" for n, _ in m.get_classifier().named_parameters()]
+    return [
+        f"{path}.{n}" for path in head_module_paths(m) for n, _ in m.get_submodule(path).named_parameters()
+    ]
 
 
 def _sparse_extra_keys(model: nn.Module) -> set[str]:
@@ -151,12 +156,12 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def backbone_fingerprint(model: nn.Module) -> str:
     """sha256 over backbone tensors (head and sparse deltas excluded): names, dtypes, shapes, bytes."""
     m = unwrap(model)
-    head = head_module_path(m)
+    heads = tuple(p + "." for p in head_module_paths(m))
     skip = _sparse_extra_keys(m)
     h = hashlib.sha256()
     state = m.state_dict(keep_vars=True)
     for name in sorted(state):
-        if name in skip or (head is not None and name.startswith(head + ".")):
+        if name in skip or (heads and name.startswith(heads)):
             continue
         t = state[name]
         if not isinstance(t, torch.Tensor):

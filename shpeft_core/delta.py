@@ -15,7 +15,7 @@ from .backbone import (
     backbone_fingerprint,
     backbone_name,
     create_backbone,
-    head_module_path,
+    head_module_paths,
     head_parameter_names,
     unwrap,
 )
@@ -99,7 +99,7 @@ def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
     head = {n: params[n].detach().cpu().clone() for n in head_names}
     if not head:
         raise DeltaError("extract_delta: model has no classifier head")
-    num_classes = int(m.get_classifier().weight.shape[0])
+    num_classes = int(head[head_names[0]].shape[0])
     spec = getattr(m, "shpeft_spec", None) or {}
     eligible_total = sum(p.numel() for p in eligible_parameters(m).values())
     k = sum(v.numel() for v in values.values())
@@ -185,7 +185,7 @@ class DeltaHandle:
         self._model = model
         self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
         self._head: list[tuple[Tensor, Tensor]] = []
-        self._old_classifier: tuple[str, nn.Module, int | None] | None = None
+        self._old_classifier: tuple[list[tuple[str, nn.Module]], int | None] | None = None
         self.active = True
 
     def remove(self) -> None:
@@ -197,9 +197,10 @@ class DeltaHandle:
             for param, orig in self._head:
                 param.copy_(orig)
         if self._old_classifier is not None:
-            path, mod, num_classes = self._old_classifier
-            parent, _, leaf = path.rpartition(".")
-            setattr(self._model.get_submodule(parent) if parent else self._model, leaf, mod)
+            modules, num_classes = self._old_classifier
+            for path, mod in modules:
+                parent, _, leaf = path.rpartition(".")
+                setattr(self._model.get_submodule(parent) if parent else self._model, leaf, mod)
             if num_classes is not None:
                 self._model.num_classes = num_classes
         self.active = False
@@ -249,14 +250,18 @@ def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool =
         raise DeltaError("model is under sparse training: apply deltas to a plain model (or use merge_delta)")
     _check_fit(m, delta, check_fingerprint)
     handle = DeltaHandle(m)
-    head_path = head_module_path(m)
-    old_clf = m.get_classifier()
-    if head_path is None or getattr(old_clf, "weight", None) is None or old_clf.weight.shape[0] != delta.num_classes:
-        if head_path is None:
-            raise DeltaError("model has no classifier head")
-        handle._old_classifier = (head_path, old_clf, getattr(m, "num_classes", None))
+    head_paths = head_module_paths(m)
+    if not head_paths:
+        raise DeltaError("model has no classifier head")
+    params = dict(m.named_parameters())
+    if any(n in params and tuple(params[n].shape) != tuple(t.shape) for n, t in delta.head.items()):
+        # Another head size: build the delta's, keep the old modules for remove().
+        old = [(p, m.get_submodule(p)) for p in head_paths]
+        ref = next(iter(old[0][1].parameters()))
+        handle._old_classifier = (old, getattr(m, "num_classes", None))
         m.reset_classifier(delta.num_classes)
-        m.get_classifier().to(device=old_clf.weight.device, dtype=old_clf.weight.dtype)
+        for p in head_module_paths(m):
+            m.get_submodule(p).to(device=ref.device, dtype=ref.dtype)
     params = dict(m.named_parameters())
     for n, t in delta.head.items():
         if n not in params:

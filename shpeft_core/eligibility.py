@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .backbone import head_module_path, unwrap
+from .backbone import head_module_paths, unwrap
 
 __all__ = ["DEFAULT_RULES", "eligible_parameters", "eligible_modules", "is_supported_module"]
 
@@ -44,10 +44,10 @@ def is_supported_module(mod: nn.Module) -> bool:
 def eligible_modules(model: nn.Module, rules: Iterable[str] | None = None) -> dict[str, nn.Module]:
     m = unwrap(model)
     compiled = [re.compile(r) for r in (DEFAULT_RULES if rules is None else rules)]
-    head = head_module_path(m)
+    heads = head_module_paths(m)
     out = {}
     for name, mod in m.named_modules():
-        if not name or (head is not None and (name == head or name.startswith(head + "."))):
+        if not name or any(name == h or name.startswith(h + ".") for h in heads):
             continue
         if any(r.fullmatch(name) for r in compiled) and is_supported_module(mod):
             out[name] = mod

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _st
-from .backbone import backbone_fingerprint, backbone_name, head_parameter_names, unwrap
+from .backbone import backbone_fingerprint, unwrap
+from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
 from .selection import normalize_scores
 
@@ -169,7 +170,7 @@ def compute_importance(
     grad2 = sum g^2, grad1 = |sum g|, taylor1 = |sum g*w|, taylor2 = sum (g*w)^2.
     """
     config = config or ImportanceConfig()
-    name = backbone_name or _backbone_name_of(model)
+    name = backbone_name or model_backbone_name(model)
     fingerprint = backbone_fingerprint(model)
     m = copy.deepcopy(unwrap(model)).to(device)
     if m.get_classifier() is None or getattr(m, "num_classes", num_classes) != num_classes:
@@ -230,10 +231,6 @@ def compute_importance(
         "kind": "specific",
     }
     return ImportanceMap(scores={n: t.to(torch.float32).cpu() for n, t in acc.items()}, metadata=metadata)
-
-
-def _backbone_name_of(model: nn.Module) -> str:
-    return backbone_name(model)
 
 
 def combine_importance(

@@ -8,6 +8,7 @@ import sys
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .catalogue import CATALOGUE
@@ -84,10 +85,10 @@ def check_cmd(uri, fmt, num_classes, class_names, name, catalogue_key, image_siz
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "spec"
-        err.print(f"[red]invalid[/red]: {loc}: {first['msg']}", markup=True, highlight=False)
+        err.print(f"[red]invalid[/red]: {escape(loc)}: {escape(first['msg'])}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (DatasetError, FileNotFoundError, ImportError) as e:
-        err.print(f"[red]invalid[/red]: {e}", markup=True, highlight=False)
+    except (DatasetError, OSError, ImportError) as e:
+        err.print(f"[red]invalid[/red]: {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -100,7 +101,7 @@ def check_cmd(uri, fmt, num_classes, class_names, name, catalogue_key, image_siz
     table.add_column("total", justify="right")
     for k, cname in enumerate(report.class_names):
         row = [report.counts[s][k] for s in report.counts]
-        table.add_row(f"{k}: {cname}", *map(str, row), str(sum(row)))
+        table.add_row(escape(f"{k}: {cname}"), *map(str, row), str(sum(row)))
     totals = [sum(report.counts[s]) for s in report.counts]
     table.add_row("all", *map(str, totals), str(sum(totals)), style="bold")
     console.print(table)

@@ -167,6 +167,7 @@ class _Tree:
     class_names: list[str]
     items: dict[str, list[tuple[str, int]]]  # split -> [(path, label)]
     has_splits: bool
+    ignored: list[str] = field(default_factory=list)  # files of other types under the root
 
 
 def _list_tree(spec: TaskSpec) -> _Tree:
@@ -229,13 +230,15 @@ def _list_tree(spec: TaskSpec) -> _Tree:
         for p, s, c in entries:
             items[s].append((p, index[c]))
     else:
-        # Stratified seeded split: per class, a stable order from the relative paths, then cut by ratio.
+        # Stratified seeded split: within a class, files are ordered by a hash of (seed, relative path)
+        # and cut by ratio, so adding a file moves at most the files at the cut points.
         by_class: dict[int, list[str]] = {}
         for p, _, c in entries:
             by_class.setdefault(index[c], []).append(p)
         for label, paths in sorted(by_class.items()):
             paths.sort()
-            order = np.argsort(_stable_u(spec.split_seed, f"class:{names[label]}", len(paths)), kind="stable")
+            keys = [hashlib.sha256(f"{spec.split_seed}\0{p[len(root) + 1 :]}".encode()).digest() for p in paths]
+            order = sorted(range(len(paths)), key=keys.__getitem__)
             n = len(paths)
             n_val = int(round(n * spec.split_ratio[1]))
             n_test = int(round(n * spec.split_ratio[2]))
@@ -249,7 +252,9 @@ def _list_tree(spec: TaskSpec) -> _Tree:
                 items[s].extend((paths[i], label) for i in order[a:b])
         for s in SPLITS:
             items[s].sort()
-    return _Tree(root=root, class_names=names, items=items, has_splits=has_splits)
+    accepted_set = set(accepted)
+    ignored = [p for p in files if p not in accepted_set]
+    return _Tree(root=root, class_names=names, items=items, has_splits=has_splits, ignored=ignored)
 
 
 def _looks_dicom(fs, path: str) -> bool:
@@ -468,7 +473,9 @@ def _index_parquet(spec: TaskSpec, split: str) -> tuple[list[_Unit], Counter]:
         if col not in names:
             raise DatasetError(f"source {spec.source}: column '{col}' ({field_name}) missing; columns are {sorted(names)}")
     use_split_col = spec.split_column is not None and spec.split_column in names
-    if spec.split_column is not None and not use_split_col and "split_column" in spec.model_fields_set:
+    # The default name 'split' is optional (seeded split when absent); any other name must exist.
+    # (model_fields_set is not used: a spec round-tripped through JSON marks every field as set.)
+    if spec.split_column is not None and not use_split_col and spec.split_column != "split":
         raise DatasetError(f"source {spec.source}: column '{spec.split_column}' (split_column) missing; columns are {sorted(names)}")
     cols = [spec.label_column] + ([spec.split_column] if use_split_col else [])
     want = SPLITS.index(split)
@@ -486,7 +493,7 @@ def _index_parquet(spec: TaskSpec, split: str) -> tuple[list[_Unit], Counter]:
                 table = _row_group_fragment(pa_fs, path, g).to_table(columns=cols)
             except Exception as e:
                 raise DatasetError(f"{path}: row group {g} unreadable ({type(e).__name__}: {e})") from None
-            labels = table.column(spec.label_column).to_numpy(zero_copy_only=False)
+            labels = _parquet_labels(spec, table.column(spec.label_column).to_pylist(), path, g)
             if use_split_col:
                 raw = table.column(spec.split_column).to_pylist()
                 split_idx = np.empty(len(raw), dtype=np.int8)
@@ -501,8 +508,6 @@ def _index_parquet(spec: TaskSpec, split: str) -> tuple[list[_Unit], Counter]:
             if rows.size == 0:
                 continue
             lab = labels[rows]
-            if lab.dtype.kind not in "iu":
-                raise DatasetError(f"{path}: column '{spec.label_column}' has type {table.schema.field(spec.label_column).type}; labels must be integers")
             bad = np.flatnonzero((lab < 0) | (lab >= spec.num_classes))
             if bad.size:
                 r = int(rows[bad[0]])
@@ -514,6 +519,22 @@ def _index_parquet(spec: TaskSpec, split: str) -> tuple[list[_Unit], Counter]:
     if not units:
         raise DatasetError(f"source {spec.source}: split '{split}' is empty")
     return units, counts
+
+
+def _parquet_labels(spec: TaskSpec, values: list, path: str, group: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Integer labels, or class names mapped through ``spec.class_names``; a bad value names its row."""
+    out = np.empty(len(values), dtype=np.int64)
+    index = {n: i for i, n in enumerate(spec.class_names or [])}
+    for i, v in enumerate(values):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[i] = v
+        elif isinstance(v, str) and v in index:
+            out[i] = index[v]
+        else:
+            r = int(rows[i]) if rows is not None else i
+            want = "an integer label" + (f" or one of class_names {spec.class_names}" if spec.class_names else "")
+            raise DatasetError(f"{path}: row group {group} row {r}: {spec.label_column}={v!r} is not {want}")
+    return out
 
 
 class ParquetStream(IterableDataset):
@@ -590,7 +611,7 @@ class ParquetStream(IterableDataset):
                 except Exception as e:
                     raise DatasetError(f"{unit.path}: row group {unit.row_group} unreadable ({type(e).__name__}: {e})") from None
                 images = table.column(self.spec.image_column).to_pylist()
-                labels = table.column(self.spec.label_column).to_pylist()
+                labels = _parquet_labels(self.spec, table.column(self.spec.label_column).to_pylist(), unit.path, unit.row_group, rows)
                 for r, data, lab in zip(rows.tolist(), images, labels):
                     where = f"{unit.path}: row group {unit.row_group} row {r}"
                     if not isinstance(data, (bytes, bytearray)):
@@ -877,6 +898,8 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
         for k, n in enumerate(counts[s])
         if n == 0
     ]
+    if tree is not None and tree.ignored:
+        warnings.append(f"ignored {len(tree.ignored)} file(s) of other types ({_describe_files(tree.ignored)}), e.g. {tree.ignored[0]}")
     return DatasetReport(
         name=spec.name,
         format=spec.format,

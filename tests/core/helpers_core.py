@@ -9,12 +9,13 @@ from shpeft_core import BackboneSpec, create_backbone
 TINY = {
     "vit": BackboneSpec("test_vit", None, {"img_size": 32}),
     "convnext": BackboneSpec("test_convnext", None, {}),
+    "deit_distilled": BackboneSpec("deit_tiny_distilled_patch16_224", None, {"img_size": 32, "depth": 2}),
     "swin": BackboneSpec(
         "swin_tiny_patch4_window7_224", None,
         {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "img_size": 56, "window_size": 7},
     ),
 }
-IMG = {"vit": 32, "convnext": 32, "swin": 56}
+IMG = {"vit": 32, "convnext": 32, "swin": 56, "deit_distilled": 32}
 
 
 def tiny_model(kind: str = "vit", num_classes: int = 3):

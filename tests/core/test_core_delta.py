@@ -10,7 +10,6 @@ from shpeft_core import (
     FORMAT_VERSION,
     BackboneSpec,
     DeltaError,
-    TrainConfig,
     apply_delta,
     apply_sparse_training,
     backbone_fingerprint,
@@ -18,14 +17,13 @@ from shpeft_core import (
     create_model_for_delta,
     eligible_parameters,
     extract_delta,
-    fit,
     load_delta,
     merge_delta,
     save_delta,
 )
 from shpeft_core.delta import REQUIRED_METADATA, TaskDelta
 
-from helpers_core import IMG, TINY, separable_batches, tiny_model
+from helpers_core import IMG, TINY, tiny_model
 
 META = {"alpha": "0.5", "estimator": "grad2", "importance_key": "imp/abc", "task": "t1"}
 
@@ -45,7 +43,7 @@ def _trained(kind="vit", num_classes=3, seed=0):
     return model.eval(), mask
 
 
-@pytest.mark.parametrize("kind", ["vit", "convnext", "swin"])
+@pytest.mark.parametrize("kind", ["vit", "convnext", "swin", "deit_distilled"])
 def test_merge_gives_plain_timm_model_with_same_logits(kind):
     model, mask = _trained(kind)
     delta = extract_delta(model, metadata=META)

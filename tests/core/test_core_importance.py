@@ -16,7 +16,7 @@ from shpeft_core import (
 from shpeft_core.importance import ImportanceError, supcon_loss, warm_head
 from shpeft_core.selection import rank_normalize
 
-from helpers_core import IMG, separable_batches, tiny_model
+from helpers_core import separable_batches, tiny_model
 
 EXPECTED_ELIGIBLE = {
     "vit": {"patch_embed.proj.weight"}

@@ -177,3 +177,22 @@ def test_bad_masks_are_refused_naming_the_parameter(mask, match):
     with pytest.raises(MaskError, match=match) as info:
         apply_sparse_training(model, mask)
     assert next(iter(mask)) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mixed_precision_backward_matches_float32(kind):
+    # bf16 autocast (run here on CPU) exercises the dtype casts of the CUDA bf16 path.
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(16, 12), torch.randn(10, 16, requires_grad=True)
+    else:
+        base, x = nn.Conv2d(3, 8, 4, stride=4), torch.randn(2, 3, 16, 16, requires_grad=True)
+    mod = (SparseDeltaLinear if kind == "linear" else SparseDeltaConv2d)(base, _random_indices(base.weight.numel(), 20, 7))
+    gx32, gv32 = torch.autograd.grad(mod(x).square().sum(), [x, mod.values])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod(x)
+    assert out.dtype == torch.bfloat16
+    gx, gv = torch.autograd.grad(out.float().square().sum(), [x, mod.values])
+    assert gx.dtype == torch.float32 and gv.dtype == torch.float32
+    torch.testing.assert_close(gv, gv32, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(gx, gx32, rtol=5e-2, atol=5e-2)

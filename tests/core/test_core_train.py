@@ -138,7 +138,8 @@ class _NoLenLoader:
 def test_fit_with_loader_without_length():
     train = separable_batches(n=32, seed=0)
     model = _sparse_model(train)
-    hist = fit(model, _NoLenLoader(train), _NoLenLoader(train), TrainConfig(epochs=2, lr=1e-2), num_classes=2)
-    assert len(hist) == 2 and hist[0]["lr"] > hist[1]["lr"] > 0
+    cfg = TrainConfig(epochs=3, lr=1e-2, warmup_epochs=0)
+    hist = fit(model, _NoLenLoader(train), _NoLenLoader(train), cfg, num_classes=2)
+    assert len(hist) == 3 and hist[0]["lr"] > hist[1]["lr"] > hist[2]["lr"] > 0
     with pytest.raises(ValueError, match="no batches"):
         fit(model, _NoLenLoader([]), train, TrainConfig(epochs=1), num_classes=2)

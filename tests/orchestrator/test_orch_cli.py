@@ -424,3 +424,15 @@ def test_logs_follow_streams_until_job_ends():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_demo_passes_options_and_exit_code(monkeypatch):
+    import orchestrator.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda store, smoke, **kw: seen.append((store, smoke, kw)) or 3)
+    res = invoke("demo", "--store", "memory://d/store", "--smoke-test", "--num-cpus", 2)
+    assert res.exit_code == 3
+    assert seen == [("memory://d/store", True, {"num_cpus": 2})]
+    res = invoke("demo")
+    assert seen[-1] == (None, False, {"num_cpus": None})

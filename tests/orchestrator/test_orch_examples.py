@@ -38,16 +38,29 @@ def test_example_breaks_on_unknown_key(path):
         parse_job(data, str(path))
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_tasks_resolve(path):
+    """Catalogue references resolve to full task specs, the way the pipeline resolves them."""
+    from orchestrator.pipeline import resolve_task
+
+    job = load_job(path)
+    for entry in [*job.tasks, *job.importance.pool_datasets]:
+        spec = resolve_task(entry)
+        assert spec.class_names is None or len(spec.class_names) == spec.num_classes
+
+
 def test_medmnist_gpu_example():
+    from orchestrator.pipeline import resolve_task
+
     job = load_job(ROOT / "examples" / "medmnist224_vitb16_gpu.yaml")
     assert job.backbone.name == "vit_base_patch16_224"
     assert job.backbone.source == "hub"
     assert job.training.use_gpu and job.training.gpus_per_worker >= 1
-    assert len(job.tasks) >= 3
-    for t in job.tasks:
-        spec = t if not isinstance(t, CatalogueTaskRef) else None
-        if spec is not None:
-            assert spec.format == "medmnist" and spec.image_size == 224
+    specs = [resolve_task(t) for t in job.tasks]
+    assert len(specs) >= 3 and any(isinstance(t, CatalogueTaskRef) for t in job.tasks)
+    for spec in specs:
+        assert spec.format == "medmnist" and spec.image_size == 224 and spec.source.startswith("s3://")
+        assert spec.class_names and len(spec.class_names) == spec.num_classes
 
 
 def test_sweep_example_sweeps():

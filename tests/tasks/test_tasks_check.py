@@ -181,3 +181,38 @@ def test_unreadable_dicom_is_named(tmp_path, family):
     bad = spec.model_copy(update={"source": str(root)})
     with pytest.raises(DatasetError, match=r"\.dcm: unreadable DICOM"):
         check_dataset(bad)
+
+
+def test_parquet_hf_style_struct_images_and_string_labels(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    imgs = [{"bytes": _png(i * 20), "path": f"{i}.png"} for i in range(12)]
+    names = ["benign", "malignant"] * 6
+    pq.write_table(pa.table({"image": imgs, "label": names,
+                             "split": ["train"] * 8 + ["validation"] * 2 + ["test"] * 2}), str(tmp_path / "hf.parquet"))
+    spec = TaskSpec(name="hf", source=str(tmp_path), format="parquet", num_classes=2, class_names=["benign", "malignant"])
+    r = check_dataset(spec)
+    assert r.counts == {"train": [4, 4], "val": [1, 1], "test": [1, 1]}
+    x, y = next(iter(build_loader(spec, "train", transform=None, batch_size=8)))
+    assert x.shape == (8, 3, 8, 8) and sorted(y.tolist()) == [0] * 4 + [1] * 4
+    with pytest.raises(DatasetError, match=r"row group 0 row 0: label='benign' is not an integer label"):
+        check_dataset(spec.model_copy(update={"class_names": None}))
+
+
+def test_ignored_files_are_reported(tmp_path):
+    _tree(tmp_path, {f"{c}/{i}.png": _png(i) for c in "ab" for i in range(4)} | {"a/notes.txt": b"x"})
+    r = check_dataset(_folder_spec(tmp_path))
+    assert any("ignored 1 file" in w and "notes.txt" in w for w in r.warnings)
+
+
+def test_parquet_split_column_rules_survive_a_json_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [_png(i) for i in range(30)], "label": [0, 1, 2] * 10}), str(tmp_path / "a.parquet"))
+    spec = TaskSpec(name="p", source=str(tmp_path), format="parquet", num_classes=3)
+    again = TaskSpec.model_validate_json(spec.model_dump_json())
+    assert sum(sum(c) for c in check_dataset(again).counts.values()) == 30  # seeded split, no 'split' column needed
+    with pytest.raises(DatasetError, match=r"column 'fold' \(split_column\) missing"):
+        check_dataset(spec.model_copy(update={"split_column": "fold"}))

@@ -25,18 +25,22 @@ def test_class_imbalance_follows_the_ratio():
 
 
 def test_targets_are_learnable_but_not_trivial_for_a_linear_probe():
-    """Random ReLU features + logistic regression: above chance on some task, never perfect."""
-    accs = []
+    """A linear probe on random ReLU features stays far from perfect on every task, while simple
+    sign-free lesion evidence (|x - mean image|) already decodes the location task well above chance."""
     for t in task_family(3, images_per_task=240, seed=0):
         d = render_task(t)
+        (xtr, ytr), (xte, yte) = d["train"], d["test"]
         flat = lambda x: x.reshape(len(x), -1) / 255.0  # noqa: E731
-        w = np.random.default_rng(0).normal(size=(flat(d["train"][0]).shape[1], 256)) / 30
+        w = np.random.default_rng(0).normal(size=(flat(xtr).shape[1], 256)) / 30
         feats = lambda x: np.maximum(flat(x) @ w, 0)  # noqa: E731
-        clf = LogisticRegression(max_iter=500).fit(feats(d["train"][0]), d["train"][1])
-        acc = (clf.predict(feats(d["test"][0])) == d["test"][1]).mean()
-        accs.append(acc)
-        assert acc < 0.99, (t.name, acc)
-    assert max(accs) > 0.3
+        acc = (LogisticRegression(max_iter=500).fit(feats(xtr), ytr).predict(feats(xte)) == yte).mean()
+        assert acc < 0.9, (t.name, acc)
+        if t.cue == "location":
+            mu = flat(xtr).mean(0)
+            dev = lambda x: np.abs(flat(x) - mu)  # noqa: E731
+            acc_dev = (LogisticRegression(max_iter=500).fit(dev(xtr), ytr).predict(dev(xte)) == yte).mean()
+            majority = np.bincount(yte).max() / len(yte)
+            assert acc_dev > majority + 0.3, (acc_dev, majority)
 
 
 def test_source_corpus_is_disjoint_from_targets(tmp_path):
