@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from typing import Any
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, remove
@@ -102,7 +103,8 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
             )
             trainer.fit()
 
-        sampler = optuna.samplers.TPESampler(seed=sw.seed, n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
+        # Per-task stream of the job's seed: tasks explore different points, reproducibly.
+        sampler = optuna.samplers.TPESampler(seed=(sw.seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**31, n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
         tuner = tune.Tuner(
             tune.with_resources(trial, {"cpu": TRIAL_CPU}),
             param_space={

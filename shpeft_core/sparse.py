@@ -29,8 +29,10 @@ __all__ = [
     "MaskError",
 ]
 
-# Bound on elements of each gathered [rows x chunk] product in the values' backward.
-GATHER_CHUNK_ELEMENTS = 1 << 24
+# Bound on elements of each gathered [rows x chunk] block in the values' backward.
+GATHER_CHUNK_ELEMENTS = 1 << 20
+# Block size for the transposed path: two [chunk x rows] blocks stay in cache.
+TRANSPOSED_CHUNK_ELEMENTS = 1 << 16
 
 
 class MaskError(ValueError):
@@ -43,18 +45,28 @@ def _merge(weight: Tensor, flat_idx: Tensor, values: Tensor) -> Tensor:
 
 
 def _gathered_dot(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> Tensor:
-    """out[j] = sum_n a[n, a_idx[j]] * b[n, b_idx[j]] in float32 (float64 kept), chunked over j."""
+    """out[j] = sum_n a[n, a_idx[j]] * b[n, b_idx[j]] in float32 (float64 kept), chunked over j.
+
+    Few indices: gather columns of a and b directly. Many indices (more than the two widths):
+    transpose once so each gathered column is a contiguous row, and work in cache-sized blocks;
+    that is several times faster than strided column gathers on CPU.
+    """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a = a.to(dtype)
     b = b.to(dtype)
-    k = a_idx.numel()
+    n, k = a.shape[0], a_idx.numel()
     out = torch.empty(k, dtype=dtype, device=a.device)
-    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, a.shape[0]))
+    if k > a.shape[1] + b.shape[1]:
+        at, bt = a.t().contiguous(), b.t().contiguous()
+        step = max(1, min(GATHER_CHUNK_ELEMENTS, TRANSPOSED_CHUNK_ELEMENTS) // max(1, n))
+        for s in range(0, k, step):
+            e = min(k, s + step)
+            out[s:e] = torch.linalg.vecdot(at.index_select(0, a_idx[s:e]), bt.index_select(0, b_idx[s:e]), dim=1)
+        return out
+    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, n))
     for s in range(0, k, step):
         e = min(k, s + step)
-        ga = a.index_select(1, a_idx[s:e])
-        gb = b.index_select(1, b_idx[s:e])
-        out[s:e] = torch.linalg.vecdot(ga, gb, dim=0)
+        out[s:e] = torch.linalg.vecdot(a.index_select(1, a_idx[s:e]), b.index_select(1, b_idx[s:e]), dim=0)
     return out
 
 
@@ -106,8 +118,9 @@ class _SparseConv2dFn(torch.autograd.Function):
             # im2col view: weight as [out, in*kh*kw], input patches as [in*kh*kw, B*L].
             patches = F.unfold(x, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
             b, ckk, length = patches.shape
-            p2 = patches.transpose(1, 2).reshape(b * length, ckk)
-            g2 = grad_out.reshape(b, grad_out.shape[1], length).transpose(1, 2).reshape(b * length, -1)
+            # [B*L, features] views of [features, B*L] tensors: the transposed gather path is then free.
+            p2 = patches.permute(1, 0, 2).reshape(ckk, b * length).t()
+            g2 = grad_out.reshape(b, grad_out.shape[1], length).permute(1, 0, 2).reshape(-1, b * length).t()
             gv = _gathered_dot(g2, rows, p2, cols).to(values.dtype)
         return gx, None, gb, None, None, None, gv, None, None, None
 

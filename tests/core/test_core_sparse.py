@@ -79,17 +79,21 @@ def test_conv_values_grad_equals_dense_grad_gathered(cin, cout, kernel, stride, 
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_chunked_gather_matches_unchunked(monkeypatch):
+@pytest.mark.parametrize("k", [5, 100])  # direct and transposed gather paths
+def test_chunked_gather_matches_unchunked(monkeypatch, k):
     import shpeft_core.sparse as sp
 
     torch.manual_seed(0)
     base = nn.Linear(12, 10).double()
-    mod = SparseDeltaLinear(base, _random_indices(120, 50, 3))
+    mod = SparseDeltaLinear(base, _random_indices(120, k, 3))
     x = torch.randn(6, 12, dtype=torch.float64)
     full = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
     monkeypatch.setattr(sp, "GATHER_CHUNK_ELEMENTS", 7)  # forces chunks of one index
     chunked = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
     torch.testing.assert_close(full, chunked, rtol=1e-12, atol=1e-12)
+    w = mod.weight.detach().clone().requires_grad_(True)
+    dense = torch.autograd.grad(F.linear(x, w, mod.bias).square().sum(), w)[0]
+    torch.testing.assert_close(full, dense.reshape(-1)[mod.indices.long()], rtol=1e-12, atol=1e-12)
 
 
 def test_forward_equals_functional_with_merged_weight():
