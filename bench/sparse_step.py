@@ -1,6 +1,9 @@
 """Training-step cost of SH-PEFT sparse deltas vs full fine-tuning, head-only, GPS-style masked
 gradients and LoRA r=8, side by side in one process on the same timm model and batch.
 
+activation_floor (extra row) freezes the whole backbone except the patch-embedding bias, so
+every block still runs its input-gradient backward: the floor any backbone-tuning method pays.
+
 Per method: median step time (forward + backward + AdamW step), ratio to full fine-tuning,
 peak memory, trainable parameters and optimiser-state bytes. The last line printed is one JSON
 object {"methods": {NAME: {...}}}.
@@ -35,8 +38,9 @@ from shpeft_core import (
     hybrid_scores,
     select_mask,
 )
+from shpeft_core.eligibility import eligible_modules
 
-METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-4", "shpeft_1e-3")
+METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-4", "shpeft_1e-3", "activation_floor")
 LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
 
 
@@ -76,6 +80,15 @@ def build(name, spec, num_classes, scores, device) -> Method:
         p.requires_grad_(False)
     if name == "head":
         params = [p for n, p in model.named_parameters() if n in head]
+        for p in params:
+            p.requires_grad_(True)
+        return Method(name, model, _adamw(params), trainable=sum(p.numel() for p in params))
+    if name == "activation_floor":
+        # Backbone frozen, but the gradient must still flow through every block: the
+        # "forward + activation backward" cost that any method training backbone entries pays.
+        first = next(iter(eligible_modules(model).values()))
+        entry = first.bias if first.bias is not None else first.weight
+        params = [entry] + [p for n, p in model.named_parameters() if n in head]
         for p in params:
             p.requires_grad_(True)
         return Method(name, model, _adamw(params), trainable=sum(p.numel() for p in params))
@@ -231,10 +244,10 @@ def main(argv=None):
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     print("setup " + json.dumps(info))
-    hdr = f"{'method':<12} {'step_ms':>9} {'ratio':>6} {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}"
+    hdr = f"{'method':<16} {'step_ms':>9} {'ratio':>6} {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}"
     print(hdr)
     for n, r in result.items():
-        print(f"{n:<12} {r['step_ms']:>9.1f} {r['ratio_to_full'] or 0:>6.3f} {r['peak_mem_mb']:>9.1f} "
+        print(f"{n:<16} {r['step_ms']:>9.1f} {r['ratio_to_full'] or 0:>6.3f} {r['peak_mem_mb']:>9.1f} "
               f"{r['trainable']:>10d} {r['optimizer_state_bytes']:>12d}")
     print(json.dumps({"methods": result}))
 

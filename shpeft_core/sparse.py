@@ -8,6 +8,8 @@ formed, which is where full fine-tuning spends about a third of its step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,6 +46,27 @@ def _merge(weight: Tensor, flat_idx: Tensor, values: Tensor) -> Tensor:
     return flat.view_as(weight)
 
 
+@contextmanager
+def _merged_in_place(weight: Tensor, flat_idx: Tensor, values: Tensor):
+    """The frozen weight with the values added at the k entries, for the duration of the block.
+
+    Adds in place and restores the saved originals afterwards (O(k) instead of copying the whole
+    weight twice per step); the entries are the same float sums as in ``_merge``, so results are
+    bit-identical. Only for weights no other autograd node has saved (frozen, owned here).
+    """
+    w = weight.detach()
+    if not w.is_contiguous():
+        yield _merge(weight, flat_idx, values)
+        return
+    flat = w.view(-1)
+    orig = flat.index_select(0, flat_idx)
+    flat.index_add_(0, flat_idx, values.detach().to(flat.dtype))
+    try:
+        yield w
+    finally:
+        flat.index_copy_(0, flat_idx, orig)
+
+
 def _gathered_dot(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> Tensor:
     """out[j] = sum_n a[n, a_idx[j]] * b[n, b_idx[j]] in float32 (float64 kept), chunked over j.
 
@@ -73,19 +96,23 @@ def _gathered_dot(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> Tensor:
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, flat_idx, rows, cols, values):
-        w = _merge(weight, flat_idx, values)
-        ctx.save_for_backward(x, weight, flat_idx, rows, cols, values)
-        return F.linear(x, w, bias)
+        with _merged_in_place(weight, flat_idx, values) as w:
+            out = F.linear(x, w, bias)
+        # The frozen weight is kept by reference, not saved: it is modified (and restored) in place.
+        ctx.weight = weight
+        ctx.save_for_backward(x, flat_idx, rows, cols, values)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, flat_idx, rows, cols, values = ctx.saved_tensors
+        x, flat_idx, rows, cols, values = ctx.saved_tensors
+        weight = ctx.weight
         need_x, _, need_b, _, _, _, need_v = ctx.needs_input_grad
         gx = gb = gv = None
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
-            w = _merge(weight, flat_idx, values).to(grad_out.dtype)
-            gx = (grad_out @ w).to(x.dtype)
+            with torch.no_grad(), _merged_in_place(weight, flat_idx, values) as w:
+                gx = (grad_out @ w.to(grad_out.dtype)).to(x.dtype)
         if need_b:
             gb = go2.sum(0).to(weight.dtype)
         if need_v:
@@ -97,21 +124,25 @@ class _SparseLinearFn(torch.autograd.Function):
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, flat_idx, rows, cols, values, stride, padding, dilation):
-        w = _merge(weight, flat_idx, values)
-        ctx.save_for_backward(x, weight, flat_idx, rows, cols, values)
+        with _merged_in_place(weight, flat_idx, values) as w:
+            out = F.conv2d(x, w, bias, stride, padding, dilation)
+        ctx.weight = weight
+        ctx.save_for_backward(x, flat_idx, rows, cols, values)
         ctx.conf = (stride, padding, dilation)
-        return F.conv2d(x, w, bias, stride, padding, dilation)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, flat_idx, rows, cols, values = ctx.saved_tensors
+        x, flat_idx, rows, cols, values = ctx.saved_tensors
+        weight = ctx.weight
         stride, padding, dilation = ctx.conf
         need_x, _, need_b = ctx.needs_input_grad[:3]
         need_v = ctx.needs_input_grad[6]
         gx = gb = gv = None
         if need_x:
-            w = _merge(weight, flat_idx, values).to(grad_out.dtype)
-            gx = torch.nn.grad.conv2d_input(x.shape, w, grad_out, stride, padding, dilation).to(x.dtype)
+            with torch.no_grad(), _merged_in_place(weight, flat_idx, values) as w:
+                gx = torch.nn.grad.conv2d_input(x.shape, w.to(grad_out.dtype), grad_out, stride, padding,
+                                                dilation).to(x.dtype)
         if need_b:
             gb = grad_out.sum((0, 2, 3)).to(weight.dtype)
         if need_v:

@@ -200,3 +200,20 @@ def test_mixed_precision_backward_matches_float32(kind):
     assert gx.dtype == torch.float32 and gv.dtype == torch.float32
     torch.testing.assert_close(gv, gv32, rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(gx, gx32, rtol=5e-2, atol=5e-2)
+
+
+def test_module_applied_twice_in_one_graph():
+    # The frozen weight is modified and restored in place around each use; a second use in the
+    # same graph must still see the right weight in both backward passes.
+    torch.manual_seed(0)
+    mod = SparseDeltaLinear(nn.Linear(6, 6).double(), _random_indices(36, 8, 9))
+    with torch.no_grad():
+        mod.values.normal_()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    base_before = mod.weight.detach().clone()
+    gv = torch.autograd.grad(mod(torch.tanh(mod(x))).square().sum(), mod.values)[0]
+    w = mod.merged_weight().detach().clone().requires_grad_(True)
+    ref = F.linear(torch.tanh(F.linear(x, w, mod.bias)), w, mod.bias).square().sum()
+    gw = torch.autograd.grad(ref, w)[0]
+    torch.testing.assert_close(gv, gw.reshape(-1)[mod.indices.long()], rtol=1e-12, atol=1e-12)
+    assert torch.equal(mod.weight, base_before)
