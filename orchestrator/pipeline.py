@@ -5,7 +5,7 @@ task-agnostic map; every map is cached in the store under a content key. Stage 2
 its own Ray Train ``TorchTrainer``, launched from a zero-CPU Ray task so that many tasks train at once,
 bounded by what the cluster holds. Stage 3 (when the job asks) replaces stage 2 by a per-task Ray Tune
 sweep over density and alpha. Stage 4 evaluates each saved delta on a fresh backbone and writes the
-catalogue row and plots. See docs/orchestrator.md for the caching keys and why nothing deadlocks.
+catalogue row and plots. See the README's Orchestrator section for the caching keys and why nothing deadlocks.
 """
 
 from __future__ import annotations
