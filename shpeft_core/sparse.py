@@ -204,6 +204,14 @@ class SparseDeltaMixin(nn.Module):
     def merged_weight(self) -> Tensor:
         return _merge(self.weight, self.flat_idx, self.values)
 
+    def _fill_plain(self, out: nn.Module, merge: bool) -> nn.Module:
+        """Copy the (merged) weight and the bias into a plain layer of the same shape."""
+        with torch.no_grad():
+            out.weight.copy_(self.merged_weight() if merge else self.weight)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
 
 class SparseDeltaLinear(SparseDeltaMixin):
     def __init__(self, base: nn.Linear, indices: Tensor):
@@ -217,11 +225,7 @@ class SparseDeltaLinear(SparseDeltaMixin):
     def to_plain(self, merge: bool = True) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.merged_weight() if merge else self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return self._fill_plain(out, merge)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.values.numel()}"
@@ -243,11 +247,7 @@ class SparseDeltaConv2d(SparseDeltaMixin):
         out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                         self.dilation, bias=self.bias is not None, device=self.weight.device,
                         dtype=self.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.merged_weight() if merge else self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return self._fill_plain(out, merge)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

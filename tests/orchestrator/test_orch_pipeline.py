@@ -166,3 +166,36 @@ def test_sweep_runs_optuna_with_asha(ray_local, task_specs, tmp_path):
     assert float(best_delta.metadata["density"]) == row["density"]
     assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
     assert any(p.endswith("density_vs_metric.png") for p in result.plots)
+
+
+def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task_specs):
+    """`shpeft predict` with the run's deltas == each delta merged into a stock timm model."""
+    import glob
+
+    import timm
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from orchestrator.predict import decode_image
+
+    _, result = first_run
+    images = sorted(glob.glob(os.path.join(task_specs[1].source, "test", "*", "*.png")))[:3]
+    assert images
+    uris = [f"{result.store}/deltas/{s.name}.safetensors" for s in task_specs]
+    top_k = max(s.num_classes for s in task_specs)
+    out = CliRunner().invoke(main, ["predict", *sum((["--delta", u] for u in uris), []), "--json",
+                                    "--top-k", str(top_k), *images])
+    assert out.exit_code == 0, out.output
+    got = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+    for spec, uri in zip(task_specs, uris):
+        delta = load_delta(uri)
+        stock = timm.create_model(BACKBONE["name"], num_classes=spec.num_classes, **BACKBONE["kwargs"]).eval()
+        stock.load_state_dict(merge_delta(delta, build_backbone(BACKBONE, spec.num_classes)).state_dict())
+        batch = torch.stack([model_transform(stock, train=False)(decode_image(p)) for p in images])
+        with torch.no_grad():
+            probs = torch.softmax(stock(batch), dim=1)
+        rows = [g for g in got if g["task"] == spec.name]
+        assert len(rows) == len(images) * spec.num_classes
+        for g in rows:
+            i = images.index(g["image"])
+            assert g["probability"] == pytest.approx(float(probs[i, g["label"]]), abs=1e-5)
