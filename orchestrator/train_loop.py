@@ -17,22 +17,10 @@ __all__ = ["train_task_loop", "build_backbone", "val_metric_value", "build_spars
 
 
 def model_transform(model: torch.nn.Module, *, train: bool):
-    """The backbone's preprocessing at the input size the model was built for.
-
-    timm keeps the pretrained config's input size (e.g. 160 for test_vit) even when the model was
-    created with another ``img_size``; the patch embedding knows the real one.
-    """
-    from timm.data import resolve_data_config
-
+    """The preprocessing every stage uses: the backbone's own data config at its real input size."""
     from tasks.data import transform_for
 
-    cfg = dict(resolve_data_config(model=model))
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-        cfg["input_size"] = (cfg["input_size"][0], *size)
-        cfg["crop_pct"] = 1.0  # no centre-crop margin at a training-sized input
-    return transform_for(cfg, train=train)
+    return transform_for(model, train=train)
 
 
 def build_backbone(backbone: dict[str, Any], num_classes: int) -> torch.nn.Module:

@@ -69,13 +69,22 @@ def transform_for(model_or_data_config, *, train: bool, **overrides) -> Callable
 
     Accepts a timm model, a data-config dict (input_size, mean, std, interpolation, crop_pct)
     or an int image size. Training defaults are mild for medical images: random resized crop
-    with scale (0.6, 1), horizontal flip, no colour jitter; ``overrides`` go to create_transform.
+    with scale (0.6, 1), no flip, no colour jitter; ``overrides`` go to create_transform.
     """
     from timm.data import create_transform, resolve_data_config
 
     if isinstance(model_or_data_config, torch.nn.Module):
         # DDP / Ray Train wrap the model; the data config lives on the inner timm model
-        cfg = resolve_data_config(model=getattr(model_or_data_config, "module", model_or_data_config))
+        model = getattr(model_or_data_config, "module", model_or_data_config)
+        cfg = dict(resolve_data_config(model=model))
+        # timm keeps the pretrained config's input size (160 for test_vit) even when the model was
+        # built with another img_size; the patch embedding knows the size it really takes.
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+            if tuple(cfg["input_size"][1:]) != size:
+                cfg["input_size"] = (cfg["input_size"][0], *size)
+                cfg["crop_pct"] = 1.0  # no centre-crop margin at a training-sized input
     elif isinstance(model_or_data_config, int):
         cfg = resolve_data_config(args={"input_size": (3, model_or_data_config, model_or_data_config)})
     elif isinstance(model_or_data_config, dict):
@@ -91,7 +100,8 @@ def transform_for(model_or_data_config, *, train: bool, **overrides) -> Callable
         crop_mode=cfg.get("crop_mode"),
     )
     if train:
-        kwargs.update(scale=(0.6, 1.0), hflip=0.5, color_jitter=None)
+        # No horizontal flip: left/right carries meaning in medical images (laterality, lesion side).
+        kwargs.update(scale=(0.6, 1.0), hflip=0.0, color_jitter=None)
     kwargs.update(overrides)
     return create_transform(is_training=train, **kwargs)
 

@@ -154,11 +154,10 @@ def test_transform_for_uses_backbone_data_config(family):
     t_train = transform_for(model, train=True)
     spec = family["medmnist"]
     x, _ = next(iter(build_loader(spec, "val", transform=t_eval, batch_size=4)))
-    cfg = timm.data.resolve_data_config(model=model)
-    assert x.shape[1:] == cfg["input_size"]
+    assert x.shape[1:] == (3, 32, 32)  # the size the model was built for
     assert float(x.min()) < 0  # normalised with the model's mean/std
     x2, _ = next(iter(build_loader(spec, "train", transform=t_train, batch_size=4)))
-    assert x2.shape[1:] == cfg["input_size"]
+    assert x2.shape[1:] == (3, 32, 32)
     assert transform_for({"input_size": (3, 48, 48)}, train=False)(Image.new("RGB", (32, 32))).shape == (3, 48, 48)
 
 
@@ -195,3 +194,20 @@ def test_seeded_split_is_stable_when_a_file_is_added(tmp_path):
     after = split_of()
     moved = [p for p in before if before[p] != after[p]]
     assert len(after) == 81 and len(moved) <= 2
+
+
+def test_transform_for_uses_the_size_the_model_was_built_for():
+    import timm
+    from PIL import Image
+
+    from tasks.data import transform_for
+
+    model = timm.create_model("test_vit", img_size=32, patch_size=4)
+    img = Image.new("RGB", (57, 40), (10, 200, 30))
+    for train in (True, False):
+        x = transform_for(model, train=train)(img)
+        assert tuple(x.shape) == (3, 32, 32)
+        # and the model accepts it
+        assert model(x[None]).shape[0] == 1
+    stock = timm.create_model("test_vit")  # built at its pretrained size: timm's config applies as is
+    assert tuple(transform_for(stock, train=False)(img).shape) == (3, 160, 160)
