@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -71,6 +72,9 @@ def _maybe_inject_fault(cfg: dict[str, Any], epoch: int) -> None:
     if exists(fault["marker"]):
         return
     atomic_write_bytes(fault["marker"], json.dumps({"epoch": epoch}).encode())
+    # Train V2's controller collects reports by polling the workers; give it a few polls to
+    # register the previous epoch's checkpoint, as a real crash later in an epoch would.
+    time.sleep(3.0)
     os._exit(1)
 
 
