@@ -152,14 +152,14 @@ def _patches(img, n: int, size: int, rng) -> list:
 def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_class: int = 24, seed: int = 0,
                            overwrite: bool = False) -> TaskSpec:
     """Write the tiny real modality task as an ImageFolder (seeded split) under ``root_uri/real-modality-tiny``."""
-    from .synthetic import _png
+    from .synthetic import _png, cached_task_spec, seal_task_dir
 
     name = "real-modality-tiny"
     task_dir = sio.join_uri(root_uri, name)
-    spec_uri, gen_uri = sio.join_uri(task_dir, "task.json"), sio.join_uri(task_dir, "generator.json")
     params = json.dumps({"patch_size": patch_size, "patches_per_class": patches_per_class, "seed": seed}, sort_keys=True)
-    if not overwrite and sio.exists(spec_uri) and sio.exists(gen_uri) and sio.read_bytes(gen_uri).decode() == params:
-        return TaskSpec.model_validate_json(sio.read_bytes(spec_uri))
+    cached = cached_task_spec(task_dir, params, overwrite)
+    if cached is not None:
+        return cached
     images = real_sample_images()
     classes = [c for c in REAL_SAMPLE_CLASSES if any(cls == c for cls, _, _ in images)]
     if len(classes) < 2:
@@ -191,6 +191,4 @@ def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_c
         description="TINY real-image modality task from pydicom/pydicom-data test files and scikit-image samples",
     )
     sio.atomic_write_bytes(sio.join_uri(task_dir, "sources.json"), json.dumps(sources, indent=2).encode())
-    sio.atomic_write_bytes(gen_uri, params.encode())
-    sio.atomic_write_bytes(spec_uri, spec.model_dump_json(indent=2).encode())
-    return spec
+    return seal_task_dir(task_dir, params, spec)

@@ -382,6 +382,31 @@ def _write_dicom(dest: str, data, class_names: list[str], modality: str, name: s
     return dest
 
 
+def _write_data(fmt: str, dest: str, data, class_names: list[str], modality: str, name: str) -> str:
+    if fmt == "medmnist":
+        return _write_npz(dest, data)
+    if fmt == "imagefolder":
+        return _write_imagefolder(dest, data, class_names)
+    if fmt == "parquet":
+        return _write_parquet(dest, data)
+    return _write_dicom(dest, data, class_names, modality, name)
+
+
+def cached_task_spec(task_dir: str, params: str, overwrite: bool) -> TaskSpec | None:
+    """The spec of a generated task folder written with the same ``params``, else None."""
+    spec_uri, gen_uri = sio.join_uri(task_dir, "task.json"), sio.join_uri(task_dir, "generator.json")
+    if not overwrite and sio.exists(spec_uri) and sio.exists(gen_uri) and sio.read_bytes(gen_uri).decode() == params:
+        return TaskSpec.model_validate_json(sio.read_bytes(spec_uri))
+    return None
+
+
+def seal_task_dir(task_dir: str, params: str, spec: TaskSpec) -> TaskSpec:
+    """Record how the folder was generated, then its spec: a folder without task.json is incomplete."""
+    sio.atomic_write_bytes(sio.join_uri(task_dir, "generator.json"), params.encode())
+    sio.atomic_write_bytes(sio.join_uri(task_dir, "task.json"), spec.model_dump_json(indent=2).encode())
+    return spec
+
+
 def write_task(root_uri: str, task: SyntheticTask, fmt: str, *, overwrite: bool = False) -> TaskSpec:
     """Render ``task`` and write it under ``root_uri/<task.name>`` in format ``fmt``.
 
@@ -406,23 +431,12 @@ def write_task(root_uri: str, task: SyntheticTask, fmt: str, *, overwrite: bool 
         description=f"synthetic {task.modality} task, cue '{task.cue}', imbalance {task.imbalance}",
     )
     params = json.dumps({"format": fmt, **asdict(task)}, sort_keys=True)
-    spec_uri, gen_uri = sio.join_uri(task_dir, "task.json"), sio.join_uri(task_dir, "generator.json")
-    if not overwrite and sio.exists(spec_uri) and sio.exists(gen_uri):
-        if sio.read_bytes(gen_uri).decode() == params:
-            return TaskSpec.model_validate_json(sio.read_bytes(spec_uri))
+    cached = cached_task_spec(task_dir, params, overwrite)
+    if cached is not None:
+        return cached
     sio.remove(task_dir, recursive=True)
-    data = render_task(task)
-    if fmt == "medmnist":
-        _write_npz(data_uri, data)
-    elif fmt == "imagefolder":
-        _write_imagefolder(data_uri, data, task.class_names())
-    elif fmt == "parquet":
-        _write_parquet(data_uri, data)
-    else:
-        _write_dicom(data_uri, data, task.class_names(), task.modality, task.name)
-    sio.atomic_write_bytes(gen_uri, params.encode())
-    sio.atomic_write_bytes(spec_uri, spec.model_dump_json(indent=2).encode())
-    return spec
+    _write_data(fmt, data_uri, render_task(task), task.class_names(), task.modality, task.name)
+    return seal_task_dir(task_dir, params, spec)
 
 
 def write_task_family(
@@ -473,10 +487,12 @@ def write_source_corpus(
         metric="accuracy",
         description="synthetic pre-training corpus (source cues, all modalities)",
     )
+    if fmt not in ("medmnist", "imagefolder", "parquet"):
+        raise ValueError(f"format={fmt!r}: the source corpus is written as npz, imagefolder or parquet")
     params = json.dumps({"format": fmt, **asdict(task)}, sort_keys=True)
-    spec_uri, gen_uri = sio.join_uri(task_dir, "task.json"), sio.join_uri(task_dir, "generator.json")
-    if not overwrite and sio.exists(spec_uri) and sio.exists(gen_uri) and sio.read_bytes(gen_uri).decode() == params:
-        return TaskSpec.model_validate_json(sio.read_bytes(spec_uri))
+    cached = cached_task_spec(task_dir, params, overwrite)
+    if cached is not None:
+        return cached
     sio.remove(task_dir, recursive=True)
     labels = np.arange(num_images) % len(class_names)
     labels = labels[np.random.default_rng([seed, 3]).permutation(num_images)]
@@ -491,14 +507,5 @@ def write_source_corpus(
     n_train, n_val = int(round(0.8 * num_images)), int(round(0.1 * num_images))
     bounds = [0, n_train, n_train + n_val, num_images]
     data = {s: (imgs[bounds[i] : bounds[i + 1]], labels[bounds[i] : bounds[i + 1]]) for i, s in enumerate(SPLITS)}
-    if fmt == "medmnist":
-        _write_npz(data_uri, data)
-    elif fmt == "imagefolder":
-        _write_imagefolder(data_uri, data, class_names)
-    elif fmt == "parquet":
-        _write_parquet(data_uri, data)
-    else:
-        raise ValueError(f"format={fmt!r}: the source corpus is written as npz, imagefolder or parquet")
-    sio.atomic_write_bytes(gen_uri, params.encode())
-    sio.atomic_write_bytes(spec_uri, spec.model_dump_json(indent=2).encode())
-    return spec
+    _write_data(fmt, data_uri, data, class_names, "mixed", name)
+    return seal_task_dir(task_dir, params, spec)
