@@ -48,7 +48,8 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     from shpeft_core.train import TrainConfig, evaluate, fit
     from tasks.data import build_loader
 
-    from orchestrator.train_loop import build_backbone, model_transform
+    from orchestrator.train_loop import build_backbone
+    from tasks.data import transform_for
 
     torch.set_num_threads(threads)
     bb = job.backbone.model_dump(mode="json")
@@ -56,15 +57,15 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     maps = {}
     for spec in specs:
         model = build_backbone(bb, spec.num_classes)
-        loader = build_loader(spec, "train", transform=model_transform(model, train=False), batch_size=16,
+        loader = build_loader(spec, "train", transform=transform_for(model, train=False), batch_size=16,
                               shuffle=True, seed=0)
         maps[spec.name] = compute_importance(model, loader, ImportanceConfig(num_batches=2), num_classes=spec.num_classes)
     agnostic = combine_importance(list(maps.values()))
     for spec in specs:
         model = build_backbone(bb, spec.num_classes)
         apply_sparse_training(model, select_mask(hybrid_scores(maps[spec.name], agnostic, 0.5), 0.02))
-        tr = build_loader(spec, "train", transform=model_transform(model, train=True), batch_size=16, shuffle=True)
-        va = build_loader(spec, "val", transform=model_transform(model, train=False), batch_size=16)
+        tr = build_loader(spec, "train", transform=transform_for(model, train=True), batch_size=16, shuffle=True)
+        va = build_loader(spec, "val", transform=transform_for(model, train=False), batch_size=16)
         fit(model, tr, va, TrainConfig(epochs=job.training.epochs, lr=3e-3, warmup_epochs=0), num_classes=spec.num_classes)
         uri = f"{store}/{spec.name}.safetensors"
         save_delta(extract_delta(model, metadata={"alpha": "0.5", "estimator": "grad2", "importance_key": "bare",
@@ -72,7 +73,7 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
         fresh = build_backbone(bb, spec.num_classes)
         apply_delta(fresh, load_delta(uri))
         for split in ("val", "test"):
-            evaluate(fresh, build_loader(spec, split, transform=model_transform(fresh, train=False), batch_size=16),
+            evaluate(fresh, build_loader(spec, split, transform=transform_for(fresh, train=False), batch_size=16),
                      num_classes=spec.num_classes)
     return time.perf_counter() - t0
 

@@ -31,7 +31,7 @@ def pretrain_backbone(store: str, corpus, *, epochs: int, batch_size: int = 64, 
 
     from tasks.data import build_loader, dataset_fingerprint
 
-    from .train_loop import model_transform
+    from tasks.data import transform_for
 
     key = content_hash({"backbone": DEMO_BACKBONE, "corpus": dataset_fingerprint(corpus), "epochs": epochs,
                         "batch_size": batch_size, "lr": lr, "seed": seed, "augment": "rrc-0.6-noflip"})
@@ -43,7 +43,7 @@ def pretrain_backbone(store: str, corpus, *, epochs: int, batch_size: int = 64, 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = timm.create_model(DEMO_BACKBONE["name"], num_classes=corpus.num_classes, **DEMO_BACKBONE["kwargs"])
-    loader = build_loader(corpus, "train", transform=model_transform(model, train=True), batch_size=batch_size,
+    loader = build_loader(corpus, "train", transform=transform_for(model, train=True), batch_size=batch_size,
                           shuffle=True, seed=seed)
     steps = epochs * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)

@@ -211,17 +211,17 @@ def _compute_importance(backbone: dict, spec_json: dict, settings: dict, dataset
     import torch
 
     from shpeft_core.importance import ImportanceConfig, compute_importance
-    from tasks.data import build_loader
+    from tasks.data import build_loader, transform_for
     from tasks.spec import TaskSpec
 
-    from .train_loop import build_backbone, model_transform
+    from .train_loop import build_backbone
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     spec = TaskSpec.model_validate(spec_json)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = build_backbone(backbone, spec.num_classes)
-    loader = build_loader(spec, "train", transform=model_transform(model, train=False),
+    loader = build_loader(spec, "train", transform=transform_for(model, train=False),
                           batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"])
     config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
                               head_warmup=settings["head_warmup"], loss=settings["loss"])
@@ -237,10 +237,10 @@ def _evaluate_delta(backbone: dict, spec_json: dict, delta_uri: str, batch_size:
 
     from shpeft_core.delta import apply_delta, load_delta
     from shpeft_core.train import evaluate
-    from tasks.data import build_loader
+    from tasks.data import build_loader, transform_for
     from tasks.spec import TaskSpec
 
-    from .train_loop import build_backbone, model_transform
+    from .train_loop import build_backbone
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def _evaluate_delta(backbone: dict, spec_json: dict, delta_uri: str, batch_size:
     model = build_backbone(backbone, spec.num_classes)
     apply_delta(model, delta)
     model.to(device).eval()
-    tf = model_transform(model, train=False)
+    tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
     for split in ("val", "test"):
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size)
@@ -517,8 +517,6 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
 
 
 def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
-    import ray
-
     from shpeft_core.backbone import backbone_fingerprint
 
     from .progress import ProgressBoard, ProgressPrinter

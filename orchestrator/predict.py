@@ -149,7 +149,7 @@ def predict_files(
     top_k: int = 1,
 ) -> list[TaskPrediction]:
     """Top-``top_k`` predictions per task and image; the backbone is built once from the first delta."""
-    from orchestrator.train_loop import model_transform
+    from tasks.data import transform_for
 
     if not delta_uris:
         raise PredictError("give at least one --delta")
@@ -173,7 +173,7 @@ def predict_files(
         raise PredictError(
             f"weights of backbone {deltas[0].metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
         ) from None
-    images = load_images(image_paths, model_transform(model, train=False))  # as in evaluation
+    images = load_images(image_paths, transform_for(model, train=False))  # as in evaluation
     logits = task_logits(model, deltas, images, batch_size=batch_size, device=device)
     preds: list[TaskPrediction] = []
     for delta, name, lg in zip(deltas, names, logits):

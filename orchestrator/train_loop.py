@@ -14,14 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["train_task_loop", "build_backbone", "val_metric_value", "build_sparse_model", "model_transform"]
-
-
-def model_transform(model: torch.nn.Module, *, train: bool):
-    """The preprocessing every stage uses: the backbone's own data config at its real input size."""
-    from tasks.data import transform_for
-
-    return transform_for(model, train=train)
+__all__ = ["train_task_loop", "build_backbone", "val_metric_value", "build_sparse_model"]
 
 
 def build_backbone(backbone: dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -85,7 +78,7 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
 
     from shpeft_core.delta import extract_delta, save_delta
     from shpeft_core.train import TrainConfig, fit, load_train_state, save_train_state
-    from tasks.data import build_loader
+    from tasks.data import build_loader, transform_for
     from tasks.spec import TaskSpec
 
     torch.set_num_threads(max(1, int(cfg.get("torch_threads", 1))))
@@ -95,8 +88,8 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
 
     spec = TaskSpec.model_validate(cfg["task"])
     model, k = build_sparse_model(cfg)
-    train_tf = model_transform(model, train=True)
-    eval_tf = model_transform(model, train=False)
+    train_tf = transform_for(model, train=True)
+    eval_tf = transform_for(model, train=False)
     model = ray.train.torch.prepare_model(model) if world > 1 or cfg["use_gpu"] else model
 
     train_cfg = TrainConfig(**{**cfg["train"], "device": str(device)})

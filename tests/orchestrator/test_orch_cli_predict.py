@@ -124,13 +124,13 @@ def setup(tmp_path_factory):
 
 def test_predict_matches_dense_reference(setup):
     from orchestrator.predict import load_images, task_logits
-    from orchestrator.train_loop import model_transform
+    from tasks.data import transform_for
     from shpeft_core.delta import create_model_for_delta
 
     d, deltas, images, base_state = setup
     order = [deltas["busi"], deltas["chaoyang"], deltas["busi"]]  # switching back must give the same
     model = create_model_for_delta(order[0])
-    x = load_images([str(p) for p in images], model_transform(model, train=False))
+    x = load_images([str(p) for p in images], transform_for(model, train=False))
     xref = _reference_inputs(images)
     torch.testing.assert_close(x, xref.float(), atol=1e-6, rtol=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}

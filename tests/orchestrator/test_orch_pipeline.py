@@ -10,13 +10,13 @@ ray = pytest.importorskip("ray")
 
 from shpeft_core.delta import apply_delta, load_delta, merge_delta  # noqa: E402
 from shpeft_core.io import exists, sha256_file  # noqa: E402
-from tasks.data import build_loader  # noqa: E402
+from tasks.data import build_loader, transform_for  # noqa: E402
 from tasks.synthetic import write_task_family  # noqa: E402
 
 from orchestrator.catalogue import read_catalogue  # noqa: E402
 from orchestrator.jobspec import JobSpecError, job_id, load_job, parse_job  # noqa: E402
 from orchestrator.pipeline import run_job  # noqa: E402
-from orchestrator.train_loop import build_backbone, model_transform  # noqa: E402
+from orchestrator.train_loop import build_backbone  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -129,7 +129,7 @@ def test_delta_on_stock_timm_model_gives_pipeline_logits(first_run, task_specs):
     apply_delta(pipeline_model, delta)
     stock = timm.create_model(BACKBONE["name"], num_classes=spec.num_classes, **BACKBONE["kwargs"]).eval()
     stock.load_state_dict(merge_delta(delta, build_backbone(BACKBONE, spec.num_classes)).state_dict())
-    images, _ = next(iter(build_loader(spec, "test", transform=model_transform(stock, train=False), batch_size=8)))
+    images, _ = next(iter(build_loader(spec, "test", transform=transform_for(stock, train=False), batch_size=8)))
     with torch.no_grad():
         torch.testing.assert_close(stock(images), pipeline_model(images), rtol=1e-5, atol=1e-5)
     # and the delta really changed the backbone
@@ -191,7 +191,7 @@ def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task
         delta = load_delta(uri)
         stock = timm.create_model(BACKBONE["name"], num_classes=spec.num_classes, **BACKBONE["kwargs"]).eval()
         stock.load_state_dict(merge_delta(delta, build_backbone(BACKBONE, spec.num_classes)).state_dict())
-        batch = torch.stack([model_transform(stock, train=False)(decode_image(p)) for p in images])
+        batch = torch.stack([transform_for(stock, train=False)(decode_image(p)) for p in images])
         with torch.no_grad():
             probs = torch.softmax(stock(batch), dim=1)
         rows = [g for g in got if g["task"] == spec.name]
