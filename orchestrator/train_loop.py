@@ -116,7 +116,7 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
 
     def write_delta(uri: str, epoch: int) -> dict[str, Any]:
         meta = {**cfg["delta_metadata"], "epochs_trained": str(epoch + 1), "trainable_values": str(k)}
-        delta = extract_delta(getattr(model, "module", model), metadata=meta)
+        delta = extract_delta(model, metadata=meta)  # unwraps DDP itself
         return save_delta(delta, uri)
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], state) -> None:

@@ -74,8 +74,10 @@ def transform_for(model_or_data_config, *, train: bool, **overrides) -> Callable
     from timm.data import create_transform, resolve_data_config
 
     if isinstance(model_or_data_config, torch.nn.Module):
+        from shpeft_core.backbone import unwrap
+
         # DDP / Ray Train wrap the model; the data config lives on the inner timm model
-        model = getattr(model_or_data_config, "module", model_or_data_config)
+        model = unwrap(model_or_data_config)
         cfg = dict(resolve_data_config(model=model))
         # timm keeps the pretrained config's input size (160 for test_vit) even when the model was
         # built with another img_size; the patch embedding knows the size it really takes.
