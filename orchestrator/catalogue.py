@@ -28,6 +28,9 @@ SCHEMA = pa.schema(
         pa.field("status", pa.string()),  # ok | failed
         pa.field("trained", pa.bool_()),  # False when a verified delta was reused
         pa.field("metric", pa.string()),  # the task's model-selection metric name
+        pa.field("method", pa.string()),  # shpeft or a baseline (shpeft_core.methods.METHODS)
+        pa.field("seed", pa.int64()),
+        pa.field("mix", pa.string()),  # hybrid rule: union | rank_sum
         *[pa.field(f"val_{m}", pa.float64()) for m in METRIC_NAMES],
         *[pa.field(f"test_{m}", pa.float64()) for m in METRIC_NAMES],
         pa.field("density", pa.float64()),
@@ -35,7 +38,8 @@ SCHEMA = pa.schema(
         pa.field("granularity", pa.string()),
         pa.field("trainable", pa.int64()),  # sparse values + head
         pa.field("sparse_values", pa.int64()),
-        pa.field("delta_uri", pa.string()),
+        pa.field("delta_uri", pa.string()),  # the artifact: a delta file, a checkpoint file or a lora folder
+        pa.field("artifact_kind", pa.string()),  # delta | checkpoint | lora
         pa.field("sha256", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("importance_key", pa.string()),  # the task's own map

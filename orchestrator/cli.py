@@ -77,6 +77,46 @@ def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, n
     raise click.exceptions.Exit(int(result.exit_code))
 
 
+@main.command(short_help="Compare SH-PEFT with baselines (methods x tasks x seeds) and write a report.")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--methods", default=None, metavar="M1,M2,...",
+              help="Methods to run (shpeft, shpeft:rank_sum, shpeft:union, specific, agnostic, random, gps, linear, "
+                   "bitfit, lora, full) [default: all of them].")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per (task, method).")
+@click.option("--address", default=None, help="Ray cluster to join; default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray.")
+@click.option("--force", is_flag=True, help="Redo runs whose verified artifact already exists.")
+@click.option("--smoke-test", is_flag=True, help="One seed, one epoch, shpeft/linear/full only: a quick check.")
+@click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
+def compare(job_file: str, methods: str | None, seeds: int, address: str | None, num_cpus: int | None, force: bool,
+            smoke_test: bool, no_progress: bool) -> None:
+    """Run the job's tasks with SH-PEFT and the methods users would pick instead, in one harness.
+
+    Every run uses the same data, transforms, schedule, epochs and evaluation of its saved artifact.
+    Writes <store>/reports/<id>/results.parquet (one row per task, method and seed) and report.md with
+    its plots, and prints the table of mean ± std test macro-F1.
+
+    Example: shpeft compare examples/compare_medmnist224_vitb16_gpu.yaml --seeds 3
+    """
+    from orchestrator.compare import DEFAULT_METHODS, parse_methods
+
+    job = _load_job_or_exit(job_file)
+    try:
+        chosen = parse_methods(methods) if methods else list(parse_methods(DEFAULT_METHODS))
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if smoke_test:
+        job = job.model_copy(update={"training": job.training.model_copy(update={"epochs": 1})})
+        seeds = 1
+        if not methods:
+            chosen = parse_methods("shpeft,linear,full")
+    from orchestrator.compare import run_compare
+
+    result = run_compare(job, methods=[m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds=seeds,
+                         address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
+    raise click.exceptions.Exit(int(result.exit_code))
+
+
 _address_option = click.option(
     "--address",
     required=True,

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from shpeft_core.methods import DEFAULT_LR, LORA_TARGETS, METHODS
+from shpeft_core.selection import GRANULARITIES, MIXES
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "SelectionSection",
     "TrainingSection",
     "AshaSection",
+    "LoraSection",
+    "MethodSection",
     "SweepSection",
     "JobSpec",
     "load_job",
@@ -43,7 +47,6 @@ __all__ = [
     "content_hash",
 ]
 
-ESTIMATORS = ("grad2", "grad1", "taylor1", "taylor2")
 
 
 class JobSpecError(ValueError):
@@ -116,6 +119,11 @@ class ImportanceSection(_Section):
         description="Names of the datasets forming the shared task-agnostic pool (target tasks and/or "
         "pool_datasets); null = every target task plus every pool dataset.",
     )
+    include_target: bool = Field(
+        default=False,
+        description="Let a task's own map into its task-agnostic map; false = leave-one-out (the pool without "
+        "the task), so alpha measures how task-specific a selection really is.",
+    )
     pool_datasets: list[TaskEntry] = Field(
         default_factory=list,
         description="Extra datasets used only for the task-agnostic pool (never fine-tuned).",
@@ -140,19 +148,76 @@ class SelectionSection(_Section):
         default=0.5, ge=0.0, le=1.0,
         description="Hybrid weight in [0, 1]: 1 = task-specific only, 0 = task-agnostic only.",
     )
-    granularity: Literal["global", "per_tensor", "per_row"] = Field(
+    mix: Literal[MIXES] = Field(
+        default="union",
+        description="Hybrid rule: union = round(alpha*k) entries from the task-specific ranking plus the "
+        "rest from the task-agnostic ranking; rank_sum = top-k of alpha*N(specific) + (1-alpha)*N(agnostic).",
+    )
+    granularity: Literal[GRANULARITIES] = Field(
         default="global", description="global top-k, per-tensor budget, or per-row (GPS) top-k."
     )
+    rules: list[str] | None = Field(
+        default=None,
+        description="Eligible weights: regexes full-matched against module paths of Linear/Conv2d layers "
+        "(null = the built-in ViT/Swin/ConvNeXt rules: qkv, proj, fc1, fc2, patch embedding).",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        import re
+
+        for r in v or []:
+            try:
+                re.compile(r)
+            except re.error as exc:
+                raise ValueError(f"rule {r!r} is not a regular expression: {exc}") from None
+        if v is not None and not v:
+            raise ValueError("rules must hold at least one regex (or be null for the built-in rules)")
+        return v
+
+
+class LoraSection(_Section):
+    rank: int = Field(default=8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(default=16.0, gt=0.0, description="LoRA scaling alpha (peft lora_alpha).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    targets: str = Field(
+        default=LORA_TARGETS, description="Regex of module paths that get adapters (peft target_modules)."
+    )
+
+
+class MethodSection(_Section):
+    name: Literal[METHODS] = Field(
+        default="shpeft",
+        description="How each task is fine-tuned: shpeft (hybrid sparse), specific (alpha=1), agnostic (alpha=0), "
+        "random (random mask, same size), gps (per-row top |grad|), linear (head only), bitfit (biases + head), "
+        "lora (peft LoRA + head) or full (every weight).",
+    )
+    per_task: dict[str, Literal[METHODS]] = Field(
+        default_factory=dict, description="Method overrides by task name."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="Settings of the lora method.")
+
+    def for_task(self, task: str) -> str:
+        return self.per_task.get(task, self.name)
 
 
 class TrainingSection(_Section):
     epochs: int = Field(default=10, ge=1, description="Training epochs per task.")
     batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
-    lr: float = Field(default=1e-3, gt=0.0, description="Learning rate for the sparse values.")
+    lr: float | None = Field(
+        default=None, gt=0.0,
+        description=f"Learning rate of the trained backbone entries; null = the method's default {DEFAULT_LR}.",
+    )
     head_lr: float | None = Field(default=None, gt=0.0, description="Learning rate of the head; defaults to lr.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     warmup_epochs: int = Field(default=1, ge=0, description="Linear warm-up epochs before cosine decay.")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    head_init: Literal["warm", "random"] = Field(
+        default="warm",
+        description="Training head start: warm = the head fitted on frozen features in the importance pass "
+        "(the same for every method), random = a fresh head.",
+    )
     seed: int = Field(default=0, ge=0, description="Seed for data order and initialisation.")
     workers_per_task: int = Field(default=1, ge=1, description="Data-parallel Ray Train workers per task.")
     use_gpu: bool = Field(default=False, description="Train (and compute importance) on GPUs.")
@@ -199,6 +264,9 @@ class SweepSection(_Section):
         default=(1e-4, 1e-2), description="[low, high] in (0, 1], sampled log-uniformly."
     )
     alpha_range: tuple[float, float] = Field(default=(0.0, 1.0), description="[low, high] in [0, 1], uniform.")
+    lr_range: tuple[float, float] | None = Field(
+        default=None, description="[low, high] learning rate, sampled log-uniformly; null = training.lr fixed."
+    )
     epochs: int | None = Field(default=None, ge=1, description="Epochs per trial (ASHA max_t); defaults to training.epochs.")
     max_concurrent_trials: int | None = Field(
         default=None, ge=1, description="Most trials at once; null = as many as the cluster holds."
@@ -210,6 +278,11 @@ class SweepSection(_Section):
     @classmethod
     def _density(cls, v: tuple[float, float]) -> tuple[float, float]:
         return _check_range(v, 0.0, 1.0, lo_open=True)
+
+    @field_validator("lr_range")
+    @classmethod
+    def _lr(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if v is None else _check_range(v, 0.0, 10.0, lo_open=True)
 
     @field_validator("alpha_range")
     @classmethod
@@ -224,6 +297,7 @@ class JobSpec(_Section):
     )
     tasks: list[TaskEntry] = Field(min_length=1, description="Target tasks: inline task specs or catalogue references.")
     importance: ImportanceSection = Field(default_factory=ImportanceSection, description="Importance estimation.")
+    method: MethodSection = Field(default_factory=MethodSection, description="Fine-tuning method (shpeft or a baseline).")
     selection: SelectionSection = Field(default_factory=SelectionSection, description="Hybrid weight selection.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Per-task fine-tuning.")
     sweep: SweepSection = Field(default_factory=SweepSection, description="Optional density/alpha sweep.")
@@ -238,6 +312,9 @@ class JobSpec(_Section):
         clash = sorted(set(pool_names) & set(targets)) + sorted({n for n in pool_names if pool_names.count(n) > 1})
         if clash:
             raise ValueError(f"importance.pool_datasets names must be unique and differ from task names: {clash}")
+        unknown_tasks = sorted(set(self.method.per_task) - set(targets))
+        if unknown_tasks:
+            raise ValueError(f"method.per_task names {unknown_tasks} are not tasks of this job; tasks: {targets}")
         if self.importance.pool is not None:
             known = set(targets) | set(pool_names)
             unknown = [n for n in self.importance.pool if n not in known]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, local_path, read_bytes, remove, sha256_file
+from shpeft_core.io import atomic_write_bytes, exists, join_uri, local_path, remove
 
 from .catalogue import catalogue_uri, latest_rows, write_rows
 from .jobspec import CatalogueTaskRef, JobSpec, content_hash, job_id as compute_job_id, task_name
@@ -95,7 +95,8 @@ def _backbone_dict(job: JobSpec) -> dict[str, Any]:
     return job.backbone.model_dump(mode="json")
 
 
-def importance_key(backbone_fp: str, dataset_fp: str, job: JobSpec, num_classes: int) -> str:
+def importance_key(backbone_fp: str, dataset_fp: str, job: JobSpec, num_classes: int,
+                   estimator: str | None = None) -> str:
     """Content key of one dataset's importance map: the weights, the data and the estimator settings."""
     imp = job.importance
     return content_hash(
@@ -106,12 +107,14 @@ def importance_key(backbone_fp: str, dataset_fp: str, job: JobSpec, num_classes:
             "backbone_fingerprint": backbone_fp,
             "dataset_fingerprint": dataset_fp,
             "num_classes": num_classes,
-            "estimator": imp.estimator,
+            "estimator": estimator or imp.estimator,
             "batches": imp.batches,
             "batch_size": imp.batch_size or job.training.batch_size,
             "loss": imp.loss,
             "head_warmup": imp.head_warmup,
+            "rules": job.selection.rules,
             "seed": job.training.seed,
+            "format": "warm-head",  # maps carry the warmed head since this format
         },
         length=24,
     )
@@ -133,16 +136,21 @@ def agnostic_key(backbone_fp: str, dataset_keys: list[str], job: JobSpec) -> str
     )
 
 
-def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None) -> str:
-    """Everything that changes a task's delta; resource-only settings are left out."""
+def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None, *, method: str | None = None,
+                     seed: int | None = None) -> str:
+    """Everything that changes a task's artifact; resource-only settings are left out."""
     tr = job.training.model_dump(mode="json")
     for resource_only in ("max_concurrent_tasks", "cpus_per_worker", "gpus_per_worker", "data_workers", "max_failures", "use_gpu"):
         tr.pop(resource_only)
+    tr["seed"] = job.training.seed if seed is None else seed
+    method = method or job.method.for_task(spec.name)
     return content_hash(
         {
             "backbone": _backbone_dict(job),
             "task": spec.model_dump(mode="json"),
             "importance": [specific_key, agnostic],
+            "method": method,
+            "lora": job.method.lora.model_dump(mode="json") if method == "lora" else None,
             "selection": job.selection.model_dump(mode="json"),
             "training": tr,
             "sweep": job.sweep.model_dump(mode="json") if job.sweep.enabled else None,
@@ -224,18 +232,19 @@ def _compute_importance(backbone: dict, spec_json: dict, settings: dict, dataset
     loader = build_loader(spec, "train", transform=transform_for(model, train=False),
                           batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"])
     config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
-                              head_warmup=settings["head_warmup"], loss=settings["loss"])
+                              head_warmup=settings["head_warmup"], loss=settings["loss"],
+                              rules=tuple(settings["rules"]) if settings["rules"] else None)
     imap = compute_importance(model, loader, config, num_classes=spec.num_classes,
                               dataset_fingerprint=dataset_fp, device=device, backbone_name=backbone["name"])
     sha = imap.save(uri)
     return {"uri": uri, "sha256": sha, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate_delta(backbone: dict, spec_json: dict, delta_uri: str, batch_size: int, use_gpu: bool) -> dict:
-    """Metrics of the saved artifact: a fresh backbone + the delta, on val and test."""
+def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of the saved artifact: a fresh backbone + the artifact, on val and test."""
     import torch
 
-    from shpeft_core.delta import apply_delta, load_delta
+    from shpeft_core.methods import artifact_kind, artifact_sha256, artifact_size, load_artifact
     from shpeft_core.train import evaluate
     from tasks.data import build_loader, transform_for
     from tasks.spec import TaskSpec
@@ -244,26 +253,29 @@ def _evaluate_delta(backbone: dict, spec_json: dict, delta_uri: str, batch_size:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    spec = TaskSpec.model_validate(spec_json)
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    delta = load_delta(delta_uri)
-    model = build_backbone(backbone, spec.num_classes)
-    apply_delta(model, delta)
+    spec = TaskSpec.model_validate(plan.task)
+    device = "cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu"
+    model = load_artifact(build_backbone(plan.backbone, spec.num_classes), plan.method, plan.artifact_uri)
     model.to(device).eval()
     tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
     for split in ("val", "test"):
-        loader = build_loader(spec, split, transform=tf, batch_size=batch_size)
+        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
         for k, v in evaluate(model, loader, num_classes=spec.num_classes, device=device).items():
             out[f"{split}_{k}"] = float(v)
-    sparse = int(sum(v.numel() for v in delta.values.values()))
-    head = int(sum(v.numel() for v in delta.head.values()))
-    out.update(sparse_values=sparse, trainable=sparse + head, sha256=sha256_file(delta_uri),
-               bytes=len(read_bytes(delta_uri)), eval_s=time.perf_counter() - t0)
+    kind = artifact_kind(plan.method)
+    if kind == "delta":
+        from shpeft_core.delta import load_delta
+
+        delta = load_delta(plan.artifact_uri)
+        sparse = int(sum(v.numel() for v in delta.values.values()))
+        out.update(sparse_values=sparse, trainable=sparse + int(sum(v.numel() for v in delta.head.values())))
+    out.update(sha256=artifact_sha256(plan.artifact_uri, kind), bytes=artifact_size(plan.artifact_uri, kind),
+               eval_s=time.perf_counter() - t0)
     return out
 
 
-def _train_task(plan: dict[str, Any]) -> dict[str, Any]:
+def _train_task(launch: dict[str, Any]) -> dict[str, Any]:
     """Runs in a zero-CPU Ray task: one TorchTrainer for one task, then the artifact evaluation."""
     import ray
     import ray.train
@@ -272,18 +284,19 @@ def _train_task(plan: dict[str, Any]) -> dict[str, Any]:
     from .train_loop import train_task_loop
 
     t0 = time.perf_counter()
-    storage_path, storage_fs = plan["ray_storage"]
+    plan = launch["plan"]
+    storage_path, storage_fs = launch["ray_storage"]
     trainer = TorchTrainer(
         train_task_loop,
-        train_loop_config=plan["loop_config"],
+        train_loop_config={"plan": plan, "board": launch["board"], "fault": launch["fault"]},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan["workers"], use_gpu=plan["use_gpu"], resources_per_worker=plan["worker_resources"]
+            num_workers=launch["workers"], use_gpu=plan.use_gpu, resources_per_worker=launch["worker_resources"]
         ),
         run_config=ray.train.RunConfig(
-            name=plan["run_name"],
+            name=launch["run_name"],
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=plan["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=launch["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -293,10 +306,7 @@ def _train_task(plan: dict[str, Any]) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
     ev = ray.get(
-        ray.remote(_evaluate_delta).options(num_cpus=plan["eval_cpus"], num_gpus=plan["eval_gpus"]).remote(
-            plan["backbone"], plan["loop_config"]["task"], plan["loop_config"]["final_delta_uri"],
-            plan["batch_size"], plan["use_gpu"],
-        )
+        ray.remote(evaluate_artifact).options(num_cpus=launch["eval_cpus"], num_gpus=launch["eval_gpus"]).remote(plan)
     )
     resumed = metrics.get("resumed_from_epoch")
     return {**ev, "train_s": train_s, "resumed_from_epoch": None if resumed is None or resumed < 0 else int(resumed)}
@@ -309,6 +319,7 @@ def _train_task(plan: dict[str, Any]) -> dict[str, Any]:
 class _Dataset:
     name: str
     spec: Any
+    estimator: str = ""
     fingerprint: str = ""
     key: str = ""
     uri: str = ""
@@ -317,8 +328,34 @@ class _Dataset:
     seconds: float = 0.0
 
 
+@dataclass
+class ImportanceMaps:
+    """What stage 1 produced: per-dataset maps by (name, estimator), and each target's agnostic map."""
+
+    maps: dict[tuple[str, str], _Dataset]
+    agnostic: dict[str, dict[str, Any]]  # target name -> {key, uri, cache, error, includes_target}
+
+    def specific(self, name: str, estimator: str) -> _Dataset:
+        return self.maps[(name, estimator)]
+
+    def uris(self) -> list[str]:
+        return [d.uri for d in self.maps.values() if d.uri and not d.error]
+
+
+def _pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> list[str]:
+    """The datasets whose maps form ``target``'s task-agnostic map (leave-one-out unless asked)."""
+    imp = job.importance
+    names = imp.pool if imp.pool is not None else [s.name for s in targets] + [s.name for s in pool_extra]
+    return [n for n in names if imp.include_target or n != target]
+
+
 def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list, pool_extra: list,
-                      force: bool, progress: bool, counters: dict[str, int]) -> tuple[dict[str, _Dataset], dict]:
+                      force: bool, progress: bool, counters: dict[str, int],
+                      extra_estimators: dict[str, set[str]] | None = None) -> ImportanceMaps:
+    """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
+
+    ``extra_estimators`` asks for more maps of a target (gps ranks by grad1 whatever the job's estimator).
+    """
     import ray
 
     from tasks.data import dataset_fingerprint
@@ -326,29 +363,33 @@ def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list,
     imp = job.importance
     use_gpu = job.training.use_gpu if imp.use_gpu is None else imp.use_gpu
     settings = {
-        "estimator": imp.estimator, "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
-        "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed,
+        "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
+        "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed, "rules": job.selection.rules,
     }
-    pool_names = imp.pool if imp.pool is not None else [s.name for s in targets] + [s.name for s in pool_extra]
-    datasets: dict[str, _Dataset] = {}
+    members = {t.name: _pool_members(job, t.name, targets, pool_extra) for t in targets}
+    wanted = {n for names in members.values() for n in names} | {t.name for t in targets}
+    maps: dict[tuple[str, str], _Dataset] = {}
+    fingerprints: dict[str, Any] = {}
     for spec in [*targets, *pool_extra]:
-        if spec.name not in pool_names and spec not in targets:
+        if spec.name not in wanted:
             continue
-        d = _Dataset(spec.name, spec)
-        try:
-            d.fingerprint = dataset_fingerprint(spec)
-            d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes)
-            d.uri = join_uri(store, "importance", f"{d.key}.safetensors")
-        except Exception as exc:  # a broken dataset fails its task (and the pool), not the job
-            d.error = f"{type(exc).__name__}: {exc}"
-        datasets[spec.name] = d
+        for est in sorted({imp.estimator} | (extra_estimators or {}).get(spec.name, set())):
+            d = _Dataset(spec.name, spec, estimator=est)
+            try:
+                if spec.name not in fingerprints:
+                    fingerprints[spec.name] = dataset_fingerprint(spec)
+                d.fingerprint = fingerprints[spec.name]
+                d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, est)
+                d.uri = join_uri(store, "importance", f"{d.key}.safetensors")
+            except Exception as exc:  # a broken dataset fails its task (and the pools holding it), not the job
+                d.error = f"{type(exc).__name__}: {exc}"
+            maps[(spec.name, est)] = d
 
     pending = {}
     by_key: dict[str, list[_Dataset]] = {}
-    for d in datasets.values():
-        if d.error:
-            continue
-        by_key.setdefault(d.key, []).append(d)
+    for d in maps.values():
+        if not d.error:
+            by_key.setdefault(d.key, []).append(d)
     remote = ray.remote(_compute_importance)
     for key, group in by_key.items():
         d = group[0]
@@ -356,11 +397,12 @@ def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list,
             for g in group:
                 g.cache = "hit"
             counters["importance_loaded"] += 1
-            _say(f"importance {d.name}: cache hit {key}, nothing computed", progress)
+            _say(f"importance {d.name} ({d.estimator}): cache hit, nothing computed", progress)
             continue
-        _say(f"importance {d.name}: cache miss {key}, computing", progress)
+        _say(f"importance {d.name} ({d.estimator}): computing", progress)
         ref = remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(
-            _backbone_dict(job), d.spec.model_dump(mode="json"), settings, d.fingerprint, d.uri, use_gpu
+            _backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
+            d.fingerprint, d.uri, use_gpu,
         )
         pending[ref] = group
     while pending:
@@ -371,44 +413,60 @@ def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list,
             counters["importance_computed"] += 1
             for g in group:
                 g.cache, g.seconds = "miss", out["seconds"]
-            _say(f"importance {group[0].name}: computed in {out['seconds']:.1f}s -> {group[0].uri}", progress)
+            _say(f"importance {group[0].name} ({group[0].estimator}): computed in {out['seconds']:.1f}s", progress)
         except Exception as exc:
             for g in group:
                 g.error = f"importance failed: {_short_error(exc)}"
             _say(f"importance {group[0].name}: FAILED {_short_error(exc)}", progress)
 
-    agnostic = {"key": None, "uri": None, "cache": "", "error": None}
-    pool = [datasets[n] for n in pool_names if n in datasets]
+    combined: dict[str, dict[str, Any]] = {}
+    agnostic: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        pool = [maps[(n, imp.estimator)] for n in members[t.name] if (n, imp.estimator) in maps]
+        agnostic[t.name] = _agnostic_map(job, store, backbone_fp, t.name, pool, combined, force, progress, counters)
+    return ImportanceMaps(maps=maps, agnostic=agnostic)
+
+
+def _agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool: list[_Dataset],
+                  combined: dict[str, dict[str, Any]], force: bool, progress: bool,
+                  counters: dict[str, int]) -> dict[str, Any]:
+    """The combined map of ``pool`` (computed once per distinct pool and cached by content)."""
+    imp = job.importance
+    out = {"key": None, "uri": None, "cache": "", "error": None, "includes_target": imp.include_target}
     broken = [d.name for d in pool if d.error]
     if broken:
-        agnostic["error"] = f"task-agnostic pool dataset(s) {broken} failed: " + "; ".join(
-            datasets[n].error for n in broken)
-        return datasets, agnostic
+        out["error"] = f"task-agnostic pool dataset(s) {broken} failed: " + "; ".join(d.error for d in pool if d.error)
+        return out
     if not pool:
-        return datasets, agnostic
+        out["error"] = (f"the task-agnostic pool of {target} is empty (it leaves the task itself out); add "
+                        "importance.pool_datasets or set importance.include_target: true")
+        return out
     key = agnostic_key(backbone_fp, [d.key for d in pool], job)
+    if key in combined:
+        return {**combined[key], "includes_target": imp.include_target}
     uri = join_uri(store, "importance", f"agnostic-{key}.safetensors")
-    agnostic.update(key=key, uri=uri)
+    out.update(key=key, uri=uri)
+    names = ", ".join(d.name for d in pool)
     if exists(uri) and not force:
-        agnostic["cache"] = "hit"
+        out["cache"] = "hit"
         counters["importance_loaded"] += 1
-        _say(f"task-agnostic importance: cache hit {key} ({len(pool)} datasets), nothing computed", progress)
-        return datasets, agnostic
-    from shpeft_core.importance import ImportanceMap, combine_importance
+        _say(f"task-agnostic importance for {target} ({names}): cache hit, nothing computed", progress)
+    else:
+        from shpeft_core.importance import ImportanceMap, combine_importance
 
-    maps = [ImportanceMap.load(d.uri) for d in pool]
-    model = None
-    if imp.magnitude_blend > 0:
-        from .train_loop import build_backbone
+        model = None
+        if imp.magnitude_blend > 0:
+            from .train_loop import build_backbone
 
-        model = build_backbone(_backbone_dict(job), 2)
-    combined = combine_importance(maps, normalization=imp.normalization, reduce=imp.reduce,
-                                  magnitude_blend=imp.magnitude_blend, model=model)
-    combined.save(uri)
-    counters["importance_computed"] += 1
-    agnostic["cache"] = "miss"
-    _say(f"task-agnostic importance: combined {len(pool)} maps -> {uri}", progress)
-    return datasets, agnostic
+            model = build_backbone(_backbone_dict(job), 2)
+        maps = [ImportanceMap.load(d.uri) for d in pool]
+        combine_importance(maps, normalization=imp.normalization, reduce=imp.reduce,
+                           magnitude_blend=imp.magnitude_blend, model=model).save(uri)
+        counters["importance_computed"] += 1
+        out["cache"] = "miss"
+        _say(f"task-agnostic importance for {target}: combined {len(pool)} maps ({names})", progress)
+    combined[key] = out
+    return out
 
 
 def _short_error(exc: BaseException) -> str:
@@ -424,51 +482,62 @@ def _short_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------- stage 2/3 planning
 
 
-def _loop_config(job: JobSpec, store: str, spec, backbone_fp: str, d: _Dataset, agnostic: dict,
-                 density: float, alpha: float, board) -> dict[str, Any]:
-    from shpeft_core.backbone import source_label
+def artifact_uri(root: str, name: str, method: str) -> str:
+    """Where a run's artifact goes under ``root``: a .safetensors file, or a folder for lora."""
+    from shpeft_core.methods import artifact_kind
 
-    tr = job.training
-    train = {
-        "epochs": (job.sweep.epochs or tr.epochs) if job.sweep.enabled else tr.epochs,
-        "lr": tr.lr, "head_lr": tr.head_lr, "weight_decay": tr.weight_decay, "warmup_epochs": tr.warmup_epochs,
-        "seed": tr.seed, "label_smoothing": tr.label_smoothing,
-    }
-    meta = {
-        "backbone": job.backbone.name,
-        "backbone_source": source_label(job.backbone.source),
-        "backbone_kwargs": json.dumps(job.backbone.kwargs, sort_keys=True),
-        "backbone_fingerprint": backbone_fp,
-        "num_classes": str(spec.num_classes),
-        "class_names": json.dumps(spec.names()),
-        "density": repr(float(density)),
-        "alpha": repr(float(alpha)),
-        "estimator": job.importance.estimator,
-        "importance_key": d.key,
-        "agnostic_importance_key": agnostic.get("key") or "",
-        "granularity": job.selection.granularity,
-        "task": spec.name,
-        "metric": spec.metric,
-    }
-    return {
-        "task_name": spec.name,
-        "task": spec.model_dump(mode="json"),
-        "backbone": _backbone_dict(job),
-        "num_classes": spec.num_classes,
-        "specific_uri": d.uri,
-        "agnostic_uri": agnostic.get("uri"),
-        "density": density,
-        "alpha": alpha,
-        "granularity": job.selection.granularity,
-        "train": train,
-        "batch_size": tr.batch_size,
-        "data_workers": tr.data_workers,
-        "use_gpu": tr.use_gpu,
-        "delta_metadata": meta,
-        "final_delta_uri": join_uri(store, "deltas", f"{spec.name}.safetensors"),
-        "progress_board": board,
-        "fault": None,
-    }
+    kind = artifact_kind(method)
+    suffix = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}[kind]
+    return join_uri(root, f"{name}{suffix}")
+
+
+def plan_for(job: JobSpec, spec, backbone_fp: str, imaps: ImportanceMaps, *, method: str, seed: int,
+             artifact: str | None, epochs: int | None = None):
+    """The TaskPlan of (task, method, seed) with its importance maps resolved."""
+    from .plan import build_plan
+
+    est = "grad1" if method == "gps" else job.importance.estimator
+    d = imaps.specific(spec.name, est)
+    ag = imaps.agnostic.get(spec.name) or {}
+    needs_agnostic = method in ("shpeft", "agnostic") and not (method == "shpeft" and job.selection.alpha == 1.0)
+    error = d.error or (ag.get("error") if needs_agnostic else None)
+    if error:
+        raise RuntimeError(error)
+    return build_plan(job, spec, method=method, seed=seed, backbone_fp=backbone_fp,
+                      specific=(d.key, d.uri), agnostic=(ag["key"], ag["uri"]) if ag.get("key") else None,
+                      agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
+                      epochs=epochs)
+
+
+def extra_estimators(job: JobSpec, targets: list, methods_by_task: dict[str, set[str]]) -> dict[str, set[str]]:
+    """gps ranks by the task's grad1 map: ask stage 1 for it where the job's estimator is another."""
+    return {t.name: {"grad1"} for t in targets if "gps" in methods_by_task.get(t.name, set())}
+
+
+def check_backbone(job: JobSpec, model, targets: list, progress: bool) -> None:
+    """Up-front checks of the backbone against the job: eligible weights exist; input sizes reported."""
+    from shpeft_core.eligibility import eligible_parameters
+    from shpeft_core.methods import SPARSE_METHODS
+
+    from .jobspec import JobSpecError
+
+    methods = {job.method.for_task(t.name) for t in targets}
+    if methods & set(SPARSE_METHODS) and not eligible_parameters(model, job.selection.rules):
+        layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv2d")][:8]
+        raise JobSpecError(
+            f"selection.rules: no weight of {job.backbone.name} is eligible for sparse training "
+            f"(rules {job.selection.rules or 'built-in ViT/Swin/ConvNeXt rules'}); write rules that full-match "
+            f"module paths of its Linear/Conv2d layers, e.g. {layers}")
+    from timm.data import resolve_data_config
+
+    input_px = int(resolve_data_config(model=model)["input_size"][-1])
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        input_px = int(img[-1] if isinstance(img, (tuple, list)) else img)
+    for t in targets:
+        if t.image_size and int(t.image_size) != input_px:
+            _say(f"[{t.name}] note: images are {t.image_size} px and the backbone takes {input_px} px; they are "
+                 f"resized to {input_px} px (set backbone.kwargs.img_size to train at another size)", progress)
 
 
 def _fault_for(task: str, run_name: str, store: str) -> dict | None:
@@ -483,10 +552,15 @@ def _fault_for(task: str, run_name: str, store: str) -> dict | None:
 
 
 def _verified(row: dict | None, config_hash: str) -> bool:
+    from shpeft_core.methods import artifact_sha256
+
     if not row or row.get("status") != "ok" or row.get("config_hash") != config_hash:
         return False
-    uri = row.get("delta_uri")
-    return bool(uri) and exists(uri) and sha256_file(uri) == row.get("sha256")
+    uri, kind = row.get("delta_uri"), row.get("artifact_kind") or "delta"
+    try:
+        return bool(uri) and artifact_sha256(uri, kind) == row.get("sha256")
+    except (FileNotFoundError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------- the job
@@ -540,31 +614,41 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
             target_errors[task_name(entry)] = _short_error(exc)
     pool_extra = [resolve_task(e) for e in job.importance.pool_datasets]
 
-    backbone_fp = backbone_fingerprint(build_backbone(_backbone_dict(job), 2))
+    model = build_backbone(_backbone_dict(job), 2)
+    check_backbone(job, model, targets, progress)
+    backbone_fp = backbone_fingerprint(model)
+    methods = {t.name: {job.method.for_task(t.name)} for t in targets}
     board = ProgressBoard.remote()
     with ProgressPrinter(board, enabled=progress):
-        datasets, agnostic = _importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters)
+        imaps = _importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
+                                  extra_estimators(job, targets, methods))
 
         previous = latest_rows(store, jid)
         plans = []
         for spec in targets:
-            d = datasets[spec.name]
-            base = {"task": spec.name, "metric": spec.metric, "started_at": _now(),
-                    "importance_key": d.key, "agnostic_key": agnostic.get("key"),
-                    "importance_cache": "hit" if d.cache == "hit" and agnostic.get("cache") in ("hit", "") else "miss",
+            method = job.method.for_task(spec.name)
+            d = imaps.specific(spec.name, job.importance.estimator)
+            ag = imaps.agnostic.get(spec.name) or {}
+            base = {"task": spec.name, "metric": spec.metric, "started_at": _now(), "method": method,
+                    "seed": job.training.seed, "mix": job.selection.mix,
+                    "importance_key": d.key, "agnostic_key": ag.get("key"),
+                    "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
                     "importance_s": d.seconds, "granularity": job.selection.granularity}
-            error = d.error or agnostic.get("error")
-            if error:
-                rows[spec.name] = {**base, "status": "failed", "error": error, "finished_at": _now()}
+            try:
+                plan = plan_for(job, spec, backbone_fp, imaps, method=method, seed=job.training.seed,
+                                artifact=artifact_uri(join_uri(store, "deltas"), spec.name, method),
+                                epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
+            except Exception as exc:
+                rows[spec.name] = {**base, "status": "failed", "error": _short_error(exc), "finished_at": _now()}
                 continue
-            chash = task_config_hash(job, spec, d.key, agnostic.get("key"))
-            base["config_hash"] = chash
+            chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method)
+            base.update(config_hash=chash, artifact_kind=_kind(method), granularity=plan.granularity)
             if not force and _verified(previous.get(spec.name), chash):
                 rows[spec.name] = {**previous[spec.name], "trained": False}
                 counters["tasks_skipped"] += 1
-                _say(f"[{spec.name}] delta verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)
+                _say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)
                 continue
-            plans.append((spec, d, base, chash))
+            plans.append((plan, base, chash))
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": _now(), "finished_at": _now()}
         if rows:
@@ -573,12 +657,12 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
         if job.sweep.enabled:
             from .sweep import run_task_sweep
 
-            for spec, d, base, chash in plans:
-                rows[spec.name] = _finish_row(
-                    base, lambda: run_task_sweep(job, store, spec, backbone_fp, d, agnostic, chash, board, force, progress))
-                _after_task(rows[spec.name], counters, store, jid, progress)
+            for plan, base, chash in plans:
+                rows[plan.task_name] = _finish_row(
+                    base, lambda: run_task_sweep(job, store, plan, chash, board, force, progress))
+                _after_task(rows[plan.task_name], counters, store, jid, progress)
         else:
-            _train_all(job, store, plans, backbone_fp, datasets, agnostic, board, force, progress, rows, counters, jid)
+            _train_all(job, store, plans, board, force, progress, rows, counters, jid)
 
     ordered = [rows[task_name(e)] for e in job.tasks if task_name(e) in rows]
     failed = [r["task"] for r in ordered if r.get("status") != "ok"]
@@ -586,8 +670,8 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
     try:
         from .plots import write_plots
 
-        plots = write_plots(store, jid, ordered, [d.uri for d in datasets.values() if d.uri and not d.error],
-                            agnostic.get("uri"))
+        plots = write_plots(store, jid, ordered, imaps.uris(),
+                            next((a["uri"] for a in imaps.agnostic.values() if a.get("uri")), None))
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         _say(f"plots skipped: {_short_error(exc)}", progress)
     result = JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
@@ -621,7 +705,13 @@ def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool)
     write_rows(store, jid, [row])
 
 
-def _train_all(job, store, plans, backbone_fp, datasets, agnostic, board, force, progress, rows, counters, jid):
+def _kind(method: str) -> str:
+    from shpeft_core.methods import artifact_kind
+
+    return artifact_kind(method)
+
+
+def _train_all(job, store, plans, board, force, progress, rows, counters, jid):
     """Stage 2: one zero-CPU launcher per task, at most `slots` in flight (each slot = one whole trainer)."""
     import ray
 
@@ -639,28 +729,25 @@ def _train_all(job, store, plans, backbone_fp, datasets, agnostic, board, force,
     in_flight: dict[Any, tuple] = {}
     while queue or in_flight:
         while queue and len(in_flight) < slots:
-            spec, d, base, chash = queue.pop(0)
-            run_name = f"{spec.name}-{chash}"
+            plan, base, chash = queue.pop(0)
+            run_name = f"{plan.task_name}-{chash}"
             if force:
                 remove(join_uri(store, "runs", run_name), recursive=True)
-            cfg = _loop_config(job, store, spec, backbone_fp, d, agnostic, job.selection.density,
-                               job.selection.alpha, board)
-            cfg["fault"] = _fault_for(spec.name, run_name, store)
-            plan = {
-                "loop_config": cfg, "run_name": run_name, "ray_storage": ray_storage,
-                "workers": job.training.workers_per_task, "use_gpu": job.training.use_gpu,
-                "worker_resources": _worker_resources(job), "max_failures": job.training.max_failures,
-                "backbone": _backbone_dict(job), "batch_size": job.training.batch_size,
+            launch = {
+                "plan": plan, "board": board, "fault": _fault_for(plan.task_name, run_name, store),
+                "run_name": run_name, "ray_storage": ray_storage,
+                "workers": job.training.workers_per_task, "worker_resources": _worker_resources(job),
+                "max_failures": job.training.max_failures,
                 "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),
             }
-            _say(f"[{spec.name}] training (run {run_name})", progress)
-            base = {**base, "density": job.selection.density, "alpha": job.selection.alpha,
-                    "delta_uri": cfg["final_delta_uri"], "started_at": _now()}
-            in_flight[launcher.remote(plan)] = (spec, base)
+            _say(f"[{plan.task_name}] training {plan.method} (run {run_name})", progress)
+            base = {**base, "density": plan.density, "alpha": plan.alpha, "delta_uri": plan.artifact_uri,
+                    "started_at": _now()}
+            in_flight[launcher.remote(launch)] = (plan, base)
         done, _ = ray.wait(list(in_flight), num_returns=1)
-        spec, base = in_flight.pop(done[0])
-        rows[spec.name] = _finish_row(base, lambda: ray.get(done[0]))
-        _after_task(rows[spec.name], counters, store, jid, progress)
+        plan, base = in_flight.pop(done[0])
+        rows[plan.task_name] = _finish_row(base, lambda: ray.get(done[0]))
+        _after_task(rows[plan.task_name], counters, store, jid, progress)
 
 
 def print_results_table(rows: list[dict[str, Any]]) -> None:

@@ -43,9 +43,18 @@ def _remove_leftover_placement_groups(before: set[str]) -> None:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
-def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: dict, config_hash: str, board,
-                   force: bool, progress: bool) -> dict[str, Any]:
-    """Sweep one task; copies the best trial's delta to deltas/<task>.safetensors and evaluates it."""
+def _copy_artifact(src: str, dst: str, kind: str) -> None:
+    from shpeft_core.methods import artifact_files
+
+    if kind != "lora":
+        atomic_write_bytes(dst, read_bytes(src))
+        return
+    for f in artifact_files(src):
+        atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
+
+
+def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, progress: bool) -> dict[str, Any]:
+    """Sweep one task; copies the best trial's artifact to the plan's artifact URI and evaluates it."""
     import optuna
     import ray
     import ray.train
@@ -55,28 +64,38 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from .pipeline import (TRIAL_CPU, _cluster_resources, _evaluate_delta, _loop_config, _ray_storage, _say,
-                           _worker_resources, _backbone_dict, trainer_slots)
+    from shpeft_core.methods import SPARSE_METHODS, artifact_kind
+
+    from .pipeline import (TRIAL_CPU, _cluster_resources, _ray_storage, _say, _worker_resources, artifact_uri,
+                           evaluate_artifact, trainer_slots)
     from .train_loop import train_task_loop
 
     t0 = time.perf_counter()
     sw = job.sweep
-    sweep_root = join_uri(store, "sweeps", f"{spec.name}-{config_hash}")
+    name = plan.task_name
+    kind = artifact_kind(plan.method)
+    sweep_root = join_uri(store, "sweeps", f"{name}-{config_hash}")
     summary_uri = join_uri(sweep_root, "trials.json")
-    final_uri = join_uri(store, "deltas", f"{spec.name}.safetensors")
     if force:
         remove(sweep_root, recursive=True)
+
+    space: dict[str, Any] = {}
+    if plan.method in SPARSE_METHODS:
+        space["density"] = _space(*sw.density_range, log=True)
+        if plan.method in ("shpeft",):
+            space["alpha"] = _space(*sw.alpha_range, log=False)
+    if sw.lr_range is not None:
+        space["lr"] = _space(*sw.lr_range, log=True)
+    if not space:
+        raise ValueError(f"sweep of {name}: method {plan.method} has nothing to search; set sweep.lr_range")
 
     summary = json.loads(read_bytes(summary_uri)) if exists(summary_uri) else None
     if summary is None:
         cpus, gpus = _cluster_resources()
         slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=TRIAL_CPU, user_limit=sw.max_concurrent_trials)
-        epochs = sw.epochs or job.training.epochs
-        _say(f"[{spec.name}] sweep: {sw.trials_per_task} trials (Optuna TPE seed {sw.seed} + ASHA), "
+        epochs = int(plan.train["epochs"])
+        _say(f"[{name}] sweep over {sorted(space)}: {sw.trials_per_task} trials (Optuna TPE seed {sw.seed} + ASHA), "
              f"up to {slots} at once", progress)
-        base_cfg = _loop_config(job, store, spec, backbone_fp, dataset, agnostic, job.selection.density,
-                                job.selection.alpha, board)
-        base_cfg["final_delta_uri"] = None
         train_storage = _ray_storage(join_uri(sweep_root, "train"))
         tune_storage = _ray_storage(join_uri(sweep_root, "tune"))
         scaling = dict(num_workers=job.training.workers_per_task, use_gpu=job.training.use_gpu,
@@ -85,14 +104,13 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
 
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
-            cfg = dict(base_cfg)
-            cfg.update(density=float(config["density"]), alpha=float(config["alpha"]), trial_name=trial_id,
-                       trial_delta_uri=join_uri(sweep_root, "trials", f"{trial_id}.safetensors"))
-            cfg["delta_metadata"] = {**base_cfg["delta_metadata"], "density": repr(cfg["density"]),
-                                     "alpha": repr(cfg["alpha"]), "sweep_trial": trial_id}
+            trial_plan = plan.with_search_point(density=config.get("density"), alpha=config.get("alpha"),
+                                                lr=config.get("lr"), artifact_uri="", sweep_trial=trial_id)
             trainer = TorchTrainer(
                 train_task_loop,
-                train_loop_config=cfg,
+                train_loop_config={"plan": trial_plan, "board": board, "fault": None, "trial": trial_id,
+                                   "trial_artifact_uri": artifact_uri(join_uri(sweep_root, "trials"), trial_id,
+                                                                      plan.method)},
                 scaling_config=ray.train.ScalingConfig(**scaling),
                 run_config=ray.train.RunConfig(
                     name=f"trial-{trial_id}", storage_path=train_storage[0], storage_filesystem=train_storage[1],
@@ -104,13 +122,11 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
             trainer.fit()
 
         # Per-task stream of the job's seed: tasks explore different points, reproducibly.
-        sampler = optuna.samplers.TPESampler(seed=(sw.seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**31, n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
+        sampler = optuna.samplers.TPESampler(seed=(sw.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31,
+                                             n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
         tuner = tune.Tuner(
             tune.with_resources(trial, {"cpu": TRIAL_CPU}),
-            param_space={
-                "density": _space(*sw.density_range, log=True),
-                "alpha": _space(*sw.alpha_range, log=False),
-            },
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric="val_metric", mode="max",
                 search_alg=OptunaSearch(sampler=sampler),
@@ -131,34 +147,34 @@ def run_task_sweep(job, store: str, spec, backbone_fp: str, dataset, agnostic: d
         trials = []
         for res in grid:
             m = res.metrics or {}
+            tid = m.get("trial_id")
             trials.append({
-                "trial_id": m.get("trial_id"),
-                "density": float(res.config["density"]), "alpha": float(res.config["alpha"]),
+                "trial_id": tid,
+                "density": float(res.config.get("density", plan.density)),
+                "alpha": float(res.config.get("alpha", plan.alpha)),
+                "lr": float(res.config.get("lr", plan.train["lr"])),
                 "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
-                "trainable_values": m.get("trainable_values"),
+                "trainable": m.get("trainable"),
                 "error": None if res.error is None else str(res.error)[:500],
-                "delta_uri": join_uri(sweep_root, "trials", f"{m.get('trial_id')}.safetensors") if m.get("trial_id") else None,
+                "delta_uri": artifact_uri(join_uri(sweep_root, "trials"), tid, plan.method) if tid else None,
             })
         ok = [t for t in trials if t["error"] is None and t["val_metric"] is not None and t["delta_uri"]
               and exists(t["delta_uri"])]
         if not ok:
             errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a metric"
-            raise RuntimeError(f"sweep of {spec.name}: every trial failed: {errors}")
-        # Best by the last reported metric: the trial's delta file holds exactly that epoch's weights.
+            raise RuntimeError(f"sweep of {name}: every trial failed: {errors}")
+        # Best by the last reported metric: the trial's artifact holds exactly that epoch's weights.
         best = max(ok, key=lambda t: (t["val_metric"], -t["density"]))
-        summary = {"task": spec.name, "metric": spec.metric, "trials": trials, "best": best,
+        summary = {"task": name, "metric": plan.metric, "trials": trials, "best": best,
                    "seconds": time.perf_counter() - t0}
         atomic_write_bytes(summary_uri, json.dumps(summary, indent=1).encode())
     else:
-        _say(f"[{spec.name}] sweep already finished, reusing its best trial", progress)
+        _say(f"[{name}] sweep already finished, reusing its best trial", progress)
 
     best = summary["best"]
-    atomic_write_bytes(final_uri, read_bytes(best["delta_uri"]))
-    ev = ray.get(
-        ray.remote(_evaluate_delta).options(num_cpus=_worker_resources(job)["CPU"],
-                                            num_gpus=_worker_resources(job).get("GPU", 0)).remote(
-            _backbone_dict(job), spec.model_dump(mode="json"), final_uri, job.training.batch_size,
-            job.training.use_gpu)
-    )
-    return {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": final_uri,
+    _copy_artifact(best["delta_uri"], plan.artifact_uri, kind)
+    final = plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
+    res = _worker_resources(job)
+    ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0)).remote(final))
+    return {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": plan.artifact_uri,
             "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}

@@ -1,7 +1,7 @@
-"""What runs inside each Ray Train worker: build the sparse model, train, checkpoint, write the delta.
+"""What trains one run: build the method's model from its plan, train, checkpoint, write the artifact.
 
-Everything arrives as a plain JSON-able dict (``loop_config``) so the same function serves the plain
-per-task trainer and every sweep trial.
+``run_plan`` is the loop itself (no Ray); ``train_task_loop`` wraps it for Ray Train workers (checkpoint
+restore and reports), and one-worker runs of a comparison call ``run_plan`` directly in a Ray task.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["train_task_loop", "build_backbone", "val_metric_value", "build_sparse_model"]
+__all__ = ["train_task_loop", "run_plan", "build_backbone", "val_metric_value", "build_task_model"]
 
 
 def build_backbone(backbone: dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -34,23 +34,30 @@ def val_metric_value(metrics: dict[str, Any], metric: str) -> float:
     raise KeyError(f"metric {metric!r} not found in epoch metrics {sorted(metrics)}")
 
 
-def build_sparse_model(cfg: dict[str, Any]) -> tuple[torch.nn.Module, int]:
-    """Backbone + hybrid mask at (density, alpha) + sparse-delta modules; returns (model, k)."""
-    from shpeft_core.importance import ImportanceMap
-    from shpeft_core.selection import hybrid_scores, mask_size, select_mask
-    from shpeft_core.sparse import apply_sparse_training
+def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
+    """The plan's backbone with its head initialised and exactly the method's parameters trainable.
 
-    model = build_backbone(cfg["backbone"], cfg["num_classes"])
-    specific = ImportanceMap.load(cfg["specific_uri"])
-    agnostic = ImportanceMap.load(cfg["agnostic_uri"]) if cfg.get("agnostic_uri") else None
-    scores = hybrid_scores(specific, agnostic, float(cfg["alpha"]))
-    mask = select_mask(scores, float(cfg["density"]), granularity=cfg["granularity"])
-    apply_sparse_training(model, mask)
-    return model, mask_size(mask)
+    Returns (model to train, the method's save handle, trainable parameter count).
+    """
+    from shpeft_core.importance import ImportanceMap, load_warm_head
+    from shpeft_core.methods import SPARSE_METHODS, LoraSettings, count_trainable_params, method_mask, prepare_model
+
+    model = build_backbone(plan.backbone, plan.num_classes)
+    specific = ImportanceMap.load(plan.specific_uri) if plan.specific_uri else None
+    if plan.head_init == "warm" and specific is not None:
+        load_warm_head(model, specific)
+    mask = None
+    if plan.method in SPARSE_METHODS:
+        agnostic = ImportanceMap.load(plan.agnostic_uri) if plan.agnostic_uri and plan.alpha < 1 else None
+        mask = method_mask(plan.method, model=model, specific=specific, agnostic=agnostic, density=plan.density,
+                           alpha=plan.alpha, granularity=plan.granularity, mix=plan.mix, seed=plan.seed,
+                           rules=plan.rules)
+    net, handle = prepare_model(model, plan.method, mask=mask, lora=LoraSettings(**plan.lora))
+    return net, handle, count_trainable_params(net)
 
 
 def _push_progress(cfg: dict[str, Any], event: dict[str, Any]) -> None:
-    board = cfg.get("progress_board")
+    board = cfg.get("board")
     if board is not None:
         board.push.remote(event)
 
@@ -72,34 +79,20 @@ def _maybe_inject_fault(cfg: dict[str, Any], epoch: int) -> None:
 
 
 def train_task_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker entry point (TorchTrainer ``train_loop_per_worker``)."""
+    """Ray Train worker entry point (TorchTrainer ``train_loop_per_worker``).
+
+    ``cfg`` holds the run's :class:`~orchestrator.plan.TaskPlan` under "plan" and Ray-only extras
+    beside it: "board" (progress actor), "fault" (test hook), "trial" (sweep trial id).
+    """
     import ray.train
     import ray.train.torch
 
-    from shpeft_core.delta import extract_delta, save_delta
-    from shpeft_core.train import TrainConfig, fit, load_train_state, save_train_state
-    from tasks.data import build_loader, transform_for
-    from tasks.spec import TaskSpec
+    from shpeft_core.train import load_train_state, save_train_state
 
-    torch.set_num_threads(max(1, int(cfg.get("torch_threads", 1))))
+    plan = cfg["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
-
-    spec = TaskSpec.model_validate(cfg["task"])
-    model, k = build_sparse_model(cfg)
-    train_tf = transform_for(model, train=True)
-    eval_tf = transform_for(model, train=False)
-    model = ray.train.torch.prepare_model(model) if world > 1 or cfg["use_gpu"] else model
-
-    train_cfg = TrainConfig(**{**cfg["train"], "device": str(device)})
-    train_loader = build_loader(
-        spec, "train", transform=train_tf, batch_size=cfg["batch_size"], shuffle=True, seed=train_cfg.seed,
-        num_workers=cfg.get("data_workers", 0), rank=rank, world_size=world, drop_last=False,
-    )
-    val_loader = build_loader(
-        spec, "val", transform=eval_tf, batch_size=cfg["batch_size"], num_workers=cfg.get("data_workers", 0),
-    )
+    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
 
     start_epoch, resume_state = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -107,40 +100,82 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             resume_state = load_train_state(d)
         start_epoch = int(resume_state.epoch)  # completed epochs
-        _push_progress(cfg, {"kind": "message", "task": cfg["task_name"],
+        _push_progress(cfg, {"kind": "message", "task": plan.task_name,
                              "message": f"resuming after {start_epoch} completed epoch(s) from the last checkpoint"})
     # Index of the last epoch the restored checkpoint covers; -1 when starting fresh.
     resumed_from = start_epoch - 1 if checkpoint is not None else -1
-    epochs = int(train_cfg.epochs)
-    metric = spec.metric
 
-    def write_delta(uri: str, epoch: int) -> dict[str, Any]:
-        meta = {**cfg["delta_metadata"], "epochs_trained": str(epoch + 1), "trainable_values": str(k)}
-        delta = extract_delta(model, metadata=meta)  # unwraps DDP itself
-        return save_delta(delta, uri)
-
-    def on_epoch_end(epoch: int, metrics: dict[str, Any], state) -> None:
+    def report(epoch: int, report: dict[str, Any], state) -> None:
         _maybe_inject_fault(cfg, epoch)
-        value = val_metric_value(metrics, metric)
-        # fit() returns evaluate()'s keys unprefixed; they are validation metrics.
-        report = {
-            (k_ if k_ in ("epoch", "train_loss", "lr") else f"val_{k_}"): float(v)
-            for k_, v in metrics.items() if isinstance(v, (int, float)) and v is not None
-        }
-        report.update(epoch=epoch, val_metric=value, trainable_values=k, resumed_from_epoch=resumed_from)
+        report["resumed_from_epoch"] = resumed_from
         if rank == 0:
-            if cfg.get("trial_delta_uri"):
-                write_delta(cfg["trial_delta_uri"], epoch)
-            _push_progress(cfg, {"kind": "epoch", "task": cfg["task_name"], "trial": cfg.get("trial_name"),
-                                 "epoch": epoch, "epochs": epochs, "metric": metric, "metrics": report})
             with tempfile.TemporaryDirectory(prefix="shpeft-ckpt-") as d:
                 save_train_state(state, d)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(report)
 
-    fit(model, train_loader, val_loader, train_cfg, num_classes=cfg["num_classes"],
-        start_epoch=start_epoch, resume_state=resume_state, on_epoch_end=on_epoch_end)
+    run_plan(plan, rank=rank, world=world, device=device, resume_state=resume_state,
+             wrap=(lambda m: ray.train.torch.prepare_model(m)) if world > 1 or plan.use_gpu else None,
+             report=report, board=cfg.get("board"), trial=cfg.get("trial"),
+             trial_artifact_uri=cfg.get("trial_artifact_uri"))
 
-    if rank == 0 and cfg.get("final_delta_uri"):
-        write_delta(cfg["final_delta_uri"], epochs - 1)
+
+def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
+             board=None, trial: str | None = None, trial_artifact_uri: str | None = None) -> dict[str, Any]:
+    """Train one plan in this process (a Ray Train worker, or a plain Ray task for one-worker runs).
+
+    After every epoch ``report(epoch, metrics, TrainState)`` is called (checkpointing is the caller's);
+    rank 0 writes the trial artifact every epoch when ``trial_artifact_uri`` is set, and the plan's
+    artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
+    """
+    from shpeft_core.methods import save_artifact
+    from shpeft_core.train import TrainConfig, fit
+    from tasks.data import build_loader, transform_for
+    from tasks.spec import TaskSpec
+
+    torch.set_num_threads(max(1, int(os.environ.get("SHPEFT_TORCH_THREADS", "1"))))
+    device = device or torch.device("cpu")
+    spec = TaskSpec.model_validate(plan.task)
+    model, handle, trainable = build_task_model(plan)
+    train_tf = transform_for(model, train=True)
+    eval_tf = transform_for(model, train=False)
+    model = model.to(device)
+    model = wrap(model) if wrap is not None else model
+    train_cfg = TrainConfig(**{**plan.train, "device": str(device)})
+    train_loader = build_loader(spec, "train", transform=train_tf, batch_size=plan.batch_size, shuffle=True,
+                                seed=train_cfg.seed, num_workers=plan.data_workers, rank=rank, world_size=world)
+    val_loader = build_loader(spec, "val", transform=eval_tf, batch_size=plan.batch_size,
+                              num_workers=plan.data_workers)
+    epochs = int(train_cfg.epochs)
+    last: dict[str, Any] = {}
+
+    def write_artifact(uri: str, epoch: int) -> dict[str, Any]:
+        meta = {**plan.metadata, "epochs_trained": str(epoch + 1), "trainable": str(trainable)}
+        return save_artifact(model, handle, plan.method, uri, meta)  # extract_delta unwraps DDP itself
+
+    def on_epoch_end(epoch: int, metrics: dict[str, Any], state) -> None:
+        value = val_metric_value(metrics, plan.metric)
+        # fit() returns evaluate()'s keys unprefixed; they are validation metrics.
+        out = {
+            (k_ if k_ in ("epoch", "train_loss", "lr") else f"val_{k_}"): float(v)
+            for k_, v in metrics.items() if isinstance(v, (int, float)) and v is not None
+        }
+        out.update(epoch=epoch, val_metric=value, trainable=trainable)
+        last.clear()
+        last.update(out)
+        if rank == 0:
+            if trial_artifact_uri:
+                write_artifact(trial_artifact_uri, epoch)
+            if board is not None:
+                board.push.remote({"kind": "epoch", "task": plan.task_name, "trial": trial, "epoch": epoch,
+                                   "epochs": epochs, "metric": plan.metric, "metrics": out})
+        if report is not None:
+            report(epoch, out, state)
+
+    fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes,
+        start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end)
+
+    if rank == 0 and plan.artifact_uri:
+        last.update(write_artifact(plan.artifact_uri, epochs - 1))
+    return last

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _st
-from .backbone import backbone_fingerprint, unwrap
+from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
 from .selection import normalize_scores
@@ -26,6 +26,7 @@ __all__ = [
     "compute_importance",
     "combine_importance",
     "warm_head",
+    "load_warm_head",
     "supcon_loss",
 ]
 
@@ -60,17 +61,27 @@ class ImportanceConfig:
             raise ImportanceError(f"loss must be ce or supcon, got {self.loss!r}")
 
 
+# Tensors of the head warmed for the importance pass are stored under this prefix (timm names after it).
+HEAD_PREFIX = "warm_head/"
+
+
 @dataclass
 class ImportanceMap:
-    """Parameter name -> float32 score tensor of that parameter's shape, plus string metadata."""
+    """Parameter name -> float32 score tensor of that parameter's shape, plus string metadata.
+
+    ``head`` holds the classifier warmed on the task's frozen features during the importance pass
+    (timm parameter names), so training can start from it instead of a random head.
+    """
 
     scores: dict[str, Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    head: dict[str, Tensor] | None = None
 
     def save(self, uri: str) -> str:
         """Atomic safetensors write through fsspec; returns the file's sha256."""
         meta = {"shpeft_importance": IMPORTANCE_FORMAT, **self.metadata}
         tensors = {k: v.detach().to(torch.float32) for k, v in self.scores.items()}
+        tensors.update({HEAD_PREFIX + k: v.detach() for k, v in (self.head or {}).items()})
         return _st.write(uri, tensors, meta)[0]
 
     @classmethod
@@ -78,11 +89,36 @@ class ImportanceMap:
         tensors, meta = _st.read(uri)
         if meta.get("shpeft_importance") != IMPORTANCE_FORMAT:
             raise ImportanceError(f"{uri}: not an importance map (metadata shpeft_importance missing)")
-        for name, t in tensors.items():
+        head = {k[len(HEAD_PREFIX):]: t for k, t in tensors.items() if k.startswith(HEAD_PREFIX)}
+        scores = {k: t for k, t in tensors.items() if not k.startswith(HEAD_PREFIX)}
+        for name, t in scores.items():
             if t.dtype != torch.float32:
                 raise ImportanceError(f"{uri}: {name} is {t.dtype}, expected float32")
+            if not torch.isfinite(t).all():
+                raise ImportanceError(f"{uri}: {name} holds NaN or infinite scores")
         meta = {k: v for k, v in meta.items() if k != "shpeft_importance"}
-        return cls(scores=dict(tensors), metadata=meta)
+        return cls(scores=scores, metadata=meta, head=head or None)
+
+
+def load_warm_head(model: nn.Module, imap: ImportanceMap) -> bool:
+    """Copy the importance pass's warmed head into ``model``'s classifier; False when there is none.
+
+    Raises when the map's head does not fit the classifier (another class count or backbone).
+    """
+    if not imap.head:
+        return False
+    net = unwrap(model)
+    params = dict(net.named_parameters())
+    names = head_parameter_names(net)
+    if set(imap.head) != set(names):
+        raise ImportanceError(f"warmed head {sorted(imap.head)} does not match the classifier {sorted(names)}")
+    with torch.no_grad():
+        for n in names:
+            src = imap.head[n]
+            if tuple(src.shape) != tuple(params[n].shape):
+                raise ImportanceError(f"warmed head {n}: shape {tuple(src.shape)} vs classifier {tuple(params[n].shape)}")
+            params[n].copy_(src.to(params[n].dtype))
+    return True
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
@@ -184,12 +220,15 @@ def compute_importance(
     for x, y in batches:
         if y.min() < 0 or y.max() >= num_classes:
             raise ImportanceError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    warmed = None
     if config.loss == "ce" and config.head_warmup != "none":
         with torch.no_grad():
             feats = torch.cat([_features(m, x) for x, _ in batches])
         warm_head(m, feats, torch.cat([y for _, y in batches]), config, num_classes)
         for p in m.parameters():
             p.requires_grad_(False)
+        params_by_name = dict(m.named_parameters())
+        warmed = {n: params_by_name[n].detach().cpu().clone() for n in head_parameter_names(m)}
     params = eligible_parameters(m, config.rules)
     if not params:
         raise ImportanceError(f"no eligible parameters in {name or type(m).__name__}")
@@ -230,7 +269,8 @@ def compute_importance(
         "num_classes": str(num_classes),
         "kind": "specific",
     }
-    return ImportanceMap(scores={n: t.to(torch.float32).cpu() for n, t in acc.items()}, metadata=metadata)
+    return ImportanceMap(scores={n: t.to(torch.float32).cpu() for n, t in acc.items()}, metadata=metadata,
+                         head=warmed)
 
 
 def combine_importance(

@@ -21,6 +21,8 @@ __all__ = [
     "normalize_scores",
     "hybrid_scores",
     "select_mask",
+    "hybrid_mask",
+    "MIXES",
     "mask_size",
     "budget",
     "SelectionError",
@@ -101,6 +103,13 @@ def _check_same_layout(a: dict[str, Tensor], b: dict[str, Tensor], what: str) ->
             raise SelectionError(f"{what}: {n} has shape {tuple(a[n].shape)} vs {tuple(b[n].shape)}")
 
 
+def _check_same_backbone(specific, agnostic) -> None:
+    ms, ma = getattr(specific, "metadata", None) or {}, getattr(agnostic, "metadata", None) or {}
+    for key in ("backbone", "backbone_fingerprint"):
+        if ms.get(key) and ma.get(key) and ms[key] != ma[key]:
+            raise SelectionError(f"specific and agnostic maps differ in {key}: {ms[key]} vs {ma[key]}")
+
+
 def hybrid_scores(specific, agnostic, alpha: float) -> dict[str, Tensor]:
     """alpha * N(specific) + (1 - alpha) * N(agnostic), N = joint rank percentile (float64).
 
@@ -111,10 +120,7 @@ def hybrid_scores(specific, agnostic, alpha: float) -> dict[str, Tensor]:
         raise SelectionError(f"alpha must be in [0, 1], got {alpha}")
     s = getattr(specific, "scores", specific) if specific is not None else None
     a = getattr(agnostic, "scores", agnostic) if agnostic is not None else None
-    ms, ma = getattr(specific, "metadata", None) or {}, getattr(agnostic, "metadata", None) or {}
-    for key in ("backbone", "backbone_fingerprint"):
-        if ms.get(key) and ma.get(key) and ms[key] != ma[key]:
-            raise SelectionError(f"specific and agnostic maps differ in {key}: {ms[key]} vs {ma[key]}")
+    _check_same_backbone(specific, agnostic)
     if alpha == 1.0 or a is None:
         if s is None or (a is None and alpha != 1.0):
             raise SelectionError("alpha < 1 needs an agnostic map; alpha > 0 needs a specific map")
@@ -145,10 +151,37 @@ def _topk_flat(x: Tensor, k: int) -> Tensor:
     return torch.sort(torch.cat([above, equal])).values
 
 
+def _topk_rows(rows: Tensor, k: int) -> Tensor:
+    """Per row of 2-D ``rows``: column indices of the k largest (ties to the smaller index)."""
+    return torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _union_priority(ns: Tensor, na: Tensor, k_specific: int) -> Tensor:
+    """N(agnostic), lifted above every rank for the k_specific entries the specific ranking picks.
+
+    The top-k of the result is the specific top-k_specific plus the best agnostic entries that are
+    not already chosen (no double counting). Works on 1-D (one group) or 2-D (a group per row).
+    """
+    prio = na.clone()
+    if k_specific > 0:
+        if ns.dim() == 1:
+            prio[_topk_flat(ns, k_specific)] = 2.0  # rank percentiles are <= 1
+        else:
+            prio.scatter_(1, _topk_rows(ns, k_specific), 2.0)
+    return prio
+
+
+def _split_budget(k: int, alpha: float) -> int:
+    return min(k, int(alpha * k + 0.5))
+
+
 def select_mask(
     scores: dict[str, Tensor],
     density: float = 1e-4,
     granularity: Literal["global", "per_tensor", "per_row"] = "global",
+    *,
+    union_with: dict[str, Tensor] | None = None,
+    union_alpha: float = 1.0,
 ) -> Mask:
     """Top entries by score -> {param: sorted flat row-major int32 indices}.
 
@@ -157,20 +190,37 @@ def select_mask(
     per_row: K = max(1, round_half_up(density * row_length)) entries in every output row (GPS);
     the total can exceed the global budget when density * row_length < 0.5.
     Ties are broken by the smaller flat index (over parameters in sorted-name order).
+
+    With ``union_with`` (the rank-normalised agnostic map) every group's budget k (the whole
+    model, a tensor, or a row) is split: round_half_up(union_alpha * k) entries by ``scores``
+    (the rank-normalised specific map), the rest by ``union_with`` among the entries not chosen.
     """
     if not scores:
         raise SelectionError("no scores to select from")
     if granularity not in GRANULARITIES:
         raise SelectionError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     _check_finite(scores)
+    if union_with is not None:
+        _check_same_layout(scores, union_with, "select_mask")
+
+    def flat(n: str, which: dict[str, Tensor]) -> Tensor:
+        return which[n].reshape(-1).to(torch.float64).cpu()
+
+    def pick(n_or_names, k: int) -> Tensor:
+        names_ = [n_or_names] if isinstance(n_or_names, str) else n_or_names
+        s_flat = torch.cat([flat(n, scores) for n in names_])
+        if union_with is None:
+            return _topk_flat(s_flat, k)
+        a_flat = torch.cat([flat(n, union_with) for n in names_])
+        return _topk_flat(_union_priority(s_flat, a_flat, _split_budget(k, union_alpha)), k)
+
     names = _order(scores)
     sizes = [scores[n].numel() for n in names]
     total = sum(sizes)
     k = budget(density, total)
     mask: Mask = {}
     if granularity == "global":
-        flat = torch.cat([scores[n].reshape(-1).to(torch.float64).cpu() for n in names])
-        chosen = _topk_flat(flat, k)
+        chosen = pick(names, k)
         starts = torch.tensor([0] + sizes).cumsum(0)
         for i, n in enumerate(names):
             lo, hi = int(starts[i]), int(starts[i + 1])
@@ -186,16 +236,48 @@ def select_mask(
             alloc[i] += 1
         for n, kn in zip(names, alloc):
             if kn > 0:
-                mask[n] = _topk_flat(scores[n].reshape(-1).to(torch.float64).cpu(), kn).to(torch.int32)
+                mask[n] = pick(n, kn).to(torch.int32)
     else:
         for n in names:
             t = scores[n].to(torch.float64).cpu()
             rows = t.reshape(t.shape[0], -1)
             kr = min(rows.shape[1], budget(density, rows.shape[1]))
-            order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :kr]
-            flat = order + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
-            mask[n] = torch.sort(flat.reshape(-1)).values.to(torch.int32)
+            if union_with is not None:
+                other = union_with[n].to(torch.float64).cpu().reshape(rows.shape)
+                rows = _union_priority(rows, other, _split_budget(kr, union_alpha))
+            order = _topk_rows(rows, kr)
+            flat_idx = order + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
+            mask[n] = torch.sort(flat_idx.reshape(-1)).values.to(torch.int32)
     return mask
+
+
+MIXES = ("rank_sum", "union")
+
+
+def hybrid_mask(
+    specific,
+    agnostic,
+    alpha: float,
+    density: float = 1e-4,
+    granularity: Literal["global", "per_tensor", "per_row"] = "global",
+    mix: Literal["rank_sum", "union"] = "rank_sum",
+) -> Mask:
+    """The hybrid selection under either rule; alpha=1 is the specific map only, alpha=0 the agnostic.
+
+    rank_sum: top-k of alpha * N(specific) + (1 - alpha) * N(agnostic).
+    union: round_half_up(alpha * k) entries from the specific ranking plus the best remaining ones
+    from the agnostic ranking, i.e. the union of the task's key weights and the shared key weights
+    (rank_sum instead favours entries that are middling in both maps).
+    """
+    if mix not in MIXES:
+        raise SelectionError(f"mix must be one of {MIXES}, got {mix!r}")
+    if mix == "rank_sum" or alpha in (0.0, 1.0) or specific is None or agnostic is None:
+        return select_mask(hybrid_scores(specific, agnostic, alpha), density, granularity)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise SelectionError(f"alpha must be in [0, 1], got {alpha}")
+    _check_same_backbone(specific, agnostic)
+    ns, na = hybrid_scores(specific, None, 1.0), hybrid_scores(None, agnostic, 0.0)
+    return select_mask(ns, density, granularity, union_with=na, union_alpha=float(alpha))
 
 
 def mask_size(mask: Mask) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,8 @@ __all__ = [
     "evaluate",
     "fit",
     "lr_factor",
+    "epoch_seed",
+    "seed_everything",
     "save_train_state",
     "load_train_state",
     "TrainStateError",
@@ -49,13 +52,15 @@ class TrainConfig:
 
 @dataclass
 class TrainState:
-    """Everything needed to resume bit-exactly after ``epoch`` completed epochs."""
+    """Everything needed to resume bit-exactly after ``epoch`` completed epochs.
+
+    No RNG state is kept: ``fit`` reseeds every RNG from (seed, epoch, rank) at each epoch start.
+    """
 
     epoch: int
     step: int
     trainable: dict[str, Tensor]
     optimizer: dict
-    rng_state: Tensor | None = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -66,6 +71,27 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of every RNG a training epoch draws from, a function of (seed, epoch, rank) only."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**31
+
+
+def _world_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a training step can draw from: torch (CPU and CUDA), Python ``random``, NumPy.
+
+    timm's random-resized crop draws from Python's ``random``; dropout and drop-path from torch.
+    """
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -198,11 +224,14 @@ def fit(
         opt.load_state_dict(resume_state.optimizer)
         start_epoch, step = resume_state.epoch, resume_state.step
         history = list(resume_state.history)
-        if resume_state.rng_state is not None:
-            torch.set_rng_state(resume_state.rng_state)
-    else:
-        torch.manual_seed(config.seed)
+    rank = _world_rank()
     for epoch in range(start_epoch, config.epochs):
+        # Every RNG restarts from (seed, epoch, rank) and the loader jumps to this epoch's order, so an
+        # epoch does not depend on what ran before it in the process (evaluation, an import that draws
+        # from `random`, an interrupted run): resuming after epoch k is bit-identical to not stopping.
+        seed_everything(epoch_seed(config.seed, epoch, rank))
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
         model.train()
         loss_sum, n_seen = 0.0, 0
         for x, y in train_loader:
@@ -233,7 +262,6 @@ def fit(
                 step=step,
                 trainable={n: p.detach().clone() for n, p in zip(names, params)},
                 optimizer=opt.state_dict(),
-                rng_state=torch.get_rng_state(),
                 history=list(history),
             )
             on_epoch_end(epoch, metrics, state)
@@ -262,8 +290,6 @@ def save_train_state(state: TrainState, dir_or_uri: str) -> dict:
                 tensors[f"optimizer/{pid}/{key}"] = val
             else:
                 scalars.setdefault(str(pid), {})[key] = val
-    if state.rng_state is not None:
-        tensors["rng/torch_cpu"] = state.rng_state
     sha, size = _st.write(io.join_uri(dir_or_uri, "tensors.safetensors"), tensors, {"format": TRAIN_STATE_FORMAT})
     doc = {
         "format": TRAIN_STATE_FORMAT,
@@ -307,6 +333,5 @@ def load_train_state(dir_or_uri: str) -> TrainState:
         step=int(doc["step"]),
         trainable=trainable,
         optimizer={"state": opt_state, "param_groups": doc["optimizer_param_groups"]},
-        rng_state=tensors.get("rng/torch_cpu"),
         history=doc["history"],
     )

@@ -711,16 +711,22 @@ class TaskLoader(DataLoader):
     ``set_epoch(e)`` jumps to a given epoch (e.g. after resuming from a checkpoint).
     """
 
-    def __init__(self, *args, shard: ShardSampler | ParquetStream, **kwargs):
+    def __init__(self, *args, shard: ShardSampler | ParquetStream, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._shard = shard
+        self._seed = seed
         self._next_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = epoch
 
     def __iter__(self):
+        from shpeft_core.train import epoch_seed
+
         self._shard.set_epoch(self._next_epoch)
+        # Worker processes seed their own `random`/torch RNGs (and so the augmentation) from this
+        # generator: reseed it per epoch so epoch e draws the same whether or not epochs ran before it.
+        self.generator.manual_seed(epoch_seed(self._seed, self._next_epoch))
         self._next_epoch += 1
         return super().__iter__()
 
@@ -758,10 +764,11 @@ def build_loader(
     if isinstance(ds, ParquetStream):
         # the epoch travels inside the dataset copy, so Parquet workers restart every epoch
         ds.configure(shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-        return TaskLoader(ds, shard=ds, persistent_workers=False, **common)
-    # the sampler lives in the main process: workers can persist across epochs
+        return TaskLoader(ds, shard=ds, seed=seed, persistent_workers=False, **common)
     sampler = ShardSampler(len(ds), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=False)
-    return TaskLoader(ds, sampler=sampler, shard=sampler, persistent_workers=num_workers > 0, **common)
+    # Workers are started per epoch, not kept: a worker seeds its augmentation RNGs once, when it starts,
+    # so only fresh workers make epoch e's crops a function of (seed, e), as an exact resume needs.
+    return TaskLoader(ds, sampler=sampler, shard=sampler, seed=seed, persistent_workers=False, **common)
 
 
 # ---------------------------------------------------------------- fingerprint

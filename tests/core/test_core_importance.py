@@ -162,3 +162,28 @@ def test_bad_importance_config():
         compute_importance(tiny_model("vit"), [], ImportanceConfig(), num_classes=2)
     with pytest.raises(ImportanceError, match="labels"):
         compute_importance(tiny_model("vit"), [(torch.randn(2, 3, 32, 32), torch.tensor([0, 7]))], num_classes=2)
+
+
+def test_importance_pass_keeps_its_warmed_head_and_it_beats_a_random_head(tmp_path):
+    """The map carries the head warmed on the importance batches; training can start from it."""
+    from shpeft_core.importance import load_warm_head
+
+    model = tiny_model("vit", num_classes=2)
+    batches = separable_batches(n=64, batch=16, num_classes=2, seed=4)
+    imp = compute_importance(model, batches, ImportanceConfig(num_batches=4), num_classes=2)
+    assert set(imp.head) == {"head.weight", "head.bias"}
+    imp.save(str(tmp_path / "m.safetensors"))
+    loaded = ImportanceMap.load(str(tmp_path / "m.safetensors"))
+    assert set(loaded.scores) == set(imp.scores) and all(torch.equal(loaded.head[n], imp.head[n]) for n in imp.head)
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(F.cross_entropy(m(x), y).item() for x, y in batches)
+
+    fresh = tiny_model("vit", num_classes=2)
+    random_loss = loss(fresh)
+    assert load_warm_head(fresh, loaded)
+    assert loss(fresh) < random_loss - 0.1
+    other = tiny_model("vit", num_classes=3)
+    with pytest.raises(ValueError, match="shape"):
+        load_warm_head(other, loaded)

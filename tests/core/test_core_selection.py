@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from shpeft_core import ImportanceMap, hybrid_scores, mask_size, select_mask
-from shpeft_core.selection import SelectionError, budget, rank_normalize
+from shpeft_core.selection import SelectionError, budget, hybrid_mask, rank_normalize
 
 
 def _scores(seed=0, shapes=None):
@@ -135,3 +135,76 @@ def test_rank_normalize_ties_and_range():
 def test_bad_selection_input(call, match):
     with pytest.raises(SelectionError, match=match):
         call()
+
+
+def _pct_ranks(scores):
+    """Reference rank percentile over all entries jointly (no ties in these maps), in sorted-name order."""
+    flat = [(v, n, i) for n in sorted(scores) for i, v in enumerate(scores[n].reshape(-1).tolist())]
+    order = sorted(range(len(flat)), key=lambda j: flat[j][0])
+    pct = [0.0] * len(flat)
+    for r, j in enumerate(order, 1):
+        pct[j] = r / len(flat)
+    return {(n, i): pct[j] for j, (_, n, i) in enumerate(flat)}
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.73])
+def test_rank_sum_mix_equals_hand_computed_mix(alpha):
+    specific, agnostic = _scores(1), _scores(2)
+    rs, ra = _pct_ranks(specific), _pct_ranks(agnostic)
+    got = hybrid_scores(specific, agnostic, alpha)
+    for (n, i), r in rs.items():
+        want = alpha * r + (1 - alpha) * ra[(n, i)]
+        assert got[n].reshape(-1)[i].item() == pytest.approx(want, abs=1e-12)
+    # and the mask is the top-k of that hand-computed mix
+    k = 9
+    mix = {n: torch.tensor([alpha * rs[(n, i)] + (1 - alpha) * ra[(n, i)] for i in range(t.numel())],
+                           dtype=torch.float64).reshape(t.shape) for n, t in specific.items()}
+    total = sum(t.numel() for t in specific.values())
+    mask = hybrid_mask(specific, agnostic, alpha, density=k / total, mix="rank_sum")
+    assert {n: v.tolist() for n, v in mask.items()} == _ranking(mix, k)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.8])
+def test_union_takes_alpha_share_from_each_ranking_without_double_counting(alpha):
+    specific, agnostic = _scores(3), _scores(4)
+    total = sum(t.numel() for t in specific.values())
+    k = 12
+    mask = hybrid_mask(specific, agnostic, alpha, density=k / total, mix="union")
+    chosen = {(n, i) for n, v in mask.items() for i in v.tolist()}
+    assert len(chosen) == k
+    ks = int(alpha * k + 0.5)
+    top_s = {(n, i) for n, v in _ranking(specific, ks).items() for i in v}
+    assert top_s <= chosen  # the task-specific share is all there
+    # the rest is the agnostic ranking's best among entries not already chosen
+    rest = chosen - top_s
+    ranked_a = [(n, i) for n, v in _ranking(agnostic, total).items() for i in v]
+    a_order = sorted(ranked_a, key=lambda e: -agnostic[e[0]].reshape(-1)[e[1]].item())
+    assert rest == set([e for e in a_order if e not in top_s][: k - ks])
+
+
+def test_union_fills_overlap_from_the_agnostic_ranking():
+    """When both maps rank the same entries first, the union still selects exactly k entries."""
+    s = {"w": torch.arange(20, dtype=torch.float64)}
+    a = {"w": torch.arange(20, dtype=torch.float64)}
+    mask = hybrid_mask(s, a, 0.5, density=0.3, mix="union")  # k = 6
+    assert mask["w"].tolist() == [14, 15, 16, 17, 18, 19]
+
+
+def test_union_and_rank_sum_keep_alpha_edges():
+    specific, agnostic = _scores(5), _scores(6)
+    for mix in ("union", "rank_sum"):
+        assert {n: v.tolist() for n, v in hybrid_mask(specific, agnostic, 1.0, 0.1, mix=mix).items()} == \
+            {n: v.tolist() for n, v in select_mask(specific, 0.1).items()}
+        assert {n: v.tolist() for n, v in hybrid_mask(specific, agnostic, 0.0, 0.1, mix=mix).items()} == \
+            {n: v.tolist() for n, v in select_mask(agnostic, 0.1).items()}
+
+
+def test_union_per_row_splits_every_row():
+    g = torch.Generator().manual_seed(0)
+    s = {"w": torch.rand(5, 40, generator=g, dtype=torch.float64)}
+    a = {"w": torch.rand(5, 40, generator=g, dtype=torch.float64)}
+    mask = hybrid_mask(s, a, 0.5, density=0.1, granularity="per_row", mix="union")  # 4 per row: 2 + 2
+    idx = mask["w"].reshape(5, 4) % 40
+    for r in range(5):
+        top_s = set(torch.sort(s["w"][r], descending=True).indices[:2].tolist())
+        assert top_s <= set(idx[r].tolist())

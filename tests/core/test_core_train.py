@@ -143,3 +143,102 @@ def test_fit_with_loader_without_length():
     assert len(hist) == 3 and hist[0]["lr"] > hist[1]["lr"] > hist[2]["lr"] > 0
     with pytest.raises(ValueError, match="no batches"):
         fit(model, _NoLenLoader([]), train, TrainConfig(epochs=1), num_classes=2)
+
+
+def _augmented_task(root):
+    from tasks.synthetic import write_task_family
+
+    return write_task_family(str(root), n_tasks=1, images_per_task=40, formats=("imagefolder",), seed=5)[0]
+
+
+def _fit_on_task(spec, cfg, *, resume_state=None, on_epoch_end=None, num_workers=0):
+    """A sparse model trained through the real loader: shuffling plus timm's random-resized crop."""
+    from tasks.data import build_loader, transform_for
+
+    model = tiny_model("vit", num_classes=spec.num_classes)
+    probe = build_loader(spec, "train", transform=transform_for(model, train=False), batch_size=8)
+    imp = compute_importance(model, probe, ImportanceConfig(num_batches=2), num_classes=spec.num_classes)
+    apply_sparse_training(model, select_mask(hybrid_scores(imp, None, 1.0), 0.02))
+    train = build_loader(spec, "train", transform=transform_for(model, train=True), batch_size=8, shuffle=True,
+                         seed=cfg.seed, num_workers=num_workers)
+    val = build_loader(spec, "val", transform=transform_for(model, train=False), batch_size=8)
+    fit(model, train, val, cfg, num_classes=spec.num_classes, resume_state=resume_state, on_epoch_end=on_epoch_end)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_through_augmenting_loader_is_bit_exact(tmp_path, num_workers):
+    """Killed after epoch 1 and resumed == never stopped; and two unbroken runs are identical even when
+    something else drew from Python's `random` (as importing sklearn does) in between."""
+    import random
+
+    spec = _augmented_task(tmp_path / "data")
+    cfg = TrainConfig(epochs=3, lr=1e-2, weight_decay=0.01, seed=7)
+    unbroken = _fit_on_task(spec, cfg, num_workers=num_workers)
+    random.random(), random.random()
+    torch.rand(3)
+    again = _fit_on_task(spec, cfg, num_workers=num_workers)
+    assert all(torch.equal(unbroken[n], again[n]) for n in unbroken)
+
+    saved = {}
+
+    def stop_after_epoch_1(epoch, metrics, state):
+        if epoch == 1:
+            save_train_state(state, str(tmp_path / "ckpt"))
+            saved["done"] = True
+            raise KeyboardInterrupt  # the run dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_task(spec, cfg, on_epoch_end=stop_after_epoch_1, num_workers=num_workers)
+    random.seed(12345)  # a new process has other RNG states
+    torch.manual_seed(999)
+    resumed = _fit_on_task(spec, cfg, resume_state=load_train_state(str(tmp_path / "ckpt")), num_workers=num_workers)
+    for n in unbroken:
+        assert torch.equal(resumed[n], unbroken[n]), n
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batches = _ddp_model_and_data()
+        shard = [(x[rank::world], y[rank::world]) for x, y in batches]
+        ddp = DDP(model)
+        fit(ddp, shard, shard, TrainConfig(epochs=2, lr=5e-2, weight_decay=0.01, seed=1), num_classes=2)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_model_and_data():
+    torch.manual_seed(0)
+    model = tiny_model("vit", num_classes=2).double()
+    batches = [(x.double(), y) for x, y in separable_batches(n=32, batch=8, seed=2)]
+    imp = compute_importance(model, batches, ImportanceConfig(num_batches=2), num_classes=2)
+    apply_sparse_training(model, select_mask(hybrid_scores(imp, None, 1.0), 0.02))
+    return model, batches
+
+
+def test_two_rank_ddp_fit_equals_mean_gradient_reference(tmp_path):
+    """Two gloo ranks, each on half of every batch, end with identical values equal to one process
+    training on the whole batch (the mean of the two ranks' gradients), in float64."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    model, batches = _ddp_model_and_data()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # the reference sees each batch as rank 0's half then rank 1's half: the same mean loss
+    whole = [(torch.cat([x[0::2], x[1::2]]), torch.cat([y[0::2], y[1::2]])) for x, y in batches]
+    fit(model, whole, whole, TrainConfig(epochs=2, lr=5e-2, weight_decay=0.01, seed=1), num_classes=2)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(r0[n], r1[n]), f"ranks disagree on {n}"
+            torch.testing.assert_close(r0[n], p.detach(), rtol=1e-9, atol=1e-11)
+            assert not torch.equal(r0[n], before[n]), f"{n} did not train"

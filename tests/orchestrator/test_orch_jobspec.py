@@ -91,3 +91,29 @@ def test_catalogue_upserts_rows_atomically(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "store" / "catalogue") if ".tmp-" in p]
     with pytest.raises(KeyError, match="unknown columns"):
         write_rows(store, "job1", [{"task": "a", "colour": "red"}])
+
+
+def test_method_mix_rules_and_lr_settings():
+    job = parse_job(_with())
+    assert job.method.name == "shpeft" and job.selection.mix in ("union", "rank_sum")
+    assert job.training.lr is None and job.training.head_init == "warm" and not job.importance.include_target
+    job = parse_job(_with(method={"name": "lora", "per_task": {"t1": "full"}, "lora": {"rank": 4}},
+                          selection={"mix": "rank_sum", "rules": [r"blocks\.\d+\.mlp\.fc1"]},
+                          sweep={"lr_range": [1e-4, 1e-2]}))
+    assert job.method.for_task("t1") == "full" and job.method.lora.rank == 4
+    assert job.selection.rules == [r"blocks\.\d+\.mlp\.fc1"] and job.sweep.lr_range == (1e-4, 1e-2)
+
+
+@pytest.mark.parametrize(
+    "sections, match",
+    [
+        ({"method": {"name": "adapter"}}, r"method\.name: .*'shpeft'"),
+        ({"method": {"per_task": {"nope": "lora"}}}, r"method\.per_task names \['nope'\] are not tasks"),
+        ({"selection": {"mix": "max"}}, r"selection\.mix: .*'union'"),
+        ({"selection": {"rules": ["blocks.(["]}}, r"selection\.rules: .*not a regular expression"),
+        ({"sweep": {"lr_range": [0.1, 0.01]}}, r"sweep\.lr_range: .*low <= high"),
+    ],
+)
+def test_new_settings_name_their_field(sections, match):
+    with pytest.raises(JobSpecError, match=match):
+        parse_job(_with(**sections))

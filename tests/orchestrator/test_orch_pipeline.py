@@ -81,7 +81,8 @@ def test_end_to_end_deltas_and_catalogue(first_run, task_specs):
     job, result = first_run
     assert result.exit_code == 0, result.rows
     assert result.job_id == job_id(job)
-    assert result.counters["importance_computed"] == 3  # two task maps + the combined pool map
+    # two task maps + each task's leave-one-out pool map (the other task's map)
+    assert result.counters["importance_computed"] == 4
     assert result.counters["tasks_trained"] == 2
     table = read_catalogue(result.store, result.job_id).to_pylist()
     assert {r["task"] for r in table} == {s.name for s in task_specs}
@@ -107,12 +108,65 @@ def test_killed_worker_resumes_from_checkpoint(first_run, task_specs):
     assert json.loads(open(marker).read()) == {"epoch": 1}
 
 
+def test_resumed_task_delta_equals_an_unbroken_run(first_run, task_specs, tmp_path):
+    """The task whose worker was killed after epoch 1 ends with the same delta as a run never killed."""
+    job, result = first_run
+    unbroken = run_job(_job(tmp_path / "store", task_specs), progress=False)
+    assert unbroken.exit_code == 0, unbroken.rows
+    for spec in task_specs:
+        a = load_delta(f"{result.store}/deltas/{spec.name}.safetensors")
+        b = load_delta(f"{unbroken.store}/deltas/{spec.name}.safetensors")
+        assert a.indices.keys() == b.indices.keys()
+        for n in a.indices:
+            assert torch.equal(a.indices[n], b.indices[n]) and torch.equal(a.values[n], b.values[n]), n
+        for n in a.head:
+            assert torch.equal(a.head[n], b.head[n]), n
+
+
+def _colour_task(root, name, seed):
+    """A task any backbone can learn: the class is the image's dominant colour (plus noise)."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.spec import TaskSpec
+
+    rng = np.random.default_rng(seed)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for split, n in (("train", 48), ("val", 24), ("test", 24)):
+        for i in range(n):
+            c = i % 3
+            img = np.clip(rng.normal(colours[c], 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            path = os.path.join(root, name, split, f"c{c}")
+            os.makedirs(path, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(path, f"{i}.png"))
+    return TaskSpec(name=name, source=os.path.join(root, name), format="imagefolder", num_classes=3,
+                    class_names=["c0", "c1", "c2"], image_size=32)
+
+
+def test_pipeline_learns_and_trains_each_method(ray_local, tmp_path):
+    """Learning, not just bounded metrics: a learnable task ends far above chance (1/3) for shpeft and lora."""
+    specs = [_colour_task(str(tmp_path), "colour-a", 0), _colour_task(str(tmp_path), "colour-b", 1)]
+    job = _job(tmp_path / "store", specs, training={"epochs": 3, "lr": None, "cpus_per_worker": 0.9},
+               method={"name": "shpeft", "per_task": {"colour-b": "lora"}})
+    result = run_job(job, progress=False)
+    assert result.exit_code == 0, result.rows
+    rows = {r["task"]: r for r in result.rows}
+    assert rows["colour-a"]["method"] == "shpeft" and rows["colour-a"]["artifact_kind"] == "delta"
+    assert rows["colour-b"]["method"] == "lora" and rows["colour-b"]["artifact_kind"] == "lora"
+    assert os.path.exists(os.path.join(rows["colour-b"]["delta_uri"], "adapter_config.json"))
+    for r in rows.values():
+        assert r["val_macro_f1"] > 0.8 and r["test_macro_f1"] > 0.8, r
+    delta = load_delta(rows["colour-a"]["delta_uri"])
+    assert delta.metadata["method"] == "shpeft" and delta.metadata["mix"] == job.selection.mix
+    assert delta.metadata["agnostic_includes_target"] == "false"
+
+
 def test_second_run_computes_and_trains_nothing(first_run):
     job, first = first_run
     before = {r["task"]: r["sha256"] for r in first.rows}
     again = run_job(job, progress=False)
     assert again.exit_code == 0
-    assert again.counters["importance_computed"] == 0 and again.counters["importance_loaded"] == 3
+    assert again.counters["importance_computed"] == 0 and again.counters["importance_loaded"] == 4
     assert again.counters["tasks_trained"] == 0 and again.counters["tasks_skipped"] == 2
     rows = read_catalogue(again.store, again.job_id).to_pylist()
     assert all(not r["trained"] for r in rows)
@@ -154,7 +208,9 @@ def test_bad_job_file_names_field_and_writes_nothing(tmp_path, task_specs):
 
 def test_sweep_runs_optuna_with_asha(ray_local, task_specs, tmp_path):
     spec = task_specs[1]
+    # one target: its task-agnostic map comes from a pool dataset (leave-one-out leaves nothing else)
     job = _job(tmp_path / "store", [spec], training={"epochs": 2, "cpus_per_worker": 0.9},
+               importance={"pool_datasets": [task_specs[0].model_dump(mode="json")]},
                sweep={"enabled": True, "trials_per_task": 2, "density_range": [0.005, 0.05], "seed": 1})
     result = run_job(job, progress=False)
     assert result.exit_code == 0, result.rows
