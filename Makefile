@@ -21,7 +21,6 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/sparse_step.py --smoke-test
 	$(PY) bench/data_throughput.py --smoke-test
 	$(PY) bench/orchestration.py --smoke-test
