@@ -275,8 +275,20 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     return out
 
 
+def _train_direct(launch: dict[str, Any]) -> dict[str, Any]:
+    """A one-worker task, trained in this Ray task (retried on a worker crash, resuming from its checkpoint)."""
+    from .train_loop import run_with_checkpoints
+
+    t0 = time.perf_counter()
+    plan = launch["plan"]
+    out = run_with_checkpoints(plan, join_uri(launch["run_root"], "checkpoints"), board=launch["board"],
+                               fault=launch["fault"])
+    train_s = time.perf_counter() - t0
+    return {**evaluate_artifact(plan), "train_s": train_s, "resumed_from_epoch": out["resumed_from_epoch"]}
+
+
 def _train_task(launch: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a zero-CPU Ray task: one TorchTrainer for one task, then the artifact evaluation."""
+    """Runs in a zero-CPU Ray task: one task's training (see train_loop), then the artifact evaluation."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -285,6 +297,12 @@ def _train_task(launch: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     plan = launch["plan"]
+    if launch["workers"] == 1:
+        res = launch["worker_resources"]
+        # Retries cover a crashed worker process (max_failures), never a Python error in the task.
+        direct = ray.remote(_train_direct).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+                                                   max_retries=launch["max_failures"], retry_exceptions=False)
+        return ray.get(direct.remote(launch))
     storage_path, storage_fs = launch["ray_storage"]
     trainer = TorchTrainer(
         train_task_loop,
@@ -735,7 +753,7 @@ def _train_all(job, store, plans, board, force, progress, rows, counters, jid):
                 remove(join_uri(store, "runs", run_name), recursive=True)
             launch = {
                 "plan": plan, "board": board, "fault": _fault_for(plan.task_name, run_name, store),
-                "run_name": run_name, "ray_storage": ray_storage,
+                "run_name": run_name, "ray_storage": ray_storage, "run_root": join_uri(store, "runs", run_name),
                 "workers": job.training.workers_per_task, "worker_resources": _worker_resources(job),
                 "max_failures": job.training.max_failures,
                 "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),

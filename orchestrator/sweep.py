@@ -53,6 +53,31 @@ def _copy_artifact(src: str, dst: str, kind: str) -> None:
         atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
 
 
+def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
+    """A one-worker trial: the training loop runs in the trial, reporting to Tune with a checkpoint each epoch."""
+    import tempfile
+
+    from ray import tune
+
+    from shpeft_core.train import load_train_state, save_train_state
+
+    from .train_loop import run_plan
+
+    resume_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume_state = load_train_state(d)
+
+    def report(epoch: int, metrics: dict[str, Any], state) -> None:
+        with tempfile.TemporaryDirectory(prefix="shpeft-ckpt-") as d:
+            save_train_state(state, d)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial_id,
+             trial_artifact_uri=trial_uri)
+
+
 def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, progress: bool) -> dict[str, Any]:
     """Sweep one task; copies the best trial's artifact to the plan's artifact URI and evaluates it."""
     import optuna
@@ -92,7 +117,13 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
     summary = json.loads(read_bytes(summary_uri)) if exists(summary_uri) else None
     if summary is None:
         cpus, gpus = _cluster_resources()
-        slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=TRIAL_CPU, user_limit=sw.max_concurrent_trials)
+        direct = job.training.workers_per_task == 1
+        slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=0.0 if direct else TRIAL_CPU,
+                              user_limit=sw.max_concurrent_trials)
+        res = _worker_resources(job)
+        # A one-worker trial trains in the trial itself and holds the worker's resources; a data-parallel
+        # trial holds 0.01 CPU while its TorchTrainer's workers hold theirs.
+        trial_resources = {"cpu": res["CPU"], "gpu": res.get("GPU", 0)} if direct else {"cpu": TRIAL_CPU}
         epochs = int(plan.train["epochs"])
         _say(f"[{name}] sweep over {sorted(space)}: {sw.trials_per_task} trials (Optuna TPE seed {sw.seed} + ASHA), "
              f"up to {slots} at once", progress)
@@ -102,15 +133,20 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
                        resources_per_worker=_worker_resources(job))
         max_failures = job.training.max_failures
 
+        direct = job.training.workers_per_task == 1
+
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
             trial_plan = plan.with_search_point(density=config.get("density"), alpha=config.get("alpha"),
                                                 lr=config.get("lr"), artifact_uri="", sweep_trial=trial_id)
+            trial_uri = artifact_uri(join_uri(sweep_root, "trials"), trial_id, plan.method)
+            if direct:
+                _direct_trial(trial_plan, board, trial_id, trial_uri)
+                return
             trainer = TorchTrainer(
                 train_task_loop,
                 train_loop_config={"plan": trial_plan, "board": board, "fault": None, "trial": trial_id,
-                                   "trial_artifact_uri": artifact_uri(join_uri(sweep_root, "trials"), trial_id,
-                                                                      plan.method)},
+                                   "trial_artifact_uri": trial_uri},
                 scaling_config=ray.train.ScalingConfig(**scaling),
                 run_config=ray.train.RunConfig(
                     name=f"trial-{trial_id}", storage_path=train_storage[0], storage_filesystem=train_storage[1],
@@ -125,7 +161,7 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
         sampler = optuna.samplers.TPESampler(seed=(sw.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31,
                                              n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"cpu": TRIAL_CPU}),
+            tune.with_resources(trial, trial_resources),
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric="val_metric", mode="max",
@@ -137,7 +173,7 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
                 max_concurrent_trials=slots,
             ),
             run_config=tune.RunConfig(name="tune", storage_path=tune_storage[0], storage_filesystem=tune_storage[1],
-                                      verbose=0),
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         pgs_before = set(ray.util.placement_group_table())
         try:
