@@ -16,6 +16,8 @@ from fsspec.core import url_to_fs
 
 from shpeft_core.io import atomic_write_bytes, join_uri, read_bytes
 
+from .store import catalogue_dir, catalogue_file
+
 __all__ = ["SCHEMA", "METRIC_NAMES", "catalogue_uri", "read_catalogue", "write_rows", "latest_rows"]
 
 METRIC_NAMES = ("accuracy", "macro_f1", "auc", "loss")
@@ -59,7 +61,7 @@ SCHEMA = pa.schema(
 
 
 def catalogue_uri(store: str, job_id: str) -> str:
-    return join_uri(store, "catalogue", f"{job_id}.parquet")
+    return catalogue_file(store, job_id)
 
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
@@ -106,11 +108,11 @@ def read_catalogue(store: str, job_id: str | None = None) -> pa.Table:
         uri = catalogue_uri(store, job_id)
         fs, path = url_to_fs(uri)
         return _read_job_table(uri) if fs.exists(path) else SCHEMA.empty_table()
-    fs, root = url_to_fs(join_uri(store, "catalogue"))
+    fs, root = url_to_fs(catalogue_dir(store))
     if not fs.exists(root):
         return SCHEMA.empty_table()
     files = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
-    tables = [_read_job_table(join_uri(store, "catalogue", p.rsplit("/", 1)[-1])) for p in files]
+    tables = [_read_job_table(join_uri(catalogue_dir(store), p.rsplit("/", 1)[-1])) for p in files]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 

@@ -25,6 +25,7 @@ from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, art
 from shpeft_core.selection import MIXES
 
 from .jobspec import JobSpec, content_hash, job_id as compute_job_id, task_name
+from .store import artifact_uri, report_dir
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
 
@@ -73,10 +74,6 @@ class CompareResult:
     @property
     def exit_code(self) -> int:
         return 1 if any(r["status"] != "ok" for r in self.rows) else 0
-
-
-def report_root(store: str, report_id: str) -> str:
-    return join_uri(store, "reports", report_id)
 
 
 def _read_results(uri: str) -> list[dict[str, Any]]:
@@ -139,9 +136,8 @@ def _compare(job: JobSpec, methods: list[tuple[str, str | None]], seeds: int, *,
 
     from shpeft_core.backbone import backbone_fingerprint
 
-    from .pipeline import (_backbone_dict, _importance_stage, _say, _short_error, _worker_resources, artifact_uri,
-                           check_backbone, extra_estimators, normalise_store, plan_for, resolve_task,
-                           task_config_hash)
+    from .pipeline import (_backbone_dict, _importance_stage, _say, _short_error, _worker_resources, check_backbone,
+                           extra_estimators, normalise_store, plan_for, resolve_task, task_config_hash)
     from .report import write_report
     from .train_loop import build_backbone
 
@@ -149,7 +145,7 @@ def _compare(job: JobSpec, methods: list[tuple[str, str | None]], seeds: int, *,
     store = normalise_store(job.store)
     seed_list = [job.training.seed + i for i in range(seeds)]
     rid = content_hash({"job": compute_job_id(job), "methods": methods, "seeds": seed_list}, length=12)
-    root = report_root(store, rid)
+    root = report_dir(store, rid)
     results_uri = join_uri(root, "results.parquet")
     labels = [method_label(m, mix, job.selection.mix) for m, mix in methods]
     _say(f"compare {rid}: {len(job.tasks)} task(s) x {len(methods)} method(s) ({', '.join(labels)}) x "

@@ -22,6 +22,7 @@ from typing import Any
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, local_path, remove
 
+from . import store as layout
 from .catalogue import catalogue_uri, latest_rows, write_rows
 from .jobspec import CatalogueTaskRef, JobSpec, content_hash, job_id as compute_job_id, task_name
 
@@ -398,7 +399,7 @@ def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list,
                     fingerprints[spec.name] = dataset_fingerprint(spec)
                 d.fingerprint = fingerprints[spec.name]
                 d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, est)
-                d.uri = join_uri(store, "importance", f"{d.key}.safetensors")
+                d.uri = layout.importance_map(store, d.key)
             except Exception as exc:  # a broken dataset fails its task (and the pools holding it), not the job
                 d.error = f"{type(exc).__name__}: {exc}"
             maps[(spec.name, est)] = d
@@ -462,7 +463,7 @@ def _agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool:
     key = agnostic_key(backbone_fp, [d.key for d in pool], job)
     if key in combined:
         return {**combined[key], "includes_target": imp.include_target}
-    uri = join_uri(store, "importance", f"agnostic-{key}.safetensors")
+    uri = layout.agnostic_map(store, key)
     out.update(key=key, uri=uri)
     names = ", ".join(d.name for d in pool)
     if exists(uri) and not force:
@@ -498,15 +499,6 @@ def _short_error(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- stage 2/3 planning
-
-
-def artifact_uri(root: str, name: str, method: str) -> str:
-    """Where a run's artifact goes under ``root``: a .safetensors file, or a folder for lora."""
-    from shpeft_core.methods import artifact_kind
-
-    kind = artifact_kind(method)
-    suffix = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}[kind]
-    return join_uri(root, f"{name}{suffix}")
 
 
 def plan_for(job: JobSpec, spec, backbone_fp: str, imaps: ImportanceMaps, *, method: str, seed: int,
@@ -558,7 +550,7 @@ def check_backbone(job: JobSpec, model, targets: list, progress: bool) -> None:
                  f"resized to {input_px} px (set backbone.kwargs.img_size to train at another size)", progress)
 
 
-def _fault_for(task: str, run_name: str, store: str) -> dict | None:
+def _fault_for(task: str, run_root: str) -> dict | None:
     """Test hook: SHPEFT_FAULT_INJECT='<task>:<epoch>' kills that task's rank-0 worker once at that epoch."""
     spec = os.environ.get("SHPEFT_FAULT_INJECT", "")
     if not spec or ":" not in spec:
@@ -566,7 +558,7 @@ def _fault_for(task: str, run_name: str, store: str) -> dict | None:
     name, epoch = spec.rsplit(":", 1)
     if name != task:
         return None
-    return {"epoch": int(epoch), "marker": join_uri(store, "runs", run_name, "fault-injected.json")}
+    return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
 
 
 def _verified(row: dict | None, config_hash: str) -> bool:
@@ -620,7 +612,7 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
     counters = {"importance_computed": 0, "importance_loaded": 0, "tasks_trained": 0, "tasks_skipped": 0,
                 "tasks_failed": 0}
     _say(f"job {jid}: {len(job.tasks)} task(s), store {store}", progress)
-    atomic_write_bytes(join_uri(store, "jobs", f"{jid}.json"),
+    atomic_write_bytes(layout.job_file(store, jid),
                        json.dumps(job.model_dump(mode="json"), indent=1, sort_keys=True).encode())
 
     rows: dict[str, dict[str, Any]] = {}
@@ -652,14 +644,14 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
                     "importance_key": d.key, "agnostic_key": ag.get("key"),
                     "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
                     "importance_s": d.seconds, "granularity": job.selection.granularity}
+            chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method)
             try:
                 plan = plan_for(job, spec, backbone_fp, imaps, method=method, seed=job.training.seed,
-                                artifact=artifact_uri(join_uri(store, "deltas"), spec.name, method),
+                                artifact=layout.task_artifact(store, spec.name, jid, chash, method),
                                 epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
             except Exception as exc:
                 rows[spec.name] = {**base, "status": "failed", "error": _short_error(exc), "finished_at": _now()}
                 continue
-            chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method)
             base.update(config_hash=chash, artifact_kind=_kind(method), granularity=plan.granularity)
             if not force and _verified(previous.get(spec.name), chash):
                 rows[spec.name] = {**previous[spec.name], "trained": False}
@@ -672,12 +664,13 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
         if rows:
             write_rows(store, jid, rows.values())
 
-        if job.sweep.enabled:
-            from .sweep import run_task_sweep
+        if job.sweep.enabled and plans:
+            from .sweep import run_sweeps
 
-            for plan, base, chash in plans:
-                rows[plan.task_name] = _finish_row(
-                    base, lambda: run_task_sweep(job, store, plan, chash, board, force, progress))
+            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
+            for plan, base, _ in plans:
+                got = swept[plan.task_name]
+                rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]))
                 _after_task(rows[plan.task_name], counters, store, jid, progress)
         else:
             _train_all(job, store, plans, board, force, progress, rows, counters, jid)
@@ -701,6 +694,10 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
     return result
 
 
+def _raise(message: str):
+    raise RuntimeError(message)
+
+
 def _finish_row(base: dict, work) -> dict[str, Any]:
     try:
         out = work()
@@ -713,6 +710,7 @@ def _finish_row(base: dict, work) -> dict[str, Any]:
 
 def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool) -> None:
     if row["status"] == "ok":
+        layout.write_latest(store, {**row, "job_id": jid})
         counters["tasks_trained"] += 1
         metric = row.get("metric") or "macro_f1"
         _say(f"[{row['task']}] done: val_{metric} {row.get('val_' + metric, float('nan')):.4f} "
@@ -741,19 +739,20 @@ def _train_all(job, store, plans, board, force, progress, rows, counters, jid):
          f"({job.training.workers_per_task} worker(s) x {_worker_resources(job)} each; cluster {cpus:g} CPU {gpus:g} GPU)",
          progress)
     launcher = ray.remote(_train_task).options(num_cpus=0, max_retries=0)
-    ray_storage = _ray_storage(join_uri(store, "runs"))
+    ray_storage = _ray_storage(join_uri(store, "runs"))  # Ray Train's run folder: runs/<run_name>
     eval_res = _worker_resources(job)
     queue = list(plans)
     in_flight: dict[Any, tuple] = {}
     while queue or in_flight:
         while queue and len(in_flight) < slots:
             plan, base, chash = queue.pop(0)
-            run_name = f"{plan.task_name}-{chash}"
+            run_name = f"{jid}-{plan.task_name}-{chash}"
+            run_root = layout.run_root(store, jid, plan.task_name, chash)
             if force:
-                remove(join_uri(store, "runs", run_name), recursive=True)
+                remove(run_root, recursive=True)
             launch = {
-                "plan": plan, "board": board, "fault": _fault_for(plan.task_name, run_name, store),
-                "run_name": run_name, "ray_storage": ray_storage, "run_root": join_uri(store, "runs", run_name),
+                "plan": plan, "board": board, "fault": _fault_for(plan.task_name, run_root),
+                "run_name": run_name, "ray_storage": ray_storage, "run_root": run_root,
                 "workers": job.training.workers_per_task, "worker_resources": _worker_resources(job),
                 "max_failures": job.training.max_failures,
                 "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
 
+from .store import plots_dir, sweep_root  # noqa: E402
+
 __all__ = ["write_plots", "pareto_front", "layer_of", "importance_mass_per_layer"]
 
 
@@ -53,7 +55,7 @@ def _save(fig, uri: str) -> str:
 def _trial_points(store: str, row: dict) -> list[dict]:
     if row.get("status") != "ok":
         return []
-    uri = join_uri(store, "sweeps", f"{row['task']}-{row.get('config_hash')}", "trials.json")
+    uri = join_uri(sweep_root(store, row["task"], row.get("config_hash")), "trials.json")
     if exists(uri):
         return [t for t in json.loads(read_bytes(uri))["trials"] if t.get("val_metric") is not None]
     m = row.get("metric") or "macro_f1"
@@ -67,7 +69,7 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_map_uris: lis
     """Writes the three PNGs under <store>/plots/<job_id>/ and returns their URIs."""
     from shpeft_core.importance import ImportanceMap
 
-    root = join_uri(store, "plots", job_id)
+    root = plots_dir(store, job_id)
     out = []
     per_task = {r["task"]: _trial_points(store, r) for r in rows}
     per_task = {k: v for k, v in per_task.items() if v}

@@ -1,31 +1,145 @@
-"""Stage 3: a per-task Ray Tune sweep over density (log-uniform) and alpha (uniform).
+"""Stage 3: the sweeps of every task at once, as one Ray Tune run.
 
-One Tuner per task (an OptunaSearch holds one study), tasks swept one after another so a single
-Tune run owns the cluster at a time. Each trial is a function reserving 0.01 CPU that builds a
-TorchTrainer and reports every epoch to Tune (TuneReportCallback), so ASHA can stop it early.
-At most ``slots`` trials run at once, where every slot can hold its whole trainer (see trainer_slots),
-so a trial never waits on CPUs another waiting trial holds. The best trial's last delta is kept.
+Each task keeps its own seeded Optuna TPE study and its own ASHA bracket: ``PerTaskSearcher`` routes
+every suggestion and result to the task's OptunaSearch, ``PerTaskScheduler`` every result to the
+task's ASHAScheduler, so tasks never compete inside a rung while their trials share the cluster
+(one Tune run has one searcher; a grid over tasks is not an option with Optuna). Suggestions
+alternate between tasks with budget left, so every task's sweep advances together.
+
+A one-worker trial trains inside the trial (it holds the worker's resources); a data-parallel trial
+holds 0.01 CPU and builds a TorchTrainer reporting to Tune. ``max_concurrent_trials`` is what the
+cluster holds at once (see ``trainer_slots``), so nothing waits on resources another waiter holds.
+
+Resume: every finished trial is appended to ``ledger.json`` in its task's sweep folder as it ends. A
+rerun of a killed sweep warm-starts each task's study with its finished trials and runs only the rest
+of the budget; a task whose ``trials.json`` exists is done. The best trial's artifact is the task's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 import zlib
 from typing import Any
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, remove
 
-__all__ = ["run_task_sweep"]
+from . import store as layout
+
+__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space"]
 
 
-def _space(lo: float, hi: float, log: bool):
-    from ray import tune
+def search_space(plan, sweep) -> dict[str, Any]:
+    """Optuna distributions of what the task's method can vary: density (sparse), alpha (shpeft), lr."""
+    from optuna.distributions import FloatDistribution
 
-    if math.isclose(lo, hi):
-        return lo
-    return tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
+    from shpeft_core.methods import SPARSE_METHODS
+
+    def dist(lo: float, hi: float, log: bool):
+        return FloatDistribution(lo, hi, log=log) if not math.isclose(lo, hi) else FloatDistribution(lo, lo)
+
+    space = {}
+    if plan.method in SPARSE_METHODS:
+        space["density"] = dist(*sweep.density_range, log=True)
+        if plan.method == "shpeft":
+            space["alpha"] = dist(*sweep.alpha_range, log=False)
+    if sweep.lr_range is not None:
+        space["lr"] = dist(*sweep.lr_range, log=True)
+    if not space:
+        raise ValueError(f"sweep of {plan.task_name}: method {plan.method} has nothing to search; set sweep.lr_range")
+    return space
+
+
+def _searcher_base():
+    from ray.tune.search import Searcher
+
+    return Searcher
+
+
+class PerTaskSearcher(_searcher_base()):
+    """One Optuna study per task behind Tune's single-searcher interface (see the module doc)."""
+
+    def __init__(self, searchers: dict[str, Any], budget: dict[str, int], metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self._searchers = searchers
+        self._left = dict(budget)
+        self._owner: dict[str, str] = {}
+        self._turn = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # every study got its own space, metric and mode when it was built
+
+    def suggest(self, trial_id: str):
+        tasks = [t for t in self._searchers if self._left[t] > 0]
+        if not tasks:
+            return self.FINISHED
+        for i in range(len(tasks)):
+            task = tasks[(self._turn + i) % len(tasks)]
+            config = self._searchers[task].suggest(trial_id)
+            if config is None or config == self.FINISHED:
+                continue
+            self._turn += 1
+            self._left[task] -= 1
+            self._owner[trial_id] = task
+            return {**config, "task": task}
+        return None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+
+def _scheduler_base():
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler
+
+
+class PerTaskScheduler(_scheduler_base()):
+    """One ASHA bracket per task: a trial's results are only compared with its own task's trials."""
+
+    def __init__(self, make_scheduler):
+        super().__init__()
+        self._make = make_scheduler
+        self._by_task: dict[str, Any] = {}
+        self._props: tuple[str | None, str | None] = (None, None)
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._props = (metric, mode)
+        for s in self._by_task.values():
+            s.set_search_properties(metric, mode, **spec)
+        return True
+
+    def _for(self, trial):
+        task = trial.config.get("task", "")
+        if task not in self._by_task:
+            self._by_task[task] = self._make()
+            self._by_task[task].set_search_properties(*self._props)
+        return self._by_task[task]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._for(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._for(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._for(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._for(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._for(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{t}: {s.debug_string()}" for t, s in self._by_task.items())
 
 
 def _remove_leftover_placement_groups(before: set[str]) -> None:
@@ -33,7 +147,7 @@ def _remove_leftover_placement_groups(before: set[str]) -> None:
 
     With Tune over Train V2 on Ray 2.60 the trainers' placement groups can stay reserved after the
     Tuner returns, which would starve everything scheduled afterwards. Only groups created during
-    this sweep are touched (sweeps run one at a time, and nothing else in the job creates any then).
+    the sweep are touched (nothing else in the job creates any then).
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -55,8 +169,6 @@ def _copy_artifact(src: str, dst: str, kind: str) -> None:
 
 def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
     """A one-worker trial: the training loop runs in the trial, reporting to Tune with a checkpoint each epoch."""
-    import tempfile
-
     from ray import tune
 
     from shpeft_core.train import load_train_state, save_train_state
@@ -78,8 +190,77 @@ def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
              trial_artifact_uri=trial_uri)
 
 
-def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, progress: bool) -> dict[str, Any]:
-    """Sweep one task; copies the best trial's artifact to the plan's artifact URI and evaluates it."""
+class _Sweep:
+    """One task's sweep: its plan, folder, ledger of finished trials, and budget left."""
+
+    def __init__(self, store: str, plan, config_hash: str, sweep, force: bool):
+        self.plan, self.name = plan, plan.task_name
+        self.root = layout.sweep_root(store, plan.task_name, config_hash)
+        if force:
+            remove(self.root, recursive=True)
+        self.summary_uri = join_uri(self.root, "trials.json")
+        self.ledger_uri = join_uri(self.root, "ledger.json")
+        self.ledger: list[dict] = json.loads(read_bytes(self.ledger_uri)) if exists(self.ledger_uri) else []
+        self.summary = json.loads(read_bytes(self.summary_uri)) if exists(self.summary_uri) else None
+        self.budget = max(0, sweep.trials_per_task - len(self.ledger))
+
+    def trial_uri(self, trial_id: str) -> str:
+        return layout.artifact_uri(join_uri(self.root, "trials"), trial_id, self.plan.method)
+
+    def record(self, entry: dict) -> None:
+        self.ledger.append(entry)
+        atomic_write_bytes(self.ledger_uri, json.dumps(self.ledger, indent=1).encode())
+
+    def finish(self, seconds: float) -> dict:
+        ok = [t for t in self.ledger if t["error"] is None and t["val_metric"] is not None and exists(t["delta_uri"])]
+        if not ok:
+            errors = "; ".join(t["error"] for t in self.ledger if t["error"]) or "no trial reported a metric"
+            raise RuntimeError(f"sweep of {self.name}: every trial failed: {errors}")
+        # Best by the last reported metric: the trial's artifact holds exactly that epoch's weights.
+        best = max(ok, key=lambda t: (t["val_metric"], -t["density"]))
+        self.summary = {"task": self.name, "metric": self.plan.metric, "trials": self.ledger, "best": best,
+                        "seconds": seconds}
+        atomic_write_bytes(self.summary_uri, json.dumps(self.summary, indent=1).encode())
+        return self.summary
+
+
+def _ledger_callback(sweeps: dict[str, _Sweep]):
+    from ray.tune import Callback
+
+    class Ledger(Callback):
+        """Records each finished trial in its task's ledger as it ends (what a resumed sweep starts from)."""
+
+        def __init__(self):
+            self._started: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._started[trial.trial_id] = time.time()
+
+        def _record(self, trial, error: str | None) -> None:
+            sw = sweeps[trial.config["task"]]
+            m = trial.last_result or {}
+            sw.record({
+                "started_at": self._started.get(trial.trial_id), "finished_at": time.time(),
+                "trial_id": trial.trial_id,
+                "density": float(trial.config.get("density", sw.plan.density)),
+                "alpha": float(trial.config.get("alpha", sw.plan.alpha)),
+                "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
+                "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
+                "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id),
+            })
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._record(trial, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._record(trial, f"trial {trial.trial_id} failed (see the sweep's Tune folder for its log)")
+
+    return Ledger()
+
+
+def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: bool,
+               progress: bool) -> dict[str, dict]:
+    """Sweep every (plan, config_hash) at once; returns {task: row fields} (or {task: {"error": ...}})."""
     import optuna
     import ray
     import ray.train
@@ -89,33 +270,28 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from shpeft_core.methods import SPARSE_METHODS, artifact_kind
+    from shpeft_core.methods import artifact_kind
 
-    from .pipeline import (TRIAL_CPU, _cluster_resources, _ray_storage, _say, _worker_resources, artifact_uri,
+    from .pipeline import (TRIAL_CPU, _cluster_resources, _ray_storage, _say, _short_error, _worker_resources,
                            evaluate_artifact, trainer_slots)
     from .train_loop import train_task_loop
 
     t0 = time.perf_counter()
     sw = job.sweep
-    name = plan.task_name
-    kind = artifact_kind(plan.method)
-    sweep_root = join_uri(store, "sweeps", f"{name}-{config_hash}")
-    summary_uri = join_uri(sweep_root, "trials.json")
-    if force:
-        remove(sweep_root, recursive=True)
+    sweeps = {plan.task_name: _Sweep(store, plan, chash, sw, force) for plan, chash in plans}
+    out: dict[str, dict] = {}
+    spaces = {}
+    for name, s in sweeps.items():
+        try:
+            spaces[name] = search_space(s.plan, sw)
+        except ValueError as exc:
+            out[name] = {"error": str(exc)}
+    todo = {n: s for n, s in sweeps.items() if n in spaces and s.summary is None and s.budget > 0}
+    for name in sweeps:
+        if name in spaces and sweeps[name].summary is not None:
+            _say(f"[{name}] sweep already finished, reusing its best trial", progress)
 
-    space: dict[str, Any] = {}
-    if plan.method in SPARSE_METHODS:
-        space["density"] = _space(*sw.density_range, log=True)
-        if plan.method in ("shpeft",):
-            space["alpha"] = _space(*sw.alpha_range, log=False)
-    if sw.lr_range is not None:
-        space["lr"] = _space(*sw.lr_range, log=True)
-    if not space:
-        raise ValueError(f"sweep of {name}: method {plan.method} has nothing to search; set sweep.lr_range")
-
-    summary = json.loads(read_bytes(summary_uri)) if exists(summary_uri) else None
-    if summary is None:
+    if todo:
         cpus, gpus = _cluster_resources()
         direct = job.training.workers_per_task == 1
         slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=0.0 if direct else TRIAL_CPU,
@@ -124,26 +300,30 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
         # A one-worker trial trains in the trial itself and holds the worker's resources; a data-parallel
         # trial holds 0.01 CPU while its TorchTrainer's workers hold theirs.
         trial_resources = {"cpu": res["CPU"], "gpu": res.get("GPU", 0)} if direct else {"cpu": TRIAL_CPU}
-        epochs = int(plan.train["epochs"])
-        _say(f"[{name}] sweep over {sorted(space)}: {sw.trials_per_task} trials (Optuna TPE seed {sw.seed} + ASHA), "
-             f"up to {slots} at once", progress)
-        train_storage = _ray_storage(join_uri(sweep_root, "train"))
-        tune_storage = _ray_storage(join_uri(sweep_root, "tune"))
+        resumed = {n: len(s.ledger) for n, s in todo.items() if s.ledger}
+        _say(f"sweeping {len(todo)} task(s) at once: {sw.trials_per_task} trials each (Optuna TPE seed {sw.seed} "
+             f"+ ASHA per task), up to {slots} trials in flight"
+             + (f"; resuming after {resumed} finished trial(s)" if resumed else ""), progress)
+        tune_root = join_uri(store, "sweeps", "_tune", job_id)
+        train_storage = _ray_storage(join_uri(tune_root, "train"))
+        tune_storage = _ray_storage(tune_root)
         scaling = dict(num_workers=job.training.workers_per_task, use_gpu=job.training.use_gpu,
-                       resources_per_worker=_worker_resources(job))
+                       resources_per_worker=res)
         max_failures = job.training.max_failures
-
-        direct = job.training.workers_per_task == 1
+        trial_plans = {n: s.plan for n, s in todo.items()}
+        trial_uris = {n: s.trial_uri("{}") for n, s in todo.items()}
 
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
-            trial_plan = plan.with_search_point(density=config.get("density"), alpha=config.get("alpha"),
-                                                lr=config.get("lr"), artifact_uri="", sweep_trial=trial_id)
-            trial_uri = artifact_uri(join_uri(sweep_root, "trials"), trial_id, plan.method)
+            task = config["task"]
+            trial_plan = trial_plans[task].with_search_point(
+                density=config.get("density"), alpha=config.get("alpha"), lr=config.get("lr"),
+                artifact_uri="", sweep_trial=trial_id)
+            trial_uri = trial_uris[task].replace("{}", trial_id)
             if direct:
                 _direct_trial(trial_plan, board, trial_id, trial_uri)
                 return
-            trainer = TorchTrainer(
+            TorchTrainer(
                 train_task_loop,
                 train_loop_config={"plan": trial_plan, "board": board, "fault": None, "trial": trial_id,
                                    "trial_artifact_uri": trial_uri},
@@ -154,63 +334,57 @@ def run_task_sweep(job, store: str, plan, config_hash: str, board, force: bool, 
                     failure_config=ray.train.FailureConfig(max_failures=max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 ),
-            )
-            trainer.fit()
+            ).fit()
 
-        # Per-task stream of the job's seed: tasks explore different points, reproducibly.
-        sampler = optuna.samplers.TPESampler(seed=(sw.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31,
-                                             n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
+        def study(name: str, s: _Sweep):
+            # Per-task stream of the job's seed: tasks explore different points, reproducibly.
+            seed = (sw.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(10, sw.trials_per_task // 2)))
+            done = [t for t in s.ledger if t["val_metric"] is not None]
+            points = [{k: t[k] for k in spaces[name]} for t in done]
+            return OptunaSearch(space=spaces[name], metric="val_metric", mode="max", sampler=sampler,
+                                points_to_evaluate=points or None,
+                                evaluated_rewards=[t["val_metric"] for t in done] or None)
+
+        epochs = max(int(s.plan.train["epochs"]) for s in todo.values())
+        searcher = PerTaskSearcher({n: study(n, s) for n, s in todo.items()}, {n: s.budget for n, s in todo.items()},
+                                   metric="val_metric", mode="max")
+        scheduler = PerTaskScheduler(lambda: ASHAScheduler(
+            time_attr="training_iteration", max_t=epochs, grace_period=min(sw.asha.grace_period, epochs),
+            reduction_factor=sw.asha.reduction_factor, brackets=sw.asha.brackets))
         tuner = tune.Tuner(
             tune.with_resources(trial, trial_resources),
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric="val_metric", mode="max",
-                search_alg=OptunaSearch(sampler=sampler),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                                        grace_period=min(sw.asha.grace_period, epochs),
-                                        reduction_factor=sw.asha.reduction_factor, brackets=sw.asha.brackets),
-                num_samples=sw.trials_per_task,
-                max_concurrent_trials=slots,
-            ),
-            run_config=tune.RunConfig(name="tune", storage_path=tune_storage[0], storage_filesystem=tune_storage[1],
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=max_failures)),
+            tune_config=tune.TuneConfig(metric="val_metric", mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=sum(s.budget for s in todo.values()),
+                                        max_concurrent_trials=slots),
+            run_config=tune.RunConfig(name=f"run-{int(time.time())}", storage_path=tune_storage[0],
+                                      storage_filesystem=tune_storage[1], verbose=0,
+                                      callbacks=[_ledger_callback(todo)],
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         pgs_before = set(ray.util.placement_group_table())
         try:
-            grid = tuner.fit()
+            tuner.fit()
         finally:
             _remove_leftover_placement_groups(pgs_before)
-        trials = []
-        for res in grid:
-            m = res.metrics or {}
-            tid = m.get("trial_id")
-            trials.append({
-                "trial_id": tid,
-                "density": float(res.config.get("density", plan.density)),
-                "alpha": float(res.config.get("alpha", plan.alpha)),
-                "lr": float(res.config.get("lr", plan.train["lr"])),
-                "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
-                "trainable": m.get("trainable"),
-                "error": None if res.error is None else str(res.error)[:500],
-                "delta_uri": artifact_uri(join_uri(sweep_root, "trials"), tid, plan.method) if tid else None,
-            })
-        ok = [t for t in trials if t["error"] is None and t["val_metric"] is not None and t["delta_uri"]
-              and exists(t["delta_uri"])]
-        if not ok:
-            errors = "; ".join(t["error"] for t in trials if t["error"]) or "no trial reported a metric"
-            raise RuntimeError(f"sweep of {name}: every trial failed: {errors}")
-        # Best by the last reported metric: the trial's artifact holds exactly that epoch's weights.
-        best = max(ok, key=lambda t: (t["val_metric"], -t["density"]))
-        summary = {"task": name, "metric": plan.metric, "trials": trials, "best": best,
-                   "seconds": time.perf_counter() - t0}
-        atomic_write_bytes(summary_uri, json.dumps(summary, indent=1).encode())
-    else:
-        _say(f"[{name}] sweep already finished, reusing its best trial", progress)
+        # Finished trials live in the ledgers and trial artifacts; Tune's own folders (also those of a
+        # killed earlier run of this job) are no longer needed.
+        remove(tune_root, recursive=True)
 
-    best = summary["best"]
-    _copy_artifact(best["delta_uri"], plan.artifact_uri, kind)
-    final = plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
-    res = _worker_resources(job)
-    ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0)).remote(final))
-    return {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": plan.artifact_uri,
-            "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}
+    seconds = time.perf_counter() - t0
+    for name, s in sweeps.items():
+        if name in out:
+            continue
+        try:
+            summary = s.summary or s.finish(seconds)
+            best = summary["best"]
+            _copy_artifact(best["delta_uri"], s.plan.artifact_uri, artifact_kind(s.plan.method))
+            final = s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
+            res = _worker_resources(job)
+            ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
+                         .remote(final))
+            out[name] = {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": s.plan.artifact_uri,
+                         "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}
+        except Exception as exc:
+            out[name] = {"error": _short_error(exc)}
+    return out

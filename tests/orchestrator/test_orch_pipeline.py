@@ -16,6 +16,7 @@ from tasks.synthetic import write_task_family  # noqa: E402
 from orchestrator.catalogue import read_catalogue  # noqa: E402
 from orchestrator.jobspec import JobSpecError, job_id, load_job, parse_job  # noqa: E402
 from orchestrator.pipeline import run_job  # noqa: E402
+from orchestrator.store import latest_artifact  # noqa: E402
 from orchestrator.train_loop import build_backbone  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -88,7 +89,8 @@ def test_end_to_end_deltas_and_catalogue(first_run, task_specs):
     assert {r["task"] for r in table} == {s.name for s in task_specs}
     for row in table:
         assert row["status"] == "ok" and row["trained"] and row["error"] is None
-        assert row["delta_uri"].endswith(f"deltas/{row['task']}.safetensors")
+        assert row["delta_uri"].endswith(f"deltas/{row['task']}/{result.job_id}-{row['config_hash']}.safetensors")
+        assert latest_artifact(result.store, row["task"])["uri"] == row["delta_uri"]
         assert sha256_file(row["delta_uri"]) == row["sha256"]
         assert os.path.getsize(row["delta_uri"]) == row["bytes"]
         assert 0.0 <= row["val_macro_f1"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
@@ -104,7 +106,8 @@ def test_killed_worker_resumes_from_checkpoint(first_run, task_specs):
     assert faulted["status"] == "ok"
     assert faulted["resumed_from_epoch"] == 0  # restarted after epoch 0's checkpoint
     assert clean["resumed_from_epoch"] is None
-    marker = os.path.join(result.store, "runs", f"{faulted['task']}-{faulted['config_hash']}", "fault-injected.json")
+    marker = os.path.join(result.store, "runs", f"{result.job_id}-{faulted['task']}-{faulted['config_hash']}",
+                          "fault-injected.json")
     assert json.loads(open(marker).read()) == {"epoch": 1}
 
 
@@ -114,8 +117,8 @@ def test_resumed_task_delta_equals_an_unbroken_run(first_run, task_specs, tmp_pa
     unbroken = run_job(_job(tmp_path / "store", task_specs), progress=False)
     assert unbroken.exit_code == 0, unbroken.rows
     for spec in task_specs:
-        a = load_delta(f"{result.store}/deltas/{spec.name}.safetensors")
-        b = load_delta(f"{unbroken.store}/deltas/{spec.name}.safetensors")
+        a = load_delta(latest_artifact(result.store, spec.name)["uri"])
+        b = load_delta(latest_artifact(unbroken.store, spec.name)["uri"])
         assert a.indices.keys() == b.indices.keys()
         for n in a.indices:
             assert torch.equal(a.indices[n], b.indices[n]) and torch.equal(a.values[n], b.values[n]), n
@@ -178,7 +181,7 @@ def test_delta_on_stock_timm_model_gives_pipeline_logits(first_run, task_specs):
 
     _, result = first_run
     spec = task_specs[0]
-    delta = load_delta(f"{result.store}/deltas/{spec.name}.safetensors")
+    delta = load_delta(latest_artifact(result.store, spec.name)["uri"])
     pipeline_model = build_backbone(BACKBONE, spec.num_classes).eval()
     apply_delta(pipeline_model, delta)
     stock = timm.create_model(BACKBONE["name"], num_classes=spec.num_classes, **BACKBONE["kwargs"]).eval()
@@ -206,22 +209,39 @@ def test_bad_job_file_names_field_and_writes_nothing(tmp_path, task_specs):
     assert not store.exists()
 
 
-def test_sweep_runs_optuna_with_asha(ray_local, task_specs, tmp_path):
-    spec = task_specs[1]
-    # one target: its task-agnostic map comes from a pool dataset (leave-one-out leaves nothing else)
-    job = _job(tmp_path / "store", [spec], training={"epochs": 2, "cpus_per_worker": 0.9},
-               importance={"pool_datasets": [task_specs[0].model_dump(mode="json")]},
-               sweep={"enabled": True, "trials_per_task": 2, "density_range": [0.005, 0.05], "seed": 1})
+def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local, task_specs, tmp_path):
+    """Both tasks' sweeps share one Tune run (trials of the two tasks overlap in time), each with its own
+    study; a sweep killed part-way resumes after its finished trials instead of starting over."""
+    job = _job(tmp_path / "store", task_specs, training={"epochs": 2, "cpus_per_worker": 0.9},
+               sweep={"enabled": True, "trials_per_task": 3, "density_range": [0.005, 0.05], "seed": 1})
     result = run_job(job, progress=False)
     assert result.exit_code == 0, result.rows
-    row = result.rows[0]
-    assert row["sweep_trials"] == 2 and 0.005 <= row["density"] <= 0.05 and 0.0 <= row["alpha"] <= 1.0
-    summary = json.loads(open(f"{result.store}/sweeps/{spec.name}-{row['config_hash']}/trials.json").read())
-    assert len(summary["trials"]) == 2 and summary["best"]["density"] == row["density"]
-    best_delta = load_delta(row["delta_uri"])
-    assert float(best_delta.metadata["density"]) == row["density"]
-    assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
+    ledgers = {}
+    for row in result.rows:
+        assert row["sweep_trials"] == 3 and 0.005 <= row["density"] <= 0.05 and 0.0 <= row["alpha"] <= 1.0
+        root = f"{result.store}/sweeps/{row['task']}-{row['config_hash']}"
+        summary = json.loads(open(f"{root}/trials.json").read())
+        assert len(summary["trials"]) == 3 and summary["best"]["density"] == row["density"]
+        assert float(load_delta(row["delta_uri"]).metadata["density"]) == row["density"]
+        assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
+        ledgers[row["task"]] = (root, json.loads(open(f"{root}/ledger.json").read()))
+    a, b = (ledgers[s.name][1] for s in task_specs)
+    assert any(x["started_at"] < y["finished_at"] and y["started_at"] < x["finished_at"] for x in a for y in b)
+    assert not os.path.exists(f"{result.store}/sweeps/_tune/{result.job_id}")  # Tune's folders are cleaned up
     assert any(p.endswith("density_vs_metric.png") for p in result.plots)
+
+    # As if the driver had died after one trial of the first task: only its summary and two trials are gone.
+    root, ledger = ledgers[task_specs[0].name]
+    os.remove(f"{root}/trials.json")
+    os.remove(next(r["delta_uri"] for r in result.rows if r["task"] == task_specs[0].name))
+    open(f"{root}/ledger.json", "w").write(json.dumps(ledger[:1]))
+    again = run_job(job, progress=False, force=False)
+    assert again.exit_code == 0, again.rows
+    resumed = json.loads(open(f"{root}/ledger.json").read())
+    assert len(resumed) == 3 and resumed[0] == ledger[0]  # the finished trial is kept, two new ones ran
+    assert {t["trial_id"] for t in resumed[1:]}.isdisjoint({t["trial_id"] for t in ledger})
+    untouched = ledgers[task_specs[1].name]
+    assert json.loads(open(f"{untouched[0]}/ledger.json").read()) == untouched[1]  # the finished sweep is reused
 
 
 def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task_specs):
@@ -237,7 +257,7 @@ def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task
     _, result = first_run
     images = sorted(glob.glob(os.path.join(task_specs[1].source, "test", "*", "*.png")))[:3]
     assert images
-    uris = [f"{result.store}/deltas/{s.name}.safetensors" for s in task_specs]
+    uris = [latest_artifact(result.store, s.name)["uri"] for s in task_specs]
     top_k = max(s.num_classes for s in task_specs)
     out = CliRunner().invoke(main, ["predict", *sum((["--delta", u] for u in uris), []), "--json",
                                     "--top-k", str(top_k), *images])

@@ -1,0 +1,108 @@
+"""The store layout: every path shpeft writes under a job's store comes from here.
+
+```
+<store>/jobs/<job_id>.json                         the validated job
+<store>/importance/<key>.safetensors               one dataset's map (+ its warmed head)
+<store>/importance/agnostic-<key>.safetensors      a combined task-agnostic map
+<store>/runs/<job_id>-<task>-<hash>/               a run's checkpoints (and Ray Train's)
+<store>/sweeps/<task>-<hash>/                      a sweep's trials, Tune state, trials.json
+<store>/deltas/<task>/<job_id>-<hash>.safetensors  a task's artifact (.lora/ folder, .checkpoint.safetensors)
+<store>/deltas/<task>/latest.json                  pointer to the task's newest verified artifact
+<store>/catalogue/<job_id>.parquet                 results, one row per task
+<store>/plots/<job_id>/*.png                       plots of a run
+<store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts
+<store>/backbones/                                 the demo's pre-trained backbone
+```
+
+Artifacts carry the job id and the task's config hash in their name, so two jobs in one store never
+overwrite each other's files, even for tasks of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
+
+__all__ = [
+    "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
+    "latest_pointer", "write_latest", "latest_artifact", "catalogue_dir", "catalogue_file", "plots_dir",
+    "report_dir", "backbones_dir",
+]
+
+_SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
+
+
+def job_file(store: str, job_id: str) -> str:
+    return join_uri(store, "jobs", f"{job_id}.json")
+
+
+def importance_map(store: str, key: str) -> str:
+    return join_uri(store, "importance", f"{key}.safetensors")
+
+
+def agnostic_map(store: str, key: str) -> str:
+    return join_uri(store, "importance", f"agnostic-{key}.safetensors")
+
+
+def run_root(store: str, job_id: str, task: str, config_hash: str) -> str:
+    return join_uri(store, "runs", f"{job_id}-{task}-{config_hash}")
+
+
+def sweep_root(store: str, task: str, config_hash: str) -> str:
+    return join_uri(store, "sweeps", f"{task}-{config_hash}")
+
+
+def artifact_uri(folder: str, name: str, method: str) -> str:
+    """A run's artifact named ``name`` in ``folder``: a .safetensors file, or a folder for lora."""
+    from shpeft_core.methods import artifact_kind
+
+    return join_uri(folder, f"{name}{_SUFFIX[artifact_kind(method)]}")
+
+
+def task_artifact(store: str, task: str, job_id: str, config_hash: str, method: str) -> str:
+    return artifact_uri(join_uri(store, "deltas", task), f"{job_id}-{config_hash}", method)
+
+
+def latest_pointer(store: str, task: str) -> str:
+    return join_uri(store, "deltas", task, "latest.json")
+
+
+def write_latest(store: str, row: dict) -> None:
+    """Point deltas/<task>/latest.json at a finished, verified row's artifact (atomic replace)."""
+    doc = {"task": row["task"], "uri": row["delta_uri"], "sha256": row["sha256"], "kind": row.get("artifact_kind"),
+           "method": row.get("method"), "job_id": row.get("job_id"), "config_hash": row.get("config_hash"),
+           "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_bytes(latest_pointer(store, row["task"]), json.dumps(doc, indent=1).encode())
+
+
+def latest_artifact(store: str, task: str) -> dict:
+    """The newest artifact of ``task`` in ``store`` ({uri, sha256, kind, method, job_id, ...}).
+
+    Raises FileNotFoundError naming the pointer when the task has no finished artifact there.
+    """
+    uri = latest_pointer(store, task)
+    if not exists(uri):
+        raise FileNotFoundError(f"{uri}: no finished artifact of task {task!r} in this store")
+    return json.loads(read_bytes(uri))
+
+
+def catalogue_dir(store: str) -> str:
+    return join_uri(store, "catalogue")
+
+
+def catalogue_file(store: str, job_id: str) -> str:
+    return join_uri(store, "catalogue", f"{job_id}.parquet")
+
+
+def plots_dir(store: str, job_id: str) -> str:
+    return join_uri(store, "plots", job_id)
+
+
+def report_dir(store: str, report_id: str) -> str:
+    return join_uri(store, "reports", report_id)
+
+
+def backbones_dir(store: str) -> str:
+    return join_uri(store, "backbones")
