@@ -4,9 +4,11 @@ gradients and LoRA r=8, side by side in one process on the same timm model and b
 activation_floor (extra row) freezes the whole backbone except the patch-embedding bias, so
 every block still runs its input-gradient backward: the floor any backbone-tuning method pays.
 
-Per method: median step time (forward + backward + AdamW step), ratio to full fine-tuning,
-peak memory, trainable parameters and optimiser-state bytes. The last line printed is one JSON
-object {"methods": {NAME: {...}}}.
+Per method: median step time (forward + backward + AdamW step), its ratio to full fine-tuning,
+to activation_floor and to lora_r8 (same run), peak memory, trainable parameters and
+optimiser-state bytes; for shpeft_<density> (any density, e.g. shpeft_3e-3) also how many layers
+took each values-gradient path (autotuned on the first backward). The last line printed is one
+JSON object {"methods": {NAME: {...}}}.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over a training step with only that
 method's model on the device. On CPU (where allocator peaks are not observable), the bytes of
@@ -24,6 +26,7 @@ import platform
 import statistics
 import time
 
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +42,12 @@ from shpeft_core import (
     select_mask,
 )
 from shpeft_core.eligibility import eligible_modules
+from shpeft_core.sparse import values_grad_choices
 
-METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-4", "shpeft_1e-3", "activation_floor")
+METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-5", "shpeft_1e-4", "shpeft_1e-3", "shpeft_1e-2",
+           "activation_floor")
+# Ratio columns: step time relative to these methods when they are in the run.
+BASELINES = {"full": "ratio_to_full", "activation_floor": "ratio_to_floor", "lora_r8": "ratio_to_lora"}
 LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
 
 
@@ -50,6 +57,7 @@ class Method:
         self.grad_masks = grad_masks or []
         self.trainable = trainable
         self.times: list[float] = []
+        self.paths: dict[str, int] = {}  # values-gradient path -> layers (shpeft only)
 
     amp = False  # bf16 autocast (CUDA only)
 
@@ -117,11 +125,23 @@ def build(name, spec, num_classes, scores, device) -> Method:
         params = [p for p in pm.parameters() if p.requires_grad]
         return Method(name, pm, _adamw(params, 0.05), trainable=sum(p.numel() for p in params))
     if name.startswith("shpeft_"):
-        density = float(name.split("_", 1)[1])
+        try:
+            density = float(name.split("_", 1)[1])
+        except ValueError:
+            raise ValueError(f"{name}: expected shpeft_<density>, e.g. shpeft_1e-3") from None
         apply_sparse_training(model, {n: v.to(device) for n, v in select_mask(scores, density, "global").items()})
         params = [p for p in model.parameters() if p.requires_grad]
         return Method(name, model, _adamw(params, 0.05), trainable=sum(p.numel() for p in params))
     raise ValueError(name)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -161,6 +181,34 @@ def cuda_step_bytes(method: Method, x, y, device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
+def first_step(method: Method, step):
+    """``step()`` (the method's first backward), recording the values-gradient paths it chose."""
+    before = values_grad_choices()
+    out = step()
+    for key, path in values_grad_choices().items():
+        if key not in before:
+            method.paths[path] = method.paths.get(path, 0) + 1
+    return out
+
+
+def add_ratios(result: dict) -> None:
+    for base, col in BASELINES.items():
+        ref = result.get(base, {}).get("step_ms")
+        for r in result.values():
+            r[col] = round(r["step_ms"] / ref, 3) if ref else None
+
+
+def print_table(result: dict) -> None:
+    cols = [c for b, c in BASELINES.items() if b in result]
+    hdr = f"{'method':<18} {'step_ms':>9}" + "".join(f" {c[len('ratio_'):]:>9}" for c in cols)
+    print(hdr + f" {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}  values-grad paths")
+    for n, r in result.items():
+        ratios = "".join(f" {r[c]:>9.3f}" for c in cols)
+        paths = ", ".join(f"{p} {c}" for p, c in sorted(r.get("values_grad_paths", {}).items()))
+        print(f"{n:<18} {r['step_ms']:>9.1f}{ratios} {r['peak_mem_mb']:>9.1f} {r['trainable']:>10d} "
+              f"{r['optimizer_state_bytes']:>12d}  {paths}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_small_patch16_224")
@@ -197,17 +245,19 @@ def main(argv=None):
     names = [m for m in args.methods.split(",") if m]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    peak = {}
+    peak, paths = {}, {}
     if device.type == "cuda":
         for n in names:  # one method at a time on the device
             m = build(n, spec, args.num_classes, scores, device)
-            peak[n] = cuda_step_bytes(m, x, y, device)
+            peak[n] = first_step(m, lambda: cuda_step_bytes(m, x, y, device))
+            paths[n] = m.paths
             del m
             torch.cuda.empty_cache()
     methods = [build(n, spec, args.num_classes, scores, device) for n in names]
-    if device.type != "cuda":
-        for m in methods:
-            peak[m.name] = cpu_step_bytes(m, x, y)
+    for m in methods:
+        if device.type != "cuda":
+            peak[m.name] = first_step(m, lambda: cpu_step_bytes(m, x, y))
+            paths[m.name] = m.paths
 
     for _ in range(args.warmup):
         for m in methods:
@@ -222,33 +272,27 @@ def main(argv=None):
             m.times.append(time.perf_counter() - t0)
 
     result = {}
-    full_ms = None
     for m in methods:
-        ms = statistics.median(m.times) * 1e3
-        if m.name == "full":
-            full_ms = ms
         result[m.name] = {
-            "step_ms": round(ms, 2),
+            "step_ms": round(statistics.median(m.times) * 1e3, 2),
             "trainable": int(m.trainable),
             "optimizer_state_bytes": int(optimizer_state_bytes(m.optimizer)),
             "peak_mem_mb": round(peak[m.name] / 2**20, 1),
         }
-    for r in result.values():
-        r["ratio_to_full"] = round(r["step_ms"] / full_ms, 3) if full_ms else None
+        if paths.get(m.name):
+            result[m.name]["values_grad_paths"] = paths[m.name]
+    add_ratios(result)
     info = {
         "model": args.model, "img_size": size, "batch_size": args.batch_size, "device": str(device),
-        "threads": torch.get_num_threads(), "bf16": bool(args.bf16 and device.type == "cuda"), "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "bf16": bool(args.bf16 and device.type == "cuda"), "torch": torch.__version__,
+        "timm": timm.__version__, "peft": _version("peft"), "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "eligible_weights": eligible_total, "steps": args.steps,
         "peak_mem": "cuda max_memory_allocated" if device.type == "cuda" else "params+grads+optimizer state+saved activations",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     print("setup " + json.dumps(info))
-    hdr = f"{'method':<16} {'step_ms':>9} {'ratio':>6} {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}"
-    print(hdr)
-    for n, r in result.items():
-        print(f"{n:<16} {r['step_ms']:>9.1f} {r['ratio_to_full'] or 0:>6.3f} {r['peak_mem_mb']:>9.1f} "
-              f"{r['trainable']:>10d} {r['optimizer_state_bytes']:>12d}")
+    print_table(result)
     print(json.dumps({"methods": result}))
 
 

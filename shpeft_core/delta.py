@@ -51,7 +51,7 @@ class DeltaError(ValueError):
 @dataclass
 class TaskDelta:
     indices: dict[str, Tensor]  # param name -> int32 flat row-major indices
-    values: dict[str, Tensor]  # param name -> values added at those indices
+    values: dict[str, Tensor]  # param name -> float32 values added at those indices
     head: dict[str, Tensor]  # head tensors under their timm names
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -92,7 +92,7 @@ def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
     for path, mod in mods.items():
         name = f"{path}.weight"
         indices[name] = mod.indices.detach().cpu().to(torch.int32).clone()
-        values[name] = mod.values.detach().cpu().clone()
+        values[name] = mod.values.detach().cpu().to(torch.float32).clone()  # the format stores float32
         shapes[name] = list(mod.weight.shape)
     head_names = head_parameter_names(m)
     params = dict(m.named_parameters())
@@ -277,7 +277,8 @@ def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool =
             i = idx.to(device=p.device, dtype=torch.int64)
             orig = flat[i].clone()
             handle._entries.append((flat, i, orig))
-            # Same arithmetic as the sparse forward (base + value in the weight dtype): bit-identical logits.
+            # Same arithmetic as the sparse forward (base + float32 value cast to the weight dtype):
+            # bit-identical logits.
             flat[i] = orig + delta.values[n].to(device=p.device, dtype=p.dtype)
         for n, t in delta.head.items():
             p = params[n]

@@ -2,13 +2,22 @@
 
 The forward merges the weight once (``W + scatter(values)``) and calls F.linear / F.conv2d, so
 it runs at dense speed. The backward returns the input gradient through the merged weight and
-the values' gradient as gathered products at the k entries only: no dense weight gradient is
-formed, which is where full fine-tuning spends about a third of its step.
+the values' gradient at the k entries only, ``gv[j] = sum_n grad_out[n, row_j] * x[n, col_j]``.
+Four exact ways to form it are kept (``VALUES_GRAD_PATHS``); which is cheapest depends on k, the
+layer shape, the token count and the device, so each (shape, tokens, k, rows, cols, dtype,
+device) is timed once on its first backward and the winner kept for the process.
+
+``values`` are a float32 master copy whatever the weight's dtype (float64 stays float64): a bf16
+backbone would round small updates away. They are cast to the weight's dtype only when merged.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +38,10 @@ __all__ = [
     "count_trainable",
     "validate_indices",
     "MaskError",
+    "SparsePattern",
+    "sparse_pattern",
+    "VALUES_GRAD_PATHS",
+    "values_grad_choices",
 ]
 
 # Bound on elements of each gathered [rows x chunk] block in the values' backward.
@@ -36,9 +49,26 @@ GATHER_CHUNK_ELEMENTS = 1 << 20
 # Block size for the transposed path: two [chunk x rows] blocks stay in cache.
 TRANSPOSED_CHUNK_ELEMENTS = 1 << 16
 
+# Ways to form the values' gradient, all exact (they differ only in float summation order):
+#   gathered: dot products of gathered columns, O(k * N) memory-bound work;
+#   sddmm:    torch.sparse.sampled_addmm at the CSR pattern of the k entries;
+#   compact:  GEMM over the selected rows x selected columns only, then a gather;
+#   dense:    the layer's full weight-gradient GEMM, then a gather.
+VALUES_GRAD_PATHS = ("gathered", "sddmm", "compact", "dense")
+# None: autotune. A name from VALUES_GRAD_PATHS forces that path everywhere (tests, or bit-exact
+# reruns: the autotuned choice may differ between runs, and with it the last bits of the sums).
+VALUES_GRAD_PATH: str | None = os.environ.get("SHPEFT_VALUES_GRAD") or None
+# Timed runs per candidate on a key's first backward; the fastest run decides.
+AUTOTUNE_REPEATS = 2
+_chosen: dict[tuple, str] = {}
+
 
 class MaskError(ValueError):
     """A mask does not fit the model (unknown parameter, bad indices)."""
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _merge(weight: Tensor, flat_idx: Tensor, values: Tensor) -> Tensor:
@@ -93,54 +123,158 @@ def _gathered_dot(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> Tensor:
     return out
 
 
+class SparsePattern(NamedTuple):
+    """Where the k values sit in a weight viewed as [out, row_len], in the forms the paths use."""
+
+    shape: tuple[int, int]
+    flat_idx: Tensor  # [k] int64, sorted row-major
+    rows: Tensor  # [k] int64
+    cols: Tensor  # [k] int64
+    crow: Tensor  # [out + 1] int64, CSR row pointers
+    urows: Tensor  # [R] selected rows
+    ucols: Tensor  # [C] selected columns
+    local_idx: Tensor  # [k] flat index into the [R, C] compact block
+
+
+def sparse_pattern(flat_idx: Tensor, shape: tuple[int, int]) -> SparsePattern:
+    flat = flat_idx.to(torch.int64)
+    rows, cols = flat // shape[1], flat % shape[1]
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    urows, rrank = torch.unique(rows, return_inverse=True)
+    ucols, crank = torch.unique(cols, return_inverse=True)
+    return SparsePattern(shape, flat, rows, cols, crow, urows, ucols, rrank * ucols.numel() + crank)
+
+
+def _grad_gathered(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
+    return _gathered_dot(a, pat.rows, b, pat.cols)
+
+
+def _grad_sddmm(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
+    # beta=0 still reads the pattern's values (0 * NaN = NaN), so they must be zeros.
+    zeros = torch.zeros(pat.cols.numel(), dtype=a.dtype, device=a.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = torch.sparse_csr_tensor(pat.crow, pat.cols, zeros, pat.shape, check_invariants=False)
+    # CSR order is sorted row-major order, the order of the values.
+    return torch.sparse.sampled_addmm(csr, a.t(), b, beta=0.0).values()
+
+
+def _grad_compact(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
+    block = a.index_select(1, pat.urows).t() @ b.index_select(1, pat.ucols)
+    return block.view(-1)[pat.local_idx]
+
+
+def _grad_dense(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
+    return (a.t() @ b).view(-1)[pat.flat_idx]
+
+
+_PATH_FNS = {"gathered": _grad_gathered, "sddmm": _grad_sddmm, "compact": _grad_compact, "dense": _grad_dense}
+
+
+def _candidates(pat: SparsePattern) -> list[str]:
+    # compact over every row and column is the dense path with two extra copies.
+    full = pat.urows.numel() == pat.shape[0] and pat.ucols.numel() == pat.shape[1]
+    return [p for p in VALUES_GRAD_PATHS if not (full and p == "compact")]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autotune(a: Tensor, b: Tensor, pat: SparsePattern) -> tuple[str, Tensor]:
+    """Time every candidate AUTOTUNE_REPEATS times (round-robin); the fastest and its result."""
+    best: dict[str, float] = {}
+    outs: dict[str, Tensor] = {}
+    failed: set[str] = set()
+    for _ in range(AUTOTUNE_REPEATS):
+        for name in _candidates(pat):
+            if name in failed:
+                continue
+            _sync(a.device)
+            t0 = time.perf_counter()
+            try:
+                outs[name] = _PATH_FNS[name](a, b, pat)
+            except (RuntimeError, NotImplementedError):  # e.g. no sampled_addmm kernel on this backend
+                failed.add(name)
+                continue
+            _sync(a.device)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    if not best:
+        raise RuntimeError(f"no values-gradient path runs on {a.device} for {a.dtype}")
+    winner = min(best, key=best.get)
+    return winner, outs[winner]
+
+
+def _values_grad(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
+    """gv[j] = sum_n a[n, rows[j]] * b[n, cols[j]] for a [N, out], b [N, row_len]; float32 (float64 kept)."""
+    dtype = _master_dtype(a.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    if VALUES_GRAD_PATH is not None:
+        if VALUES_GRAD_PATH not in _PATH_FNS:
+            raise ValueError(f"VALUES_GRAD_PATH={VALUES_GRAD_PATH!r}: expected one of {VALUES_GRAD_PATHS}")
+        return _PATH_FNS[VALUES_GRAD_PATH](a, b, pat)
+    key = (pat.shape, a.shape[0], pat.cols.numel(), pat.urows.numel(), pat.ucols.numel(), dtype, a.device)
+    name = _chosen.get(key)
+    if name is not None:
+        return _PATH_FNS[name](a, b, pat)
+    name, out = _autotune(a, b, pat)
+    _chosen[key] = name
+    return out
+
+
+def values_grad_choices() -> dict[tuple, str]:
+    """The autotuned path per (shape, tokens, k, rows, cols, dtype, device) so far in this process."""
+    return dict(_chosen)
+
+
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, flat_idx, rows, cols, values):
-        with _merged_in_place(weight, flat_idx, values) as w:
+    def forward(ctx, x, weight, bias, pattern, values):
+        with _merged_in_place(weight, pattern.flat_idx, values) as w:
             out = F.linear(x, w, bias)
         # The frozen weight is kept by reference, not saved: it is modified (and restored) in place.
-        ctx.weight = weight
-        ctx.save_for_backward(x, flat_idx, rows, cols, values)
+        ctx.weight, ctx.pattern = weight, pattern
+        ctx.save_for_backward(x, values)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, flat_idx, rows, cols, values = ctx.saved_tensors
-        weight = ctx.weight
-        need_x, _, need_b, _, _, _, need_v = ctx.needs_input_grad
+        x, values = ctx.saved_tensors
+        weight, pat = ctx.weight, ctx.pattern
+        need_x, _, need_b, _, need_v = ctx.needs_input_grad
         gx = gb = gv = None
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
-            with torch.no_grad(), _merged_in_place(weight, flat_idx, values) as w:
+            with torch.no_grad(), _merged_in_place(weight, pat.flat_idx, values) as w:
                 gx = (grad_out @ w.to(grad_out.dtype)).to(x.dtype)
         if need_b:
             gb = go2.sum(0).to(weight.dtype)
         if need_v:
-            x2 = x.reshape(-1, x.shape[-1])
-            gv = _gathered_dot(go2, rows, x2, cols).to(values.dtype)
-        return gx, None, gb, None, None, None, gv
+            gv = _values_grad(go2, x.reshape(-1, x.shape[-1]), pat).to(values.dtype)
+        return gx, None, gb, None, gv
 
 
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, flat_idx, rows, cols, values, stride, padding, dilation):
-        with _merged_in_place(weight, flat_idx, values) as w:
+    def forward(ctx, x, weight, bias, pattern, values, stride, padding, dilation):
+        with _merged_in_place(weight, pattern.flat_idx, values) as w:
             out = F.conv2d(x, w, bias, stride, padding, dilation)
-        ctx.weight = weight
-        ctx.save_for_backward(x, flat_idx, rows, cols, values)
+        ctx.weight, ctx.pattern = weight, pattern
+        ctx.save_for_backward(x, values)
         ctx.conf = (stride, padding, dilation)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, flat_idx, rows, cols, values = ctx.saved_tensors
-        weight = ctx.weight
+        x, values = ctx.saved_tensors
+        weight, pat = ctx.weight, ctx.pattern
         stride, padding, dilation = ctx.conf
-        need_x, _, need_b = ctx.needs_input_grad[:3]
-        need_v = ctx.needs_input_grad[6]
+        need_x, _, need_b, _, need_v = ctx.needs_input_grad[:5]
         gx = gb = gv = None
         if need_x:
-            with torch.no_grad(), _merged_in_place(weight, flat_idx, values) as w:
+            with torch.no_grad(), _merged_in_place(weight, pat.flat_idx, values) as w:
                 gx = torch.nn.grad.conv2d_input(x.shape, w.to(grad_out.dtype), grad_out, stride, padding,
                                                 dilation).to(x.dtype)
         if need_b:
@@ -152,16 +286,16 @@ class _SparseConv2dFn(torch.autograd.Function):
             # [B*L, features] views of [features, B*L] tensors: the transposed gather path is then free.
             p2 = patches.permute(1, 0, 2).reshape(ckk, b * length).t()
             g2 = grad_out.reshape(b, grad_out.shape[1], length).permute(1, 0, 2).reshape(-1, b * length).t()
-            gv = _gathered_dot(g2, rows, p2, cols).to(values.dtype)
-        return gx, None, gb, None, None, None, gv, None, None, None
+            gv = _values_grad(g2, p2, pat).to(values.dtype)
+        return gx, None, gb, None, gv, None, None, None
 
 
-def sparse_linear(x, weight, bias, flat_idx, rows, cols, values) -> Tensor:
-    return _SparseLinearFn.apply(x, weight, bias, flat_idx, rows, cols, values)
+def sparse_linear(x, weight, bias, pattern: SparsePattern, values) -> Tensor:
+    return _SparseLinearFn.apply(x, weight, bias, pattern, values)
 
 
-def sparse_conv2d(x, weight, bias, flat_idx, rows, cols, values, stride, padding, dilation) -> Tensor:
-    return _SparseConv2dFn.apply(x, weight, bias, flat_idx, rows, cols, values, stride, padding, dilation)
+def sparse_conv2d(x, weight, bias, pattern: SparsePattern, values, stride, padding, dilation) -> Tensor:
+    return _SparseConv2dFn.apply(x, weight, bias, pattern, values, stride, padding, dilation)
 
 
 def validate_indices(name: str, indices: Tensor, numel: int) -> None:
@@ -188,18 +322,36 @@ class SparseDeltaMixin(nn.Module):
         self.bias = base.bias
         idx = indices.to(device=weight.device, dtype=torch.int32).contiguous()
         self.register_buffer("indices", idx)
-        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=weight.dtype, device=weight.device))
-        row_len = weight[0].numel()
-        flat = idx.to(torch.int64)
-        self.register_buffer("flat_idx", flat, persistent=False)
-        self.register_buffer("rows", flat // row_len, persistent=False)
-        self.register_buffer("cols", flat % row_len, persistent=False)
+        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=_master_dtype(weight.dtype), device=weight.device))
+        self._set_pattern()
+
+    def _set_pattern(self) -> None:
+        # Derived index forms: non-persistent buffers, so they follow .to(device) with the module.
+        pat = sparse_pattern(self.indices, (self.weight.shape[0], self.weight[0].numel()))
+        for name in SparsePattern._fields[1:]:
+            if name in self._buffers:
+                self._buffers[name] = getattr(pat, name)
+            else:
+                self.register_buffer(name, getattr(pat, name), persistent=False)
+
+    def _pattern(self) -> SparsePattern:
+        shape = (self.weight.shape[0], self.weight[0].numel())
+        return SparsePattern(shape, *(self._buffers[n] for n in SparsePattern._fields[1:]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        flat = self.indices.to(torch.int64)
-        row_len = self.weight[0].numel()
-        self.flat_idx, self.rows, self.cols = flat, flat // row_len, flat % row_len
+        self._set_pattern()
+
+    def _apply(self, fn, recurse=True):
+        # Whole-model casts (model.bfloat16()) must not demote the float32 master values.
+        master = self.values.data
+        out = super()._apply(fn, recurse)
+        want = _master_dtype(self.values.dtype)
+        if self.values.dtype != want:
+            self.values.data = master.to(device=self.values.device, dtype=want)
+            if self.values.grad is not None:
+                self.values.grad = self.values.grad.to(want)
+        return out
 
     def merged_weight(self) -> Tensor:
         return _merge(self.weight, self.flat_idx, self.values)
@@ -220,7 +372,7 @@ class SparseDeltaLinear(SparseDeltaMixin):
         self._init_sparse(base, indices)
 
     def forward(self, x: Tensor) -> Tensor:
-        return sparse_linear(x, self.weight, self.bias, self.flat_idx, self.rows, self.cols, self.values)
+        return sparse_linear(x, self.weight, self.bias, self._pattern(), self.values)
 
     def to_plain(self, merge: bool = True) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -240,8 +392,8 @@ class SparseDeltaConv2d(SparseDeltaMixin):
         self._init_sparse(base, indices)
 
     def forward(self, x: Tensor) -> Tensor:
-        return sparse_conv2d(x, self.weight, self.bias, self.flat_idx, self.rows, self.cols, self.values,
-                             self.stride, self.padding, self.dilation)
+        return sparse_conv2d(x, self.weight, self.bias, self._pattern(), self.values, self.stride, self.padding,
+                             self.dilation)
 
     def to_plain(self, merge: bool = True) -> nn.Conv2d:
         out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

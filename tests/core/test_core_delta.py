@@ -173,3 +173,50 @@ def test_apply_delta_refuses_model_under_sparse_training():
     delta = extract_delta(model, metadata=META)
     with pytest.raises(DeltaError, match="sparse training"):
         apply_delta(model, delta)
+
+
+def test_bf16_backbone_keeps_float32_values_and_restores_bit_exactly():
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    model = tiny_model("vit").to(bf16)
+    frozen_before = {n: t.clone() for n, t in model.state_dict().items() if not n.startswith("head")}
+    g = torch.Generator().manual_seed(1)
+    mask = {n: torch.sort(torch.randperm(p.numel(), generator=g)[:7]).values.to(torch.int32)
+            for n, p in eligible_parameters(model).items()}
+    apply_sparse_training(model, mask)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(4, 3, 32, 32).to(bf16), torch.randint(0, 3, (4,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    model.eval()
+    values = {n[: -len(".values")] + ".weight": p for n, p in model.named_parameters() if n.endswith(".values")}
+    assert values.keys() == mask.keys() and all(v.dtype == torch.float32 for v in values.values())
+    assert any(bool(v.detach().ne(0).any()) for v in values.values())
+    state = model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in frozen_before.items())  # frozen entries bit-identical
+
+    delta = _saved_and_loaded(extract_delta(model, metadata=META))
+    for n, v in values.items():
+        assert delta.values[n].dtype == torch.float32 and torch.equal(delta.values[n], v.detach())
+    base = tiny_model("vit").to(bf16).eval()
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    with torch.no_grad():
+        want = model(x)
+        with apply_delta(base, delta):
+            params = dict(base.named_parameters())
+            for n, v in values.items():  # the weight dtype receives the values cast once, as in the forward
+                mod = model.get_submodule(n[: -len(".weight")])
+                assert params[n].dtype == bf16 and torch.equal(params[n], mod.merged_weight())
+            assert torch.equal(base(x), want)
+    assert all(torch.equal(base.state_dict()[n], before[n]) for n in before)
+    wide = tiny_model("vit").double()  # a float64 model's values are stored float32 too
+    apply_sparse_training(wide, {"blocks.0.mlp.fc1.weight": torch.tensor([0, 5], dtype=torch.int32)})
+    assert extract_delta(wide, metadata=META).values["blocks.0.mlp.fc1.weight"].dtype == torch.float32
+
+
+def _saved_and_loaded(delta):
+    uri = "memory://deltas/bf16.safetensors"
+    save_delta(delta, uri)
+    return load_delta(uri)

@@ -4,7 +4,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from shpeft_core import apply_sparse_training, head_parameter_names, count_trainable, eligible_parameters, trainable_parameters
-from shpeft_core.sparse import MaskError, SparseDeltaConv2d, SparseDeltaLinear, remove_sparse_training
+import shpeft_core.sparse as sp
+from shpeft_core.sparse import (
+    VALUES_GRAD_PATHS,
+    MaskError,
+    SparseDeltaConv2d,
+    SparseDeltaLinear,
+    remove_sparse_training,
+)
 
 from helpers_core import IMG, tiny_model
 
@@ -14,16 +21,31 @@ def _random_indices(numel, k, seed):
     return torch.sort(torch.randperm(numel, generator=g)[:k]).values.to(torch.int32)
 
 
+# None: autotuned; otherwise the forced path.
+PATHS = [None, *VALUES_GRAD_PATHS]
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: p or "auto")
+def grad_path(request, monkeypatch):
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", request.param)
+    monkeypatch.setattr(sp, "_chosen", {})
+    return request.param
+
+
 LINEAR_CASES = [
     # (in, out, bias, input shape prefix, k)
     (7, 5, True, (4,), 6),
     (7, 5, False, (2, 3), 35),  # every entry selected
     (16, 9, True, (3, 4, 2), 1),
+    (8, 24, True, (2, 5), 100),  # fused qkv shape [3 * dim, dim], 3-D input
+    (8, 24, False, (3, 4), 7),
+    (6, 10, True, (5,), 16),  # k = in + out: last k on the direct gather path
+    (6, 10, True, (5,), 17),  # first k on the transposed gather path
 ]
 
 
 @pytest.mark.parametrize("fin,fout,bias,prefix,k", LINEAR_CASES)
-def test_linear_values_grad_equals_dense_grad_gathered(fin, fout, bias, prefix, k):
+def test_linear_values_grad_equals_dense_grad_gathered(grad_path, fin, fout, bias, prefix, k):
     torch.manual_seed(0)
     base = nn.Linear(fin, fout, bias=bias).double()
     idx = _random_indices(fin * fout, k, 1)
@@ -44,6 +66,7 @@ def test_linear_values_grad_equals_dense_grad_gathered(fin, fout, bias, prefix, 
     torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     assert mod.weight.grad is None
+    assert bool(sp.values_grad_choices()) == (grad_path is None)  # autotuned, or forced without tuning
 
 
 CONV_CASES = [
@@ -53,11 +76,13 @@ CONV_CASES = [
     (2, 5, (2, 3), (1, 2), (1, 0), 1, True, 9, 30),
     (3, 6, 4, 4, 0, 1, True, 16, 12),  # patch-embedding style
     (2, 3, 3, 1, 2, 2, True, 9, 54),  # dilation, every entry selected
+    (3, 8, 4, 4, 0, 1, False, 16, 300),  # patch embedding, large k
 ]
 
 
 @pytest.mark.parametrize("cin,cout,kernel,stride,padding,dilation,bias,hw,k", CONV_CASES)
-def test_conv_values_grad_equals_dense_grad_gathered(cin, cout, kernel, stride, padding, dilation, bias, hw, k):
+def test_conv_values_grad_equals_dense_grad_gathered(grad_path, cin, cout, kernel, stride, padding, dilation, bias, hw,
+                                                    k):
     torch.manual_seed(0)
     base = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=bias).double()
     idx = _random_indices(base.weight.numel(), k, 2)
@@ -77,12 +102,12 @@ def test_conv_values_grad_equals_dense_grad_gathered(cin, cout, kernel, stride, 
     gx_ref, gw_ref = torch.autograd.grad(((out_ref - target) ** 2).sum(), [x_ref, w])
     torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    assert bool(sp.values_grad_choices()) == (grad_path is None)
 
 
 @pytest.mark.parametrize("k", [5, 100])  # direct and transposed gather paths
 def test_chunked_gather_matches_unchunked(monkeypatch, k):
-    import shpeft_core.sparse as sp
-
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", "gathered")
     torch.manual_seed(0)
     base = nn.Linear(12, 10).double()
     mod = SparseDeltaLinear(base, _random_indices(120, k, 3))
@@ -184,7 +209,7 @@ def test_bad_masks_are_refused_naming_the_parameter(mask, match):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_mixed_precision_backward_matches_float32(kind):
+def test_mixed_precision_backward_matches_float32(grad_path, kind):
     # bf16 autocast (run here on CPU) exercises the dtype casts of the CUDA bf16 path.
     torch.manual_seed(0)
     if kind == "linear":
@@ -217,3 +242,128 @@ def test_module_applied_twice_in_one_graph():
     gw = torch.autograd.grad(ref, w)[0]
     torch.testing.assert_close(gv, gw.reshape(-1)[mod.indices.long()], rtol=1e-12, atol=1e-12)
     assert torch.equal(mod.weight, base_before)
+
+
+def _linear_case(k=5, seed=12):
+    torch.manual_seed(0)
+    mod = SparseDeltaLinear(nn.Linear(12, 10).double(), _random_indices(120, k, seed))
+    with torch.no_grad():
+        mod.values.normal_()
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    w = mod.merged_weight().detach().clone().requires_grad_(True)
+    ref = torch.autograd.grad(F.linear(x, w, mod.bias).square().sum(), w)[0].reshape(-1)[mod.indices.long()]
+    return mod, x, ref
+
+
+@pytest.mark.parametrize("winner", VALUES_GRAD_PATHS)
+def test_autotune_keeps_the_fastest_path_and_its_gradient_is_exact(monkeypatch, winner):
+    # A fake clock in which `winner` is the cheapest: every path must be able to win, and the
+    # gradient must be exact on the tuning call and on the calls that reuse the choice.
+    clock, calls = [0.0], []
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
+    monkeypatch.setattr(sp, "_chosen", {})
+    monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
+
+    def timed(name, fn):
+        def run(a, b, pat):
+            calls.append(name)
+            clock[0] += 1.0 if name == winner else 5.0
+            return fn(a, b, pat)
+        return run
+
+    monkeypatch.setattr(sp, "_PATH_FNS", {n: timed(n, f) for n, f in sp._PATH_FNS.items()})
+    mod, x, ref = _linear_case()
+    for _ in range(2):
+        gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+        torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
+    assert calls[:-1] == list(VALUES_GRAD_PATHS) * sp.AUTOTUNE_REPEATS  # tuning call: every candidate
+    assert calls[-1] == winner  # the next call reuses the choice
+    assert list(sp.values_grad_choices().values()) == [winner]
+
+
+def test_compact_is_no_candidate_when_every_row_and_column_is_selected():
+    every = sp.sparse_pattern(torch.tensor([0, 4, 8]), (3, 3))  # the diagonal: all rows, all columns
+    some = sp.sparse_pattern(torch.tensor([0, 4]), (3, 3))
+    assert "compact" not in sp._candidates(every) and "dense" in sp._candidates(every)
+    assert sp._candidates(some) == list(VALUES_GRAD_PATHS)
+
+
+def test_forced_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", "magic")
+    mod, x, _ = _linear_case()
+    with pytest.raises(ValueError, match="magic"):
+        torch.autograd.grad(mod(x).square().sum(), mod.values)
+
+
+def test_paths_agree_in_float32_on_a_vit_sized_layer(monkeypatch):
+    # float32 sums in another order: equal to rounding, on a layer as wide as a ViT-S MLP.
+    torch.manual_seed(0)
+    mod = SparseDeltaLinear(nn.Linear(384, 1536), _random_indices(384 * 1536, 3000, 13))
+    x = torch.randn(2, 50, 384)
+    ref = None
+    for path in VALUES_GRAD_PATHS:
+        monkeypatch.setattr(sp, "VALUES_GRAD_PATH", path)
+        gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+        ref = gv if ref is None else ref
+        torch.testing.assert_close(gv, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_values_are_a_float32_master_copy_for_a_bf16_weight():
+    # Steps far below the bf16 resolution of the weight accumulate in the values, reach the
+    # merged weight once they add up, and never touch the frozen weight.
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    with torch.no_grad():  # |w| in [0.25, 0.5): bf16 spacing 2^-9, so a 1e-5 step rounds away
+        base.weight.copy_((torch.rand(8, 16) * 0.25 + 0.25) * torch.sign(torch.randn(8, 16)))
+    mod = SparseDeltaLinear(base.to(torch.bfloat16), _random_indices(128, 12, 11))
+    assert mod.weight.dtype == torch.bfloat16 and mod.values.dtype == torch.float32
+    w0 = mod.weight.detach().clone()
+    x, t = torch.randn(4, 16).to(torch.bfloat16), torch.randn(4, 8).to(torch.bfloat16)
+    # d/dvalues of (out * t).sum() is (t^T x) at the indices whatever the weight: a fixed step.
+    g = (t.float().t() @ x.float()).reshape(-1)[mod.indices.long()]
+    lr, steps = 1e-5 / float(g.abs().max()), 1000
+    step = (lr * g).to(torch.bfloat16)
+    assert torch.equal(w0.reshape(-1)[mod.indices.long()] - step, w0.reshape(-1)[mod.indices.long()])
+    opt = torch.optim.SGD([mod.values], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (mod(x) * t).sum().backward()
+        assert mod.values.grad.dtype == torch.float32
+        opt.step()
+    torch.testing.assert_close(mod.values.detach(), -steps * lr * g, rtol=1e-3, atol=1e-9)
+    stalled = torch.zeros(12, dtype=torch.bfloat16)  # what bf16 values would have kept
+    for _ in range(steps):
+        stalled -= step
+    assert not torch.allclose(stalled.float(), -steps * lr * g, rtol=0.1)
+    assert torch.equal(mod.weight, w0)  # frozen entries (and the base at the indices) untouched
+    merged = mod.merged_weight().reshape(-1)
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, w0.reshape(-1).index_add(0, mod.indices.long(), mod.values.detach().to(torch.bfloat16)))
+    assert not torch.equal(merged, w0.reshape(-1))  # the accumulated updates became visible
+    assert torch.equal(mod(x), F.linear(x, merged.view_as(w0), mod.bias))
+
+
+def test_model_casts_keep_values_float32_and_float64_stays():
+    mod = SparseDeltaLinear(nn.Linear(6, 4), _random_indices(24, 5, 14))
+    with torch.no_grad():
+        mod.values.copy_(torch.tensor([1e-4, 2e-4, 3.00001, -1.0, 0.5]))
+    master = mod.values.detach().clone()
+    mod.bfloat16()
+    assert mod.weight.dtype == torch.bfloat16 and mod.values.dtype == torch.float32
+    assert torch.equal(mod.values.detach(), master)  # not rounded through bf16 on the way
+    assert SparseDeltaLinear(nn.Linear(6, 4).double(), _random_indices(24, 5, 14)).values.dtype == torch.float64
+
+
+def test_autotune_skips_a_path_that_cannot_run_here(monkeypatch):
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
+    monkeypatch.setattr(sp, "_chosen", {})
+
+    def no_kernel(a, b, pat):
+        raise NotImplementedError("sampled_addmm: no kernel for this backend")
+
+    monkeypatch.setattr(sp, "_PATH_FNS", {**sp._PATH_FNS, "sddmm": no_kernel})
+    mod, x, ref = _linear_case()
+    gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+    torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
+    chosen = list(sp.values_grad_choices().values())
+    assert len(chosen) == 1 and chosen[0] in set(VALUES_GRAD_PATHS) - {"sddmm"}
