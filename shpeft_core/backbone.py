@@ -12,6 +12,7 @@ import timm
 from torch import nn
 
 from . import io
+from ._st import tensor_bytes
 
 __all__ = [
     "BackboneSpec",
@@ -148,11 +149,6 @@ def _sparse_extra_keys(model: nn.Module) -> set[str]:
     return out
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def backbone_fingerprint(model: nn.Module) -> str:
     """sha256 over backbone tensors (head and sparse deltas excluded): names, dtypes, shapes, bytes."""
     m = unwrap(model)
@@ -167,5 +163,5 @@ def backbone_fingerprint(model: nn.Module) -> str:
         if not isinstance(t, torch.Tensor):
             continue
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(_tensor_bytes(t))
+        h.update(tensor_bytes(t))
     return h.hexdigest()

@@ -143,7 +143,7 @@ def test_load_refuses_pickle_and_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(q))
-    with pytest.raises(DeltaError, match="not an shpeft task delta"):
+    with pytest.raises(DeltaError, match="not written by shpeft"):
         load_delta(str(q))
 
 
@@ -220,3 +220,31 @@ def _saved_and_loaded(delta):
     uri = "memory://deltas/bf16.safetensors"
     save_delta(delta, uri)
     return load_delta(uri)
+
+
+def test_corrupt_delta_is_refused_naming_the_file(tmp_path):
+    """A delta whose value bytes were flipped, or that was cut short, is refused, never applied."""
+    from helpers_core import tiny_model as _tiny
+
+    from shpeft_core import apply_sparse_training as _apply, extract_delta as _extract, save_delta as _save
+
+    model = _tiny("vit", num_classes=2)
+    mask = {"blocks.0.mlp.fc1.weight": torch.tensor([0, 5, 9], dtype=torch.int32)}
+    _apply(model, mask)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.values.copy_(torch.tensor([0.5, -0.25, 0.125]))
+    path = tmp_path / "t.safetensors"
+    _save(_extract(model, metadata={"alpha": "1", "estimator": "grad2", "importance_key": "", "task": "t"}), str(path))
+    good = path.read_bytes()
+    values_at = good.rfind(torch.tensor([0.5]).numpy().tobytes())
+    assert values_at > 0
+    flipped = bytearray(good)
+    flipped[values_at + 3] ^= 0x40  # the exponent byte of 0.5: a huge value
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(DeltaError, match=r"t\.safetensors: content does not match the checksum"):
+        load_delta(str(path))
+    path.write_bytes(good[:-7])
+    with pytest.raises(DeltaError, match=r"t\.safetensors"):
+        load_delta(str(path))
+    path.write_bytes(good)
+    assert torch.equal(load_delta(str(path)).values["blocks.0.mlp.fc1.weight"], torch.tensor([0.5, -0.25, 0.125]))
