@@ -168,11 +168,16 @@ def submit(job_file: str, address: str, working_dir: str | None, submission_id: 
     Example: shpeft submit examples/medmnist224_vitb16_gpu.yaml --address http://HEAD:8265
     """
     from orchestrator.jobs_api import JobsApiError, submit_job_file
-    from shpeft_core.io import local_path
+    from shpeft_core.io import StorageError, local_path
 
     job = _load_job_or_exit(job_file)
     env = _parse_env(env_pairs)
-    if local_path(job.store) is not None:
+    try:
+        store_is_local = local_path(job.store) is not None
+    except StorageError as exc:  # the cluster needs the backend, not this machine; reading results does
+        click.echo(f"warning: {exc} (needed here to read the results)", err=True)
+        store_is_local = False
+    if store_is_local:
         click.echo(
             f"warning: store {job.store!r} is a local path; on a cluster it is written on the head node's "
             "disk. Use an object-store URI (s3://, gs://) to read results from here.",
@@ -368,11 +373,12 @@ def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_jso
     """
     from orchestrator.predict import PredictError, predict_files
     from shpeft_core.delta import DeltaError
+    from shpeft_core.io import StorageError
 
     try:
         preds = predict_files(list(deltas), list(images), backbone=backbone, backbone_source=backbone_source,
                               batch_size=batch_size, device=device, top_k=top_k)
-    except (PredictError, DeltaError, FileNotFoundError) as exc:
+    except (PredictError, DeltaError, StorageError, FileNotFoundError) as exc:
         _fail(str(exc), EXIT_INVALID)
     if as_json:
         for p in preds:
@@ -403,6 +409,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
     """
     from orchestrator.export import export_merged
     from shpeft_core.delta import DeltaError
+    from shpeft_core.io import StorageError
 
     if not out.endswith(".safetensors"):
         _fail(f"--merged {out!r} must end in .safetensors", EXIT_INVALID)
@@ -410,7 +417,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
         res = export_merged(delta, out, backbone_source=backbone_source)
     except FileNotFoundError as exc:  # the delta, or the backbone weights it names
         _fail(str(exc), EXIT_INVALID)
-    except DeltaError as exc:
+    except (DeltaError, StorageError) as exc:
         _fail(str(exc), EXIT_INVALID)
     click.echo(
         f"wrote {res['uri']} ({res['bytes']} bytes, {res['tensors']} tensors, sha256 {res['sha256']}); "

@@ -3,6 +3,10 @@
 Writes are atomic: data lands in a temporary sibling and is moved into place, so a reader
 never sees half a file and a crash leaves nothing under the final name. On object stores
 (where a single put is already atomic) the temporary step is skipped.
+
+Object stores need their fsspec backend (s3fs, gcsfs, ...), installed with the package extras
+(``pip install 'shpeft[s3]'`` / ``'shpeft[gcs]'``); without it every helper here raises one
+`StorageError` naming the URI and what to install.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import hashlib
 import os
 import uuid
 
-import fsspec
 from fsspec.core import url_to_fs
 
 __all__ = [
+    "StorageError",
     "atomic_write_bytes",
     "read_bytes",
     "exists",
@@ -23,10 +27,65 @@ __all__ = [
     "join_uri",
     "remove",
     "local_path",
+    "check_writable",
 ]
 
 # Filesystems whose single-object put is atomic: a temp + rename would only double the cost.
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
+
+
+# Protocol -> the pip requirement that provides its fsspec backend (extras of this package first).
+_BACKEND_INSTALL = {
+    "s3": "'shpeft[s3]'",
+    "s3a": "'shpeft[s3]'",
+    "gs": "'shpeft[gcs]'",
+    "gcs": "'shpeft[gcs]'",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "adl": "adlfs",
+}
+
+
+class StorageError(ValueError):
+    """A store or file URI that cannot be used; the message names the URI and what to do."""
+
+
+def _missing_backend(uri: str, exc: BaseException) -> StorageError:
+    """The error for a URI whose fsspec backend cannot be loaded (not installed, or unknown)."""
+    from fsspec.core import split_protocol
+    from fsspec.registry import get_filesystem_class
+
+    # A chained URI (simplecache::s3://...) names several protocols: report the one that fails.
+    protocol = None
+    for part in uri.split("::"):
+        proto = split_protocol(part)[0] or "file"
+        try:
+            get_filesystem_class(proto)
+        except (ImportError, ValueError):
+            protocol = proto
+            break
+    if protocol is None:  # the failure came from inside a backend that does import
+        return StorageError(f"{uri}: its filesystem backend cannot be loaded ({type(exc).__name__}: {exc})")
+    if protocol in _BACKEND_INSTALL:
+        return StorageError(
+            f"{uri}: the {protocol} filesystem backend is not installed; pip install {_BACKEND_INSTALL[protocol]}"
+        )
+    if isinstance(exc, ImportError):
+        return StorageError(f"{uri}: the {protocol} filesystem backend cannot be loaded ({exc})")
+    return StorageError(f"{uri}: no fsspec filesystem is known for protocol {protocol!r}")
+
+
+def _fs(uri: str):
+    """``(filesystem, path)`` for ``uri``; `StorageError` when its backend is missing or unknown."""
+    try:
+        return url_to_fs(uri)
+    except ImportError as exc:
+        raise _missing_backend(uri, exc) from exc
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        raise _missing_backend(uri, exc) from exc
 
 
 def _protocol(fs) -> str:
@@ -44,7 +103,7 @@ def join_uri(base: str, *parts: str) -> str:
 
 def atomic_write_bytes(uri: str, data: bytes) -> str:
     """Write ``data`` to ``uri`` atomically; returns its sha256 hex digest."""
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -68,17 +127,18 @@ def atomic_write_bytes(uri: str, data: bytes) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
+    fs, path = _fs(uri)
+    with fs.open(path, "rb") as f:
         return f.read()
 
 
 def exists(uri: str) -> bool:
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     return fs.exists(path)
 
 
 def remove(uri: str, recursive: bool = False) -> None:
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
@@ -89,7 +149,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(uri: str, chunk_size: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with fsspec.open(uri, "rb") as f:
+    fs, path = _fs(uri)
+    with fs.open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
@@ -97,5 +158,29 @@ def sha256_file(uri: str, chunk_size: int = 1 << 20) -> str:
 
 def local_path(uri: str) -> str | None:
     """The local filesystem path behind ``uri``, or None when it is not on local disk."""
-    fs, path = url_to_fs(uri)
+    fs, path = _fs(uri)
     return path if _protocol(fs) == "file" else None
+
+
+def check_writable(uri: str) -> None:
+    """Check that the store at ``uri`` can be written, by writing and removing a small probe file.
+
+    Creates the store folder when missing (as the first write would). Raises `StorageError`, with
+    one line naming the path, when the backend is missing, the store or a parent of it is a file,
+    or the store is read-only / the credentials do not allow writing.
+    """
+    fs, path = _fs(uri)
+    name = f".shpeft-write-probe-{uuid.uuid4().hex[:12]}"
+    probe, probe_path = join_uri(uri, name), join_uri(path, name)
+    step = "create the store folder"
+    try:
+        if fs.isfile(path):
+            raise NotADirectoryError(f"{path} is a file, not a folder")
+        fs.makedirs(path, exist_ok=True)
+        step = f"write {probe}"
+        fs.pipe_file(probe_path, b"shpeft write probe\n")
+        step = f"remove {probe}"
+        fs.rm(probe_path)
+    except (OSError, ValueError) as exc:  # PermissionError, NotADirectoryError, backend errors
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise StorageError(f"store {uri} is not writable: cannot {step} ({reason})") from exc

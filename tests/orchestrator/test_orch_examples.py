@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ CLUSTER = ROOT / "cluster"
 
 def test_examples_present():
     names = {p.name for p in EXAMPLES}
-    assert {"demo.yaml", "medmnist224_vitb16_gpu.yaml", "sweep.yaml", "parquet_s3.yaml"} <= names
+    assert {"demo.yaml", "medmnist224_vitb16_gpu.yaml", "sweep.yaml", "parquet_s3.yaml",
+            "small_backbone_fractional_gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -70,6 +73,17 @@ def test_sweep_example_sweeps():
     assert 0 < lo < hi <= 1
 
 
+def test_small_backbone_example_shares_gpus():
+    from orchestrator.pipeline import _worker_resources, trainer_slots
+
+    job = load_job(ROOT / "examples" / "small_backbone_fractional_gpu.yaml")
+    assert job.training.use_gpu and job.training.gpus_per_worker == 0.25
+    assert job.store.startswith("s3://")
+    # One 4-CPU/1-GPU worker node of the launcher configs holds four of its training workers.
+    assert _worker_resources(job) == {"CPU": 1.0, "GPU": 0.25}
+    assert trainer_slots(4, 1, job) == 4 and trainer_slots(8, 2, job) == 8
+
+
 def test_parquet_example_reads_object_storage():
     job = load_job(ROOT / "examples" / "parquet_s3.yaml")
     assert job.store.startswith("s3://")
@@ -112,8 +126,16 @@ def _ray_schema() -> dict:
         return json.load(f)
 
 
-@pytest.mark.parametrize("name,provider", [("aws-gpu.yaml", "aws"), ("gcp-gpu.yaml", "gcp")])
-def test_launcher_config_valid(name, provider):
+def _shpeft_install_extras(command: str, checkout: str) -> set[str] | None:
+    """The extras of a `pip install ... CHECKOUT[extra,...]` command, or None when it installs something else."""
+    m = re.search(r"pip install\b.*?" + re.escape(checkout) + r"(?:\[([^\]]*)\])?", command)
+    if not m:
+        return None
+    return {e.strip() for e in (m.group(1) or "").split(",") if e.strip()}
+
+
+@pytest.mark.parametrize("name,provider,extra", [("aws-gpu.yaml", "aws", "s3"), ("gcp-gpu.yaml", "gcp", "gcs")])
+def test_launcher_config_valid(name, provider, extra):
     import jsonschema
 
     cfg = yaml.safe_load((CLUSTER / name).read_text())
@@ -126,6 +148,11 @@ def test_launcher_config_valid(name, provider):
     assert "2.60" in cfg["docker"]["image"]  # same Ray as the client
     assert any("pip install" in c and "shpeft" in c for c in cfg["setup_commands"])
     assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
+    # Every node installs the checkout that file_mounts copies there, with the provider's object-store extra.
+    (checkout,) = [dst for dst, src in cfg["file_mounts"].items() if src == "."]
+    extras = [e for c in cfg["setup_commands"] if (e := _shpeft_install_extras(c, checkout)) is not None]
+    assert extras and all(extra in e for e in extras), (checkout, cfg["setup_commands"])
+    assert not cfg.get("worker_setup_commands")  # nothing that would replace it on workers only
 
 
 def test_kuberay_manifest():
@@ -144,8 +171,80 @@ def test_kuberay_manifest():
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
 
 
+def _env_from_secrets(container: dict) -> None:
+    """Credentials come from Secrets, never as literal values in the manifest."""
+    for var in container.get("env", []):
+        if any(w in var["name"].upper() for w in ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")):
+            assert "value" not in var and "secretKeyRef" in var["valueFrom"], var["name"]
+
+
+def test_kuberay_rayjob(tmp_path):
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text()) if d]
+    (rj,) = [d for d in docs if d.get("kind") == "RayJob"]
+    assert rj["apiVersion"] == "ray.io/v1"
+    spec = rj["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and int(spec["ttlSecondsAfterFinished"]) >= 0
+
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["shpeft", "run"]
+    assert argv[argv.index("--address") + 1] == "auto"
+    job_path = argv[2]
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith("2.60")
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (head_c,) = head["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in head_c["resources"].get("limits", {})
+    assert {8265, 6379} <= {p["containerPort"] for p in head_c["ports"]}
+
+    # The job file is a ConfigMap key mounted on the head, where the entrypoint runs.
+    volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in head_c["volumeMounts"] if job_path.startswith(m["mountPath"].rstrip("/") + "/")]
+    key = job_path[len(mount["mountPath"].rstrip("/")) + 1:]
+    cm_name = volumes[mount["name"]]["configMap"]["name"]
+    (cm,) = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == cm_name]
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(cm["data"][key])
+    job = load_job(job_file)
+    assert job.store.split("://", 1)[0] in ("s3", "gs", "gcs", "az", "abfs")
+
+    (gpu,) = cluster["workerGroupSpecs"]
+    (worker_c,) = gpu["template"]["spec"]["containers"]
+    assert int(worker_c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert 1 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    # The same image as the long-lived RayCluster (built with the object-store extra).
+    (rc,) = [d for d in yaml.safe_load_all((CLUSTER / "kuberay-raycluster.yaml").read_text()) if d]
+    assert head_c["image"] == worker_c["image"] == rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    for c in (head_c, worker_c):
+        _env_from_secrets(c)
+        assert {v["name"] for v in c["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
 def test_cluster_readme_names_every_config():
     text = (CLUSTER / "README.md").read_text()
     for p in CLUSTER.glob("*.yaml"):
         assert p.name in text
     assert "shpeft submit" in text
+    assert "small_backbone_fractional_gpu.yaml" in text
+
+
+def test_cluster_readme_commands_exist():
+    """Every `shpeft COMMAND --option` the guide shows is a real command and option of the CLI."""
+    from orchestrator.cli import main
+
+    text = (CLUSTER / "README.md").read_text()
+    lines = [ln.strip() for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S) for ln in block.splitlines()]
+    seen = 0
+    for line in lines:
+        if not line.startswith("shpeft "):
+            continue
+        argv = shlex.split(line.split("#", 1)[0])
+        cmd = main.commands.get(argv[1])
+        assert cmd is not None, line
+        options = {o for p in cmd.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        for arg in argv[2:]:
+            if arg.startswith("-"):
+                assert arg.split("=", 1)[0] in options, (line, arg)
+        seen += 1
+    assert seen >= 6
