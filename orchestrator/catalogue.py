@@ -49,6 +49,7 @@ SCHEMA = pa.schema(
         pa.field("importance_cache", pa.string()),  # hit | miss
         pa.field("sweep_trials", pa.int64()),
         pa.field("resumed_from_epoch", pa.int64()),  # set when training restarted from a checkpoint
+        pa.field("node", pa.string()),  # Ray node id where a one-worker task trained (last attempt)
         pa.field("importance_s", pa.float64()),
         pa.field("sweep_s", pa.float64()),
         pa.field("train_s", pa.float64()),

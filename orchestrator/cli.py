@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure (including tasks that failed in a job),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,18 @@ def _console():
 
     # Wide enough that catalogue tables do not wrap into unreadable columns when piped.
     return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+@contextlib.contextmanager
+def _invalid_input_exits():
+    """A store that cannot be used, or a job the backbone cannot serve, found once running: exit 2."""
+    from orchestrator.jobspec import JobSpecError
+    from shpeft_core.io import StorageError
+
+    try:
+        yield
+    except (StorageError, JobSpecError) as exc:
+        _fail(str(exc), EXIT_INVALID)
 
 
 def _load_job_or_exit(path: str):
@@ -73,7 +86,8 @@ def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, n
     job = _load_job_or_exit(job_file)
     from orchestrator.pipeline import run_job
 
-    result = run_job(job, address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
+    with _invalid_input_exits():
+        result = run_job(job, address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
     raise click.exceptions.Exit(int(result.exit_code))
 
 
@@ -112,8 +126,9 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
             chosen = parse_methods("shpeft,linear,full")
     from orchestrator.compare import run_compare
 
-    result = run_compare(job, methods=[m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds=seeds,
-                         address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
+    with _invalid_input_exits():
+        result = run_compare(job, methods=[m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds=seeds,
+                             address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
     raise click.exceptions.Exit(int(result.exit_code))
 
 

@@ -115,6 +115,9 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
     import ray
 
+    from .pipeline import preflight
+
+    model = preflight(job)  # before Ray starts
     started = False
     if not ray.is_initialized():
         if address is None:
@@ -124,22 +127,21 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
             ray.init(address=address)
         started = True
     try:
-        return _compare(job, parse_methods(methods), seeds, force=force, progress=progress)
+        return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress)
     finally:
         if started:
             ray.shutdown()
 
 
-def _compare(job: JobSpec, methods: list[tuple[str, str | None]], seeds: int, *, force: bool,
+def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: int, *, force: bool,
              progress: bool) -> CompareResult:
     import ray
 
     from shpeft_core.backbone import backbone_fingerprint
 
-    from .pipeline import (_backbone_dict, _importance_stage, _say, _short_error, _worker_resources, check_backbone,
-                           extra_estimators, normalise_store, plan_for, resolve_task, task_config_hash)
+    from .pipeline import (_importance_stage, _say, _short_error, _worker_resources, extra_estimators,
+                           normalise_store, note_input_sizes, plan_for, resolve_task, task_config_hash)
     from .report import write_report
-    from .train_loop import build_backbone
 
     t_all = time.perf_counter()
     store = normalise_store(job.store)
@@ -153,8 +155,7 @@ def _compare(job: JobSpec, methods: list[tuple[str, str | None]], seeds: int, *,
 
     targets = [resolve_task(e) for e in job.tasks]
     pool_extra = [resolve_task(e) for e in job.importance.pool_datasets]
-    model = build_backbone(_backbone_dict(job), 2)
-    check_backbone(job, model, targets, progress)
+    note_input_sizes(model, targets, progress)
     backbone_fp = backbone_fingerprint(model)
     counters = {"importance_computed": 0, "importance_loaded": 0}
     wanted = {m for m, _ in methods}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, local_path, remove
+from shpeft_core.io import atomic_write_bytes, check_writable, join_uri, local_path, remove
 
 from . import store as layout
 from .catalogue import catalogue_uri, latest_rows, write_rows
@@ -285,7 +285,10 @@ def _train_direct(launch: dict[str, Any]) -> dict[str, Any]:
     out = run_with_checkpoints(plan, join_uri(launch["run_root"], "checkpoints"), board=launch["board"],
                                fault=launch["fault"])
     train_s = time.perf_counter() - t0
-    return {**evaluate_artifact(plan), "train_s": train_s, "resumed_from_epoch": out["resumed_from_epoch"]}
+    import ray
+
+    return {**evaluate_artifact(plan), "train_s": train_s, "resumed_from_epoch": out["resumed_from_epoch"],
+            "node": ray.get_runtime_context().get_node_id()}
 
 
 def _train_task(launch: dict[str, Any]) -> dict[str, Any]:
@@ -361,6 +364,19 @@ class ImportanceMaps:
         return [d.uri for d in self.maps.values() if d.uri and not d.error]
 
 
+def _cache_hit(uri: str, what: str, progress: bool) -> bool:
+    """A cache entry counts only when its bytes match the checksum recorded when it was written."""
+    from shpeft_core.io import verify_file
+
+    problem = verify_file(uri)
+    if problem is None:
+        return True
+    if problem != "missing":
+        _say(f"{what}: cache entry {uri} is unusable ({problem}); recomputing it", progress)
+        remove(uri)
+    return False
+
+
 def _pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> list[str]:
     """The datasets whose maps form ``target``'s task-agnostic map (leave-one-out unless asked)."""
     imp = job.importance
@@ -412,7 +428,7 @@ def _importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list,
     remote = ray.remote(_compute_importance)
     for key, group in by_key.items():
         d = group[0]
-        if exists(d.uri) and not force:
+        if not force and _cache_hit(d.uri, f"importance {d.name} ({d.estimator})", progress):
             for g in group:
                 g.cache = "hit"
             counters["importance_loaded"] += 1
@@ -466,7 +482,7 @@ def _agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool:
     uri = layout.agnostic_map(store, key)
     out.update(key=key, uri=uri)
     names = ", ".join(d.name for d in pool)
-    if exists(uri) and not force:
+    if not force and _cache_hit(uri, f"task-agnostic importance for {target}", progress):
         out["cache"] = "hit"
         counters["importance_loaded"] += 1
         _say(f"task-agnostic importance for {target} ({names}): cache hit, nothing computed", progress)
@@ -524,20 +540,29 @@ def extra_estimators(job: JobSpec, targets: list, methods_by_task: dict[str, set
     return {t.name: {"grad1"} for t in targets if "gps" in methods_by_task.get(t.name, set())}
 
 
-def check_backbone(job: JobSpec, model, targets: list, progress: bool) -> None:
-    """Up-front checks of the backbone against the job: eligible weights exist; input sizes reported."""
+def preflight(job: JobSpec):
+    """Checks that need no cluster, run before Ray starts: the store takes writes, and the backbone
+    builds and has weights the job's methods can select. Returns the backbone (the driver needs it)."""
     from shpeft_core.eligibility import eligible_parameters
     from shpeft_core.methods import SPARSE_METHODS
 
-    from .jobspec import JobSpecError
+    from .jobspec import JobSpecError, task_name
+    from .train_loop import build_backbone
 
-    methods = {job.method.for_task(t.name) for t in targets}
+    check_writable(normalise_store(job.store))
+    model = build_backbone(_backbone_dict(job), 2)
+    methods = {job.method.for_task(task_name(t)) for t in job.tasks}
     if methods & set(SPARSE_METHODS) and not eligible_parameters(model, job.selection.rules):
         layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv2d")][:8]
         raise JobSpecError(
             f"selection.rules: no weight of {job.backbone.name} is eligible for sparse training "
             f"(rules {job.selection.rules or 'built-in ViT/Swin/ConvNeXt rules'}); write rules that full-match "
             f"module paths of its Linear/Conv2d layers, e.g. {layers}")
+    return model
+
+
+def note_input_sizes(model, targets: list, progress: bool) -> None:
+    """Say when a task's images are resized to another size for the backbone (a choice the user may not know)."""
     from timm.data import resolve_data_config
 
     input_px = int(resolve_data_config(model=model)["input_size"][-1])
@@ -585,6 +610,7 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     """
     import ray
 
+    model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
     started = False
     if not ray.is_initialized():
         if address is None:
@@ -594,13 +620,13 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
             ray.init(address=address)
         started = True
     try:
-        return _run(job, force=force, progress=progress)
+        return _run(job, model, force=force, progress=progress)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
+def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     from shpeft_core.backbone import backbone_fingerprint
 
     from .progress import ProgressBoard, ProgressPrinter
@@ -624,8 +650,7 @@ def _run(job: JobSpec, *, force: bool, progress: bool) -> JobResult:
             target_errors[task_name(entry)] = _short_error(exc)
     pool_extra = [resolve_task(e) for e in job.importance.pool_datasets]
 
-    model = build_backbone(_backbone_dict(job), 2)
-    check_backbone(job, model, targets, progress)
+    note_input_sizes(model, targets, progress)
     backbone_fp = backbone_fingerprint(model)
     methods = {t.name: {job.method.for_task(t.name)} for t in targets}
     board = ProgressBoard.remote()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _st
+from . import _st, io
 from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
@@ -78,11 +78,13 @@ class ImportanceMap:
     head: dict[str, Tensor] | None = None
 
     def save(self, uri: str) -> str:
-        """Atomic safetensors write through fsspec; returns the file's sha256."""
+        """Atomic safetensors write through fsspec, then its sha256 sidecar; returns the sha256."""
         meta = {"shpeft_importance": IMPORTANCE_FORMAT, **self.metadata}
         tensors = {k: v.detach().to(torch.float32) for k, v in self.scores.items()}
         tensors.update({HEAD_PREFIX + k: v.detach() for k, v in (self.head or {}).items()})
-        return _st.write(uri, tensors, meta)[0]
+        sha = _st.write(uri, tensors, meta)[0]
+        io.write_checksum(uri, sha)
+        return sha
 
     @classmethod
     def load(cls, uri: str) -> "ImportanceMap":

@@ -28,6 +28,8 @@ __all__ = [
     "remove",
     "local_path",
     "check_writable",
+    "write_checksum",
+    "verify_file",
 ]
 
 # Filesystems whose single-object put is atomic: a temp + rename would only double the cost.
@@ -184,3 +186,23 @@ def check_writable(uri: str) -> None:
     except (OSError, ValueError) as exc:  # PermissionError, NotADirectoryError, backend errors
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise StorageError(f"store {uri} is not writable: cannot {step} ({reason})") from exc
+
+
+def _checksum_uri(uri: str) -> str:
+    return uri + ".sha256"
+
+
+def write_checksum(uri: str, sha256: str) -> None:
+    """Record ``uri``'s sha256 in a sidecar (``<uri>.sha256``), written after the file itself."""
+    atomic_write_bytes(_checksum_uri(uri), (sha256 + "\n").encode())
+
+
+def verify_file(uri: str) -> str | None:
+    """None when ``uri`` exists and hashes to its recorded sidecar sha256, else what is wrong with it."""
+    if not exists(uri):
+        return "missing"
+    if not exists(_checksum_uri(uri)):
+        return "no recorded checksum"
+    want = read_bytes(_checksum_uri(uri)).decode(errors="replace").strip()
+    got = sha256_file(uri)
+    return None if got == want else f"sha256 {got[:12]} differs from the recorded {want[:12]} (corrupt or truncated)"

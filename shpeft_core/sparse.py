@@ -5,7 +5,12 @@ it runs at dense speed. The backward returns the input gradient through the merg
 the values' gradient at the k entries only, ``gv[j] = sum_n grad_out[n, row_j] * x[n, col_j]``.
 Four exact ways to form it are kept (``VALUES_GRAD_PATHS``); which is cheapest depends on k, the
 layer shape, the token count and the device, so each (shape, tokens, k, rows, cols, dtype,
-device) is timed once on its first backward and the winner kept for the process.
+device) is timed once on its first backward and the winner kept.
+
+The paths differ in float summation order, so the choice must not change between runs that are
+meant to agree to the bit: winners are kept in a small per-machine file (``SHPEFT_CACHE_DIR``,
+default ``~/.cache/shpeft``) that later processes read before timing anything, and ``fit`` saves
+the choices in each checkpoint and restores them on resume (``export_choices`` / ``import_choices``).
 
 ``values`` are a float32 master copy whatever the weight's dtype (float64 stays float64): a bf16
 backbone would round small updates away. They are cast to the weight's dtype only when merged.
@@ -13,7 +18,9 @@ backbone would round small updates away. They are cast to the weight's dtype onl
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -42,6 +49,8 @@ __all__ = [
     "sparse_pattern",
     "VALUES_GRAD_PATHS",
     "values_grad_choices",
+    "export_choices",
+    "import_choices",
 ]
 
 # Bound on elements of each gathered [rows x chunk] block in the values' backward.
@@ -207,6 +216,64 @@ def _autotune(a: Tensor, b: Tensor, pat: SparsePattern) -> tuple[str, Tensor]:
     return winner, outs[winner]
 
 
+def _key_str(key: tuple) -> str:
+    shape, n, k, rows, cols, dtype, device = key
+    return f"{shape[0]}x{shape[1]}|n{n}|k{k}|r{rows}|c{cols}|{dtype}|{torch.device(device).type}"
+
+
+def _choices_file() -> str:
+    root = os.environ.get("SHPEFT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "shpeft")
+    return os.path.join(root, f"values-grad-paths-torch{torch.__version__.split('+')[0]}.json")
+
+
+_persisted: dict[str, str] | None = None
+
+
+def _persisted_choices() -> dict[str, str]:
+    global _persisted
+    if _persisted is None:
+        try:
+            with open(_choices_file()) as f:
+                doc = json.load(f)
+            _persisted = {k: v for k, v in doc.items() if v in VALUES_GRAD_PATHS}
+        except (OSError, ValueError):
+            _persisted = {}
+    return _persisted
+
+
+def _persist(key: str, name: str) -> None:
+    """Add one winner to the machine's file (read, merge, atomic replace; an unwritable home is fine)."""
+    path = _choices_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            doc = {}
+        doc.setdefault(key, name)  # a concurrent process's earlier winner stays
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".paths-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+        _persisted_choices()[key] = doc[key]
+    except OSError:
+        pass
+
+
+def export_choices() -> dict[str, str]:
+    """The values-gradient path chosen per layer shape so far (and known from this machine's file)."""
+    return {**_persisted_choices(), **_session}
+
+
+def import_choices(choices: dict[str, str]) -> None:
+    """Use these paths for these shapes from now on (a resumed run repeats the run it continues)."""
+    _session.update({k: v for k, v in choices.items() if v in VALUES_GRAD_PATHS})
+
+
+_session: dict[str, str] = {}
+
+
 def _values_grad(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
     """gv[j] = sum_n a[n, rows[j]] * b[n, cols[j]] for a [N, out], b [N, row_len]; float32 (float64 kept)."""
     dtype = _master_dtype(a.dtype)
@@ -216,12 +283,17 @@ def _values_grad(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
             raise ValueError(f"VALUES_GRAD_PATH={VALUES_GRAD_PATH!r}: expected one of {VALUES_GRAD_PATHS}")
         return _PATH_FNS[VALUES_GRAD_PATH](a, b, pat)
     key = (pat.shape, a.shape[0], pat.cols.numel(), pat.urows.numel(), pat.ucols.numel(), dtype, a.device)
-    name = _chosen.get(key)
+    skey = _key_str(key)
+    name = _chosen.get(key) or _session.get(skey) or _persisted_choices().get(skey)
     if name is not None:
+        _chosen[key] = _session[skey] = name
         return _PATH_FNS[name](a, b, pat)
-    name, out = _autotune(a, b, pat)
-    _chosen[key] = name
-    return out
+    winner, out = _autotune(a, b, pat)
+    _persist(skey, winner)
+    # Another process may have recorded this shape first: follow it, so every run on the machine agrees.
+    name = _persisted_choices().get(skey, winner)
+    _chosen[key] = _session[skey] = name
+    return out if name == winner else _PATH_FNS[name](a, b, pat)
 
 
 def values_grad_choices() -> dict[tuple, str]:

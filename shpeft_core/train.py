@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import _st, io
 from .backbone import head_parameter_names, unwrap
+from .sparse import export_choices, import_choices
 
 __all__ = [
     "TrainConfig",
@@ -62,6 +63,8 @@ class TrainState:
     trainable: dict[str, Tensor]
     optimizer: dict
     history: list[dict] = field(default_factory=list)
+    # The values-gradient path per layer shape (shpeft_core.sparse): a resumed run uses the same ones.
+    kernel_choices: dict[str, str] = field(default_factory=dict)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -224,6 +227,7 @@ def fit(
         opt.load_state_dict(resume_state.optimizer)
         start_epoch, step = resume_state.epoch, resume_state.step
         history = list(resume_state.history)
+        import_choices(resume_state.kernel_choices)
     rank = _world_rank()
     for epoch in range(start_epoch, config.epochs):
         # Every RNG restarts from (seed, epoch, rank) and the loader jumps to this epoch's order, so an
@@ -263,6 +267,7 @@ def fit(
                 trainable={n: p.detach().clone() for n, p in zip(names, params)},
                 optimizer=opt.state_dict(),
                 history=list(history),
+                kernel_choices=export_choices(),
             )
             on_epoch_end(epoch, metrics, state)
     return history
@@ -299,6 +304,7 @@ def save_train_state(state: TrainState, dir_or_uri: str) -> dict:
         "optimizer_param_groups": state.optimizer["param_groups"],
         "optimizer_scalars": scalars,
         "history": state.history,
+        "kernel_choices": state.kernel_choices,
         "tensors_sha256": sha,
     }
     io.atomic_write_bytes(io.join_uri(dir_or_uri, "state.json"), json.dumps(_jsonable(doc), indent=1).encode())
@@ -334,4 +340,5 @@ def load_train_state(dir_or_uri: str) -> TrainState:
         trainable=trainable,
         optimizer={"state": opt_state, "param_groups": doc["optimizer_param_groups"]},
         history=doc["history"],
+        kernel_choices=dict(doc.get("kernel_choices") or {}),
     )

@@ -1,6 +1,7 @@
 """Test-wide settings: no network, small thread pools, fast Ray start-up."""
 
 import os
+import tempfile
 
 # Set before timm / huggingface_hub / ray are imported anywhere.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The machine's record of autotuned sparse-gradient paths: a fresh one per test session.
+os.environ.setdefault("SHPEFT_CACHE_DIR", tempfile.mkdtemp(prefix="shpeft-test-cache-"))
 
 import torch  # noqa: E402
 

@@ -28,7 +28,7 @@ PATHS = [None, *VALUES_GRAD_PATHS]
 @pytest.fixture(params=PATHS, ids=lambda p: p or "auto")
 def grad_path(request, monkeypatch):
     monkeypatch.setattr(sp, "VALUES_GRAD_PATH", request.param)
-    monkeypatch.setattr(sp, "_chosen", {})
+    _fresh_choices(monkeypatch)
     return request.param
 
 
@@ -255,13 +255,50 @@ def _linear_case(k=5, seed=12):
     return mod, x, ref
 
 
+def _fresh_choices(monkeypatch, cache_dir=None):
+    """A process that has chosen nothing yet, on a machine with no recorded choices."""
+    import tempfile
+
+    monkeypatch.setattr(sp, "_chosen", {})
+    monkeypatch.setattr(sp, "_session", {})
+    monkeypatch.setattr(sp, "_persisted", None)
+    monkeypatch.setenv("SHPEFT_CACHE_DIR", str(cache_dir or tempfile.mkdtemp(prefix="shpeft-choices-")))
+
+
+def test_autotuned_choices_are_kept_for_the_machine_and_restored_on_resume(monkeypatch, tmp_path):
+    """The autotuned path decides the last bits of the values' gradient: a later process on the same
+    machine reads the recorded winner instead of timing again, and a resumed run repeats its checkpoint's
+    choices even where its own timing would pick another path."""
+    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
+    _fresh_choices(monkeypatch, tmp_path / "machine")
+    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: ("sddmm", sp._grad_sddmm(a, b, pat)))
+    mod, x, ref = _linear_case()
+    torch.autograd.grad(mod(x).square().sum(), mod.values)
+    saved = sp.export_choices()
+    assert list(saved.values()) == ["sddmm"]
+    # a new process on this machine: nothing in memory, the file remembers
+    _fresh_choices(monkeypatch, tmp_path / "machine")
+    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: pytest.fail("timed again"))
+    gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
+    torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
+    # another machine whose timing prefers "dense": the checkpoint's choice wins
+    _fresh_choices(monkeypatch, tmp_path / "other")
+    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: ("dense", sp._grad_dense(a, b, pat)))
+    sp.import_choices(saved)
+    used = []
+    monkeypatch.setattr(sp, "_PATH_FNS", {n: (lambda f, n: lambda *a: used.append(n) or f(*a))(f, n)
+                                          for n, f in sp._PATH_FNS.items()})
+    torch.autograd.grad(mod(x).square().sum(), mod.values)
+    assert used == ["sddmm"]
+
+
 @pytest.mark.parametrize("winner", VALUES_GRAD_PATHS)
 def test_autotune_keeps_the_fastest_path_and_its_gradient_is_exact(monkeypatch, winner):
     # A fake clock in which `winner` is the cheapest: every path must be able to win, and the
     # gradient must be exact on the tuning call and on the calls that reuse the choice.
     clock, calls = [0.0], []
     monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
-    monkeypatch.setattr(sp, "_chosen", {})
+    _fresh_choices(monkeypatch)
     monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
 
     def timed(name, fn):

@@ -27,7 +27,7 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHPEFT = Path(sys.executable).parent / "shpeft"
-COMMANDS = ["run", "submit", "status", "logs", "list", "show", "predict", "export", "demo", "tasks"]
+COMMANDS = ["run", "compare", "submit", "status", "logs", "list", "show", "predict", "export", "demo", "tasks"]
 
 
 def invoke(*args, **kw):
@@ -104,6 +104,41 @@ def test_run_bad_job_console_script(tmp_path):
     assert "selection.density" in out.stderr
     assert out.stderr.count("\n") <= 2  # one clear message, no traceback
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("cmd", ["run", "compare"])
+def test_unwritable_store_exits_2_before_ray_starts(tmp_path, cmd):
+    """A store under a file cannot be written: one line naming it, exit 2, Ray never started."""
+    import ray
+
+    (tmp_path / "afile").write_text("x")
+    job = _good_job(tmp_path)
+    job["store"] = str(tmp_path / "afile" / "store")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = invoke(cmd, path)
+    assert res.exit_code == 2
+    assert "afile" in res.output and res.output.startswith("error:") and res.output.count("\n") == 1
+    assert not ray.is_initialized()
+
+
+def test_backbone_without_eligible_weights_exits_2_naming_rules(tmp_path):
+    import ray
+
+    job = _good_job(tmp_path)
+    job["selection"] = {"rules": [r"no\.such\.layer"]}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = invoke("run", path)
+    assert res.exit_code == 2
+    assert "selection.rules: no weight of test_vit is eligible" in res.output and "blocks.0.attn.qkv" in res.output
+    assert not ray.is_initialized()
+    job["method"] = {"name": "lora"}  # a method that selects nothing needs no eligible weights
+    path.write_text(yaml.safe_dump(job))
+    from orchestrator.jobspec import load_job
+    from orchestrator.pipeline import preflight
+
+    assert preflight(load_job(path)) is not None
 
 
 def test_run_missing_job_file(tmp_path):

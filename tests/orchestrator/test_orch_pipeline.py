@@ -275,3 +275,42 @@ def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task
         for g in rows:
             i = images.index(g["image"])
             assert g["probability"] == pytest.approx(float(probs[i, g["label"]]), abs=1e-5)
+
+
+def test_corrupt_or_truncated_cache_entries_are_recomputed_not_used(first_run, task_specs, tmp_path):
+    """Cache entries are trusted for their verified bytes: a flipped or cut map is reported and recomputed."""
+    import shutil
+
+    job, result = first_run
+    store = tmp_path / "store"
+    shutil.copytree(os.path.join(result.store, "importance"), store / "importance")
+    maps = sorted(p for p in (store / "importance").glob("*.safetensors") if not p.name.startswith("agnostic-"))
+    assert len(maps) == 2
+    flipped = bytearray(maps[0].read_bytes())
+    flipped[-5] ^= 0xFF
+    maps[0].write_bytes(bytes(flipped))
+    maps[1].write_bytes(maps[1].read_bytes()[:-100])
+    copy = parse_job({**job.model_dump(mode="json"), "store": str(store)})
+    again = run_job(copy, progress=False)
+    assert again.exit_code == 0, again.rows
+    assert again.counters["importance_computed"] == 2 and again.counters["importance_loaded"] == 2
+    for p in maps:  # rewritten whole, and verifiable again
+        from shpeft_core.io import verify_file
+
+        assert verify_file(str(p)) is None
+
+
+def test_two_jobs_with_the_same_task_names_keep_both_artifacts(first_run, task_specs):
+    """Another job in the same store, same task names: nothing of the first job is overwritten."""
+    job, first = first_run
+    other = parse_job({**job.model_dump(mode="json"), "training": {**job.training.model_dump(mode="json"),
+                                                                    "epochs": 1}})
+    second = run_job(other, progress=False)
+    assert second.exit_code == 0 and second.job_id != first.job_id
+    old = {r["task"]: r for r in read_catalogue(first.store, first.job_id).to_pylist()}
+    new = {r["task"]: r for r in read_catalogue(second.store, second.job_id).to_pylist()}
+    for spec in task_specs:
+        assert old[spec.name]["delta_uri"] != new[spec.name]["delta_uri"]
+        for r in (old[spec.name], new[spec.name]):
+            assert sha256_file(r["delta_uri"]) == r["sha256"]  # each job's rows still verify
+        assert latest_artifact(first.store, spec.name)["uri"] == new[spec.name]["delta_uri"]
