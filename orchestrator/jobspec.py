@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from shpeft_core.methods import DEFAULT_LR, LORA_TARGETS, METHODS
-from shpeft_core.selection import GRANULARITIES, MIXES
+from shpeft_core.options import (ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LORA_TARGETS, LOSSES,
+                                 METHODS, MIXES, NORMALIZATIONS, REDUCES)
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -101,19 +101,13 @@ TaskEntry = Annotated[
 
 
 class ImportanceSection(_Section):
-    estimator: Literal["grad2", "grad1", "taylor1", "taylor2"] = Field(
-        default="grad2", description="Per-weight importance estimator (grad2 = Fisher/SPT, grad1 = GPS)."
-    )
+    estimator: Literal[ESTIMATORS] = Field(default="grad2", description=HELP["estimator"])
     batches: int = Field(default=16, ge=1, description="Batches of gradients accumulated per dataset.")
     batch_size: int | None = Field(
         default=None, ge=1, description="Batch size for importance; defaults to training.batch_size."
     )
-    loss: Literal["ce", "supcon"] = Field(
-        default="ce", description="ce with a warmed-up head, or GPS's head-free supervised-contrastive loss."
-    )
-    head_warmup: Literal["linear_probe", "ridge", "none"] = Field(
-        default="linear_probe", description="How the task head is warmed before gradients are taken."
-    )
+    loss: Literal[LOSSES] = Field(default="ce", description=HELP["loss"])
+    head_warmup: Literal[HEAD_WARMUPS] = Field(default="linear_probe", description=HELP["head_warmup"])
     pool: list[str] | None = Field(
         default=None,
         description="Names of the datasets forming the shared task-agnostic pool (target tasks and/or "
@@ -128,10 +122,8 @@ class ImportanceSection(_Section):
         default_factory=list,
         description="Extra datasets used only for the task-agnostic pool (never fine-tuned).",
     )
-    normalization: Literal["rank", "max", "zscore", "none"] = Field(
-        default="rank", description="How each dataset's map is normalised before maps are combined."
-    )
-    reduce: Literal["mean", "median", "max"] = Field(default="mean", description="How normalised maps are combined.")
+    normalization: Literal[NORMALIZATIONS] = Field(default="rank", description=HELP["normalization"])
+    reduce: Literal[REDUCES] = Field(default="mean", description=HELP["reduce"])
     magnitude_blend: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Weight of pre-trained |w| blended into the agnostic map."
     )
@@ -148,14 +140,8 @@ class SelectionSection(_Section):
         default=0.5, ge=0.0, le=1.0,
         description="Hybrid weight in [0, 1]: 1 = task-specific only, 0 = task-agnostic only.",
     )
-    mix: Literal[MIXES] = Field(
-        default="union",
-        description="Hybrid rule: union = round(alpha*k) entries from the task-specific ranking plus the "
-        "rest from the task-agnostic ranking; rank_sum = top-k of alpha*N(specific) + (1-alpha)*N(agnostic).",
-    )
-    granularity: Literal[GRANULARITIES] = Field(
-        default="global", description="global top-k, per-tensor budget, or per-row (GPS) top-k."
-    )
+    mix: Literal[MIXES] = Field(default="union", description=HELP["mix"])
+    granularity: Literal[GRANULARITIES] = Field(default="global", description=HELP["granularity"])
     rules: list[str] | None = Field(
         default=None,
         description="Eligible weights: regexes full-matched against module paths of Linear/Conv2d layers "
@@ -187,12 +173,7 @@ class LoraSection(_Section):
 
 
 class MethodSection(_Section):
-    name: Literal[METHODS] = Field(
-        default="shpeft",
-        description="How each task is fine-tuned: shpeft (hybrid sparse), specific (alpha=1), agnostic (alpha=0), "
-        "random (random mask, same size), gps (per-row top |grad|), linear (head only), bitfit (biases + head), "
-        "lora (peft LoRA + head) or full (every weight).",
-    )
+    name: Literal[METHODS] = Field(default="shpeft", description=HELP["method"])
     per_task: dict[str, Literal[METHODS]] = Field(
         default_factory=dict, description="Method overrides by task name."
     )
@@ -205,19 +186,12 @@ class MethodSection(_Section):
 class TrainingSection(_Section):
     epochs: int = Field(default=10, ge=1, description="Training epochs per task.")
     batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
-    lr: float | None = Field(
-        default=None, gt=0.0,
-        description=f"Learning rate of the trained backbone entries; null = the method's default {DEFAULT_LR}.",
-    )
+    lr: float | None = Field(default=None, gt=0.0, description=HELP["lr"])
     head_lr: float | None = Field(default=None, gt=0.0, description="Learning rate of the head; defaults to lr.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     warmup_epochs: int = Field(default=1, ge=0, description="Linear warm-up epochs before cosine decay.")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
-    head_init: Literal["warm", "random"] = Field(
-        default="warm",
-        description="Training head start: warm = the head fitted on frozen features in the importance pass "
-        "(the same for every method), random = a fresh head.",
-    )
+    head_init: Literal[HEAD_INITS] = Field(default="warm", description=HELP["head_init"])
     seed: int = Field(default=0, ge=0, description="Seed for data order and initialisation.")
     workers_per_task: int = Field(default=1, ge=1, description="Data-parallel Ray Train workers per task.")
     use_gpu: bool = Field(default=False, description="Train (and compute importance) on GPUs.")

@@ -16,6 +16,7 @@ from . import _st, io
 from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
+from .options import ESTIMATORS, HEAD_WARMUPS, LOSSES, REDUCES
 from .selection import normalize_scores
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "supcon_loss",
 ]
 
-ESTIMATORS = ("grad2", "grad1", "taylor1", "taylor2")
 IMPORTANCE_FORMAT = "shpeft-importance/1"
 
 
@@ -55,10 +55,10 @@ class ImportanceConfig:
             raise ImportanceError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.num_batches < 1:
             raise ImportanceError(f"num_batches must be >= 1, got {self.num_batches}")
-        if self.head_warmup not in ("linear_probe", "ridge", "none"):
-            raise ImportanceError(f"head_warmup must be linear_probe, ridge or none, got {self.head_warmup!r}")
-        if self.loss not in ("ce", "supcon"):
-            raise ImportanceError(f"loss must be ce or supcon, got {self.loss!r}")
+        if self.head_warmup not in HEAD_WARMUPS:
+            raise ImportanceError(f"head_warmup must be one of {HEAD_WARMUPS}, got {self.head_warmup!r}")
+        if self.loss not in LOSSES:
+            raise ImportanceError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
 
 # Tensors of the head warmed for the importance pass are stored under this prefix (timm names after it).
@@ -291,8 +291,8 @@ def combine_importance(
     """
     if not maps:
         raise ImportanceError("combine_importance needs at least one map")
-    if reduce not in ("mean", "median", "max"):
-        raise ImportanceError(f"reduce must be mean, median or max, got {reduce!r}")
+    if reduce not in REDUCES:
+        raise ImportanceError(f"reduce must be one of {REDUCES}, got {reduce!r}")
     if not 0.0 <= magnitude_blend <= 1.0:
         raise ImportanceError(f"magnitude_blend must be in [0, 1], got {magnitude_blend}")
     ref = maps[0]

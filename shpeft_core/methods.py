@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _st, io
 from .backbone import head_parameter_names, unwrap
 from .eligibility import eligible_parameters
+from .options import DEFAULT_LR, IMPORTANCE_METHODS, LORA_TARGETS, METHODS, SPARSE_METHODS
 from .selection import Mask, hybrid_mask, select_mask
 from .sparse import apply_sparse_training
 
@@ -47,18 +48,6 @@ __all__ = [
     "artifact_size",
 ]
 
-METHODS = ("shpeft", "specific", "agnostic", "random", "gps", "linear", "bitfit", "lora", "full")
-# Methods whose trainable set is a mask over eligible weights (written as a task delta).
-SPARSE_METHODS = ("shpeft", "specific", "agnostic", "random", "gps")
-# Methods that need importance maps (the task's own, and the agnostic one for the hybrids).
-IMPORTANCE_METHODS = ("shpeft", "specific", "agnostic", "gps")
-# Learning-rate defaults per method (for the trained entries; the head uses training.head_lr or lr).
-# Few zero-initialised values and a fresh head want far larger steps than updating every weight.
-DEFAULT_LR = {
-    "shpeft": 1e-2, "specific": 1e-2, "agnostic": 1e-2, "random": 1e-2, "gps": 1e-2,
-    "linear": 1e-2, "bitfit": 1e-3, "lora": 3e-3, "full": 3e-4,
-}
-LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
 _CHECKPOINT_FORMAT = "shpeft-checkpoint/1"
 
 

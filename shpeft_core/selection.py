@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .options import GRANULARITIES, MIXES, NORMALIZATIONS
+
 __all__ = [
     "Mask",
     "GRANULARITIES",
@@ -29,7 +31,6 @@ __all__ = [
 ]
 
 Mask = dict[str, Tensor]
-GRANULARITIES = ("global", "per_tensor", "per_row")
 
 
 class SelectionError(ValueError):
@@ -90,7 +91,7 @@ def normalize_scores(scores: dict[str, Tensor], method: str = "rank") -> dict[st
         std = flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
         flat = (flat - flat.mean()) / std if std > 0 else flat - flat.mean()
     elif method != "none":
-        raise SelectionError(f"normalization must be rank, max, zscore or none, got {method!r}")
+        raise SelectionError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
     return _unflatten(names, flat, scores)
 
 
@@ -249,9 +250,6 @@ def select_mask(
             flat_idx = order + torch.arange(rows.shape[0]).unsqueeze(1) * rows.shape[1]
             mask[n] = torch.sort(flat_idx.reshape(-1)).values.to(torch.int32)
     return mask
-
-
-MIXES = ("rank_sum", "union")
 
 
 def hybrid_mask(

@@ -1,31 +1,30 @@
-"""Medical classification tasks: specs, catalogue, loaders for every format, validation, synthetic data."""
+"""Medical classification tasks: specs, catalogue, loaders for every format, validation, synthetic data.
 
-from .catalogue import CATALOGUE, CatalogueEntry
-from .data import (
-    DatasetError,
-    DatasetReport,
-    build_dataset,
-    build_loader,
-    check_dataset,
-    dataset_fingerprint,
-    default_transform,
-    transform_for,
-)
-from .registry import DEFAULT_REGISTRY, TaskRegistry
-from .spec import TaskSpec
+Names are imported on first use (PEP 562): the spec and catalogue need no torch.
+"""
 
-__all__ = [
-    "CATALOGUE",
-    "CatalogueEntry",
-    "DEFAULT_REGISTRY",
-    "DatasetError",
-    "DatasetReport",
-    "TaskRegistry",
-    "TaskSpec",
-    "build_dataset",
-    "build_loader",
-    "check_dataset",
-    "dataset_fingerprint",
-    "default_transform",
-    "transform_for",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "catalogue": ["CATALOGUE", "CatalogueEntry"],
+    "data": ["DatasetError", "DatasetReport", "build_dataset", "build_loader", "check_dataset",
+             "dataset_fingerprint", "default_transform", "transform_for"],
+    "registry": ["DEFAULT_REGISTRY", "TaskRegistry"],
+    "spec": ["TaskSpec"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

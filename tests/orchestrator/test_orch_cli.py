@@ -471,3 +471,12 @@ def test_demo_passes_options_and_exit_code(monkeypatch):
     assert seen == [("memory://d/store", True, {"num_cpus": 2})]
     res = invoke("demo")
     assert seen[-1] == (None, False, {"num_cpus": None})
+
+
+def test_help_imports_neither_torch_nor_ray():
+    """`shpeft --help` and the job schema stay fast: torch, timm and ray load only when a command needs them."""
+    code = ("import sys, orchestrator.cli, orchestrator.jobspec; "
+            "heavy = sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
