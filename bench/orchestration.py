@@ -88,7 +88,8 @@ def main() -> None:
     import safetensors.torch
     import timm
 
-    from orchestrator.pipeline import _importance_stage, run_job
+    from orchestrator.importance_stage import run_importance_stage
+    from orchestrator.pipeline import run_job
     from shpeft_core.backbone import backbone_fingerprint
     from orchestrator.train_loop import build_backbone
     from tasks.synthetic import write_task_family
@@ -125,7 +126,7 @@ def main() -> None:
         times = []
         for _ in range(2):
             t = time.perf_counter()
-            _importance_stage(job, job.store, fp, specs[:2], [], False, False, counters)
+            run_importance_stage(job, job.store, fp, specs[:2], [], False, False, counters)
             times.append(time.perf_counter() - t)
         cache = {"miss_s": round(times[0], 3), "hit_s": round(times[1], 3), "speedup": round(times[0] / times[1], 1),
                  "computed": counters["importance_computed"], "loaded": counters["importance_loaded"]}

@@ -11,7 +11,6 @@ the same comparison runs again. The report (Markdown + PNGs) is written beside i
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,8 +23,15 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, artifact_kind, artifact_sha256
 from shpeft_core.selection import MIXES
 
-from .jobspec import JobSpec, content_hash, job_id as compute_job_id, task_name
-from .store import artifact_uri, report_dir
+from .console import say, short_error
+from .evaluate import evaluate_artifact
+from .importance_stage import extra_estimators, run_importance_stage
+from .jobspec import JobSpec, content_hash, job_id as compute_job_id, resolve_task, task_name
+from .keys import task_config_hash
+from .pipeline import note_input_sizes, preflight
+from .plan import plan_for
+from .resources import worker_resources
+from .store import artifact_uri, normalise_store, report_dir
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
 
@@ -91,7 +97,6 @@ def _write_results(uri: str, rows: list[dict[str, Any]]) -> None:
 
 def _run_one(plan) -> dict[str, Any]:
     """One comparison run inside a Ray task: train in this process, then evaluate the saved artifact."""
-    from .pipeline import evaluate_artifact
     from .train_loop import run_plan
 
     t0 = time.perf_counter()
@@ -115,8 +120,6 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
     import ray
 
-    from .pipeline import preflight
-
     model = preflight(job)  # before Ray starts
     started = False
     if not ray.is_initialized():
@@ -139,8 +142,6 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
 
     from shpeft_core.backbone import backbone_fingerprint
 
-    from .pipeline import (_importance_stage, _say, _short_error, _worker_resources, extra_estimators,
-                           normalise_store, note_input_sizes, plan_for, resolve_task, task_config_hash)
     from .report import write_report
 
     t_all = time.perf_counter()
@@ -150,7 +151,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     root = report_dir(store, rid)
     results_uri = join_uri(root, "results.parquet")
     labels = [method_label(m, mix, job.selection.mix) for m, mix in methods]
-    _say(f"compare {rid}: {len(job.tasks)} task(s) x {len(methods)} method(s) ({', '.join(labels)}) x "
+    say(f"compare {rid}: {len(job.tasks)} task(s) x {len(methods)} method(s) ({', '.join(labels)}) x "
          f"{seeds} seed(s); store {store}", progress)
 
     targets = [resolve_task(e) for e in job.tasks]
@@ -159,13 +160,13 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     backbone_fp = backbone_fingerprint(model)
     counters = {"importance_computed": 0, "importance_loaded": 0}
     wanted = {m for m, _ in methods}
-    imaps = _importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
+    imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
                               extra_estimators(job, targets, {t.name: wanted for t in targets}))
 
     previous = {(r["task"], r["method"], r["mix"], r["seed"]): r for r in ([] if force else _read_results(results_uri))}
     rows: dict[tuple, dict[str, Any]] = {}
     pending: dict[Any, tuple] = {}
-    res = _worker_resources(job)
+    res = worker_resources(job)
     remote = ray.remote(_run_one).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), max_retries=1)
     for spec in targets:
         for method, mix in methods:
@@ -180,7 +181,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
                     plan = plan_for(run_job, spec, backbone_fp, imaps, method=method, seed=seed,
                                     artifact=artifact_uri(join_uri(root, "artifacts", spec.name), name, method))
                 except Exception as exc:
-                    rows[key] = {**base, "status": "failed", "error": _short_error(exc)}
+                    rows[key] = {**base, "status": "failed", "error": short_error(exc)}
                     continue
                 d = imaps.specific(spec.name, job.importance.estimator)
                 chash = task_config_hash(run_job, spec, d.key, (imaps.agnostic.get(spec.name) or {}).get("key"),
@@ -195,7 +196,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     done_before = len(rows)
     total = done_before + len(pending)
     if done_before:
-        _say(f"compare {rid}: {done_before} run(s) already done and verified, {len(pending)} to run", progress)
+        say(f"compare {rid}: {done_before} run(s) already done and verified, {len(pending)} to run", progress)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         key, base = pending.pop(done[0])
@@ -203,15 +204,15 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
             out = ray.get(done[0])
             rows[key] = {**base, **{k: v for k, v in out.items() if k in SCHEMA.names}, "status": "ok", "error": None}
         except Exception as exc:
-            rows[key] = {**base, "status": "failed", "error": _short_error(exc)}
+            rows[key] = {**base, "status": "failed", "error": short_error(exc)}
         r = rows[key]
         label = method_label(r["method"], r["mix"], job.selection.mix)
         metric = "macro_f1"
         if r["status"] == "ok":
-            _say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: val {metric} "
+            say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: val {metric} "
                  f"{r['val_' + metric]:.3f} test {r['test_' + metric]:.3f} ({r['train_s']:.0f}s)", progress)
         else:
-            _say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: FAILED {r['error']}", progress)
+            say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: FAILED {r['error']}", progress)
         _write_results(results_uri, list(rows.values()))
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
     _write_results(results_uri, ordered)
@@ -222,6 +223,6 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
         from .report import print_compare_table
 
         print_compare_table(ordered, task_names, labels, job.selection.mix)
-        _say(f"compare {rid}: report {report_uri}", progress)
+        say(f"compare {rid}: report {report_uri}", progress)
     return CompareResult(report_id=rid, store=store, rows=ordered, report_uri=report_uri, results_uri=results_uri,
                          plots=plots)

@@ -105,7 +105,8 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     """Generate data, pre-train once, run the whole job on a local embedded Ray; returns the exit code."""
     from tasks.synthetic import write_source_corpus, write_task_family
 
-    from .pipeline import normalise_store, run_job
+    from .pipeline import run_job
+    from .store import normalise_store
 
     for var, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
         os.environ.setdefault(var, value)

@@ -41,6 +41,8 @@ __all__ = [
     "SweepSection",
     "JobSpec",
     "load_job",
+    "resolve_task",
+    "task_name",
     "parse_job",
     "job_id",
     "canonical_json",
@@ -297,6 +299,19 @@ class JobSpec(_Section):
                     f"importance.pool names {unknown} are unknown; allowed: {sorted(known)}"
                 )
         return self
+
+
+def resolve_task(entry):
+    """A job's task entry as a TaskSpec: inline specs as they are, catalogue names via tasks.catalogue."""
+    if not isinstance(entry, CatalogueTaskRef):
+        return entry
+    from tasks.catalogue import CATALOGUE
+
+    if entry.catalogue not in CATALOGUE:
+        raise ValueError(
+            f"tasks: catalogue name {entry.catalogue!r} is unknown; see `shpeft tasks list` (known: {sorted(CATALOGUE)})"
+        )
+    return CATALOGUE[entry.catalogue].to_spec(entry.source, name=entry.name or entry.catalogue, **entry.overrides)
 
 
 def task_name(entry: CatalogueTaskRef | TaskSpec) -> str:

@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from shpeft_core.methods import DEFAULT_LR, IMPORTANCE_METHODS, method_alpha
+from shpeft_core.options import DEFAULT_LR, IMPORTANCE_METHODS, method_alpha
 
-__all__ = ["TaskPlan", "build_plan"]
+from .jobspec import JobSpec
+
+__all__ = ["TaskPlan", "build_plan", "plan_for"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,19 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         artifact_uri=artifact_uri,
         metadata=metadata,
     )
+
+
+def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: int,
+             artifact: str | None, epochs: int | None = None):
+    """The TaskPlan of (task, method, seed) with its importance maps resolved."""
+    est = "grad1" if method == "gps" else job.importance.estimator
+    d = imaps.specific(spec.name, est)
+    ag = imaps.agnostic.get(spec.name) or {}
+    needs_agnostic = method in ("shpeft", "agnostic") and not (method == "shpeft" and job.selection.alpha == 1.0)
+    error = d.error or (ag.get("error") if needs_agnostic else None)
+    if error:
+        raise RuntimeError(error)
+    return build_plan(job, spec, method=method, seed=seed, backbone_fp=backbone_fp,
+                      specific=(d.key, d.uri), agnostic=(ag["key"], ag["uri"]) if ag.get("key") else None,
+                      agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
+                      epochs=epochs)

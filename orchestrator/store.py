@@ -21,17 +21,25 @@ overwrite each other's files, even for tasks of the same name.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 
 __all__ = [
-    "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
+    "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
     "latest_pointer", "write_latest", "latest_artifact", "catalogue_dir", "catalogue_file", "plots_dir",
     "report_dir", "backbones_dir",
 ]
 
 _SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
+
+
+def normalise_store(store: str) -> str:
+    """Local folders become absolute paths (Ray rejects relative storage paths); URIs stay as they are."""
+    if "://" in store:
+        return store.rstrip("/")
+    return os.path.abspath(os.path.expanduser(store))
 
 
 def job_file(store: str, job_id: str) -> str:

@@ -27,6 +27,9 @@ from typing import Any
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, remove
 
 from . import store as layout
+from .console import say, short_error
+from .evaluate import evaluate_artifact
+from .resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
 
 __all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space"]
 
@@ -272,8 +275,6 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
 
     from shpeft_core.methods import artifact_kind
 
-    from .pipeline import (TRIAL_CPU, _cluster_resources, _ray_storage, _say, _short_error, _worker_resources,
-                           evaluate_artifact, trainer_slots)
     from .train_loop import train_task_loop
 
     t0 = time.perf_counter()
@@ -289,24 +290,24 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
     todo = {n: s for n, s in sweeps.items() if n in spaces and s.summary is None and s.budget > 0}
     for name in sweeps:
         if name in spaces and sweeps[name].summary is not None:
-            _say(f"[{name}] sweep already finished, reusing its best trial", progress)
+            say(f"[{name}] sweep already finished, reusing its best trial", progress)
 
     if todo:
-        cpus, gpus = _cluster_resources()
+        cpus, gpus = cluster_resources()
         direct = job.training.workers_per_task == 1
         slots = trainer_slots(cpus, gpus, job, per_slot_overhead_cpu=0.0 if direct else TRIAL_CPU,
                               user_limit=sw.max_concurrent_trials)
-        res = _worker_resources(job)
+        res = worker_resources(job)
         # A one-worker trial trains in the trial itself and holds the worker's resources; a data-parallel
         # trial holds 0.01 CPU while its TorchTrainer's workers hold theirs.
         trial_resources = {"cpu": res["CPU"], "gpu": res.get("GPU", 0)} if direct else {"cpu": TRIAL_CPU}
         resumed = {n: len(s.ledger) for n, s in todo.items() if s.ledger}
-        _say(f"sweeping {len(todo)} task(s) at once: {sw.trials_per_task} trials each (Optuna TPE seed {sw.seed} "
+        say(f"sweeping {len(todo)} task(s) at once: {sw.trials_per_task} trials each (Optuna TPE seed {sw.seed} "
              f"+ ASHA per task), up to {slots} trials in flight"
              + (f"; resuming after {resumed} finished trial(s)" if resumed else ""), progress)
         tune_root = join_uri(store, "sweeps", "_tune", job_id)
-        train_storage = _ray_storage(join_uri(tune_root, "train"))
-        tune_storage = _ray_storage(tune_root)
+        train_storage = ray_storage(join_uri(tune_root, "train"))
+        tune_storage = ray_storage(tune_root)
         scaling = dict(num_workers=job.training.workers_per_task, use_gpu=job.training.use_gpu,
                        resources_per_worker=res)
         max_failures = job.training.max_failures
@@ -380,11 +381,11 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             best = summary["best"]
             _copy_artifact(best["delta_uri"], s.plan.artifact_uri, artifact_kind(s.plan.method))
             final = s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
-            res = _worker_resources(job)
+            res = worker_resources(job)
             ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
                          .remote(final))
             out[name] = {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": s.plan.artifact_uri,
                          "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}
         except Exception as exc:
-            out[name] = {"error": _short_error(exc)}
+            out[name] = {"error": short_error(exc)}
     return out

@@ -138,14 +138,11 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 
 
 def _sparse_extra_keys(model: nn.Module) -> set[str]:
-    # Entries a sparse-training module adds to the state dict: not backbone weights.
-    from .sparse import SparseDeltaMixin
-
+    # Entries a sparse-training module adds to the state dict (it declares them): not backbone weights.
     out = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseDeltaMixin):
-            prefix = f"{name}." if name else ""
-            out.update(prefix + k for k in ("values", "indices"))
+        prefix = f"{name}." if name else ""
+        out.update(prefix + k for k in getattr(mod, "SPARSE_STATE_KEYS", ()))
     return out
 
 

@@ -25,9 +25,7 @@ DEFAULT_RULES: tuple[str, ...] = (
 
 def is_supported_module(mod: nn.Module) -> bool:
     """Layers the sparse-delta modules can stand in for: Linear and plain groups=1 Conv2d."""
-    from .sparse import SparseDeltaMixin
-
-    if isinstance(mod, SparseDeltaMixin):
+    if getattr(mod, "SPARSE_STATE_KEYS", None):  # already a sparse-delta module
         return True
     if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return False  # used by nn.MultiheadAttention through its weight, not its forward

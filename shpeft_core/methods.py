@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import _st, io
 from .backbone import head_parameter_names, unwrap
 from .eligibility import eligible_parameters
-from .options import DEFAULT_LR, IMPORTANCE_METHODS, LORA_TARGETS, METHODS, SPARSE_METHODS
+from .options import DEFAULT_LR, IMPORTANCE_METHODS, LORA_TARGETS, METHODS, SPARSE_METHODS, artifact_kind, method_alpha
 from .selection import Mask, hybrid_mask, select_mask
 from .sparse import apply_sparse_training
 
@@ -61,22 +61,6 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str = LORA_TARGETS  # regex full-matched against module paths (peft's target_modules)
-
-
-def artifact_kind(method: str) -> str:
-    """delta (shpeft's format), lora (peft adapter folder) or checkpoint (plain timm state dict)."""
-    if method in (*SPARSE_METHODS, "linear"):
-        return "delta"
-    if method == "lora":
-        return "lora"
-    if method in ("full", "bitfit"):
-        return "checkpoint"
-    raise MethodError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def method_alpha(method: str, alpha: float) -> float:
-    """The hybrid weight a method really uses: specific is alpha=1, agnostic alpha=0."""
-    return {"specific": 1.0, "agnostic": 0.0}.get(method, float(alpha))
 
 
 def random_mask(model: nn.Module, density: float, seed: int, rules=None) -> Mask:

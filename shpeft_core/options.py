@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "ESTIMATORS", "LOSSES", "HEAD_WARMUPS", "NORMALIZATIONS", "REDUCES", "GRANULARITIES", "MIXES",
     "METHODS", "SPARSE_METHODS", "IMPORTANCE_METHODS", "DEFAULT_LR", "LORA_TARGETS", "HEAD_INITS", "HELP",
+    "method_alpha",
+    "artifact_kind",
 ]
 
 # Task-specific importance estimators (per-batch gradient g of the task loss, weight w).
@@ -35,6 +37,24 @@ DEFAULT_LR = {
     "shpeft": 1e-2, "specific": 1e-2, "agnostic": 1e-2, "random": 1e-2, "gps": 1e-2,
     "linear": 1e-2, "bitfit": 1e-3, "lora": 3e-3, "full": 3e-4,
 }
+
+
+def method_alpha(method: str, alpha: float) -> float:
+    """The hybrid weight a method really uses: specific is alpha=1, agnostic alpha=0."""
+    return {"specific": 1.0, "agnostic": 0.0}.get(method, float(alpha))
+
+
+def artifact_kind(method: str) -> str:
+    """delta (shpeft's format), lora (peft adapter folder) or checkpoint (plain timm state dict)."""
+    if method in (*SPARSE_METHODS, "linear"):
+        return "delta"
+    if method == "lora":
+        return "lora"
+    if method in ("full", "bitfit"):
+        return "checkpoint"
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
 
 HELP = {

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import head_parameter_names, unwrap
+from .eligibility import is_supported_module
 
 __all__ = [
     "SparseDeltaMixin",
@@ -385,6 +386,10 @@ def validate_indices(name: str, indices: Tensor, numel: int) -> None:
 class SparseDeltaMixin(nn.Module):
     """Frozen ``weight`` (timm name kept), int32 ``indices`` buffer, trainable ``values``."""
 
+    # State-dict entries this module adds to the layer it replaces; backbone and eligibility code
+    # recognise sparse-delta modules by this attribute, without importing this module.
+    SPARSE_STATE_KEYS = ("values", "indices")
+
     def _init_sparse(self, base: nn.Module, indices: Tensor) -> None:
         weight = base.weight
         weight.requires_grad_(False)
@@ -492,8 +497,6 @@ def apply_sparse_training(model: nn.Module, mask: dict[str, Tensor]) -> nn.Modul
 
     ``mask`` maps weight names ("blocks.0.attn.qkv.weight") to sorted flat row-major int32 indices.
     """
-    from .eligibility import is_supported_module
-
     m = unwrap(model)
     params = dict(m.named_parameters())
     plan = []

@@ -44,7 +44,7 @@ def test_example_breaks_on_unknown_key(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_tasks_resolve(path):
     """Catalogue references resolve to full task specs, the way the pipeline resolves them."""
-    from orchestrator.pipeline import resolve_task
+    from orchestrator.jobspec import resolve_task
 
     job = load_job(path)
     for entry in [*job.tasks, *job.importance.pool_datasets]:
@@ -53,7 +53,7 @@ def test_example_tasks_resolve(path):
 
 
 def test_medmnist_gpu_example():
-    from orchestrator.pipeline import resolve_task
+    from orchestrator.jobspec import resolve_task
 
     job = load_job(ROOT / "examples" / "medmnist224_vitb16_gpu.yaml")
     assert job.backbone.name == "vit_base_patch16_224"
@@ -74,13 +74,13 @@ def test_sweep_example_sweeps():
 
 
 def test_small_backbone_example_shares_gpus():
-    from orchestrator.pipeline import _worker_resources, trainer_slots
+    from orchestrator.resources import trainer_slots, worker_resources
 
     job = load_job(ROOT / "examples" / "small_backbone_fractional_gpu.yaml")
     assert job.training.use_gpu and job.training.gpus_per_worker == 0.25
     assert job.store.startswith("s3://")
     # One 4-CPU/1-GPU worker node of the launcher configs holds four of its training workers.
-    assert _worker_resources(job) == {"CPU": 1.0, "GPU": 0.25}
+    assert worker_resources(job) == {"CPU": 1.0, "GPU": 0.25}
     assert trainer_slots(4, 1, job) == 4 and trainer_slots(8, 2, job) == 8
 
 

@@ -1,0 +1,54 @@
+"""What the driver prints: progress lines, short errors and the results table."""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger("shpeft.pipeline")
+
+__all__ = ['say', 'now', 'short_error', 'print_results_table']
+
+
+def say(msg: str, progress: bool) -> None:
+    log.info(msg)
+    if progress:
+        print(msg, flush=True)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def short_error(exc: BaseException) -> str:
+    cause = exc
+    # Ray wraps the remote exception; its cause carries the user's message.
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = f"{type(cause).__name__}: {cause}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if len(lines) > 3 else " ".join(lines))[:2000]
+
+
+def print_results_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="shpeft results")
+    for col in ("task", "status", "metric", "val", "test", "density", "alpha", "trainable", "trained", "delta / error"):
+        table.add_column(col)
+
+    def fmt(v, spec="{:.4f}"):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
+
+    for r in rows:
+        m = r.get("metric") or "macro_f1"
+        table.add_row(
+            r["task"], r.get("status", "?"), m, fmt(r.get(f"val_{m}")), fmt(r.get(f"test_{m}")),
+            fmt(r.get("density"), "{:.2e}"), fmt(r.get("alpha"), "{:.2f}"), fmt(r.get("trainable"), "{:d}"),
+            "yes" if r.get("trained") else "no",
+            (r.get("delta_uri") or "") if r.get("status") == "ok" else (r.get("error") or "")[:120],
+        )
+    Console(width=max(120, Console().width)).print(table)

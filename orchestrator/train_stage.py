@@ -1,0 +1,139 @@
+"""Stage 2: every task trained, as many at once as the cluster holds (see resources.trainer_slots).
+
+A one-worker task trains inside a Ray task holding one worker's resources and checkpoints each epoch into
+the store (retried on a worker crash, resuming from its newest checkpoint); a data-parallel task gets a
+Ray Train TorchTrainer, launched from a zero-CPU Ray task. Each finished artifact is evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from shpeft_core.io import join_uri, remove
+
+from . import store as layout
+from .console import now, say
+from .evaluate import evaluate_artifact
+from .resources import cluster_resources, ray_storage, trainer_slots, worker_resources
+
+__all__ = ['train_all', 'train_task', 'train_direct', 'fault_for']
+
+
+def train_direct(launch: dict[str, Any]) -> dict[str, Any]:
+    """A one-worker task, trained in this Ray task (retried on a worker crash, resuming from its checkpoint)."""
+    from .train_loop import run_with_checkpoints
+
+    t0 = time.perf_counter()
+    plan = launch["plan"]
+    out = run_with_checkpoints(plan, join_uri(launch["run_root"], "checkpoints"), board=launch["board"],
+                               fault=launch["fault"])
+    train_s = time.perf_counter() - t0
+    import ray
+
+    return {**evaluate_artifact(plan), "train_s": train_s, "resumed_from_epoch": out["resumed_from_epoch"],
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def train_task(launch: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a zero-CPU Ray task: one task's training (see train_loop), then the artifact evaluation."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .train_loop import train_task_loop
+
+    t0 = time.perf_counter()
+    plan = launch["plan"]
+    if launch["workers"] == 1:
+        res = launch["worker_resources"]
+        # Retries cover a crashed worker process (max_failures), never a Python error in the task.
+        direct = ray.remote(train_direct).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+                                                   max_retries=launch["max_failures"], retry_exceptions=False)
+        return ray.get(direct.remote(launch))
+    storage_path, storage_fs = launch["ray_storage"]
+    trainer = TorchTrainer(
+        train_task_loop,
+        train_loop_config={"plan": plan, "board": launch["board"], "fault": launch["fault"]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=launch["workers"], use_gpu=plan.use_gpu, resources_per_worker=launch["worker_resources"]
+        ),
+        run_config=ray.train.RunConfig(
+            name=launch["run_name"],
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=launch["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if getattr(result, "error", None):
+        raise result.error
+    train_s = time.perf_counter() - t0
+    metrics = dict(result.metrics or {})
+    ev = ray.get(
+        ray.remote(evaluate_artifact).options(num_cpus=launch["eval_cpus"], num_gpus=launch["eval_gpus"]).remote(plan)
+    )
+    resumed = metrics.get("resumed_from_epoch")
+    return {**ev, "train_s": train_s, "resumed_from_epoch": None if resumed is None or resumed < 0 else int(resumed)}
+
+
+def fault_for(task: str, run_root: str) -> dict | None:
+    """Test hook: SHPEFT_FAULT_INJECT='<task>:<epoch>' kills that task's rank-0 worker once at that epoch."""
+    spec = os.environ.get("SHPEFT_FAULT_INJECT", "")
+    if not spec or ":" not in spec:
+        return None
+    name, epoch = spec.rsplit(":", 1)
+    if name != task:
+        return None
+    return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
+
+
+def _kind(method: str) -> str:
+    from shpeft_core.methods import artifact_kind
+
+    return artifact_kind(method)
+
+
+def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done) -> None:
+    """Stage 2: one zero-CPU launcher per task, at most `slots` in flight (each slot = one whole trainer).
+
+    ``on_done(base_row, get_result)`` is called as each task ends; ``get_result()`` returns its row fields
+    or raises the task's error.
+    """
+    import ray
+
+    if not plans:
+        return
+    cpus, gpus = cluster_resources()
+    slots = trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks)
+    say(f"training {len(plans)} task(s), up to {slots} at once "
+         f"({job.training.workers_per_task} worker(s) x {worker_resources(job)} each; cluster {cpus:g} CPU {gpus:g} GPU)",
+         progress)
+    launcher = ray.remote(train_task).options(num_cpus=0, max_retries=0)
+    train_storage = ray_storage(join_uri(store, "runs"))  # Ray Train's run folder: runs/<run_name>
+    eval_res = worker_resources(job)
+    queue = list(plans)
+    in_flight: dict[Any, tuple] = {}
+    while queue or in_flight:
+        while queue and len(in_flight) < slots:
+            plan, base, chash = queue.pop(0)
+            run_name = f"{jid}-{plan.task_name}-{chash}"
+            run_root = layout.run_root(store, jid, plan.task_name, chash)
+            if force:
+                remove(run_root, recursive=True)
+            launch = {
+                "plan": plan, "board": board, "fault": fault_for(plan.task_name, run_root),
+                "run_name": run_name, "ray_storage": train_storage, "run_root": run_root,
+                "workers": job.training.workers_per_task, "worker_resources": worker_resources(job),
+                "max_failures": job.training.max_failures,
+                "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),
+            }
+            say(f"[{plan.task_name}] training {plan.method} (run {run_name})", progress)
+            base = {**base, "density": plan.density, "alpha": plan.alpha, "delta_uri": plan.artifact_uri,
+                    "started_at": now()}
+            in_flight[launcher.remote(launch)] = (plan, base)
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        _, base = in_flight.pop(done[0])
+        on_done(base, lambda: ray.get(done[0]))
