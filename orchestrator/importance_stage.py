@@ -68,8 +68,9 @@ class ImportanceMaps:
     def specific(self, name: str, estimator: str) -> DatasetMap:
         return self.maps[(name, estimator)]
 
-    def uris(self) -> list[str]:
-        return [d.uri for d in self.maps.values() if d.uri and not d.error]
+    def named_uris(self, estimator: str) -> dict[str, str]:
+        """Dataset name -> its map computed with ``estimator`` (the job's), for plots and reports."""
+        return {name: d.uri for (name, est), d in self.maps.items() if est == estimator and d.uri and not d.error}
 
 
 def cache_hit(uri: str, what: str, progress: bool) -> bool:

@@ -204,8 +204,8 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     try:
         from .plots import write_plots
 
-        plots = write_plots(store, jid, ordered, imaps.uris(),
-                            next((a["uri"] for a in imaps.agnostic.values() if a.get("uri")), None))
+        plots = write_plots(store, jid, ordered, imaps.named_uris(job.importance.estimator),
+                            {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         say(f"plots skipped: {short_error(exc)}", progress)
     result = JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,

@@ -64,9 +64,18 @@ def _trial_points(store: str, row: dict) -> list[dict]:
     return [{"density": row["density"], "alpha": row["alpha"], "val_metric": row[f"val_{m}"]}]
 
 
-def write_plots(store: str, job_id: str, rows: list[dict], dataset_map_uris: list[str],
-                agnostic_uri: str | None) -> list[str]:
-    """Writes the three PNGs under <store>/plots/<job_id>/ and returns their URIs."""
+def _layer_order(layer: str) -> tuple:
+    """Layers in network order: 'blocks.10' after 'blocks.9', stems and embeddings first."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in layer.split("."))
+
+
+def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[str, str],
+                agnostic_maps: dict[str, str]) -> list[str]:
+    """Writes the three PNGs under <store>/plots/<job_id>/ and returns their URIs.
+
+    ``dataset_maps``: dataset name -> its importance map; ``agnostic_maps``: target task -> its
+    task-agnostic map (leave-one-out pools differ per task).
+    """
     from shpeft_core.importance import ImportanceMap
 
     root = plots_dir(store, job_id)
@@ -97,12 +106,12 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_map_uris: lis
         out.append(_save(fig, join_uri(root, "alpha_vs_metric.png")))
 
     maps = {}
-    if agnostic_uri and exists(agnostic_uri):
-        maps["task-agnostic"] = ImportanceMap.load(agnostic_uri)
-    for uri in sorted(set(dataset_map_uris)):
-        if exists(uri):
-            m = ImportanceMap.load(uri)
-            maps[m.metadata.get("dataset_name") or uri.rsplit("/", 1)[-1][:12]] = m
+    for task, uri in sorted(agnostic_maps.items()):
+        if uri and exists(uri):
+            maps[f"task-agnostic for {task}"] = ImportanceMap.load(uri)
+    for name, uri in sorted(dataset_maps.items()):
+        if uri and exists(uri):
+            maps[name] = ImportanceMap.load(uri)
     if maps:
         fig, ax = plt.subplots(figsize=(7, 4))
         layers: list[str] = []
@@ -112,9 +121,11 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_map_uris: lis
             for layer in masses[label]:
                 if layer not in layers:
                     layers.append(layer)
+        layers.sort(key=_layer_order)
         for label, mass in masses.items():
             ax.plot(range(len(layers)), [mass.get(layer, 0.0) for layer in layers], marker="o", label=label,
-                    linewidth=2.5 if label == "task-agnostic" else 1)
+                    linewidth=2.5 if label.startswith("task-agnostic") else 1,
+                    linestyle="--" if label.startswith("task-agnostic") else "-")
         ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
         ax.set_ylabel("share of importance mass")
         ax.set_title("importance mass per layer")

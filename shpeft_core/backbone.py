@@ -20,7 +20,6 @@ __all__ = [
     "create_backbone",
     "backbone_fingerprint",
     "head_parameter_names",
-    "head_module_path",
     "head_module_paths",
     "unwrap",
     "backbone_name",
@@ -122,12 +121,6 @@ def head_module_paths(model: nn.Module) -> list[str]:
     clfs = list(clf) if isinstance(clf, (tuple, list)) else [clf]
     ids = {id(c) for c in clfs if isinstance(c, nn.Module)}
     return [name for name, mod in m.named_modules() if name and id(mod) in ids]
-
-
-def head_module_path(model: nn.Module) -> str | None:
-    """Module path of the (first) classifier, None when there is none."""
-    paths = head_module_paths(model)
-    return paths[0] if paths else None
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

@@ -11,7 +11,6 @@ _EXPORTS = {
     "catalogue": ["CATALOGUE", "CatalogueEntry"],
     "data": ["DatasetError", "DatasetReport", "build_dataset", "build_loader", "check_dataset",
              "dataset_fingerprint", "default_transform", "transform_for"],
-    "registry": ["DEFAULT_REGISTRY", "TaskRegistry"],
     "spec": ["TaskSpec"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,11 +1,11 @@
-"""The shpeft_core usage example in the README runs as written."""
+"""The shpeft_core usage example in docs/python-api.md runs as written."""
 
 import pathlib
 import re
 
 import torch
 
-DOC = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
 
 
 def test_docs_usage_example_runs():

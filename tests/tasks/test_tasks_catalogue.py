@@ -7,8 +7,6 @@ import pytest
 from tasks.catalogue import CATALOGUE, MEDMNIST_2D
 from tasks.data import DatasetError, build_dataset
 from tasks.medmnist import fetch_medmnist, medmnist_filename, medmnist_url
-from tasks.registry import DEFAULT_REGISTRY, TaskRegistry
-from tasks.spec import TaskSpec
 
 EXPECTED_CLASSES = {
     "pathmnist": 9, "chestmnist": 14, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5,
@@ -35,19 +33,6 @@ def test_other_entries_and_specs():
     assert chest.num_classes == 2 and chest.multilabel == "any"
     for e in CATALOGUE.values():
         assert e.licence and e.obtain and e.modality
-
-
-def test_registry_prefers_registered_specs():
-    reg = TaskRegistry()
-    s = TaskSpec(name="pathmnist", source="/elsewhere", format="medmnist", num_classes=9)
-    reg.register(s)
-    assert reg.get("pathmnist") is s and "busi" in reg and reg.names()[0] == "pathmnist"
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register(s.model_copy(update={"source": "/other"}))
-    assert reg.register_catalogue("busi", "/data/busi").source == "/data/busi"
-    with pytest.raises(KeyError, match="no task named"):
-        reg.get("nope")
-    assert DEFAULT_REGISTRY.get("octmnist").medmnist_name == "octmnist"
 
 
 def test_medmnist_names_and_urls():
