@@ -13,18 +13,57 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri
 
 from .jobspec import content_hash, parse_job
 
-__all__ = ["run_demo", "demo_job_dict", "pretrain_backbone", "DEMO_BACKBONE"]
+__all__ = ["run_demo", "demo_job_dict", "pretrain_backbone", "demo_backbone_uri", "install_demo_backbone",
+           "DEMO_BACKBONE", "DEMO_DATA", "DEMO_PRETRAIN", "DEMO_TRAINING"]
 
-# A small ViT at 32 px: patch 4 -> 64 tokens, 6 blocks of width 64 (~0.26M weights).
-DEMO_BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 4}}
+# A small ViT at 32 px: patch 8 -> 16 tokens, 6 blocks of width 64 (~0.27M weights). Its pre-trained
+# weights ship with the repository (DEMO_BACKBONE_FILE, ~1 MB); scripts/pretrain_demo_backbone.py
+# regenerates them from the synthetic source corpus with DEMO_PRETRAIN.
+DEMO_BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
+DEMO_BACKBONE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
+DEMO_BACKBONE_SHA256 = "7098e107120712030a130333f61e2b0d615083ea0c4e8739d04e964a378dc4a2"
+# Data (tasks.synthetic): the source corpus and the target family the demo writes.
+DEMO_DATA = {"image_size": 32, "lesion_size": 1.4, "source_images": 12000, "source_cue_strength": 1.5, "n_tasks": 3,
+             "images_per_task": 1100, "num_classes": 4, "max_imbalance": 1.5, "cue_strength": 2.0}
+# Supervised pre-training of DEMO_BACKBONE on the DEMO_DATA source corpus (offline, not at demo time).
+DEMO_PRETRAIN = {"epochs": 25, "batch_size": 64, "lr": 2e-3, "seed": 0}
+# Per-method fine-tuning defaults, from a val-only search with bench/demo_recipe.py: "lr" is the
+# sparse values' rate, "lr_full" full fine-tuning's, "head_lr" the head's (also head-only).
+DEMO_TRAINING = {"epochs": 20, "batch_size": 32, "lr": 3e-2, "head_lr": 1e-2, "lr_full": 2e-3,
+                 "warmup_epochs": 1, "density": 0.02, "alpha": 0.5, "importance_batches": 6}
+
+
+def demo_backbone_uri(path: str = DEMO_BACKBONE_FILE, sha256: str | None = None) -> str:
+    """The shipped pre-trained demo backbone, after checking its sha256 against DEMO_BACKBONE_SHA256."""
+    from shpeft_core.io import sha256_file
+
+    want = DEMO_BACKBONE_SHA256 if sha256 is None else sha256
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: demo backbone missing; run scripts/pretrain_demo_backbone.py")
+    got = sha256_file(path)
+    if got != want:
+        raise ValueError(f"{path}: sha256 {got} differs from the expected {want}; the file is damaged or was "
+                         "regenerated without updating DEMO_BACKBONE_SHA256 (scripts/pretrain_demo_backbone.py)")
+    return path
+
+
+def install_demo_backbone(store: str, progress: bool = True) -> str:
+    """Copy the checked, shipped backbone into <store>/backbones/ (once); returns its URI there."""
+    uri = join_uri(store, "backbones", f"{DEMO_BACKBONE['name']}-{DEMO_BACKBONE_SHA256[:16]}.safetensors")
+    if not exists(uri):
+        with open(demo_backbone_uri(), "rb") as f:
+            atomic_write_bytes(uri, f.read())
+    if progress:
+        print(f"pre-trained backbone: {uri} (shipped, sha256 {DEMO_BACKBONE_SHA256[:16]}...)", flush=True)
+    return uri
 
 
 def pretrain_backbone(store: str, corpus, *, epochs: int, batch_size: int = 64, lr: float = 2e-3,
                       seed: int = 0, progress: bool = True) -> str:
     """Supervised pre-training on the source corpus, once: cached by content under <store>/backbones/.
 
-    A ViT from scratch on a couple of thousand images spends its first epochs on a loss plateau,
-    so the full demo trains for tens of epochs (about two minutes on two CPUs)."""
+    Not run by the demo: scripts/pretrain_demo_backbone.py uses it (with DEMO_PRETRAIN, one thread,
+    about 25 epochs x 6 s on one idle core) to regenerate the shipped DEMO_BACKBONE_FILE."""
     import safetensors.torch
     import timm
     import torch
@@ -80,16 +119,16 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
         "store": store,
         "tasks": [t.model_dump(mode="json") for t in targets],
         "importance": {
-            "estimator": "grad2", "batches": 2 if smoke_test else 6, "batch_size": 32,
+            "estimator": "grad2", "batches": 2 if smoke_test else DEMO_TRAINING["importance_batches"], "batch_size": 32,
             "pool_datasets": [p.model_dump(mode="json") for p in pool_extra],
         },
-        "selection": {"density": 0.01, "alpha": 0.5, "granularity": "global"},
+        "selection": {"density": DEMO_TRAINING["density"], "alpha": DEMO_TRAINING["alpha"], "granularity": "global"},
         "training": {
-            # The few sparse values start at zero and take a larger step than dense fine-tuning
-            # (1e-2; 5e-2 did worse than head-only on this ViT); a few hundred images give ~7 steps per epoch, so
-            # a handful of epochs leaves the fresh head near chance.
-            "epochs": 1 if smoke_test else 12, "batch_size": 32, "lr": 1e-2, "head_lr": 1e-2,
-            "warmup_epochs": 0 if smoke_test else 1,
+            # The few sparse values start at zero and take a larger step than dense fine-tuning (3e-2 vs
+            # 2e-3 for full fine-tuning; bench/demo_recipe.py); 770 training images give 25 steps per epoch.
+            "epochs": 1 if smoke_test else DEMO_TRAINING["epochs"], "batch_size": DEMO_TRAINING["batch_size"],
+            "lr": DEMO_TRAINING["lr"], "head_lr": DEMO_TRAINING["head_lr"],
+            "warmup_epochs": 0 if smoke_test else DEMO_TRAINING["warmup_epochs"],
             "seed": 0, "workers_per_task": 1, "cpus_per_worker": cpus_per_worker,
         },
         "sweep": {
@@ -102,7 +141,8 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
 
 def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: int | None = None,
              progress: bool = True) -> int:
-    """Generate data, pre-train once, run the whole job on a local embedded Ray; returns the exit code."""
+    """Generate data, install the shipped pre-trained backbone, run the whole job on a local embedded Ray;
+    returns the exit code."""
     from tasks.synthetic import write_source_corpus, write_task_family
 
     from .pipeline import run_job
@@ -114,13 +154,17 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     store = normalise_store(store or os.path.join(os.getcwd(), "demo-store"))
     cpus = num_cpus or os.cpu_count() or 2
     data = join_uri(store, "data-smoke" if smoke_test else "data")
-    corpus = write_source_corpus(data, image_size=32, num_images=600 if smoke_test else 2400)
-    targets = write_task_family(data, n_tasks=2 if smoke_test else 3, image_size=32,
-                                images_per_task=120 if smoke_test else 300,
+    d = DEMO_DATA
+    corpus = write_source_corpus(data, image_size=d["image_size"], num_images=600 if smoke_test else d["source_images"],
+                                 cue_strength=d["source_cue_strength"], lesion_size=d["lesion_size"])
+    targets = write_task_family(data, n_tasks=2 if smoke_test else d["n_tasks"], image_size=d["image_size"],
+                                images_per_task=120 if smoke_test else d["images_per_task"],
+                                num_classes=d["num_classes"], max_imbalance=d["max_imbalance"],
+                                cue_strength=d["cue_strength"], lesion_size=d["lesion_size"],
                                 formats=("medmnist", "imagefolder", "parquet"))
     if progress:
         print(f"data: source corpus {corpus.name} + targets {[t.name for t in targets]} under {data}", flush=True)
-    backbone_uri = pretrain_backbone(store, corpus, epochs=2 if smoke_test else 40, progress=progress)
+    backbone_uri = install_demo_backbone(store, progress=progress)
     job_dict = demo_job_dict(store, backbone_uri, targets, [corpus], smoke_test=smoke_test, cpus=cpus)
     job = parse_job(job_dict, "demo job")
     buf = io.StringIO()

@@ -5,8 +5,8 @@ Every image is rendered from the same generative recipe:
 1. shared anatomy: a smooth background field and an organ-like ellipse filled with an oriented
    tissue texture (same statistics in every task);
 2. a cue map: small lesions whose shape / location / texture frequency (target tasks) or
-   orientation / count / contrast polarity (source corpus) depends on the class, plus a
-   class-independent distractor lesion;
+   orientation / count / contrast polarity / grating orientation / outline (source corpus) depends
+   on the class, plus a class-independent distractor lesion;
 3. modality rendering and noise: Poisson counts (CT), multiplicative speckle inside a fan (ultrasound),
    Rician noise (MRI), blurred Gaussian noise (X-ray), H&E stain colours (pathology), a red-orange disc
    (fundus).
@@ -43,7 +43,7 @@ __all__ = [
 MODALITIES = ("ct", "pathology", "ultrasound", "fundus", "mri", "xray")
 RGB_MODALITIES = ("pathology", "fundus")
 TARGET_CUES = ("shape", "texture", "location")
-SOURCE_CUES = ("orientation", "count", "contrast")
+SOURCE_CUES = ("orientation", "count", "contrast", "stripes", "outline")
 _CLASS_WORDS = {
     "shape": ["disk", "square", "ring", "cross", "triangle", "bar"],
     "texture": ["fine", "medium", "coarse", "very-coarse", "smooth", "striped"],
@@ -51,6 +51,8 @@ _CLASS_WORDS = {
     "orientation": ["deg0", "deg45", "deg90", "deg135"],
     "count": ["one", "two", "three", "four"],
     "contrast": ["bright", "dark", "rim", "target"],
+    "stripes": ["stripes0", "stripes45", "stripes90", "stripes135"],
+    "outline": ["triangle", "bar", "ellipse", "pair"],
 }
 _DICOM_MODALITY = {"ct": "CT", "pathology": "SM", "ultrasound": "US", "fundus": "OP", "mri": "MR", "xray": "DX"}
 _FORMAT_ALIASES = {"npz": "medmnist", "medmnist": "medmnist", "imagefolder": "imagefolder", "parquet": "parquet", "dicom": "dicom"}
@@ -69,6 +71,7 @@ class SyntheticTask:
     image_size: int
     seed: int
     cue_strength: float = 1.0
+    lesion_size: float = 1.0  # scales the class lesion's radius
 
     @property
     def channels(self) -> int:
@@ -85,24 +88,36 @@ def task_family(
     images_per_task: int = 300,
     seed: int = 0,
     cues: tuple[str, ...] = TARGET_CUES,
+    num_classes: int | None = None,
+    max_imbalance: float = 4.0,
+    cue_strength: float = 1.0,
+    lesion_size: float = 1.0,
 ) -> list[SyntheticTask]:
-    """Parameters of ``n_tasks`` target tasks: cues and modalities cycle, class counts 2-5, imbalance 1-4."""
+    """Parameters of ``n_tasks`` target tasks: cues and modalities cycle, class counts 2-5 (or all
+    ``num_classes``), imbalance 1-``max_imbalance``; ``cue_strength`` scales the class cue's contrast
+    and ``lesion_size`` its radius."""
     rng = np.random.default_rng([seed, 7919])
     tasks = []
     for t in range(n_tasks):
         cue = cues[t % len(cues)]
         modality = MODALITIES[t % len(MODALITIES)]
-        k = int(rng.integers(2, 6))
+        k = int(rng.integers(2, 6))  # drawn even when num_classes is given: the imbalance draws stay the same
+        if num_classes is not None:
+            if not 2 <= num_classes <= len(_CLASS_WORDS[cue]):
+                raise ValueError(f"num_classes={num_classes}: cue {cue!r} has 2..{len(_CLASS_WORDS[cue])} classes")
+            k = num_classes
         tasks.append(
             SyntheticTask(
                 name=f"synth{t}-{cue}-{modality}",
                 cue=cue,
                 modality=modality,
                 num_classes=k,
-                imbalance=float(np.round(rng.uniform(1.0, 4.0), 2)),
+                imbalance=float(np.round(rng.uniform(1.0, max(1.0, max_imbalance)), 2)),
                 num_images=images_per_task,
                 image_size=image_size,
                 seed=seed * 1000 + t,
+                cue_strength=cue_strength,
+                lesion_size=lesion_size,
             )
         )
     return tasks
@@ -136,7 +151,7 @@ def _shape_mask(kind: str, x, y, cx, cy, r, s, angle=0.0) -> np.ndarray:
     if kind == "disk":
         d = np.hypot(u, v) - r
     elif kind == "square":
-        d = np.maximum(np.abs(u), np.abs(v)) - r * 0.85
+        d = np.maximum(np.abs(u), np.abs(v)) - r  # half-width r: a little larger than the disk of radius r
     elif kind == "ring":
         d = np.abs(np.hypot(u, v) - r * 0.8) - r * 0.3
     elif kind == "cross":
@@ -152,10 +167,10 @@ def _shape_mask(kind: str, x, y, cx, cy, r, s, angle=0.0) -> np.ndarray:
     return _soft(d, s)
 
 
-def _cue_map(cue: str, label: int, k: int, rng, x, y, s, organ) -> np.ndarray:
-    """Signed lesion map for one image; organ = (cx, cy, ax, ay, angle)."""
+def _cue_map(cue: str, label: int, k: int, rng, x, y, s, organ, size: float = 1.0) -> np.ndarray:
+    """Signed lesion map for one image; organ = (cx, cy, ax, ay, angle); ``size`` scales the radius."""
     ocx, ocy, oax, oay, _ = organ
-    r = rng.uniform(0.11, 0.15)
+    r = rng.uniform(0.11, 0.15) * size
     amp = rng.uniform(0.3, 0.45) * rng.choice([-1.0, 1.0])
     jitter = rng.normal(0, 0.06, 2)
     cx, cy = ocx + jitter[0], ocy + jitter[1]
@@ -167,7 +182,9 @@ def _cue_map(cue: str, label: int, k: int, rng, x, y, s, organ) -> np.ndarray:
         cy = ocy + 0.55 * oay * np.sin(theta - np.pi / 2)
         return amp * _shape_mask("disk", x, y, cx, cy, r, s)
     if cue == "texture":
-        freq = (0.08 + 0.32 * label / max(k - 1, 1)) * s  # cycles per image
+        # cycles per image, geometrically spaced (x1.9 per class for k = 4): far more than the x1.3 a
+        # random resized crop (scale 0.6) can shift a frequency by, so augmentation keeps the class
+        freq = 0.05 * (0.36 / 0.05) ** (label / max(k - 1, 1)) * s
         ang = rng.uniform(0, np.pi)
         grating = np.cos(2 * np.pi * freq * (x * np.cos(ang) + y * np.sin(ang)) + rng.uniform(0, 2 * np.pi))
         return abs(amp) * 1.3 * grating * _shape_mask("disk", x, y, cx, cy, r * 1.6, s)
@@ -179,6 +196,21 @@ def _cue_map(cue: str, label: int, k: int, rng, x, y, s, organ) -> np.ndarray:
             px, py = ocx + rng.uniform(-0.6, 0.6) * oax, ocy + rng.uniform(-0.6, 0.6) * oay
             out += _shape_mask("disk", x, y, px, py, r * 0.55, s)
         return abs(amp) * np.clip(out, 0, 1)
+    if cue == "stripes":
+        # a grating at one fixed mid frequency whose orientation is the class (target texture varies frequency)
+        ang = np.pi * label / k + rng.normal(0, 0.1)
+        grating = np.cos(2 * np.pi * 0.22 * s * (x * np.cos(ang) + y * np.sin(ang)) + rng.uniform(0, 2 * np.pi))
+        return abs(amp) * 1.3 * grating * _shape_mask("disk", x, y, cx, cy, r * 1.6, s)
+    if cue == "outline":
+        # lesion outlines none of the target shapes use (target shape: disk, square, ring, cross)
+        if label == 3:
+            d = 0.09 + rng.uniform(0, 0.04)
+            a = rng.uniform(0, np.pi)
+            pair = sum(_shape_mask("disk", x, y, cx + sgn * d * np.cos(a), cy + sgn * d * np.sin(a), r * 0.5, s)
+                       for sgn in (-1, 1))
+            return amp * np.clip(pair, 0, 1)
+        kind = ("triangle", "bar", "ellipse")[label]
+        return amp * _shape_mask(kind, x, y, cx, cy, r * (1.2 if kind == "ellipse" else 1.0), s, rng.uniform(0, np.pi))
     if cue == "contrast":
         disk = _shape_mask("disk", x, y, cx, cy, r * 1.2, s)
         core = _shape_mask("disk", x, y, cx, cy, r * 0.6, s)
@@ -205,7 +237,8 @@ def render_image(task: SyntheticTask, label: int, index: int) -> np.ndarray:
     texture = 0.06 * np.cos(2 * np.pi * tex_f * (x * np.cos(tex_a) + y * np.sin(tex_a))) + 0.05 * _smooth_field(rng, x, y, 4, 5.0)
     tissue = background + organ * (0.22 + texture)
     # 2. cues: the class cue plus a class-independent distractor
-    cue = task.cue_strength * _cue_map(task.cue, label, task.num_classes, rng, x, y, s, (ocx, ocy, oax, oay, oang))
+    cue = task.cue_strength * _cue_map(task.cue, label, task.num_classes, rng, x, y, s, (ocx, ocy, oax, oay, oang),
+                                       task.lesion_size)
     if rng.random() < 0.5:
         dx, dy = rng.uniform(0.2, 0.8, 2)
         cue = cue + rng.uniform(-0.2, 0.2) * _shape_mask("disk", x, y, dx, dy, rng.uniform(0.04, 0.08), s)
@@ -447,10 +480,18 @@ def write_task_family(
     image_size: int = 32,
     images_per_task: int = 300,
     seed: int = 0,
+    num_classes: int | None = None,
+    max_imbalance: float = 4.0,
+    cue_strength: float = 1.0,
+    lesion_size: float = 1.0,
     overwrite: bool = False,
 ) -> list[TaskSpec]:
-    """Write ``n_tasks`` target tasks under ``root_uri``; task t uses ``formats[t % len(formats)]``."""
-    tasks = task_family(n_tasks, image_size=image_size, images_per_task=images_per_task, seed=seed)
+    """Write ``n_tasks`` target tasks under ``root_uri``; task t uses ``formats[t % len(formats)]``.
+
+    ``num_classes``, ``max_imbalance``, ``cue_strength`` and ``lesion_size`` go to :func:`task_family`."""
+    tasks = task_family(n_tasks, image_size=image_size, images_per_task=images_per_task, seed=seed,
+                        num_classes=num_classes, max_imbalance=max_imbalance, cue_strength=cue_strength,
+                        lesion_size=lesion_size)
     return [write_task(root_uri, t, formats[i % len(formats)], overwrite=overwrite) for i, t in enumerate(tasks)]
 
 
@@ -461,16 +502,22 @@ def write_source_corpus(
     seed: int = 10_000,
     num_images: int = 2400,
     fmt: str = "medmnist",
+    cue_strength: float = 1.0,
+    lesion_size: float = 1.0,
     overwrite: bool = False,
 ) -> TaskSpec:
     """A pre-training corpus from the same generator, disjoint from the target tasks.
 
-    Labels are (source cue, variant) pairs from SOURCE_CUES (orientation, count, contrast; 4 variants
-    each: 12 classes); every modality appears, rendered as RGB. The target cues (shape, texture,
-    location) are never labels here and the seeds differ, so no target image or label leaks in.
+    Labels are (source cue, variant) pairs from SOURCE_CUES (orientation, count, contrast, stripes
+    orientation, outline; 4 variants each: 20 classes); every modality appears, rendered as RGB. The
+    target cues (shape, texture, location) are never labels here: stripes have one fixed frequency
+    (texture varies it) and outlines are shapes the shape task does not use (triangle, bar, ellipse,
+    pair); the seeds differ, so no target image or label leaks in. ``cue_strength`` and
+    ``lesion_size`` scale the class cue as in the target tasks.
     """
     name = "synth-source"
-    task = SyntheticTask(name, "source", "mixed", 12, 1.0, num_images, image_size, seed)
+    task = SyntheticTask(name, "source", "mixed", 4 * len(SOURCE_CUES), 1.0, num_images, image_size, seed, cue_strength,
+                         lesion_size)
     task_dir = sio.join_uri(root_uri, name)
     data_uri = sio.join_uri(task_dir, f"{name}.npz" if _FORMAT_ALIASES.get(fmt) == "medmnist" else fmt)
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
@@ -500,7 +547,7 @@ def write_source_corpus(
     for i, lab in enumerate(labels):
         cue, variant = SOURCE_CUES[lab // 4], int(lab % 4)
         modality = MODALITIES[int(np.random.default_rng([seed, i, 5]).integers(len(MODALITIES)))]
-        sub = SyntheticTask(name, cue, modality, 4, 1.0, num_images, image_size, seed)
+        sub = SyntheticTask(name, cue, modality, 4, 1.0, num_images, image_size, seed, cue_strength, lesion_size)
         img = render_image(sub, variant, i)
         imgs.append(img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1))
     imgs = np.stack(imgs)

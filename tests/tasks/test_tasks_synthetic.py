@@ -58,3 +58,47 @@ def test_source_corpus_is_disjoint_from_targets(tmp_path):
     # reuse: an existing complete task is not rewritten
     again = write_source_corpus(str(tmp_path), num_images=96)
     assert again == src
+
+
+def test_family_overrides_class_count_imbalance_and_cue():
+    base = task_family(3, seed=0)
+    t = task_family(3, seed=0, num_classes=4, max_imbalance=1.5, cue_strength=2.0, lesion_size=1.4)
+    assert [x.num_classes for x in t] == [4, 4, 4] and all(1.0 <= x.imbalance <= 1.5 for x in t)
+    assert [x.cue for x in t] == [x.cue for x in base] and [x.modality for x in t] == [x.modality for x in base]
+    assert all(x.cue_strength == 2.0 and x.lesion_size == 1.4 for x in t)
+    # a stronger, larger cue changes the image; the shared anatomy and noise draws stay the same
+    plain = task_family(3, seed=0, num_classes=4)[0]
+    a, b = render_image(plain, 1, 5).astype(float), render_image(t[0], 1, 5).astype(float)
+    assert np.abs(a - b).mean() > 1.0
+    try:
+        task_family(1, num_classes=7)
+    except ValueError as e:
+        assert "num_classes=7" in str(e)
+    else:
+        raise AssertionError("7 shape classes accepted")
+
+
+def test_texture_classes_are_spread_beyond_crop_rescaling():
+    """Adjacent texture classes differ in frequency by more than the x1.29 a random resized crop
+    (scale 0.6) can rescale an image, so training augmentation cannot turn one class into another."""
+    from tasks.synthetic import _cue_map, _grid
+
+    s = 64
+    x, y = _grid(s)
+    peaks = []
+    for label in range(4):
+        m = _cue_map("texture", label, 4, np.random.default_rng(label), x, y, s, (0.5, 0.5, 0.4, 0.4, 0.0), 2.0)
+        spec = np.abs(np.fft.fft2(m))
+        spec[0, 0] = 0
+        fy, fx = np.unravel_index(np.argmax(spec), spec.shape)
+        fy, fx = min(fy, s - fy), min(fx, s - fx)
+        peaks.append(np.hypot(fx, fy))
+    ratios = np.array(peaks[1:]) / np.array(peaks[:-1])
+    assert (ratios > 1.4).all(), peaks
+
+
+def test_demo_source_corpus_has_every_cue_family(tmp_path):
+    src = write_source_corpus(str(tmp_path), num_images=40, cue_strength=1.5, lesion_size=1.4)
+    assert src.num_classes == 20 and {n.split("-")[0] for n in src.class_names} == set(SOURCE_CUES)
+    ds = build_dataset(src, "train", None)
+    assert ds.images.shape[1:] == (32, 32, 3)
