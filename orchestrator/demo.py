@@ -13,7 +13,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri
 
 from .jobspec import content_hash, parse_job
 
-__all__ = ["run_demo", "demo_job_dict", "pretrain_backbone", "demo_backbone_uri", "install_demo_backbone",
+__all__ = ["run_demo", "prepare_demo_job", "demo_job_dict", "pretrain_backbone", "demo_backbone_uri", "install_demo_backbone",
            "DEMO_BACKBONE", "DEMO_DATA", "DEMO_PRETRAIN", "DEMO_TRAINING"]
 
 # A small ViT at 32 px: patch 8 -> 16 tokens, 6 blocks of width 64 (~0.27M weights). Its pre-trained
@@ -23,7 +23,7 @@ DEMO_BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}
 DEMO_BACKBONE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_backbone.safetensors")
 DEMO_BACKBONE_SHA256 = "7098e107120712030a130333f61e2b0d615083ea0c4e8739d04e964a378dc4a2"
 # Data (tasks.synthetic): the source corpus and the target family the demo writes.
-DEMO_DATA = {"image_size": 32, "lesion_size": 1.4, "source_images": 12000, "source_cue_strength": 1.5, "n_tasks": 3,
+DEMO_DATA = {"image_size": 32, "lesion_size": 1.4, "source_images": 12000, "pool_images": 800, "source_cue_strength": 1.5, "n_tasks": 3,
              "images_per_task": 1100, "num_classes": 4, "max_imbalance": 1.5, "cue_strength": 2.0}
 # Supervised pre-training of DEMO_BACKBONE on the DEMO_DATA source corpus (offline, not at demo time).
 DEMO_PRETRAIN = {"epochs": 25, "batch_size": 64, "lr": 2e-3, "seed": 0}
@@ -131,6 +131,8 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
             "warmup_epochs": 0 if smoke_test else DEMO_TRAINING["warmup_epochs"],
             "seed": 0, "workers_per_task": 1, "cpus_per_worker": cpus_per_worker,
         },
+        # Full fine-tuning moves every pre-trained weight and takes a smaller step than the sparse values.
+        "method": {"lr": {"full": DEMO_TRAINING["lr_full"]}},
         "sweep": {
             "enabled": True, "trials_per_task": 2 if smoke_test else 4, "epochs": 1 if smoke_test else 12,
             "density_range": [1e-3, 5e-2], "alpha_range": [0.0, 1.0],
@@ -139,23 +141,21 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
     }
 
 
-def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: int | None = None,
-             progress: bool = True) -> int:
-    """Generate data, install the shipped pre-trained backbone, run the whole job on a local embedded Ray;
-    returns the exit code."""
+# The comparison that ends the demo: SH-PEFT beside head-only and full fine-tuning (the ablations,
+# specific / agnostic / random masks and the other hybrid rule, with `--all-methods`).
+DEMO_COMPARE_METHODS = ("shpeft", "linear", "full")
+DEMO_ALL_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random", "linear", "full")
+
+
+def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, progress: bool = True):
+    """Write the demo's data and backbone into ``store`` (reused when already there) and return its job."""
     from tasks.synthetic import write_source_corpus, write_task_family
 
-    from .pipeline import run_job
-    from .store import normalise_store
-
-    for var, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
-        os.environ.setdefault(var, value)
-    t0 = time.perf_counter()
-    store = normalise_store(store or os.path.join(os.getcwd(), "demo-store"))
-    cpus = num_cpus or os.cpu_count() or 2
     data = join_uri(store, "data-smoke" if smoke_test else "data")
     d = DEMO_DATA
-    corpus = write_source_corpus(data, image_size=d["image_size"], num_images=600 if smoke_test else d["source_images"],
+    # The corpus pre-trained the shipped backbone; here it only joins the task-agnostic pool, whose
+    # importance pass reads a few batches, so a prefix of it is written (images are stable by index).
+    corpus = write_source_corpus(data, image_size=d["image_size"], num_images=600 if smoke_test else d["pool_images"],
                                  cue_strength=d["source_cue_strength"], lesion_size=d["lesion_size"])
     targets = write_task_family(data, n_tasks=2 if smoke_test else d["n_tasks"], image_size=d["image_size"],
                                 images_per_task=120 if smoke_test else d["images_per_task"],
@@ -165,12 +165,41 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     if progress:
         print(f"data: source corpus {corpus.name} + targets {[t.name for t in targets]} under {data}", flush=True)
     backbone_uri = install_demo_backbone(store, progress=progress)
-    job_dict = demo_job_dict(store, backbone_uri, targets, [corpus], smoke_test=smoke_test, cpus=cpus)
-    job = parse_job(job_dict, "demo job")
+    job = parse_job(demo_job_dict(store, backbone_uri, targets, [corpus], smoke_test=smoke_test, cpus=cpus),
+                    "demo job")
     buf = io.StringIO()
     yaml.safe_dump(job.model_dump(mode="json"), buf, sort_keys=False)
     atomic_write_bytes(join_uri(store, "demo-smoke-job.yaml" if smoke_test else "demo-job.yaml"), buf.getvalue().encode())
-    result = run_job(job, num_cpus=cpus, progress=progress)
+    return job
+
+
+def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: int | None = None,
+             progress: bool = True, all_methods: bool = False) -> int:
+    """Generate data, install the shipped pre-trained backbone, run the whole job on a local embedded Ray,
+    then compare SH-PEFT with head-only and full fine-tuning over 3 seeds; returns the exit code."""
+    import ray
+
+    from .compare import run_compare
+    from .pipeline import preflight, run_job
+    from .store import normalise_store
+
+    for var, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
+        os.environ.setdefault(var, value)
+    t0 = time.perf_counter()
+    store = normalise_store(store or os.path.join(os.getcwd(), "demo-store"))
+    cpus = num_cpus or os.cpu_count() or 2
+    job = prepare_demo_job(store, smoke_test, cpus=cpus, progress=progress)
+    preflight(job)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_job(job, progress=progress)
+        # The comparison runs every method with the job's own settings (no sweep) on the same tasks.
+        compare_job = job.model_copy(update={"sweep": job.sweep.model_copy(update={"enabled": False})})
+        methods = DEMO_ALL_METHODS if all_methods else DEMO_COMPARE_METHODS
+        compared = run_compare(compare_job, methods=methods, seeds=1 if smoke_test else 3, progress=progress)
+    finally:
+        ray.shutdown()
     if progress:
-        print(f"demo finished in {time.perf_counter() - t0:.1f}s; plots: {result.plots}", flush=True)
-    return result.exit_code
+        print(f"demo finished in {time.perf_counter() - t0:.0f}s; comparison report: {compared.report_uri}",
+              flush=True)
+    return max(result.exit_code, compared.exit_code)

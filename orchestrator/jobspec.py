@@ -179,6 +179,19 @@ class MethodSection(_Section):
     per_task: dict[str, Literal[METHODS]] = Field(
         default_factory=dict, description="Method overrides by task name."
     )
+    lr: dict[Literal[METHODS], float] = Field(
+        default_factory=dict,
+        description="Learning rate per method, e.g. {full: 2.0e-3, shpeft: 3.0e-2}; wins over training.lr and "
+        "the built-in defaults (shpeft_core.options.DEFAULT_LR).",
+    )
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {m: x for m, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"learning rates must be > 0, got {bad}")
+        return v
     lora: LoraSection = Field(default_factory=LoraSection, description="Settings of the lora method.")
 
     def for_task(self, task: str) -> str:

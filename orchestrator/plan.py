@@ -71,7 +71,7 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
     from shpeft_core.backbone import source_label
 
     tr = job.training
-    lr = tr.lr if tr.lr is not None else DEFAULT_LR[method]
+    lr = job.method.lr.get(method, tr.lr if tr.lr is not None else DEFAULT_LR[method])
     train = {
         "epochs": epochs or tr.epochs, "lr": lr, "head_lr": tr.head_lr if tr.head_lr is not None else lr,
         "weight_decay": tr.weight_decay, "warmup_epochs": tr.warmup_epochs, "seed": seed,

@@ -73,5 +73,6 @@ HELP = {
               "head), lora (peft LoRA + head) or full (every weight).",
     "head_init": "Training head start: warm = the head fitted on frozen features in the importance pass "
                  "(the same for every method), random = a fresh head.",
-    "lr": f"Learning rate of the trained backbone entries; null = the method's default {DEFAULT_LR}.",
+    "lr": f"Learning rate of the trained backbone entries for every method (method.lr sets it per method); "
+          f"null = each method's default {DEFAULT_LR}.",
 }

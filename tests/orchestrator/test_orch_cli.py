@@ -468,9 +468,9 @@ def test_demo_passes_options_and_exit_code(monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda store, smoke, **kw: seen.append((store, smoke, kw)) or 3)
     res = invoke("demo", "--store", "memory://d/store", "--smoke-test", "--num-cpus", 2)
     assert res.exit_code == 3
-    assert seen == [("memory://d/store", True, {"num_cpus": 2})]
-    res = invoke("demo")
-    assert seen[-1] == (None, False, {"num_cpus": None})
+    assert seen == [("memory://d/store", True, {"num_cpus": 2, "all_methods": False})]
+    res = invoke("demo", "--all-methods")
+    assert seen[-1] == (None, False, {"num_cpus": None, "all_methods": True})
 
 
 def test_help_imports_neither_torch_nor_ray():

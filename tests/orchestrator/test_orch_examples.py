@@ -93,25 +93,14 @@ def test_parquet_example_reads_object_storage():
 def test_demo_example_is_the_demo_job(tmp_path, monkeypatch):
     """examples/demo.yaml is exactly the job `shpeft demo` builds (store ./demo-store, full size, 2 CPUs).
 
-    The demo's real data generation runs into a temporary store; the pre-trained backbone is
-    reported as cached (so its content key is computed but nothing trains) and the Ray run is
-    replaced by a recorder, so only the job it would run is compared.
+    The demo's real data generation and backbone installation run into a temporary store; only the
+    job it would run is compared (nothing trains).
     """
     import orchestrator.demo as demo
-    import orchestrator.pipeline as pipeline
 
     example = load_job(ROOT / "examples" / "demo.yaml")
     store = str(tmp_path / "demo-store")
-    captured = []
-
-    class Result:
-        exit_code = 0
-        plots = []
-
-    monkeypatch.setattr(demo, "exists", lambda uri: "/backbones/" in uri)
-    monkeypatch.setattr(pipeline, "run_job", lambda job, **kw: captured.append(job) or Result())
-    assert demo.run_demo(store, False, num_cpus=2, progress=False) == 0
-    (job,) = captured
+    job = demo.prepare_demo_job(store, False, cpus=2, progress=False)
     got = json.loads(json.dumps(job.model_dump(mode="json")).replace(store, "demo-store"))
     assert got == example.model_dump(mode="json")
 

@@ -117,3 +117,26 @@ def test_method_mix_rules_and_lr_settings():
 def test_new_settings_name_their_field(sections, match):
     with pytest.raises(JobSpecError, match=match):
         parse_job(_with(**sections))
+
+
+def test_learning_rate_per_method_wins_over_training_lr_and_defaults():
+    from shpeft_core.options import DEFAULT_LR
+
+    from orchestrator.plan import build_plan
+    from tasks.spec import TaskSpec
+
+    spec = TaskSpec(name="t1", source="/data/t1", format="imagefolder", num_classes=3)
+
+    def lr(**sections):
+        job = parse_job(_with(**sections))
+        return {m: build_plan(job, spec, method=m, seed=0, backbone_fp="fp", specific=None, agnostic=None,
+                              agnostic_includes_target=False, artifact_uri=None).train["lr"]
+                for m in ("shpeft", "full")}
+
+    assert lr() == {"shpeft": DEFAULT_LR["shpeft"], "full": DEFAULT_LR["full"]}
+    assert lr(training={"lr": 0.5}) == {"shpeft": 0.5, "full": 0.5}
+    assert lr(training={"lr": 0.5}, method={"lr": {"full": 2e-3}}) == {"shpeft": 0.5, "full": 2e-3}
+    with pytest.raises(JobSpecError, match=r"method\.lr"):
+        parse_job(_with(method={"lr": {"full": 0}}))
+    with pytest.raises(JobSpecError, match=r"method\.lr"):
+        parse_job(_with(method={"lr": {"adapter": 1e-3}}))
