@@ -68,8 +68,9 @@ VALUES_GRAD_PATHS = ("gathered", "sddmm", "compact", "dense")
 # None: autotune. A name from VALUES_GRAD_PATHS forces that path everywhere (tests, or bit-exact
 # reruns: the autotuned choice may differ between runs, and with it the last bits of the sums).
 VALUES_GRAD_PATH: str | None = os.environ.get("SHPEFT_VALUES_GRAD") or None
-# Timed runs per candidate on a key's first backward; the fastest run decides.
-AUTOTUNE_REPEATS = 2
+# Timed runs per candidate on a key's first backward; the fastest run decides (a shared CPU
+# stalls single runs, so one sample each is not enough).
+AUTOTUNE_REPEATS = 3
 _chosen: dict[tuple, str] = {}
 
 
@@ -329,6 +330,22 @@ class _SparseLinearFn(torch.autograd.Function):
         return gx, None, gb, None, gv
 
 
+def _patches(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+    """Input patches as [B*L, in*kh*kw] (rows in (batch, out-y, out-x) order, columns as the weight's)."""
+    kh, kw = kernel
+    if tuple(stride) == (kh, kw) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1):
+        # Non-overlapping patches (ViT / Swin patch embedding, ConvNeXt stem): one strided copy,
+        # several times cheaper than F.unfold followed by a transpose.
+        b, c, h, w = x.shape
+        ho, wo = h // kh, w // kw
+        x = x[:, :, : ho * kh, : wo * kw].reshape(b, c, ho, kh, wo, kw)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b * ho * wo, c * kh * kw)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    b, ckk, length = cols.shape
+    # [B*L, features] view of a [features, B*L] tensor: the transposed gather path is then free.
+    return cols.permute(1, 0, 2).reshape(ckk, b * length).t()
+
+
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, values, stride, padding, dilation):
@@ -353,11 +370,10 @@ class _SparseConv2dFn(torch.autograd.Function):
         if need_b:
             gb = grad_out.sum((0, 2, 3)).to(weight.dtype)
         if need_v:
-            # im2col view: weight as [out, in*kh*kw], input patches as [in*kh*kw, B*L].
-            patches = F.unfold(x, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
-            b, ckk, length = patches.shape
-            # [B*L, features] views of [features, B*L] tensors: the transposed gather path is then free.
-            p2 = patches.permute(1, 0, 2).reshape(ckk, b * length).t()
+            # im2col view: weight as [out, in*kh*kw], input patches as [B*L, in*kh*kw].
+            p2 = _patches(x, weight.shape[-2:], stride, padding, dilation)
+            b, length = grad_out.shape[0], grad_out.shape[2] * grad_out.shape[3]
+            # [B*L, out] view of an [out, B*L] tensor: the rows SDDMM and the gathers read.
             g2 = grad_out.reshape(b, grad_out.shape[1], length).permute(1, 0, 2).reshape(-1, b * length).t()
             gv = _values_grad(g2, p2, pat).to(values.dtype)
         return gx, None, gb, None, gv, None, None, None

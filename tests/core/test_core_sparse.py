@@ -77,6 +77,8 @@ CONV_CASES = [
     (3, 6, 4, 4, 0, 1, True, 16, 12),  # patch-embedding style
     (2, 3, 3, 1, 2, 2, True, 9, 54),  # dilation, every entry selected
     (3, 8, 4, 4, 0, 1, False, 16, 300),  # patch embedding, large k
+    (3, 6, 4, 4, 0, 1, True, 18, 40),  # patch embedding, input not a multiple of the patch
+    (2, 4, (2, 3), (2, 3), 0, 1, True, 11, 20),  # rectangular non-overlapping patches
 ]
 
 
