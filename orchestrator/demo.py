@@ -162,6 +162,12 @@ def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, pro
                                 num_classes=d["num_classes"], max_imbalance=d["max_imbalance"],
                                 cue_strength=d["cue_strength"], lesion_size=d["lesion_size"],
                                 formats=("medmnist", "imagefolder", "parquet"))
+    if smoke_test:
+        # The smoke test also runs on real images: patches of the CT, MR, ultrasound, X-ray and histology
+        # images that pydicom-data and scikit-image install (the `samples` extra).
+        from tasks.samples import write_real_sample_task
+
+        targets = [*targets, write_real_sample_task(data, patch_size=d["image_size"])]
     if progress:
         print(f"data: source corpus {corpus.name} + targets {[t.name for t in targets]} under {data}", flush=True)
     backbone_uri = install_demo_backbone(store, progress=progress)
