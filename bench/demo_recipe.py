@@ -7,20 +7,22 @@ i.e. the source corpus and the other targets, never t itself), and trains, per t
 
   full      every weight trainable (AdamW, ``lr_full``; head at ``head_lr``)
   linear    head only
-  shpeft    hybrid rank-sum, score = a * N(specific) + (1 - a) * N(agnostic), top ``density``
+  shpeft    hybrid rank-sum, score = a * N(specific) + (1 - a) * N(agnostic), global top ``density``
   union     hybrid union: round(a * k) top task-specific entries, the rest from the agnostic ranking
   specific  alpha = 1
   agnostic  alpha = 0
   random    a seeded uniform random mask of the same size over the same eligible weights
-  shpeft_tensor / shpeft_row   (extra, not run by default) the rank-sum hybrid selected per tensor
-            (the same k split over weight tensors by size) or per output row (GPS-style, ~k)
+  shpeft_tensor  the rank-sum hybrid selected per tensor (the same k split over the weight tensors by
+            size, top entries within each): the demo's default granularity (DEMO_TRAINING)
+  shpeft_row     (not run by default) the rank-sum hybrid per output row (GPS-style; about k entries)
 
 Every method starts from the same warm head (ridge fit on frozen train features; ``--head random``
 for the seeded random head) and trains the same epochs; the figures are the last epoch's val and test
 macro-F1 (nothing is selected on test). Prints mean +- std over seeds per task and method, per-run
-seconds and the total time; the last line is one JSON object with every run.
+seconds and the total time; the last line is one JSON object (means per task and method); ``--json``
+writes every run, with its val curve, to a file.
 
-    python bench/demo_recipe.py                 # the full comparison (3 tasks x 3 seeds x 7 methods)
+    python bench/demo_recipe.py                 # the full comparison (3 tasks x 3 seeds x 8 methods)
     python bench/demo_recipe.py --smoke-test    # a tiny run of every code path
 """
 
@@ -57,7 +59,7 @@ from shpeft_core.importance import warm_head  # noqa: E402
 from shpeft_core.selection import budget, normalize_scores  # noqa: E402
 
 METHODS = ("full", "linear", "shpeft", "union", "specific", "agnostic", "random", "shpeft_tensor", "shpeft_row")
-DEFAULT_METHODS = METHODS[:7]
+DEFAULT_METHODS = METHODS[:8]
 
 # filled in the parent before the worker pool forks (workers read it, never write it)
 _CTX: dict = {}
