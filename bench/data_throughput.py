@@ -20,10 +20,11 @@ import time
 import numpy as np
 import torch
 
-from tasks.data import build_dataset, build_loader, transform_for
 from tasks.dicom import decode_dicom
 from tasks.images import array_to_rgb, decode_image
+from tasks.loaders import build_dataset, build_loader
 from tasks.synthetic import SyntheticTask, write_task
+from tasks.transforms import transform_for
 
 
 def _to_tensor(img) -> torch.Tensor:

@@ -66,7 +66,8 @@ _CTX: dict = {}
 
 
 def _loader(spec, split, model, *, train, seed=0, batch_size=32, shuffle=None):
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
 
     return build_loader(spec, split, transform=transform_for(model, train=train), batch_size=batch_size,
                         shuffle=train if shuffle is None else shuffle, seed=seed)
@@ -175,7 +176,7 @@ def run_one(job: tuple[int, str, int]) -> dict:
 def prepare(args) -> None:
     """Data, backbone, importance maps (specific per dataset, leave-one-out agnostic) and warm heads."""
     from orchestrator.demo import DEMO_BACKBONE, DEMO_DATA, demo_backbone_uri
-    from tasks.data import dataset_fingerprint
+    from tasks.fingerprint import dataset_fingerprint
     from tasks.synthetic import write_source_corpus, write_task_family
 
     torch.set_num_threads(args.threads_prepare)

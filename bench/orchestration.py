@@ -46,10 +46,10 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     from shpeft_core.selection import hybrid_scores, select_mask
     from shpeft_core.sparse import apply_sparse_training
     from shpeft_core.train import TrainConfig, evaluate, fit
-    from tasks.data import build_loader
+    from tasks.loaders import build_loader
 
     from orchestrator.train_loop import build_backbone
-    from tasks.data import transform_for
+    from tasks.transforms import transform_for
 
     torch.set_num_threads(threads)
     bb = job.backbone.model_dump(mode="json")

@@ -71,9 +71,10 @@ def pretrain_backbone(store: str, corpus, *, epochs: int, batch_size: int = 64, 
     import timm
     import torch
 
-    from tasks.data import build_loader, dataset_fingerprint
+    from tasks.fingerprint import dataset_fingerprint
+    from tasks.loaders import build_loader
 
-    from tasks.data import transform_for
+    from tasks.transforms import transform_for
 
     key = content_hash({"backbone": DEMO_BACKBONE, "corpus": dataset_fingerprint(corpus), "epochs": epochs,
                         "batch_size": batch_size, "lr": lr, "seed": seed, "augment": "rrc-0.6-noflip"})

@@ -14,7 +14,8 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
 
     from shpeft_core.methods import artifact_kind, artifact_sha256, artifact_size, load_artifact
     from shpeft_core.train import evaluate
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
     from tasks.spec import TaskSpec
 
     from .train_loop import build_backbone

@@ -24,7 +24,8 @@ def compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, 
     import torch
 
     from shpeft_core.importance import ImportanceConfig, compute_importance
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
     from tasks.spec import TaskSpec
 
     from .train_loop import build_backbone
@@ -102,7 +103,7 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
     """
     import ray
 
-    from tasks.data import dataset_fingerprint
+    from tasks.fingerprint import dataset_fingerprint
 
     imp = job.importance
     use_gpu = job.training.use_gpu if imp.use_gpu is None else imp.use_gpu

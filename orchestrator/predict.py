@@ -149,7 +149,7 @@ def predict_files(
     top_k: int = 1,
 ) -> list[TaskPrediction]:
     """Top-``top_k`` predictions per task and image; the backbone is built once from the first delta."""
-    from tasks.data import transform_for
+    from tasks.transforms import transform_for
 
     if not delta_uris:
         raise PredictError("give at least one --delta")

@@ -135,7 +135,8 @@ def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=N
     """
     from shpeft_core.methods import save_artifact
     from shpeft_core.train import TrainConfig, fit
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
     from tasks.spec import TaskSpec
 
     torch.set_num_threads(max(1, int(os.environ.get("SHPEFT_TORCH_THREADS", "1"))))

@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                             lr=DEMO_PRETRAIN["lr"], seed=DEMO_PRETRAIN["seed"])
     from orchestrator.demo import DEMO_BACKBONE
     from shpeft_core import BackboneSpec, create_backbone, evaluate
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
 
     model = create_backbone(BackboneSpec(DEMO_BACKBONE["name"], uri, DEMO_BACKBONE["kwargs"]), corpus.num_classes)
     state = __import__("safetensors.torch", fromlist=["load_file"]).load_file(uri)

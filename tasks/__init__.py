@@ -9,9 +9,13 @@ import importlib
 
 _EXPORTS = {
     "catalogue": ["CATALOGUE", "CatalogueEntry"],
-    "data": ["DatasetError", "DatasetReport", "build_dataset", "build_loader", "check_dataset",
-             "dataset_fingerprint", "default_transform", "transform_for"],
+    "fingerprint": ["dataset_fingerprint"],
+    "formats": ["FORMATS", "get_format"],
+    "images": ["DatasetError"],
+    "loaders": ["build_dataset", "build_loader"],
     "spec": ["TaskSpec"],
+    "transforms": ["default_transform", "transform_for"],
+    "validate": ["DatasetReport", "check_dataset"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -58,7 +58,8 @@ def list_cmd(as_json: bool) -> None:
 def check_cmd(uri, fmt, num_classes, class_names, name, catalogue_key, image_size, image_column, label_column,
               split_column, split_seed, multilabel, no_decode, as_json) -> None:
     """Validate the dataset at URI; exit 0 when usable, 2 when not (naming the file or row)."""
-    from .data import DatasetError, check_dataset
+    from .images import DatasetError
+    from .validate import check_dataset
 
     err = Console(stderr=True)
     try:

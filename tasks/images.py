@@ -1,4 +1,4 @@
-"""Image decoding shared by every format: bytes -> 8-bit RGB PIL image, with errors that name the file."""
+"""Image codecs shared by every format: bytes -> 8-bit RGB PIL image (errors name the file), arrays -> PNG."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["DatasetError", "IMAGE_EXTENSIONS", "DICOM_EXTENSIONS", "decode_image", "array_to_rgb", "to_uint8"]
+__all__ = ["DatasetError", "IMAGE_EXTENSIONS", "DICOM_EXTENSIONS", "decode_image", "encode_png", "array_to_rgb", "to_uint8"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -60,3 +60,10 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         out = img if mode == "RGB" else img.convert("RGB")
     out.info["source_mode"] = mode
     return out
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """A uint8 (H,W) grey or (H,W,3) RGB array as PNG bytes (lossless: decode_image gives it back)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

@@ -47,7 +47,7 @@ def real_sample_images(max_frames: int = 3) -> list[tuple[str, str, object]]:
     """(class, source name, RGB PIL image) for every unique real image found, sorted by source name."""
     import warnings
 
-    from .dicom import decode_dicom, require_pydicom
+    from .dicom import decode_dicom, frame_to_rgb, require_pydicom
     from .images import DatasetError, array_to_rgb
 
     pydicom = require_pydicom()
@@ -93,7 +93,7 @@ def real_sample_images(max_frames: int = 3) -> list[tuple[str, str, object]]:
                 ds = pydicom.dcmread(path)
                 arr = ds.pixel_array
                 for fi in np.linspace(0, frames - 1, min(frames, max_frames)).round().astype(int):
-                    keep(cls, f"{os.path.basename(path)}#{fi}", _frame_to_rgb(ds, arr[fi], path))
+                    keep(cls, f"{os.path.basename(path)}#{fi}", frame_to_rgb(ds, arr[fi], path))
             except (DatasetError, Exception):  # undecodable test files (missing codecs) are skipped
                 continue
 
@@ -105,28 +105,6 @@ def real_sample_images(max_frames: int = 3) -> list[tuple[str, str, object]]:
         except Exception:
             continue
     return out
-
-
-def _frame_to_rgb(ds, frame: np.ndarray, where: str):
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
-    from .dicom import window_to_uint8
-    from .images import array_to_rgb, to_uint8
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric == "PALETTE COLOR":
-        return array_to_rgb(to_uint8(apply_color_lut(frame, ds)), where)
-    if frame.ndim == 3:
-        return array_to_rgb(to_uint8(frame), where)
-    values = apply_modality_lut(frame, ds)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        c, w = ds.WindowCenter, ds.WindowWidth
-        out = window_to_uint8(values, float(c[0] if hasattr(c, "__len__") else c), float(w[0] if hasattr(w, "__len__") else w))
-    else:
-        out = to_uint8(values)
-    if photometric == "MONOCHROME1":
-        out = 255 - out
-    return array_to_rgb(out, where)
 
 
 def _patches(img, n: int, size: int, rng) -> list:
@@ -152,7 +130,8 @@ def _patches(img, n: int, size: int, rng) -> list:
 def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_class: int = 24, seed: int = 0,
                            overwrite: bool = False) -> TaskSpec:
     """Write the tiny real modality task as an ImageFolder (seeded split) under ``root_uri/real-modality-tiny``."""
-    from .synthetic import _png, cached_task_spec, seal_task_dir
+    from .images import encode_png
+    from .synthetic import cached_task_spec, seal_task_dir
 
     name = "real-modality-tiny"
     task_dir = sio.join_uri(root_uri, name)
@@ -174,7 +153,7 @@ def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_c
         k = 0
         for src_name, im in members:
             for patch in _patches(im, per, patch_size, rng):
-                sio.atomic_write_bytes(sio.join_uri(data_uri, c, f"{k:04d}.png"), _png(np.asarray(patch)))
+                sio.atomic_write_bytes(sio.join_uri(data_uri, c, f"{k:04d}.png"), encode_png(np.asarray(patch)))
                 k += 1
         sources[c] = [n for n, _ in members]
     spec = TaskSpec(

@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .formats import FORMATS
+
 __all__ = ["TaskSpec", "FORMATS", "METRICS", "SPLITS", "check_slug", "check_path_component"]
 
-FORMATS = ("medmnist", "imagefolder", "parquet", "dicom")
 METRICS = ("macro_f1", "accuracy", "auc")
 SPLITS = ("train", "val", "test")
 
@@ -49,7 +50,7 @@ class TaskSpec(BaseModel):
 
     name: str
     source: str = Field(min_length=1)
-    format: Literal["medmnist", "imagefolder", "parquet", "dicom"]
+    format: Literal[FORMATS]  # the registered formats (tasks.formats), in registry order
     num_classes: int = Field(ge=2)
     class_names: list[str] | None = None
     modality: str = "unknown"

@@ -18,7 +18,6 @@ which is what a task-agnostic importance can pick up. Image i of task t depends 
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 
@@ -26,6 +25,8 @@ import numpy as np
 
 from shpeft_core import io as sio
 
+from .formats import FORMATS, get_format
+from .formats.base import DatasetFormat
 from .spec import SPLITS, TaskSpec
 
 __all__ = [
@@ -54,8 +55,6 @@ _CLASS_WORDS = {
     "stripes": ["stripes0", "stripes45", "stripes90", "stripes135"],
     "outline": ["triangle", "bar", "ellipse", "pair"],
 }
-_DICOM_MODALITY = {"ct": "CT", "pathology": "SM", "ultrasound": "US", "fundus": "OP", "mri": "MR", "xray": "DX"}
-_FORMAT_ALIASES = {"npz": "medmnist", "medmnist": "medmnist", "imagefolder": "imagefolder", "parquet": "parquet", "dicom": "dicom"}
 
 
 @dataclass(frozen=True)
@@ -310,119 +309,19 @@ def render_task(task: SyntheticTask, split_ratio=(0.7, 0.15, 0.15)) -> dict[str,
     return out
 
 
-# ---------------------------------------------------------------- writers
+# ---------------------------------------------------------------- writing (each format writes itself: tasks.formats)
 
 
-def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+def _writers() -> list[DatasetFormat]:
+    return [get_format(name) for name in FORMATS]
 
 
-def _write_npz(dest: str, data) -> str:
-    buf = io.BytesIO()
-    arrays = {}
-    for split, (imgs, labels) in data.items():
-        arrays[f"{split}_images"] = imgs
-        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)  # MedMNIST layout: (N,1) uint8
-    np.savez_compressed(buf, **arrays)
-    sio.atomic_write_bytes(dest, buf.getvalue())
-    return dest
-
-
-def _write_imagefolder(dest: str, data, class_names: list[str]) -> str:
-    for split, (imgs, labels) in data.items():
-        for i, (img, lab) in enumerate(zip(imgs, labels)):
-            sio.atomic_write_bytes(sio.join_uri(dest, split, class_names[lab], f"{i:05d}.png"), _png(img))
-    return dest
-
-
-def _write_parquet(dest: str, data, rows_per_group: int = 64, shards: int = 2) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    images, labels, splits = [], [], []
-    for split, (imgs, labs) in data.items():
-        images += [_png(im) for im in imgs]
-        labels += labs.tolist()
-        splits += [split] * len(labs)
-    order = np.random.default_rng(len(images)).permutation(len(images))  # mix splits across shards
-    per = int(np.ceil(len(order) / shards))
-    for s in range(shards):
-        idx = order[s * per : (s + 1) * per]
-        table = pa.table(
-            {
-                "image": pa.array([images[i] for i in idx], type=pa.binary()),
-                "label": pa.array([labels[i] for i in idx], type=pa.int64()),
-                "split": pa.array([splits[i] for i in idx], type=pa.string()),
-            }
-        )
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=rows_per_group)
-        sio.atomic_write_bytes(sio.join_uri(dest, f"part-{s:05d}.parquet"), buf.getvalue())
-    return dest
-
-
-def dicom_bytes(img: np.ndarray, *, modality: str, uid_seed: str) -> bytes:
-    """A minimal valid Part 10 file. Grey images are stored as 12-bit values with a rescale and a
-    VOI window, so readers must apply the modality LUT and window to get the 8-bit image back."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.Rows, ds.Columns = img.shape[:2]
-    ds.PixelRepresentation = 0
-    if img.ndim == 3:
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "RGB"
-        ds.PlanarConfiguration = 0
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        ds.PixelData = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
-    else:
-        # stored = 8*v + 1024; rescale slope 0.125, intercept -128 -> modality values v - 128 in [-128, 127];
-        # window centre 0 / width 256 maps that range back onto 0..255.
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.RescaleSlope, ds.RescaleIntercept = 0.125, -128
-        ds.WindowCenter, ds.WindowWidth = 0.5, 256
-        ds.PixelData = (img.astype(np.uint16) * 8 + 1024).astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _write_dicom(dest: str, data, class_names: list[str], modality: str, name: str) -> str:
-    # No split folders: the loader's seeded split is exercised on this format.
-    i = 0
-    for split, (imgs, labels) in data.items():
-        for img, lab in zip(imgs, labels):
-            sio.atomic_write_bytes(
-                sio.join_uri(dest, class_names[lab], f"{i:05d}.dcm"),
-                dicom_bytes(img, modality=_DICOM_MODALITY.get(modality, "OT"), uid_seed=f"{name}/{i}"),
-            )
-            i += 1
-    return dest
-
-
-def _write_data(fmt: str, dest: str, data, class_names: list[str], modality: str, name: str) -> str:
-    if fmt == "medmnist":
-        return _write_npz(dest, data)
-    if fmt == "imagefolder":
-        return _write_imagefolder(dest, data, class_names)
-    if fmt == "parquet":
-        return _write_parquet(dest, data)
-    return _write_dicom(dest, data, class_names, modality, name)
+def _writer(fmt: str) -> DatasetFormat:
+    try:
+        return get_format(fmt)
+    except KeyError:
+        names = ", ".join("/".join((*f.aliases, f.name)) for f in _writers())  # npz/medmnist, imagefolder, ...
+        raise ValueError(f"format={fmt!r}: expected one of {names}") from None
 
 
 def cached_task_spec(task_dir: str, params: str, overwrite: bool) -> TaskSpec | None:
@@ -446,11 +345,10 @@ def write_task(root_uri: str, task: SyntheticTask, fmt: str, *, overwrite: bool 
     ``task.json`` (the TaskSpec) is written last, so a folder without it is incomplete; a folder
     whose ``generator.json`` matches is reused as is.
     """
-    fmt = _FORMAT_ALIASES.get(fmt, fmt)
-    if fmt not in ("medmnist", "imagefolder", "parquet", "dicom"):
-        raise ValueError(f"format={fmt!r}: expected one of npz/medmnist, imagefolder, parquet, dicom")
+    writer = _writer(fmt)
+    fmt = writer.name
     task_dir = sio.join_uri(root_uri, task.name)
-    data_uri = sio.join_uri(task_dir, fmt if fmt != "medmnist" else f"{task.name}.npz")
+    data_uri = writer.source_uri(task_dir, task.name)
     spec = TaskSpec(
         name=task.name,
         source=data_uri,
@@ -468,7 +366,7 @@ def write_task(root_uri: str, task: SyntheticTask, fmt: str, *, overwrite: bool 
     if cached is not None:
         return cached
     sio.remove(task_dir, recursive=True)
-    _write_data(fmt, data_uri, render_task(task), task.class_names(), task.modality, task.name)
+    writer.write(data_uri, render_task(task), class_names=task.class_names(), modality=task.modality, name=task.name)
     return seal_task_dir(task_dir, params, spec)
 
 
@@ -518,9 +416,13 @@ def write_source_corpus(
     name = "synth-source"
     task = SyntheticTask(name, "source", "mixed", 4 * len(SOURCE_CUES), 1.0, num_images, image_size, seed, cue_strength,
                          lesion_size)
+    writer = _writer(fmt)
+    if not writer.keeps_splits:
+        names = [(f.aliases or (f.name,))[0] for f in _writers() if f.keeps_splits]  # npz, imagefolder, parquet
+        raise ValueError(f"format={fmt!r}: the source corpus is written as {', '.join(names[:-1])} or {names[-1]}")
+    fmt = writer.name
     task_dir = sio.join_uri(root_uri, name)
-    data_uri = sio.join_uri(task_dir, f"{name}.npz" if _FORMAT_ALIASES.get(fmt) == "medmnist" else fmt)
-    fmt = _FORMAT_ALIASES.get(fmt, fmt)
+    data_uri = writer.source_uri(task_dir, name)
     class_names = [f"{c}-{w}" for c in SOURCE_CUES for w in _CLASS_WORDS[c][:4]]
     spec = TaskSpec(
         name=name,
@@ -534,8 +436,6 @@ def write_source_corpus(
         metric="accuracy",
         description="synthetic pre-training corpus (source cues, all modalities)",
     )
-    if fmt not in ("medmnist", "imagefolder", "parquet"):
-        raise ValueError(f"format={fmt!r}: the source corpus is written as npz, imagefolder or parquet")
     params = json.dumps({"format": fmt, **asdict(task)}, sort_keys=True)
     cached = cached_task_spec(task_dir, params, overwrite)
     if cached is not None:
@@ -554,5 +454,5 @@ def write_source_corpus(
     n_train, n_val = int(round(0.8 * num_images)), int(round(0.1 * num_images))
     bounds = [0, n_train, n_train + n_val, num_images]
     data = {s: (imgs[bounds[i] : bounds[i + 1]], labels[bounds[i] : bounds[i + 1]]) for i, s in enumerate(SPLITS)}
-    _write_data(fmt, data_uri, data, class_names, "mixed", name)
+    writer.write(data_uri, data, class_names=class_names, modality="mixed", name=name)
     return seal_task_dir(task_dir, params, spec)

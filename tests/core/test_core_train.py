@@ -153,7 +153,8 @@ def _augmented_task(root):
 
 def _fit_on_task(spec, cfg, *, resume_state=None, on_epoch_end=None, num_workers=0):
     """A sparse model trained through the real loader: shuffling plus timm's random-resized crop."""
-    from tasks.data import build_loader, transform_for
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
 
     model = tiny_model("vit", num_classes=spec.num_classes)
     probe = build_loader(spec, "train", transform=transform_for(model, train=False), batch_size=8)

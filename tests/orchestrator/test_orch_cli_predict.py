@@ -124,7 +124,7 @@ def setup(tmp_path_factory):
 
 def test_predict_matches_dense_reference(setup):
     from orchestrator.predict import load_images, task_logits
-    from tasks.data import transform_for
+    from tasks.transforms import transform_for
     from shpeft_core.delta import create_model_for_delta
 
     d, deltas, images, base_state = setup

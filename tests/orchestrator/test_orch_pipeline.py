@@ -10,8 +10,9 @@ ray = pytest.importorskip("ray")
 
 from shpeft_core.delta import apply_delta, load_delta, merge_delta  # noqa: E402
 from shpeft_core.io import exists, sha256_file  # noqa: E402
-from tasks.data import build_loader, transform_for  # noqa: E402
+from tasks.loaders import build_loader  # noqa: E402
 from tasks.synthetic import write_task_family  # noqa: E402
+from tasks.transforms import transform_for  # noqa: E402
 
 from orchestrator.catalogue import read_catalogue  # noqa: E402
 from orchestrator.jobspec import JobSpecError, job_id, load_job, parse_job  # noqa: E402

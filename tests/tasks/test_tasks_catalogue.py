@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tasks.catalogue import CATALOGUE, MEDMNIST_2D
-from tasks.data import DatasetError, build_dataset
+from tasks.images import DatasetError
+from tasks.loaders import build_dataset
 from tasks.medmnist import fetch_medmnist, medmnist_filename, medmnist_url
 
 EXPECTED_CLASSES = {

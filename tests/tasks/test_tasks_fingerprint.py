@@ -1,7 +1,7 @@
 import fsspec
 
 from shpeft_core import io as sio
-from tasks.data import dataset_fingerprint
+from tasks.fingerprint import dataset_fingerprint
 
 
 def _copy(src, dst):

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from shpeft_core import io as sio
-from tasks.data import build_dataset, build_loader, transform_for
+from tasks.loaders import build_dataset, build_loader
 from tasks.spec import TaskSpec
 from tasks.synthetic import render_task, task_family
+from tasks.transforms import transform_for
 
 
 def _collect(loader):
@@ -200,7 +201,7 @@ def test_transform_for_uses_the_size_the_model_was_built_for():
     import timm
     from PIL import Image
 
-    from tasks.data import transform_for
+    from tasks.transforms import transform_for
 
     model = timm.create_model("test_vit", img_size=32, patch_size=4)
     img = Image.new("RGB", (57, 40), (10, 200, 30))

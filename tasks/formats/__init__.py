@@ -1,0 +1,57 @@
+"""Dataset formats by name: the one place that dispatches on ``TaskSpec.format``.
+
+Each format is one module here with a :class:`~tasks.formats.base.DatasetFormat` subclass that builds a
+split's dataset, names the files its fingerprint covers, lists what validation reads, and writes the
+format for the synthetic generator. ``_REGISTRY`` maps each name to its module; modules (and their
+optional dependencies: pyarrow, pydicom) are imported on first use, so this package needs no torch and
+``tasks.spec`` takes :data:`FORMATS` from here.
+
+Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, and add its line below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import DatasetFormat
+
+__all__ = ["FORMATS", "get_format", "format_hint"]
+
+# name -> module under tasks.formats that defines FORMAT (order: CLI choices and error messages)
+_REGISTRY = {
+    "medmnist": "medmnist",
+    "imagefolder": "imagefolder",
+    "parquet": "parquet",
+    "dicom": "dicom",
+}
+FORMATS: tuple[str, ...] = tuple(_REGISTRY)
+
+_LOADED: dict[str, DatasetFormat] = {}
+
+
+def get_format(name: str) -> DatasetFormat:
+    """The format registered as ``name`` or under one of its aliases (e.g. 'npz' for 'medmnist')."""
+    if name not in _REGISTRY:
+        for fmt in map(get_format, FORMATS):
+            if name in fmt.aliases:
+                return fmt
+        raise KeyError(f"format={name!r} is not one of {', '.join(FORMATS)}")
+    if name not in _LOADED:
+        fmt = importlib.import_module(f".{_REGISTRY[name]}", __name__).FORMAT
+        if fmt.name != name:  # pragma: no cover - a registry typo
+            raise RuntimeError(f"tasks.formats.{_REGISTRY[name]} defines format {fmt.name!r}, registered as {name!r}")
+        _LOADED[name] = fmt
+    return _LOADED[name]
+
+
+def format_hint(paths: list[str]) -> str:
+    """'; it holds 3 x .png: try --format imagefolder' for error messages about a source of the wrong kind."""
+    from .files import describe_files, ext
+
+    exts = {ext(p) for p in paths}
+    for fmt in sorted(map(get_format, FORMATS), key=lambda f: f.hint_rank):
+        if any(fmt.claims_extension(e) for e in exts):
+            return f"; it holds {describe_files(paths)}: try --format {fmt.name}"
+    return f"; it holds {describe_files(paths)}"
