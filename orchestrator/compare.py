@@ -11,7 +11,6 @@ the same comparison runs again. The report (Markdown + PNGs) is written beside i
 from __future__ import annotations
 
 import io
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,14 +22,14 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, artifact_kind, artifact_sha256
 from shpeft_core.selection import MIXES
 
-from .console import say, short_error
+from .console import quiet_frameworks, say, short_error
 from .evaluate import evaluate_artifact
 from .importance_stage import extra_estimators, run_importance_stage
 from .jobspec import JobSpec, content_hash, job_id as compute_job_id, resolve_task, task_name
 from .keys import task_config_hash
 from .pipeline import note_input_sizes, preflight
 from .plan import plan_for
-from .resources import worker_resources
+from .resources import connect_ray, worker_resources
 from .store import artifact_uri, normalise_store, report_dir
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
@@ -121,14 +120,8 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
     import ray
 
     model = preflight(job)  # before Ray starts
-    started = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=False)
-        else:
-            ray.init(address=address)
-        started = True
+    quiet_frameworks()
+    started = connect_ray(address, num_cpus)
     try:
         return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress)
     finally:

@@ -9,7 +9,29 @@ from typing import Any
 
 log = logging.getLogger("shpeft.pipeline")
 
-__all__ = ['say', 'now', 'short_error', 'print_results_table']
+__all__ = ['say', 'now', 'short_error', 'print_results_table', 'quiet_frameworks']
+
+
+def quiet_frameworks() -> None:
+    """Keep Ray's, Tune's and Optuna's own INFO/WARNING chatter off the console (SHPEFT_VERBOSE=1 keeps it).
+
+    What shpeft prints says what happens; the frameworks' lines (start-up notices, experiment boxes,
+    where Tune wrote its state) are for their own debugging. Their errors still show.
+    """
+    import os
+
+    if os.environ.get("SHPEFT_VERBOSE"):
+        return
+    # Ray Tune's newer console output ignores verbose=0; the classic reporter honours it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
 
 
 def say(msg: str, progress: bool) -> None:

@@ -191,7 +191,9 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     import ray
 
     from .compare import run_compare
+    from .console import quiet_frameworks
     from .pipeline import preflight, run_job
+    from .resources import connect_ray
     from .store import normalise_store
 
     for var, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
@@ -201,7 +203,8 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     cpus = num_cpus or os.cpu_count() or 2
     job = prepare_demo_job(store, smoke_test, cpus=cpus, progress=progress)
     preflight(job)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    quiet_frameworks()
+    connect_ray(None, cpus)
     try:
         result = run_job(job, progress=progress)
         # The comparison runs every method with the job's own settings (no sweep) on the same tasks.

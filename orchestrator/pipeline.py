@@ -10,7 +10,6 @@ whose artifact already exists and verifies. docs/architecture.md shows the flow.
 from __future__ import annotations
 
 import json
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,11 +20,12 @@ from shpeft_core.options import artifact_kind
 
 from . import store as layout
 from .catalogue import catalogue_uri, latest_rows, write_rows
-from .console import log, now, print_results_table, say, short_error
+from .console import log, now, print_results_table, quiet_frameworks, say, short_error
 from .importance_stage import extra_estimators, run_importance_stage
 from .jobspec import JobSpec, job_id as compute_job_id, resolve_task, task_name
 from .keys import backbone_dict, task_config_hash
 from .plan import plan_for
+from .resources import connect_ray
 from .store import normalise_store
 from .train_stage import train_all
 
@@ -107,14 +107,8 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     import ray
 
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
-    started = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, dashboard_host="127.0.0.1",
-                     include_dashboard=False if os.environ.get("SHPEFT_NO_DASHBOARD") else None)
-        else:
-            ray.init(address=address)
-        started = True
+    quiet_frameworks()
+    started = connect_ray(address, num_cpus)
     try:
         return _run(job, model, force=force, progress=progress)
     finally:

@@ -97,6 +97,12 @@ class PerTaskSearcher(_searcher_base()):
         if trial_id in self._owner:
             self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: a rerun resumes from the tasks' ledgers of finished trials, not Tune's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """See save: the ledgers, not a pickled searcher, are what a resumed sweep starts from."""
+
 
 def _scheduler_base():
     from ray.tune.schedulers import FIFOScheduler
