@@ -131,15 +131,16 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
         "training": {
             # The few sparse values start at zero and take a larger step than dense fine-tuning (3e-2 vs
             # 2e-3 for full fine-tuning; bench/demo_recipe.py); 770 training images give 25 steps per epoch.
-            "epochs": 1 if smoke_test else DEMO_TRAINING["epochs"], "batch_size": DEMO_TRAINING["batch_size"],
+            # The smoke test trains a few epochs of a few steps: enough for every stage to run and adapt.
+            "epochs": 4 if smoke_test else DEMO_TRAINING["epochs"], "batch_size": DEMO_TRAINING["batch_size"],
             "lr": DEMO_TRAINING["lr"], "head_lr": DEMO_TRAINING["head_lr"],
-            "warmup_epochs": 0 if smoke_test else DEMO_TRAINING["warmup_epochs"],
+            "warmup_epochs": DEMO_TRAINING["warmup_epochs"],
             "seed": 0, "workers_per_task": 1, "cpus_per_worker": cpus_per_worker,
         },
         # Full fine-tuning moves every pre-trained weight and takes a smaller step than the sparse values.
         "method": {"lr": {"full": DEMO_TRAINING["lr_full"]}},
         "sweep": {
-            "enabled": True, "trials_per_task": 2 if smoke_test else 4, "epochs": 1 if smoke_test else 12,
+            "enabled": True, "trials_per_task": 2 if smoke_test else 4, "epochs": 2 if smoke_test else 12,
             "density_range": [1e-3, 5e-2], "alpha_range": [0.0, 1.0],
             "asha": {"grace_period": 1, "reduction_factor": 2}, "seed": 0,
         },
