@@ -536,6 +536,8 @@ def store_write_failure(ctx: Context) -> Outcome:
     rules = [{"pattern": rf"/deltas/{specs[1].name}/[^/]*\.safetensors\.tmp-", "fail_on": [1]}]
     env = {"SHPEFT_FLAKY_RULES": json.dumps(rules), "SHPEFT_FLAKY_COUNTS": os.path.join(root, "counts.json")}
     os.environ.update(env)
+    # workers import this module (bench.faults) for their setup hook
+    worker_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     register_flaky_filesystem()
     job = parse_job(job_dict("flaky://" + store_dir, specs, ctx.backbone))
     jid = job_id(job)
@@ -543,7 +545,7 @@ def store_write_failure(ctx: Context) -> Outcome:
     try:
         # Workers are other processes: each registers flaky:// in its setup hook, with the rules in its env.
         connect(ctx.cluster, runtime_env={"worker_process_setup_hook": register_flaky_filesystem,
-                                          "env_vars": env})
+                                          "env_vars": worker_env})
         first = run_job(job, progress=False)
         tmp_after_failure = temp_leftovers(store_dir)
         first_rows = {r["task"]: r for r in first.rows}
@@ -625,4 +627,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as bench.faults, not __main__: worker setup hooks are exported by reference to this module.
+    sys.path.insert(0, REPO)
+    from bench.faults import main as _main
+
+    _main()
