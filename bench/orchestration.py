@@ -2,9 +2,15 @@
 
 Both sides do the same work per task: its importance map, the combined pool map, the sparse model at
 the same density/alpha, the same epochs, the delta saved and evaluated. Also times stage 1 (shared
-importance) on a cache miss and on a hit. Prints a table and, last, one JSON line.
+importance) on a cache miss and on a hit.
 
-    python bench/orchestration.py [--smoke-test] [--cpus 2]
+Then the fixed cost per task (plain job) and per trial (sweep): the time from its submission to the end
+of its first epoch, less the same first epoch in the bare loop (model, loaders, one epoch, in-process).
+Epoch ends in the Ray workers are logged by a worker setup hook. And the packing of a job whose tasks each
+train for T seconds (T ~ 3 s smoke, ~12 s default, ~60 s with --long): its training stage against the
+ideal, (tasks x one task's bare time) / slots. Prints tables and, last, one JSON line.
+
+    python bench/orchestration.py [--smoke-test | --long] [--cpus 2] [--tasks 4] [--only-startup]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import platform
 import shutil
 import tempfile
 import time
+from typing import Any
 
 for _var, _value in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
                      ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"), ("RAY_USAGE_STATS_ENABLED", "0")):
@@ -33,7 +40,8 @@ def _job(store: str, specs, backbone_uri: str, epochs: int):
         "backbone": {**BACKBONE, "source": backbone_uri},
         "store": store,
         "tasks": [s.model_dump(mode="json") for s in specs],
-        "importance": {"batches": 2, "batch_size": 16},
+        # the bare loop pools every task's map, the target's included (and N = 1 has no other task)
+        "importance": {"batches": 2, "batch_size": 16, "include_target": True},
         "selection": {"density": 0.02, "alpha": 0.5},
         "training": {"epochs": epochs, "batch_size": 16, "lr": 3e-3, "warmup_epochs": 0},
     })
@@ -78,10 +86,230 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------- fixed cost per task / trial, packing
+
+
+def _timing_hook() -> None:
+    """Worker setup hook: log when each run_plan starts and each of its epochs ends (SHPEFT_BENCH_TIMING)."""
+    import json as _json
+    import os as _os
+    import time as _time
+
+    import orchestrator.train_loop as tl
+
+    if getattr(tl.run_plan, "_bench_timed", False):
+        return
+    orig, path = tl.run_plan, _os.environ["SHPEFT_BENCH_TIMING"]
+
+    def log(**kv) -> None:
+        with open(path, "a") as f:
+            f.write(_json.dumps({**kv, "t": _time.time(), "pid": _os.getpid()}) + "\n")
+
+    def run_plan(plan, *args, report=None, trial=None, **kwargs):
+        log(kind="enter", task=plan.task_name, trial=trial)
+
+        def timed(epoch, metrics, state):
+            log(kind="epoch", task=plan.task_name, trial=trial, epoch=epoch)
+            if report is not None:
+                report(epoch, metrics, state)
+
+        return orig(plan, *args, report=timed, trial=trial, **kwargs)
+
+    run_plan._bench_timed = True
+    tl.run_plan = run_plan
+
+
+def _read_timing(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plans(job, specs, epochs: int, store: str):
+    """Each task's TaskPlan as the pipeline builds it (its importance maps computed or loaded first)."""
+    from orchestrator.importance_stage import run_importance_stage
+    from orchestrator.plan import plan_for
+    from orchestrator.train_loop import build_backbone
+    from shpeft_core.backbone import backbone_fingerprint
+
+    fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
+    imaps = run_importance_stage(job, job.store, fp, specs, [], False, False, {"importance_computed": 0,
+                                                                           "importance_loaded": 0})
+    return [plan_for(job, s, fp, imaps, method="shpeft", seed=0, artifact=f"{store}/{s.name}.safetensors",
+                     epochs=epochs) for s in specs]
+
+
+def bare_trial(plan) -> dict[str, float]:
+    """One task in this process, as a Ray task would run it: train (validating each epoch), write and
+    evaluate the artifact. Returns the first epoch's time from the start, the mean later epoch, the total."""
+    from orchestrator.evaluate import evaluate_artifact
+    from orchestrator.train_loop import run_plan
+
+    ends: list[float] = []
+    t0 = time.perf_counter()
+    run_plan(plan, report=lambda epoch, metrics, state: ends.append(time.perf_counter()))
+    train = time.perf_counter() - t0
+    evaluate_artifact(plan)
+    total = time.perf_counter() - t0
+    later = [b - a for a, b in zip(ends, ends[1:])]
+    return {"first_epoch_s": ends[0] - t0, "epoch_s": sum(later) / len(later) if later else ends[0] - t0,
+            "train_s": train, "total_s": total}
+
+
+_SAYING_MODULES = ("orchestrator.train_stage", "orchestrator.sweep")
+
+
+def _patched_say(record: list):
+    """Wrap the stages' `say` to timestamp the driver's '[task] training ...' and 'sweeping' lines."""
+    import importlib
+
+    import orchestrator.console as console
+
+    def say(msg: str, progress: bool) -> None:
+        record.append((time.time(), msg))
+        console.say(msg, progress)
+
+    for name in _SAYING_MODULES:
+        importlib.import_module(name).say = say
+    return console.say
+
+
+def _restore_say(original) -> None:
+    import importlib
+
+    for name in _SAYING_MODULES:
+        importlib.import_module(name).say = original
+
+
+def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) -> dict:
+    import re
+
+    import orchestrator.pipeline as pipeline
+    from orchestrator.jobspec import parse_job
+    from orchestrator.pipeline import run_job
+    from orchestrator.resources import trainer_slots
+
+    target = 60.0 if args.long else 3.0 if args.smoke_test else 12.0
+    n = args.tasks
+    cal_job = _job(os.path.join(work, "store-startup"), specs[:n], weights, 2)
+    cal = bare_trial(_plans(cal_job, specs[:1], 2, os.path.join(work, "bare-cal"))[0])
+    epochs = max(2, round((target - cal["first_epoch_s"]) / cal["epoch_s"]) + 1)
+    job = _job(os.path.join(work, "store-startup"), specs[:n], weights, epochs)
+    bare = bare_trial(_plans(job, specs[:1], epochs, os.path.join(work, "bare-sized"))[0])
+    slots = trainer_slots(float(args.cpus), 0.0, job)
+    print(f"one task trains {epochs} epochs: bare loop {bare['train_s']:.1f}s training + "
+          f"{bare['total_s'] - bare['train_s']:.1f}s evaluation; first epoch {bare['first_epoch_s']:.2f}s "
+          f"(incl. model and loaders), later epochs {bare['epoch_s']:.2f}s; {slots} slots", flush=True)
+
+    out: dict[str, Any] = {"target_train_s": target, "epochs": epochs, "slots": slots, "tasks": n,
+                           "bare": {k: round(v, 2) for k, v in bare.items()}}
+    said: list = []
+    original = _patched_say(said)
+    stage: dict[str, float] = {}
+    original_train_all = pipeline.train_all
+
+    def timed_train_all(*a, **kw):
+        stage["t0"] = time.time()
+        try:
+            return original_train_all(*a, **kw)
+        finally:
+            stage["t1"] = time.time()
+
+    pipeline.train_all = timed_train_all
+    try:
+        open(timing_path, "w").close()
+        t = time.time()
+        res = run_job(job, progress=False)
+        job_s = time.time() - t
+        assert res.exit_code == 0, res.rows
+        events = _read_timing(timing_path)
+        submits = {m.group(1): ts for ts, msg in said if (m := re.match(r"\[(\S+)\] training ", msg))}
+        fixed = {}
+        for task, t_sub in submits.items():
+            first = min(e["t"] for e in events if e["task"] == task and e["kind"] == "epoch" and e["epoch"] == 0)
+            enter = min(e["t"] for e in events if e["task"] == task and e["kind"] == "enter")
+            fixed[task] = {"to_worker_s": enter - t_sub, "fixed_s": first - t_sub - bare["first_epoch_s"]}
+        ideal = n * bare["total_s"] / slots
+        stage_s = stage["t1"] - stage["t0"]
+        out["job"] = {
+            "fixed_per_task_s": round(sum(f["fixed_s"] for f in fixed.values()) / len(fixed), 2),
+            "max_fixed_s": round(max(f["fixed_s"] for f in fixed.values()), 2),
+            "submit_to_worker_s": round(sum(f["to_worker_s"] for f in fixed.values()) / len(fixed), 2),
+            "training_stage_s": round(stage_s, 1), "job_s": round(job_s, 1), "ideal_s": round(ideal, 1),
+            "ratio": round(stage_s / ideal, 3), "ratio_whole_job": round(job_s / ideal, 3)}
+
+        # A sweep: every trial trains all its epochs (ASHA's grace period = epochs), 2 trials per task.
+        sweep_tasks = max(1, min(n, 2))
+        sweep_job = parse_job({**job.model_dump(mode="json"),
+                               "tasks": [s.model_dump(mode="json") for s in specs[:sweep_tasks]],
+                               "sweep": {"enabled": True, "trials_per_task": 2, "density_range": [0.01, 0.03],
+                                         "asha": {"grace_period": epochs}, "seed": 1}})
+        open(timing_path, "w").close()
+        said.clear()
+        t = time.time()
+        res = run_job(sweep_job, progress=False)
+        sweep_s = time.time() - t
+        assert res.exit_code == 0, res.rows
+        events = _read_timing(timing_path)
+        ledgers = []
+        for r in res.rows:
+            root = f"{res.store}/sweeps/{r['task']}-{r['config_hash']}"
+            with open(f"{root}/ledger.json") as f:
+                ledgers += json.load(f)
+        trial_fixed = []
+        for tr in ledgers:
+            ends = [e["t"] for e in events if e.get("trial") == tr["trial_id"] and e["kind"] == "epoch"
+                    and e["epoch"] == 0]
+            if ends and tr["started_at"]:
+                trial_fixed.append(min(ends) - tr["started_at"] - bare["first_epoch_s"])
+        sweep_start = min(ts for ts, msg in said if msg.startswith("sweeping"))
+        first_trial = min((e["t"] for e in events if e["kind"] == "epoch" and e["epoch"] == 0), default=float("nan"))
+        trials = len(ledgers)
+        ideal = trials * bare["train_s"] / slots
+        out["sweep"] = {"trials": trials,
+                        "fixed_per_trial_s": round(sum(trial_fixed) / len(trial_fixed), 2) if trial_fixed else None,
+                        "max_fixed_s": round(max(trial_fixed), 2) if trial_fixed else None,
+                        "tune_start_to_first_epoch_s": round(first_trial - sweep_start - bare["first_epoch_s"], 2),
+                        "job_s": round(sweep_s, 1), "ideal_s": round(ideal, 1), "ratio_whole_job": round(sweep_s / ideal, 3)}
+    finally:
+        _restore_say(original)
+        pipeline.train_all = original_train_all
+    return out
+
+
+def print_startup(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    j, s = res["job"], res["sweep"]
+    t = Table(title=f"fixed cost per task/trial (target <= 5 s; bare first epoch {res['bare']['first_epoch_s']}s, "
+                    f"later epochs {res['bare']['epoch_s']}s)")
+    for c in ("kind", "runs", "fixed cost mean (s)", "max (s)", "submit -> worker (s)", "ok"):
+        t.add_column(c)
+    t.add_row("plain job", str(res["tasks"]), str(j["fixed_per_task_s"]), str(j["max_fixed_s"]),
+              str(j["submit_to_worker_s"]), "yes" if j["fixed_per_task_s"] <= 5 else "NO")
+    t.add_row("sweep", str(s["trials"]), str(s["fixed_per_trial_s"]), str(s["max_fixed_s"]),
+              f"tune start -> 1st epoch {s['tune_start_to_first_epoch_s']}",
+              "yes" if (s["fixed_per_trial_s"] or 0) <= 5 else "NO")
+    Console(width=140).print(t)
+    p = Table(title=f"packing: each task trains ~{res['target_train_s']:.0f}s ({res['epochs']} epochs, bare "
+                    f"{res['bare']['total_s']}s with evaluation); {res['slots']} slots; target ratio <= 1.15")
+    for c in ("kind", "runs", "ideal (s)", "training stage (s)", "ratio", "whole job (s)", "ratio whole job"):
+        p.add_column(c)
+    p.add_row("plain job", str(res["tasks"]), str(j["ideal_s"]), str(j["training_stage_s"]), str(j["ratio"]),
+              str(j["job_s"]), str(j["ratio_whole_job"]))
+    p.add_row("sweep", str(s["trials"]), str(s["ideal_s"]), "-", "-", str(s["job_s"]), str(s["ratio_whole_job"]))
+    Console(width=140).print(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke-test", action="store_true", help="N = 1, 2 with one epoch (about a minute)")
+    ap.add_argument("--long", action="store_true", help="size each task to train about 60 s (packing check)")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=4, help="tasks in the fixed-cost / packing job")
+    ap.add_argument("--only-startup", action="store_true", help="skip the N-task overhead and cache sections")
     args = ap.parse_args()
 
     import ray
@@ -102,13 +330,21 @@ def main() -> None:
         weights = os.path.join(work, "backbone.safetensors")
         m = timm.create_model(BACKBONE["name"], num_classes=10, **BACKBONE["kwargs"])
         safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, weights)
-        specs = write_task_family(os.path.join(work, "data"), n_tasks=max(ns), images_per_task=120,
+        # --long: 10x the images, so a ~60 s task is tens of epochs, not hundreds of 0.1 s ones
+        specs = write_task_family(os.path.join(work, "data"), n_tasks=max(*ns, args.tasks),
+                                  images_per_task=1200 if args.long else 120,
                                   formats=("medmnist",), seed=5)
+        timing_path = os.path.join(work, "timing.jsonl")
         t = time.perf_counter()
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": _timing_hook,
+                              "env_vars": {"SHPEFT_BENCH_TIMING": timing_path, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              os.environ.get("PYTHONPATH")) if p)}})
         ray_init_s = time.perf_counter() - t
         rows = {}
-        for n in ns:
+        cache: dict = {}
+        for n in () if args.only_startup else ns:
             job = _job(os.path.join(work, f"store-n{n}"), specs[:n], weights, epochs)
             t = time.perf_counter()
             res = run_job(job, progress=False)
@@ -120,22 +356,26 @@ def main() -> None:
             print(f"N={n}: orchestrator {orch:.1f}s, bare loop {bare:.1f}s, ratio {orch / bare:.2f}, "
                   f"overhead per task {(orch - bare) / n:+.1f}s", flush=True)
 
-        job = _job(os.path.join(work, "store-cache"), specs[:2], weights, epochs)
-        fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
-        counters = {"importance_computed": 0, "importance_loaded": 0}
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            run_importance_stage(job, job.store, fp, specs[:2], [], False, False, counters)
-            times.append(time.perf_counter() - t)
-        cache = {"miss_s": round(times[0], 3), "hit_s": round(times[1], 3), "speedup": round(times[0] / times[1], 1),
-                 "computed": counters["importance_computed"], "loaded": counters["importance_loaded"]}
-        print(f"importance stage (2 datasets + pool): miss {times[0]:.2f}s, hit {times[1]:.3f}s "
-              f"({cache['speedup']}x)", flush=True)
+        if not args.only_startup:
+            job = _job(os.path.join(work, "store-cache"), specs[:2], weights, epochs)
+            fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
+            counters = {"importance_computed": 0, "importance_loaded": 0}
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                run_importance_stage(job, job.store, fp, specs[:2], [], False, False, counters)
+                times.append(time.perf_counter() - t)
+            cache = {"miss_s": round(times[0], 3), "hit_s": round(times[1], 3),
+                     "speedup": round(times[0] / times[1], 1),
+                     "computed": counters["importance_computed"], "loaded": counters["importance_loaded"]}
+            print(f"importance stage (2 datasets + pool): miss {times[0]:.2f}s, hit {times[1]:.3f}s "
+                  f"({cache['speedup']}x)", flush=True)
+        startup = startup_and_packing(work, weights, specs, args, timing_path)
+        print_startup(startup)
         ray.shutdown()
         print(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cpus, ray {ray.__version__}",
                           "cpus": args.cpus, "epochs": epochs, "ray_init_s": round(ray_init_s, 2),
-                          "n": rows, "importance_cache": cache}))
+                          "n": rows, "importance_cache": cache, "startup": startup}))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -143,4 +383,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as bench.orchestration, not __main__: the worker setup hook is exported by reference to this module.
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.orchestration import main as _main
+
+    _main()
