@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shpeft_core.io import remove
 
 from . import store as layout
 from .console import say, short_error
@@ -82,8 +81,9 @@ def cache_hit(uri: str, what: str, progress: bool) -> bool:
     if problem is None:
         return True
     if problem != "missing":
+        # Not removed: the recomputed map replaces it atomically, and a map whose checksum another job is
+        # about to write (written map first, sidecar second) must not be deleted under that job.
         say(f"{what}: cache entry {uri} is unusable ({problem}); recomputing it", progress)
-        remove(uri)
     return False
 
 

@@ -37,7 +37,7 @@ def train_direct(launch: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_task(launch: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a zero-CPU Ray task: one task's training (see train_loop), then the artifact evaluation."""
+    """Runs in a zero-CPU Ray task: one data-parallel task's TorchTrainer, then the artifact evaluation."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -46,12 +46,6 @@ def train_task(launch: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     plan = launch["plan"]
-    if launch["workers"] == 1:
-        res = launch["worker_resources"]
-        # Retries cover a crashed worker process (max_failures), never a Python error in the task.
-        direct = ray.remote(train_direct).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
-                                                   max_retries=launch["max_failures"], retry_exceptions=False)
-        return ray.get(direct.remote(launch))
     storage_path, storage_fs = launch["ray_storage"]
     trainer = TorchTrainer(
         train_task_loop,
@@ -90,12 +84,6 @@ def fault_for(task: str, run_root: str) -> dict | None:
     return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
 
 
-def _kind(method: str) -> str:
-    from shpeft_core.methods import artifact_kind
-
-    return artifact_kind(method)
-
-
 def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done) -> None:
     """Stage 2: one zero-CPU launcher per task, at most `slots` in flight (each slot = one whole trainer).
 
@@ -111,9 +99,22 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
     say(f"training {len(plans)} task(s), up to {slots} at once "
          f"({job.training.workers_per_task} worker(s) x {worker_resources(job)} each; cluster {cpus:g} CPU {gpus:g} GPU)",
          progress)
-    launcher = ray.remote(train_task).options(num_cpus=0, max_retries=0)
+    res = worker_resources(job)
+    if job.training.workers_per_task == 1:
+        # One worker: the training runs in this task itself, holding the worker's resources. Retries cover a
+        # crashed worker process or a lost node (resuming from the newest checkpoint), never a Python error.
+        submit = ray.remote(train_direct).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+                                                  max_retries=job.training.max_failures, retry_exceptions=False)
+    else:
+        # Data parallel: a zero-CPU launcher waits on its TorchTrainer. It prefers the driver's node and is
+        # retried if its node is lost (the trainer then restores its checkpoint).
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        submit = ray.remote(train_task).options(num_cpus=0, max_retries=job.training.max_failures,
+                                                retry_exceptions=False, scheduling_strategy=here)
     train_storage = ray_storage(join_uri(store, "runs"))  # Ray Train's run folder: runs/<run_name>
-    eval_res = worker_resources(job)
+    eval_res = res
     queue = list(plans)
     in_flight: dict[Any, tuple] = {}
     while queue or in_flight:
@@ -126,14 +127,14 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
             launch = {
                 "plan": plan, "board": board, "fault": fault_for(plan.task_name, run_root),
                 "run_name": run_name, "ray_storage": train_storage, "run_root": run_root,
-                "workers": job.training.workers_per_task, "worker_resources": worker_resources(job),
+                "workers": job.training.workers_per_task, "worker_resources": res,
                 "max_failures": job.training.max_failures,
                 "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),
             }
             say(f"[{plan.task_name}] training {plan.method} (run {run_name})", progress)
             base = {**base, "density": plan.density, "alpha": plan.alpha, "delta_uri": plan.artifact_uri,
                     "started_at": now()}
-            in_flight[launcher.remote(launch)] = (plan, base)
+            in_flight[submit.remote(launch)] = (plan, base)
         done, _ = ray.wait(list(in_flight), num_returns=1)
         _, base = in_flight.pop(done[0])
         on_done(base, lambda: ray.get(done[0]))
