@@ -65,8 +65,10 @@ def _trial_points(store: str, row: dict) -> list[dict]:
 
 
 def _layer_order(layer: str) -> tuple:
-    """Layers in network order: 'blocks.10' after 'blocks.9', stems and embeddings first."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in layer.split("."))
+    """Layers in network order: stems and embeddings (no index) first, then 'blocks.9' before 'blocks.10'."""
+    parts = layer.split(".")
+    has_index = any(p.isdigit() for p in parts)
+    return (int(has_index), *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
 
 
 def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[str, str],

@@ -170,6 +170,7 @@ def _plot_location(masks: dict[str, dict[str, Any]], uri: str) -> str | None:
         ax1.plot(blocks, [per_block[b] / total for b in blocks], marker="o", label=t, color=f"C{i % 10}")
         ax2.bar([j + i * width for j in range(len(types))], [per_type.get(ty, 0) / total for ty in types],
                 width=width, label=t, color=f"C{i % 10}")
+    ax1.set_ylim(bottom=0)
     ax1.set_xlabel("transformer block")
     ax1.set_ylabel("share of selected weights")
     ax1.set_title("where SH-PEFT's selected weights sit: per block")
