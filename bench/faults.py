@@ -136,22 +136,9 @@ def write_backbone(path: str) -> str:
 
 def colour_task(root: str, name: str, seed: int, n_train: int = 40, n_eval: int = 12):
     """A 3-class imagefolder task (class = dominant colour + noise), ``n_train`` training images."""
-    import numpy as np
-    from PIL import Image
+    from tasks.synthetic import write_colour_task
 
-    from tasks.spec import TaskSpec
-
-    rng = np.random.default_rng(seed)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
-        for i in range(n):
-            c = i % 3
-            img = np.clip(rng.normal(colours[c], 50, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            folder = os.path.join(root, name, split, f"c{c}")
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
-    return TaskSpec(name=name, source=os.path.join(root, name), format="imagefolder", num_classes=3,
-                    class_names=["c0", "c1", "c2"], image_size=32)
+    return write_colour_task(root, name, seed, n_train=n_train, n_eval=n_eval)
 
 
 def job_dict(store: str, specs, backbone_source: str, *, epochs: int = 2, **training) -> dict:

@@ -16,7 +16,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # n
 
 from .store import plots_dir, sweep_root  # noqa: E402
 
-__all__ = ["write_plots", "pareto_front", "layer_of", "importance_mass_per_layer"]
+__all__ = ["write_plots", "save_png", "pareto_front", "layer_of", "importance_mass_per_layer"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -44,9 +44,10 @@ def importance_mass_per_layer(scores: dict[str, Any]) -> dict[str, float]:
     return {k: v / total for k, v in mass.items()}
 
 
-def _save(fig, uri: str) -> str:
+def save_png(fig, uri: str, dpi: int = 110) -> str:
+    """Write a matplotlib figure as a PNG at ``uri`` (atomically) and close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(uri, buf.getvalue())
     return uri
@@ -96,7 +97,7 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[st
         ax.set_ylabel("validation metric")
         ax.set_title("density vs metric (line: Pareto front)")
         ax.legend(fontsize=7)
-        out.append(_save(fig, join_uri(root, "density_vs_metric.png")))
+        out.append(save_png(fig, join_uri(root, "density_vs_metric.png")))
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, (task, pts) in enumerate(sorted(per_task.items())):
@@ -105,7 +106,7 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[st
         ax.set_ylabel("validation metric")
         ax.set_title("alpha vs metric")
         ax.legend(fontsize=7)
-        out.append(_save(fig, join_uri(root, "alpha_vs_metric.png")))
+        out.append(save_png(fig, join_uri(root, "alpha_vs_metric.png")))
 
     maps = {}
     for task, uri in sorted(agnostic_maps.items()):
@@ -132,5 +133,5 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[st
         ax.set_ylabel("share of importance mass")
         ax.set_title("importance mass per layer")
         ax.legend(fontsize=7)
-        out.append(_save(fig, join_uri(root, "importance_mass_per_layer.png")))
+        out.append(save_png(fig, join_uri(root, "importance_mass_per_layer.png")))
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import statistics
@@ -14,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
+
+from .plots import save_png as _save  # noqa: E402
 
 __all__ = ["write_report", "print_compare_table", "summarise", "selection_location", "mask_jaccard"]
 
@@ -92,14 +93,6 @@ def mask_jaccard(a: dict[str, Any], b: dict[str, Any]) -> float:
     sa = {(n, int(i)) for n, idx in a.items() for i in idx.tolist()}
     sb = {(n, int(i)) for n, idx in b.items() for i in idx.tolist()}
     return len(sa & sb) / len(sa | sb) if sa | sb else 0.0
-
-
-def _save(fig, uri: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(uri, buf.getvalue())
-    return uri
 
 
 def _plot_metric_vs_trainable(rows, job_mix: str, labels: list[str], uri: str) -> str:

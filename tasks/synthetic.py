@@ -39,6 +39,7 @@ __all__ = [
     "write_task",
     "write_task_family",
     "write_source_corpus",
+    "write_colour_task",
 ]
 
 MODALITIES = ("ct", "pathology", "ultrasound", "fundus", "mri", "xray")
@@ -456,3 +457,27 @@ def write_source_corpus(
     data = {s: (imgs[bounds[i] : bounds[i + 1]], labels[bounds[i] : bounds[i + 1]]) for i, s in enumerate(SPLITS)}
     writer.write(data_uri, data, class_names=class_names, modality="mixed", name=name)
     return seal_task_dir(task_dir, params, spec)
+
+
+def write_colour_task(root: str, name: str, seed: int, *, n_train: int = 40, n_eval: int = 12,
+                      noise: float = 50.0) -> TaskSpec:
+    """A 3-class ImageFolder task any backbone can learn (class = the dominant colour, plus noise).
+
+    For checks that a pipeline learns at all: ``n_train`` training and ``n_eval`` val / test images
+    per split, 32 px, written under ``root/name`` (local paths).
+    """
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+        for i in range(n):
+            c = i % 3
+            img = np.clip(rng.normal(colours[c], noise, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            folder = os.path.join(root, name, split, f"c{c}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
+    return TaskSpec(name=name, source=os.path.join(root, name), format="imagefolder", num_classes=3,
+                    class_names=["c0", "c1", "c2"], image_size=32)

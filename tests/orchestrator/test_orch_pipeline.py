@@ -129,22 +129,9 @@ def test_resumed_task_delta_equals_an_unbroken_run(first_run, task_specs, tmp_pa
 
 def _colour_task(root, name, seed):
     """A task any backbone can learn: the class is the image's dominant colour (plus noise)."""
-    import numpy as np
-    from PIL import Image
+    from tasks.synthetic import write_colour_task
 
-    from tasks.spec import TaskSpec
-
-    rng = np.random.default_rng(seed)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-    for split, n in (("train", 48), ("val", 24), ("test", 24)):
-        for i in range(n):
-            c = i % 3
-            img = np.clip(rng.normal(colours[c], 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            path = os.path.join(root, name, split, f"c{c}")
-            os.makedirs(path, exist_ok=True)
-            Image.fromarray(img).save(os.path.join(path, f"{i}.png"))
-    return TaskSpec(name=name, source=os.path.join(root, name), format="imagefolder", num_classes=3,
-                    class_names=["c0", "c1", "c2"], image_size=32)
+    return write_colour_task(root, name, seed, n_train=48, n_eval=24, noise=40.0)
 
 
 def test_pipeline_learns_and_trains_each_method(ray_local, tmp_path):
