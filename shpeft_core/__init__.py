@@ -6,7 +6,7 @@ does not pay for torch and timm.
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 _EXPORTS = {
     "backbone": ["BackboneSpec", "create_backbone", "backbone_fingerprint", "head_parameter_names"],
@@ -20,17 +20,4 @@ _EXPORTS = {
     "train": ["TrainConfig", "TrainState", "fit", "evaluate", "save_train_state", "load_train_state"],
     "methods": ["prepare_model", "method_mask", "save_artifact", "load_artifact"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'shpeft_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
