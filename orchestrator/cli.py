@@ -47,6 +47,15 @@ def _invalid_input_exits():
         _fail(str(exc), EXIT_INVALID)
 
 
+def _validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None) -> None:
+    """Every pre-compute check (orchestrator.validate); all problems listed, exit 2 when there are any."""
+    from orchestrator.validate import validate_job
+
+    problems = validate_job(job, data=data, cpus=cpus, gpus=gpus)
+    if problems:
+        _fail(f"job file {source} cannot run:\n" + "\n".join(f"  - {p}" for p in problems), EXIT_INVALID)
+
+
 def _load_job_or_exit(path: str):
     from orchestrator.jobspec import JobSpecError, load_job
 
@@ -84,6 +93,7 @@ def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, n
     Example: shpeft run examples/demo.yaml --num-cpus 2
     """
     job = _load_job_or_exit(job_file)
+    _validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
     from orchestrator.pipeline import run_job
 
     with _invalid_input_exits():
@@ -115,6 +125,7 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     from orchestrator.compare import DEFAULT_METHODS, parse_methods
 
     job = _load_job_or_exit(job_file)
+    _validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
     try:
         chosen = parse_methods(methods) if methods else list(parse_methods(DEFAULT_METHODS))
     except ValueError as exc:
@@ -130,6 +141,35 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
         result = run_compare(job, methods=[m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds=seeds,
                              address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
     raise click.exceptions.Exit(int(result.exit_code))
+
+
+@main.command(short_help="Check a job file before any compute: every problem, each naming its field.")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--num-cpus", type=float, default=None, help="CPUs of the cluster to check the workers against [default: this machine's].")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True, help="GPUs of the cluster.")
+@click.option("--no-data", is_flag=True, help="Skip the checks that read the datasets and the store.")
+def validate(job_file: str, num_cpus: float | None, num_gpus: float, no_data: bool) -> None:
+    """Validate JOB.yaml without computing anything: the schema, the timm model and its kwargs, weight
+    files, catalogue names and overrides, each dataset's files and format (listed, not decoded), the store
+    (writable, backend installed), eligible weights, and whether one task's workers fit the cluster.
+    `run` runs the same checks first; `submit` the ones that need no data access.
+
+    Example: shpeft validate job.yaml --num-cpus 64 --num-gpus 8
+    """
+    job = _load_job_or_exit(job_file)
+    _validate_or_exit(job, job_file, data=not no_data, cpus=num_cpus or os.cpu_count() or 1, gpus=num_gpus)
+    click.echo(f"{job_file}: ok ({len(job.tasks)} task(s), backbone {job.backbone.name}, store {job.store})")
+
+
+@main.command(short_help="Print the JSON schema of the job file (for editors).")
+def schema() -> None:
+    """Print the job file's JSON schema: every section and field with its type, default and help text.
+
+    Example: shpeft schema > shpeft-job.schema.json
+    """
+    from orchestrator.jobspec import JobSpec
+
+    click.echo(json.dumps(JobSpec.model_json_schema(), indent=1))
 
 
 _address_option = click.option(
@@ -186,6 +226,8 @@ def submit(job_file: str, address: str, working_dir: str | None, submission_id: 
     from shpeft_core.io import StorageError, local_path
 
     job = _load_job_or_exit(job_file)
+    # The data and the store may be reachable only from the cluster: check what needs neither.
+    _validate_or_exit(job, job_file, data=False, cpus=None)
     env = _parse_env(env_pairs)
     try:
         store_is_local = local_path(job.store) is not None

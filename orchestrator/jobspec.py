@@ -428,6 +428,8 @@ def load_job(path_or_uri: str | os.PathLike) -> JobSpec:
             text = f.read()
     except (FileNotFoundError, IsADirectoryError) as exc:
         raise JobSpecError(f"job file {source} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise JobSpecError(f"job file {source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -27,7 +27,7 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHPEFT = Path(sys.executable).parent / "shpeft"
-COMMANDS = ["run", "compare", "submit", "status", "logs", "list", "show", "predict", "export", "demo", "tasks"]
+COMMANDS = ["run", "compare", "validate", "schema", "submit", "status", "logs", "list", "show", "predict", "export", "demo", "tasks"]
 
 
 def invoke(*args, **kw):
@@ -117,9 +117,53 @@ def test_unwritable_store_exits_2_before_ray_starts(tmp_path, cmd):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     res = invoke(cmd, path)
-    assert res.exit_code == 2
-    assert "afile" in res.output and res.output.startswith("error:") and res.output.count("\n") == 1
+    assert res.exit_code == 2 and res.output.startswith("error:")
+    # every problem on its own line, each naming its field: the store under a file, the missing data
+    lines = res.output.splitlines()[1:]
+    assert any(ln.startswith("  - store: ") and "afile" in ln for ln in lines), res.output
+    assert any(ln.startswith("  - tasks[0] (t1): ") for ln in lines), res.output
     assert not ray.is_initialized()
+
+
+def test_validate_lists_every_problem_with_its_field(tmp_path):
+    """One run of `shpeft validate` reports every pre-compute problem, each naming its field."""
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    job = _good_job(tmp_path)
+    job["backbone"] = {"name": "vit_tiny_nope"}
+    job["tasks"].append({"catalogue": "bussi", "source": str(tmp_path)})
+    job["tasks"].append({"catalogue": "busi", "source": str(tmp_path), "overrides": {"colour": "red"}})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = invoke("validate", path, "--num-cpus", 0.5)
+    assert res.exit_code == 2
+    out = res.output
+    assert "backbone.name: 'vit_tiny_nope' is not a timm model" in out
+    assert "tasks[1].catalogue/overrides: " in out and "bussi" in out
+    assert "tasks[2].catalogue/overrides: " in out and "colour" in out
+    assert "tasks[0] (t1): " in out  # a folder with no images in the stated format
+    assert "training.workers_per_task / cpus_per_worker / gpus_per_worker: " in out
+    good = _good_job(tmp_path)
+    good["tasks"] = [{"name": "t1", "source": str(tmp_path / "colour-a"), "format": "imagefolder", "num_classes": 3}]
+    from tasks.synthetic import write_colour_task
+
+    write_colour_task(str(tmp_path), "colour-a", 0)
+    path.write_text(yaml.safe_dump(good))
+    res = invoke("validate", path)
+    assert res.exit_code == 0 and ": ok (1 task(s)" in res.output, res.output
+
+
+def test_schema_prints_the_job_json_schema():
+    res = invoke("schema")
+    schema = json.loads(res.output)
+    assert res.exit_code == 0 and set(schema["properties"]) >= {"backbone", "tasks", "method", "selection", "sweep"}
+    assert "description" in schema["$defs"]["SelectionSection"]["properties"]["mix"]
+
+
+def test_job_file_that_is_not_utf8_exits_2_naming_it(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"backbone: {name: test_vit}\nstore: \xff\xfe\n")
+    res = invoke("validate", path)
+    assert res.exit_code == 2 and "job.yaml is not UTF-8" in res.output and "Traceback" not in res.output
 
 
 def test_backbone_without_eligible_weights_exits_2_naming_rules(tmp_path):
@@ -131,7 +175,7 @@ def test_backbone_without_eligible_weights_exits_2_naming_rules(tmp_path):
     path.write_text(yaml.safe_dump(job))
     res = invoke("run", path)
     assert res.exit_code == 2
-    assert "selection.rules: no weight of test_vit is eligible" in res.output and "blocks.0.attn.qkv" in res.output
+    assert "selection.rules: no weight of test_vit is eligible" in res.output
     assert not ray.is_initialized()
     job["method"] = {"name": "lora"}  # a method that selects nothing needs no eligible weights
     path.write_text(yaml.safe_dump(job))
@@ -144,6 +188,16 @@ def test_backbone_without_eligible_weights_exits_2_naming_rules(tmp_path):
 def test_run_missing_job_file(tmp_path):
     res = invoke("run", tmp_path / "nope.yaml")
     assert res.exit_code == 2 and "nope.yaml" in res.output
+
+
+def _write_two_class_folder(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val", "test"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (200 * c, 10 * i, 0)).save(root / split / f"c{c}" / f"{i}.png")
 
 
 def test_run_passes_options_and_exit_code(tmp_path, monkeypatch):
@@ -159,6 +213,7 @@ def test_run_passes_options_and_exit_code(tmp_path, monkeypatch):
         return Result()
 
     monkeypatch.setattr(pipeline, "run_job", fake_run_job)
+    _write_two_class_folder(tmp_path / "data")  # `run` validates the dataset before anything runs
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_good_job(tmp_path)))
     res = invoke("run", path, "--address", "auto", "--num-cpus", 3, "--force", "--no-progress")
