@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
-from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, artifact_kind, artifact_sha256
+from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, artifact_kind
 from shpeft_core.selection import MIXES
 
 from .console import quiet_frameworks, say, short_error
@@ -30,7 +30,7 @@ from .keys import task_config_hash
 from .pipeline import note_input_sizes, preflight
 from .plan import plan_for
 from .resources import connect_ray, worker_resources
-from .store import artifact_uri, normalise_store, report_dir
+from .store import artifact_uri, normalise_store, report_dir, row_verified
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
 
@@ -105,15 +105,6 @@ def _run_one(plan) -> dict[str, Any]:
     return {**ev, "train_s": train_s, "trainable": out.get("trainable"), "artifact_bytes": ev["bytes"]}
 
 
-def _verified(row: dict | None, config_hash: str) -> bool:
-    if not row or row.get("status") != "ok" or row.get("config_hash") != config_hash:
-        return False
-    try:
-        return artifact_sha256(row["artifact_uri"], row["artifact_kind"]) == row.get("sha256")
-    except (FileNotFoundError, OSError, KeyError):
-        return False
-
-
 def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, address: str | None = None,
                 num_cpus: int | None = None, force: bool = False, progress: bool = True) -> CompareResult:
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
@@ -163,26 +154,26 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     remote = ray.remote(_run_one).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), max_retries=1)
     for spec in targets:
         for method, mix in methods:
-            run_job = job if mix is None else job.model_copy(
+            mix_job = job if mix is None else job.model_copy(
                 update={"selection": job.selection.model_copy(update={"mix": mix})})
             for seed in seed_list:
-                key = (spec.name, method, run_job.selection.mix if method == "shpeft" else None, seed)
+                key = (spec.name, method, mix_job.selection.mix if method == "shpeft" else None, seed)
                 name = f"{method}-{key[2]}-s{seed}" if method == "shpeft" else f"{method}-s{seed}"
                 base = {"task": spec.name, "method": method, "mix": key[2], "seed": seed,
                         "artifact_kind": artifact_kind(method)}
                 try:
-                    plan = plan_for(run_job, spec, backbone_fp, imaps, method=method, seed=seed,
+                    plan = plan_for(mix_job, spec, backbone_fp, imaps, method=method, seed=seed,
                                     artifact=artifact_uri(join_uri(root, "artifacts", spec.name), name, method))
                 except Exception as exc:
                     rows[key] = {**base, "status": "failed", "error": short_error(exc)}
                     continue
                 d = imaps.specific(spec.name, job.importance.estimator)
-                chash = task_config_hash(run_job, spec, d.key, (imaps.agnostic.get(spec.name) or {}).get("key"),
+                chash = task_config_hash(mix_job, spec, d.key, (imaps.agnostic.get(spec.name) or {}).get("key"),
                                          method=method, seed=seed)
                 base.update(config_hash=chash, density=plan.density if method in SPARSE_METHODS
                             else None, alpha=plan.alpha if method in IMPORTANCE_METHODS else None,
                             lr=plan.train["lr"], epochs=plan.train["epochs"], artifact_uri=plan.artifact_uri)
-                if _verified(previous.get(key), chash):
+                if row_verified(previous.get(key), chash, "artifact_uri"):
                     rows[key] = previous[key]
                     continue
                 pending[remote.remote(plan)] = (key, base)

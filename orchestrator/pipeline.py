@@ -85,18 +85,6 @@ def note_input_sizes(model, targets: list, progress: bool) -> None:
                  f"resized to {input_px} px (set backbone.kwargs.img_size to train at another size)", progress)
 
 
-def _verified(row: dict | None, config_hash: str) -> bool:
-    from shpeft_core.methods import artifact_sha256
-
-    if not row or row.get("status") != "ok" or row.get("config_hash") != config_hash:
-        return False
-    uri, kind = row.get("delta_uri"), row.get("artifact_kind") or "delta"
-    try:
-        return bool(uri) and artifact_sha256(uri, kind) == row.get("sha256")
-    except (FileNotFoundError, OSError):
-        return False
-
-
 def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = None, force: bool = False,
             progress: bool = True) -> JobResult:
     """Run every stage of ``job`` on Ray; returns the rows written to the catalogue and an exit code.
@@ -166,7 +154,7 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
-            if not force and _verified(previous.get(spec.name), chash):
+            if not force and layout.row_verified(previous.get(spec.name), chash):
                 rows[spec.name] = {**previous[spec.name], "trained": False}
                 counters["tasks_skipped"] += 1
                 say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)

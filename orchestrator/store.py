@@ -28,7 +28,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 
 __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
-    "latest_pointer", "write_latest", "latest_artifact", "catalogue_dir", "catalogue_file", "plots_dir",
+    "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file", "plots_dir",
     "report_dir", "backbones_dir",
 ]
 
@@ -94,6 +94,19 @@ def latest_artifact(store: str, task: str) -> dict:
     if not exists(uri):
         raise FileNotFoundError(f"{uri}: no finished artifact of task {task!r} in this store")
     return json.loads(read_bytes(uri))
+
+
+def row_verified(row: dict | None, config_hash: str, uri_field: str = "delta_uri") -> bool:
+    """A finished row of this configuration whose artifact exists with the sha256 recorded in the row."""
+    from shpeft_core.methods import artifact_sha256
+
+    if not row or row.get("status") != "ok" or row.get("config_hash") != config_hash:
+        return False
+    uri = row.get(uri_field)
+    try:
+        return bool(uri) and artifact_sha256(uri, row.get("artifact_kind") or "delta") == row.get("sha256")
+    except (FileNotFoundError, OSError):
+        return False
 
 
 def catalogue_dir(store: str) -> str:

@@ -44,7 +44,8 @@ def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
     Returns (model to train, the method's save handle, trainable parameter count).
     """
     from shpeft_core.importance import ImportanceMap, load_warm_head
-    from shpeft_core.methods import SPARSE_METHODS, LoraSettings, count_trainable_params, method_mask, prepare_model
+    from shpeft_core.methods import SPARSE_METHODS, LoraSettings, method_mask, prepare_model
+    from shpeft_core.sparse import count_trainable
 
     model = build_backbone(plan.backbone, plan.num_classes)
     specific = ImportanceMap.load(plan.specific_uri) if plan.specific_uri else None
@@ -57,7 +58,7 @@ def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
                            alpha=plan.alpha, granularity=plan.granularity, mix=plan.mix, seed=plan.seed,
                            rules=plan.rules)
     net, handle = prepare_model(model, plan.method, mask=mask, lora=LoraSettings(**plan.lora))
-    return net, handle, count_trainable_params(net)
+    return net, handle, count_trainable(net)
 
 
 def _push_progress(cfg: dict[str, Any], event: dict[str, Any]) -> None:

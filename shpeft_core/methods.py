@@ -228,6 +228,3 @@ def load_artifact(model: nn.Module, method: str, uri: str) -> nn.Module:
             params[n].copy_(t)
     return inner
 
-
-def count_trainable_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
