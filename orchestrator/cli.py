@@ -56,6 +56,16 @@ def _validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus:
         _fail(f"job file {source} cannot run:\n" + "\n".join(f"  - {p}" for p in problems), EXIT_INVALID)
 
 
+def _show_logs_option(f):
+    def show(ctx, param, value):
+        if value:  # Ray's and the workers' own log lines on the console, as SHPEFT_VERBOSE=1 does
+            os.environ["SHPEFT_VERBOSE"] = "1"
+        return value
+
+    return click.option("--show-logs", is_flag=True, expose_value=False, callback=show,
+                        help="Also print Ray's and the workers' own log lines (they always go to the store's logs/).")(f)
+
+
 def _load_job_or_exit(path: str):
     from orchestrator.jobspec import JobSpecError, load_job
 
@@ -83,7 +93,8 @@ def main() -> None:
 @click.option("--address", default=None, help="Ray cluster to join (e.g. 'auto', HEAD:6379); default: a local embedded Ray.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray (default: all visible).")
 @click.option("--force", is_flag=True, help="Redo every task even if a verified delta exists.")
-@click.option("--no-progress", is_flag=True, help="No per-task progress lines.")
+@click.option("--no-progress", is_flag=True, help="No progress view or per-task lines.")
+@_show_logs_option
 def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, no_progress: bool) -> None:
     """Validate JOB.yaml and run it: shared importance, per-task fine-tuning, sweeps, catalogue.
 
@@ -112,6 +123,7 @@ def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, n
 @click.option("--force", is_flag=True, help="Redo runs whose verified artifact already exists.")
 @click.option("--smoke-test", is_flag=True, help="One seed, one epoch, shpeft/linear/full only: a quick check.")
 @click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
+@_show_logs_option
 def compare(job_file: str, methods: str | None, seeds: int, address: str | None, num_cpus: int | None, force: bool,
             smoke_test: bool, no_progress: bool) -> None:
     """Run the job's tasks with SH-PEFT and the methods users would pick instead, in one harness.
@@ -280,16 +292,43 @@ def status(submission_id: str, address: str, wait: bool, poll: float, timeout: f
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
-@main.command(short_help="Logs of a submitted job (--follow to stream).")
-@click.argument("submission_id")
-@_address_option
-@click.option("--follow", "-f", is_flag=True, help="Stream new log lines until the job ends.")
+@main.command(short_help="Logs of a job in a store (STORE JOB), or of a submitted job (SUBMISSION_ID).")
+@click.argument("target", metavar="STORE JOB | SUBMISSION_ID")
+@click.argument("job", required=False)
+@click.option("--task", default=None, help="With STORE JOB: only this task's log.")
+@click.option("--address", default=None, envvar="RAY_API_SERVER_ADDRESS", show_envvar=True,
+              help="With SUBMISSION_ID: Ray dashboard URL of the cluster's head, e.g. http://HEAD:8265.")
+@click.option("--follow", "-f", is_flag=True, help="Stream new log lines until the submitted job ends.")
 @_timeout_option
-def logs(submission_id: str, address: str, follow: bool, timeout: float) -> None:
-    """Print the driver logs of a submitted job.
+def logs(target: str, job: str | None, task: str | None, address: str | None, follow: bool, timeout: float) -> None:
+    """Print a job's logs.
 
-    Example: shpeft logs raysubmit_abc123 --address http://HEAD:8265 --follow
+    With STORE JOB (a job id or its job file): the logs every run keeps in its store, local or on a
+    cluster: driver.log (what the console said, and each failed task's traceback), then each task's
+    worker output. With SUBMISSION_ID: the driver logs of a job submitted with `shpeft submit`.
+
+    Examples: shpeft logs demo-store 3f2a9c1b0d4e --task pathology;
+    shpeft logs raysubmit_abc123 --address http://HEAD:8265 --follow
     """
+    if job is not None:
+        from orchestrator.store import normalise_store
+        from orchestrator.tasklog import logs_dir, read_logs
+
+        store = normalise_store(target)
+        jid = _resolve_job_id(store, job)
+        found = read_logs(store, jid, task)
+        if not found:
+            what = f"task {task!r} of job {jid}" if task else f"job {jid}"
+            _fail(f"no logs for {what} under {logs_dir(store, jid)}", EXIT_INVALID)
+        for name, text in found:
+            if task is None:
+                click.echo(f"==> {name}.log <==")
+            click.echo(text, nl=False)
+        return
+    submission_id = target
+    if not address:
+        _fail("a submitted job's logs need --address (or RAY_API_SERVER_ADDRESS); a job in a store: "
+              "shpeft logs STORE JOB", EXIT_INVALID)
     from orchestrator.jobs_api import JobsApiError, follow_job_logs, job_logs
 
     client = _client(address, timeout)
@@ -491,6 +530,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the embedded Ray (default: all visible).")
 @click.option("--all-methods", is_flag=True,
               help="Compare also the ablations (specific, agnostic, random masks, the other hybrid rule).")
+@_show_logs_option
 def demo(store: str | None, smoke_test: bool, num_cpus: int | None, all_methods: bool) -> None:
     """Run the main job on a local embedded Ray: synthetic medical-like tasks, a small ViT pre-trained
     on a disjoint source corpus (shipped with shpeft), importance, sparse fine-tuning, a short sweep,

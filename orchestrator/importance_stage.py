@@ -19,7 +19,15 @@ __all__ = ['DatasetMap', 'ImportanceMaps', 'run_importance_stage', 'extra_estima
 
 
 def compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, dataset_fp: str, uri: str,
-                        use_gpu: bool) -> dict[str, Any]:
+                        use_gpu: bool, board=None) -> dict[str, Any]:
+    from .tasklog import captured_output
+
+    with captured_output(board, spec_json["name"]):
+        return _compute_dataset_importance(backbone, spec_json, settings, dataset_fp, uri, use_gpu, board)
+
+
+def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, dataset_fp: str, uri: str,
+                                use_gpu: bool, board) -> dict[str, Any]:
     import torch
 
     from shpeft_core.importance import ImportanceConfig, compute_importance
@@ -39,8 +47,14 @@ def compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, 
     config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
                               head_warmup=settings["head_warmup"], loss=settings["loss"],
                               rules=tuple(settings["rules"]) if settings["rules"] else None)
-    imap = compute_importance(model, loader, config, num_classes=spec.num_classes,
-                              dataset_fingerprint=dataset_fp, device=device, backbone_name=backbone["name"])
+    label = f"{spec.name} ({settings['estimator']})"
+
+    def on_batch(done: int, total: int) -> None:
+        if board is not None:
+            board.push.remote({"kind": "importance", "name": label, "done": done, "total": total})
+
+    imap = compute_importance(model, loader, config, num_classes=spec.num_classes, dataset_fingerprint=dataset_fp,
+                              device=device, backbone_name=backbone["name"], on_batch=on_batch)
     sha = imap.save(uri)
     return {"uri": uri, "sha256": sha, "seconds": time.perf_counter() - t0}
 
@@ -96,7 +110,7 @@ def pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> 
 
 def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list, pool_extra: list,
                       force: bool, progress: bool, counters: dict[str, int],
-                      extra_estimators: dict[str, set[str]] | None = None) -> ImportanceMaps:
+                      extra_estimators: dict[str, set[str]] | None = None, board=None) -> ImportanceMaps:
     """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
 
     ``extra_estimators`` asks for more maps of a target (gps ranks by grad1 whatever the job's estimator).
@@ -147,7 +161,7 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
         say(f"importance {d.name} ({d.estimator}): computing", progress)
         ref = remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(
             backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
-            d.fingerprint, d.uri, use_gpu,
+            d.fingerprint, d.uri, use_gpu, board,
         )
         pending[ref] = group
     while pending:

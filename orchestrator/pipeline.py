@@ -105,12 +105,22 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
 
 
 def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
+    import logging
+
+    from .tasklog import StoreLogs
+
+    store = normalise_store(job.store)
+    jid = compute_job_id(job)
+    logs = StoreLogs(store, jid)  # driver.log gets every line the console shows, from the first one
+    with logs.attached(logging.getLogger("shpeft")):
+        return _run_stages(job, model, store, jid, logs, force=force, progress=progress)
+
+
+def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool, progress: bool) -> JobResult:
     from shpeft_core.backbone import backbone_fingerprint
 
     from .progress import ProgressBoard, ProgressPrinter
     t_job = time.perf_counter()
-    store = normalise_store(job.store)
-    jid = compute_job_id(job)
     counters = {"importance_computed": 0, "importance_loaded": 0, "tasks_trained": 0, "tasks_skipped": 0,
                 "tasks_failed": 0}
     say(f"job {jid}: {len(job.tasks)} task(s), store {store}", progress)
@@ -130,9 +140,10 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     backbone_fp = backbone_fingerprint(model)
     methods = {t.name: {job.method.for_task(t.name)} for t in targets}
     board = ProgressBoard.remote()
-    with ProgressPrinter(board, enabled=progress):
+    with ProgressPrinter(board, enabled=progress, listeners=[logs]) as printer:
+        log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
-                                  extra_estimators(job, targets, methods))
+                                  extra_estimators(job, targets, methods), board=board)
 
         previous = latest_rows(store, jid)
         plans = []
@@ -154,11 +165,17 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
+            announce = {"kind": "plan", "task": spec.name, "method": method, "metric": spec.metric,
+                        "epochs": plan.train["epochs"], "trials": job.sweep.trials_per_task if job.sweep.enabled else 0}
             if not force and layout.row_verified(previous.get(spec.name), chash):
                 rows[spec.name] = {**previous[spec.name], "trained": False}
                 counters["tasks_skipped"] += 1
+                printer.post({**announce, "state": "skipped"})
+                printer.post({"kind": "task_end", "task": spec.name, "state": "skipped",
+                              "value": rows[spec.name].get(f"val_{spec.metric}")})
                 say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)
                 continue
+            printer.post(announce)
             plans.append((plan, base, chash))
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
@@ -171,12 +188,13 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
             swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
             for plan, base, _ in plans:
                 got = swept[plan.task_name]
-                rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]))
-                _after_task(rows[plan.task_name], counters, store, jid, progress)
+                rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]),
+                                                   printer.post)
+                _after_task(rows[plan.task_name], counters, store, jid, progress, printer.post)
         else:
             def on_done(base: dict, get_result) -> None:
-                rows[base["task"]] = _finish_row(base, get_result)
-                _after_task(rows[base["task"]], counters, store, jid, progress)
+                rows[base["task"]] = _finish_row(base, get_result, printer.post)
+                _after_task(rows[base["task"]], counters, store, jid, progress, printer.post)
 
             train_all(job, store, jid, plans, board, force, progress, on_done)
 
@@ -203,17 +221,31 @@ def _raise(message: str):
     raise RuntimeError(message)
 
 
-def _finish_row(base: dict, work) -> dict[str, Any]:
+def _finish_row(base: dict, work, post=None) -> dict[str, Any]:
     try:
         out = work()
         return {**base, **out, "status": "ok", "trained": True, "error": None, "finished_at": now()}
     except Exception as exc:
-        tb = traceback.format_exc(limit=3)
-        log.debug(tb)
+        # The console gets one line; the whole traceback goes to the task's log in the store.
+        if post is not None:
+            post({"kind": "log", "task": base["task"], "lines": traceback.format_exc().splitlines()})
         return {**base, "status": "failed", "trained": False, "error": short_error(exc), "finished_at": now()}
 
 
-def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool) -> None:
+def _ray_logs_dir() -> str:
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API names this folder
+    except Exception:
+        return "(unknown)"
+
+
+def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool, post=None) -> None:
+    if post is not None:
+        metric = row.get("metric") or "macro_f1"
+        post({"kind": "task_end", "task": row["task"], "state": "done" if row["status"] == "ok" else "failed",
+              "value": row.get(f"val_{metric}"), "error": row.get("error")})
     if row["status"] == "ok":
         layout.write_latest(store, {**row, "job_id": jid})
         counters["tasks_trained"] += 1
@@ -222,6 +254,7 @@ def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool)
              f"test_{metric} {row.get('test_' + metric, float('nan')):.4f} -> {row.get('delta_uri')}", progress)
     else:
         counters["tasks_failed"] += 1
-        say(f"[{row['task']}] FAILED: {row.get('error')}", progress)
+        say(f"[{row['task']}] FAILED: {row.get('error')} (full log: shpeft logs {store} {jid} --task {row['task']})",
+            progress)
     write_rows(store, jid, [row])
 

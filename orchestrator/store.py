@@ -12,6 +12,7 @@
 <store>/plots/<job_id>/*.png                       plots of a run
 <store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts
 <store>/backbones/                                 the demo's pre-trained backbone
+<store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
 ```
 
 Artifacts carry the job id and the task's config hash in their name, so two jobs in one store never

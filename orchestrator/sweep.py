@@ -233,7 +233,13 @@ class _Sweep:
         return self.summary
 
 
-def _ledger_callback(sweeps: dict[str, _Sweep]):
+def _post_trial_end(board, task: str, trial_id: str, value) -> None:
+    """Tells the console a trial ended (finished, or stopped early by ASHA)."""
+    if board is not None:
+        board.push.remote({"kind": "trial_end", "task": task, "trial": trial_id, "val_metric": value})
+
+
+def _ledger_callback(sweeps: dict[str, _Sweep], board=None):
     from ray.tune import Callback
 
     class Ledger(Callback):
@@ -260,9 +266,11 @@ def _ledger_callback(sweeps: dict[str, _Sweep]):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._record(trial, None)
+            _post_trial_end(board, trial.config["task"], trial.trial_id, (trial.last_result or {}).get("val_metric"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._record(trial, f"trial {trial.trial_id} failed (see the sweep's Tune folder for its log)")
+            self._record(trial, f"trial {trial.trial_id} failed (see the task's log: shpeft logs STORE JOB)")
+            _post_trial_end(board, trial.config["task"], trial.trial_id, None)
 
     return Ledger()
 
@@ -297,6 +305,8 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
     for name in sweeps:
         if name in spaces and sweeps[name].summary is not None:
             say(f"[{name}] sweep already finished, reusing its best trial", progress)
+        for t in sweeps[name].ledger:  # trials a resumed sweep already has
+            _post_trial_end(board, name, t["trial_id"], t.get("val_metric"))
 
     if todo:
         cpus, gpus = cluster_resources()
@@ -366,7 +376,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                                         max_concurrent_trials=slots),
             run_config=tune.RunConfig(name=f"run-{int(time.time())}", storage_path=tune_storage[0],
                                       storage_filesystem=tune_storage[1], verbose=0,
-                                      callbacks=[_ledger_callback(todo)],
+                                      callbacks=[_ledger_callback(todo, board)],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         pgs_before = set(ray.util.placement_group_table())

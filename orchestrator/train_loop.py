@@ -126,9 +126,21 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
              trial_artifact_uri=cfg.get("trial_artifact_uri"))
 
 
-def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
-             board=None, trial: str | None = None, trial_artifact_uri: str | None = None) -> dict[str, Any]:
+def run_plan(plan, *, rank: int = 0, board=None, trial: str | None = None, **kwargs) -> dict[str, Any]:
     """Train one plan in this process (a Ray Train worker, or a plain Ray task for one-worker runs).
+
+    Rank 0's output (prints, warnings, an error's traceback) goes to the task's log in the store; see
+    :func:`_train_plan` for the arguments.
+    """
+    from .tasklog import captured_output
+
+    with captured_output(board if rank == 0 else None, plan.task_name, trial):
+        return _train_plan(plan, rank=rank, board=board, trial=trial, **kwargs)
+
+
+def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
+                board=None, trial: str | None = None, trial_artifact_uri: str | None = None) -> dict[str, Any]:
+    """Train one plan in this process.
 
     After every epoch ``report(epoch, metrics, TrainState)`` is called (checkpointing is the caller's);
     rank 0 writes the trial artifact every epoch when ``trial_artifact_uri`` is set, and the plan's

@@ -200,8 +200,11 @@ def compute_importance(
     dataset_fingerprint: str = "",
     device: str = "cpu",
     backbone_name: str = "",
+    on_batch=None,
 ) -> ImportanceMap:
     """Per-weight task importance over the first ``config.num_batches`` batches of ``loader``.
+
+    ``on_batch(done, total)`` is called after each batch's gradients (progress display).
 
     Works on a copy of ``model``: the head is resized to ``num_classes`` and warmed up on frozen
     features, then per-batch gradients of the task loss w.r.t. the eligible weights give
@@ -240,7 +243,9 @@ def compute_importance(
     acc_dtype = {n: torch.float64 if p.dtype == torch.float64 else torch.float32 for n, p in params.items()}
     acc = {n: torch.zeros_like(p, dtype=acc_dtype[n]) for n, p in params.items()}
     weights = {n: p.detach().to(acc_dtype[n]) for n, p in params.items()}
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        if on_batch is not None:
+            on_batch(i, len(batches))
         if config.loss == "supcon":
             loss = supcon_loss(_features(m, x), y, config.supcon_temperature)
         else:
@@ -258,6 +263,8 @@ def compute_importance(
                 acc[n] += g * weights[n]
             else:
                 acc[n] += (g * weights[n]).square()
+    if on_batch is not None:
+        on_batch(len(batches), len(batches))
     if config.estimator in ("grad1", "taylor1"):
         acc = {n: t.abs() for n, t in acc.items()}
     metadata = {
