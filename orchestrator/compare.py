@@ -181,6 +181,28 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     total = done_before + len(pending)
     if done_before:
         say(f"compare {rid}: {done_before} run(s) already done and verified, {len(pending)} to run", progress)
+    from .progress import counting_bar
+
+    with counting_bar("compare", len(pending), enabled=progress) as advance:
+        _collect(pending, rows, total, results_uri, job, progress, advance)
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
+    _write_results(results_uri, ordered)
+    task_names = [task_name(e) for e in job.tasks]
+    report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
+                                     agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
+    if progress:
+        from .report import print_compare_table
+
+        print_compare_table(ordered, task_names, labels, job.selection.mix)
+        say(f"compare {rid}: report {report_uri}", progress)
+    return CompareResult(report_id=rid, store=store, rows=ordered, report_uri=report_uri, results_uri=results_uri,
+                         plots=plots)
+
+
+def _collect(pending: dict, rows: dict, total: int, results_uri: str, job, progress: bool, advance) -> None:
+    """Waits for every pending run, recording its row (and the results file) as each one ends."""
+    import ray
+
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         key, base = pending.pop(done[0])
@@ -198,15 +220,4 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
         else:
             say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: FAILED {r['error']}", progress)
         _write_results(results_uri, list(rows.values()))
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
-    _write_results(results_uri, ordered)
-    task_names = [task_name(e) for e in job.tasks]
-    report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
-                                     agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
-    if progress:
-        from .report import print_compare_table
-
-        print_compare_table(ordered, task_names, labels, job.selection.mix)
-        say(f"compare {rid}: report {report_uri}", progress)
-    return CompareResult(report_id=rid, store=store, rows=ordered, report_uri=report_uri, results_uri=results_uri,
-                         plots=plots)
+        advance()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
-__all__ = ["ProgressBoard", "ProgressPrinter", "ProgressView", "format_epoch_line"]
+__all__ = ["ProgressBoard", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
 
 
 @ray.remote(num_cpus=0)
@@ -208,6 +209,24 @@ class ProgressView:
                               status=row.status())
         if row.state in ("done", "failed", "skipped"):
             self._progress.stop_task(tid)
+
+
+@contextmanager
+def counting_bar(label: str, total: int, enabled: bool = True, console=None) -> Iterator[Callable[[], None]]:
+    """One live bar counting finished runs (with ETA) on a terminal; yields the function that advances it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console()
+    if not (enabled and console.is_terminal and total):
+        yield lambda: None
+        return
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("runs"),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                   redirect_stdout=True, redirect_stderr=True)
+    tid = bar.add_task("", total=total)
+    with bar:
+        yield lambda: bar.advance(tid)
 
 
 class ProgressPrinter:
