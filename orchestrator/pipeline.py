@@ -105,9 +105,8 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
 
 
 def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
-    from shpeft_core.backbone import backbone_fingerprint
+    from .tracking import make_tracker
 
-    from .progress import ProgressBoard, ProgressPrinter
     t_job = time.perf_counter()
     store = normalise_store(job.store)
     jid = compute_job_id(job)
@@ -116,6 +115,26 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     say(f"job {jid}: {len(job.tasks)} task(s), store {store}", progress)
     atomic_write_bytes(layout.job_file(store, jid),
                        json.dumps(job.model_dump(mode="json"), indent=1, sort_keys=True).encode())
+    tracker = make_tracker(job, jid, store, progress)  # no backends (and no cost) without a tracking section
+    tracker.start_job(job)
+    try:
+        result = _stages(job, model, store, jid, counters, tracker, force=force, progress=progress)
+    except Exception:
+        tracker.end_job(ok=False)
+        raise
+    tracker.end_job(ok=not result.failed, plots=result.plots)
+    if progress:
+        print_results_table(result.rows)
+        say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
+            f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}", progress)
+    return result
+
+
+def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, *, force: bool,
+            progress: bool) -> JobResult:
+    from shpeft_core.backbone import backbone_fingerprint
+
+    from .progress import ProgressBoard, ProgressPrinter
 
     rows: dict[str, dict[str, Any]] = {}
     targets, target_errors = [], {}
@@ -130,7 +149,7 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     backbone_fp = backbone_fingerprint(model)
     methods = {t.name: {job.method.for_task(t.name)} for t in targets}
     board = ProgressBoard.remote()
-    with ProgressPrinter(board, enabled=progress):
+    with ProgressPrinter(board, enabled=progress, listeners=[tracker.on_event] if tracker.enabled else []):
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
                                   extra_estimators(job, targets, methods))
 
@@ -152,6 +171,7 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                                 epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
             except Exception as exc:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+                tracker.task_finished(rows[spec.name])
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
             if not force and layout.row_verified(previous.get(spec.name), chash):
@@ -160,23 +180,27 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                 say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)
                 continue
             plans.append((plan, base, chash))
+            tracker.planned(plan, chash)
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
+            tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
 
         if job.sweep.enabled and plans:
             from .sweep import run_sweeps
 
-            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
+            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress,
+                               tracker=tracker)
             for plan, base, _ in plans:
-                got = swept[plan.task_name]
+                got = dict(swept[plan.task_name])
+                best = {k: got.pop(k) for k in ("lr", "best_trial") if k in got}  # tracked, not catalogue columns
                 rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]))
-                _after_task(rows[plan.task_name], counters, store, jid, progress)
+                _after_task(rows[plan.task_name], counters, store, jid, progress, tracker, best)
         else:
             def on_done(base: dict, get_result) -> None:
                 rows[base["task"]] = _finish_row(base, get_result)
-                _after_task(rows[base["task"]], counters, store, jid, progress)
+                _after_task(rows[base["task"]], counters, store, jid, progress, tracker)
 
             train_all(job, store, jid, plans, board, force, progress, on_done)
 
@@ -190,13 +214,8 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                             {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         say(f"plots skipped: {short_error(exc)}", progress)
-    result = JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
-                       catalogue_uri=catalogue_uri(store, jid), plots=plots)
-    if progress:
-        print_results_table(ordered)
-        say(f"job {jid}: {len(ordered) - len(failed)} ok, {len(failed)} failed in {time.perf_counter() - t_job:.1f}s; "
-             f"catalogue {result.catalogue_uri}", progress)
-    return result
+    return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
+                     catalogue_uri=catalogue_uri(store, jid), plots=plots)
 
 
 def _raise(message: str):
@@ -213,7 +232,8 @@ def _finish_row(base: dict, work) -> dict[str, Any]:
         return {**base, "status": "failed", "trained": False, "error": short_error(exc), "finished_at": now()}
 
 
-def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool) -> None:
+def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool, tracker,
+                params: dict | None = None) -> None:
     if row["status"] == "ok":
         layout.write_latest(store, {**row, "job_id": jid})
         counters["tasks_trained"] += 1
@@ -224,4 +244,5 @@ def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool)
         counters["tasks_failed"] += 1
         say(f"[{row['task']}] FAILED: {row.get('error')}", progress)
     write_rows(store, jid, [row])
+    tracker.task_finished(row, params)
 

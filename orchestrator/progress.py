@@ -6,9 +6,10 @@ drains it once a second and prints one line per event, so many concurrent tasks 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -43,11 +44,17 @@ def format_epoch_line(event: dict[str, Any]) -> str:
 
 
 class ProgressPrinter:
-    """Driver-side thread printing board events (or plain messages) with an optional console."""
+    """Driver-side thread printing board events (or plain messages) with an optional console.
 
-    def __init__(self, board, enabled: bool = True, interval_s: float = 1.0) -> None:
+    Each drained event is also handed to every listener (e.g. experiment tracking), printing on or off;
+    the flush at exit delivers what is left.
+    """
+
+    def __init__(self, board, enabled: bool = True, interval_s: float = 1.0,
+                 listeners: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
         self.board = board
         self.enabled = enabled
+        self.listeners = list(listeners or [])
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="shpeft-progress")
@@ -69,6 +76,12 @@ class ProgressPrinter:
         if self.enabled:
             for e in events:
                 print(format_epoch_line(e), flush=True)
+        for listener in self.listeners:
+            for e in events:
+                try:
+                    listener(e)
+                except Exception:  # a listener's failure must not stop progress or the job
+                    logging.getLogger("shpeft.pipeline").debug("progress listener failed", exc_info=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
