@@ -9,8 +9,9 @@ reachable from the driver.
 Runs: MLflow has one parent run per job, a nested run per task and, under a task's run, one per sweep
 trial (tags ``shpeft.job_id``, ``shpeft.task``, ``shpeft.trial``). TensorBoard gets one event folder per
 task (``<dir>/<job_id>/<task>``) and trial (``.../<task>/trial-<id>``). W&B gets one run per task and
-trial, grouped by job id. A rerun of a job continues its unfinished MLflow runs, and no run logs an
-epoch twice (a resumed task re-reports epochs its killed attempt already logged).
+trial, grouped by job id. Reruns of a job log under its one MLflow parent run, a rerun after a killed
+driver continues the runs of tasks that were training, and no run logs an epoch twice (a resumed task
+re-reports epochs its killed attempt already logged).
 
 A tracking failure (server down, disk full) prints one warning and turns that backend off for the rest
 of the job; it never fails the job. Nothing here is imported before a job runs, so the CLI starts
@@ -209,8 +210,8 @@ class _Mlflow:
         return self.experiment_id
 
     def _find(self, key: Key, tags: dict[str, str], parent: str | None) -> str | None:
-        """The run an earlier attempt of this job left open, to continue: the job's run unless it
-        finished; a task's run only if its driver was killed (a failed task's rerun starts afresh)."""
+        """An earlier run to continue: the job's run always (one parent run per job, reruns included);
+        a task's run only if its driver was killed while it trained (a failed task's rerun starts afresh)."""
         if key[0] == "trial":
             return None  # Tune gives a rerun's trials new ids
         conds = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
@@ -218,8 +219,9 @@ class _Mlflow:
             conds.append(f"tags.`mlflow.parentRunId` = '{parent}'")
         runs = self.client.search_runs([self._experiment()], " and ".join(conds), max_results=1,
                                        order_by=["attributes.start_time DESC"])
-        reusable = ("RUNNING", "FAILED", "KILLED") if key[0] == "job" else ("RUNNING",)
-        return runs[0].info.run_id if runs and runs[0].info.status in reusable else None
+        if not runs or (key[0] != "job" and runs[0].info.status != "RUNNING"):
+            return None
+        return runs[0].info.run_id
 
     def start_run(self, key: Key, parent: Key | None, tags: dict[str, str]) -> None:
         parent_id = self.ids.get(parent) if parent else None

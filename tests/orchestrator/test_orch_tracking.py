@@ -111,6 +111,16 @@ def test_validate_reports_wandb_not_installed_and_unwritable_folders(tmp_path, m
                                    "tensorboard": {"dir": str(tmp_path / "tb")}})
     problems = validate_job(job, data=False)
     assert "tracking.wandb: wandb is not installed" in problems
+    # and on the command line: listed by field, exit 2
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    res = CliRunner().invoke(main, ["validate", str(path), "--no-data"])
+    assert res.exit_code == 2 and "tracking.wandb: wandb is not installed" in res.output, res.output
     assert not any(p.startswith("tracking.mlflow") for p in problems)  # folders are checked with the data
     problems = validate_job(job, data=True)
     assert any(p.startswith("tracking.mlflow.uri: folder ") and "not writable" in p for p in problems), problems
@@ -179,6 +189,15 @@ def test_repeated_epochs_are_logged_once_also_after_a_driver_restart(tmp_path):
     assert tasks[0].data.metrics["final_test_macro_f1"] == 0.65
     assert tasks[0].data.params["lr"] == "0.003" and tasks[0].data.params["config_hash"] == "h1"
     assert "epoch" not in tasks[0].data.metrics and "trainable" not in tasks[0].data.metrics
+    # Run again after it finished (as with --force): the same parent run, a new run of the task.
+    third = _tracker(tmp_path, warnings)
+    third.start_job(_job(tmp_path))
+    third.planned(_Plan, "h1")
+    third.on_event(_epoch(0, 2.0))
+    third.end_job(ok=True)
+    assert [r.info.run_id for r in _runs(client, kind="job", job_id="job1")] == [jobs[0].info.run_id]
+    tasks = _runs(client, kind="task", job_id="job1")
+    assert len(tasks) == 2 and {len(client.get_metric_history(t.info.run_id, "train_loss")) for t in tasks} == {1, 3}
 
 
 class _Broken:
@@ -358,3 +377,19 @@ def test_a_job_whose_tracking_server_is_down_warns_once_and_ends_ok(tracked, cap
     assert again.exit_code == 0 and again.job_id == plain.job_id  # tracking settings keep the job id
     assert again.counters["tasks_skipped"] == 2
     assert capsys.readouterr().err.count("warning: tracking to mlflow failed") == 1
+
+
+def test_the_documented_tracking_snippets_validate(tmp_path):
+    """The YAML in docs/tracking.md and the commented block in examples/sweep.yaml are valid sections."""
+    import re
+
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    doc = open(os.path.join(root, "docs", "tracking.md")).read()
+    (snippet,) = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if b.startswith("tracking:")]
+    example = open(os.path.join(root, "examples", "sweep.yaml")).read().split("# tracking:", 1)[1]
+    example = "tracking:" + "\n".join(line.removeprefix("#") for line in example.splitlines())
+    for text in (snippet, example):
+        job = _job(tmp_path, **yaml.safe_load(text))
+        assert job.tracking.mlflow.uri.startswith("file:") and job.tracking.tensorboard is not None
