@@ -262,6 +262,14 @@ class _Mlflow:
     def end_run(self, key: Key, ok: bool) -> None:
         self.client.set_terminated(self.ids[key], "FINISHED" if ok else "FAILED")
 
+    def close_stale(self, job_id: str) -> None:
+        """Mark KILLED the job's runs a killed earlier driver left RUNNING and this one did not continue."""
+        mine = set(self.ids.values())
+        where = f"tags.`shpeft.job_id` = '{job_id}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self._experiment()], where, max_results=1000):
+            if run.info.run_id not in mine:
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
 
 class _Tensorboard:
     name = "tensorboard"
@@ -615,6 +623,7 @@ class Tracker:
         for key in [k for k in self._open if k[0] != "job"]:
             close = self._open[key]["close"]
             self._close(key, close[0] if close else False)
+        self._each(lambda b: getattr(b, "close_stale", lambda _: None)(self.job_id))
         self._close(("job",), ok)
 
 

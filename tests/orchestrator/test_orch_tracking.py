@@ -168,7 +168,8 @@ def test_repeated_epochs_are_logged_once_also_after_a_driver_restart(tmp_path):
     first = _tracker(tmp_path, warnings)
     first.start_job(_job(tmp_path))
     first.planned(_Plan, "h1")
-    for e in (_epoch(0, 1.0), _epoch(1, 0.9), _epoch(1, 0.9), {"kind": "message", "task": "a", "message": "x"}):
+    for e in (_epoch(0, 1.0), _epoch(1, 0.9), _epoch(1, 0.9), {"kind": "message", "task": "a", "message": "x"},
+              _epoch(0, 1.5, trial="t1")):
         first.on_event(e)
     # the driver dies here: runs stay RUNNING
     second = _tracker(tmp_path, warnings)
@@ -189,6 +190,8 @@ def test_repeated_epochs_are_logged_once_also_after_a_driver_restart(tmp_path):
     assert tasks[0].data.metrics["final_test_macro_f1"] == 0.65
     assert tasks[0].data.params["lr"] == "0.003" and tasks[0].data.params["config_hash"] == "h1"
     assert "epoch" not in tasks[0].data.metrics and "trainable" not in tasks[0].data.metrics
+    (trial,) = _runs(client, kind="trial", job_id="job1")  # the killed driver's trial, not continued
+    assert trial.info.status == "KILLED" and trial.data.tags["mlflow.parentRunId"] == tasks[0].info.run_id
     # Run again after it finished (as with --force): the same parent run, a new run of the task.
     third = _tracker(tmp_path, warnings)
     third.start_job(_job(tmp_path))
