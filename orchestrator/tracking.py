@@ -169,13 +169,13 @@ def _local_copy(uri: str) -> Iterator[str]:
 
 
 def _run_name(key: Key) -> str:
-    return {"job": lambda: "job", "task": lambda: key[1], "trial": lambda: f"{key[1]}-trial-{key[2]}"}[key[0]]()
+    return "job" if key[0] == "job" else key[1] if key[0] == "task" else f"{key[1]}-trial-{key[2]}"
 
 
 # --------------------------------------------------------------------------------------------- backends
 # Each backend: start_run(key, parent, tags) / logged_steps(key) / log_params / log_metrics(key, metrics,
-# step) / log_artifact(key, path, folder) / log_text(key, name, text) / end_run(key, ok). Any may raise;
-# the Tracker turns a failing backend off.
+# step) / log_artifact(key, path, folder) / log_text(key, name, text) / end_run(key, ok), and optionally
+# close_stale(job_id). Any may raise; the Tracker turns a failing backend off.
 
 
 class _Mlflow:
