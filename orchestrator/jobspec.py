@@ -39,6 +39,10 @@ __all__ = [
     "LoraSection",
     "MethodSection",
     "SweepSection",
+    "MlflowSection",
+    "TensorboardSection",
+    "WandbSection",
+    "TrackingSection",
     "JobSpec",
     "load_job",
     "resolve_task",
@@ -279,6 +283,67 @@ class SweepSection(_Section):
         return _check_range(v, 0.0, 1.0, lo_open=False)
 
 
+# URI schemes MLflow can track to; a typo ("fil:", "htp://") fails at load instead of mid-job.
+MLFLOW_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+class MlflowSection(_Section):
+    uri: str | None = Field(
+        default=None,
+        description="Tracking URI: file:/abs/mlruns (a local folder; works offline), sqlite:///mlflow.db, "
+        "http(s)://server, databricks. Relative paths resolve against the working directory, as the store does. "
+        "null = $MLFLOW_TRACKING_URI, else file:<store>/mlruns.",
+    )
+    experiment: str = Field(default="shpeft", min_length=1, description="MLflow experiment the job's runs go to.")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        if not v:
+            raise ValueError("uri must not be empty (null = the default)")
+        scheme = v.split(":", 1)[0].split("+", 1)[0].lower() if ":" in v else "file"
+        if scheme not in MLFLOW_SCHEMES or (scheme in ("http", "https") and "://" not in v):
+            raise ValueError(f"uri {v!r}: scheme {scheme!r} is not one MLflow tracks to; allowed: "
+                             f"{list(MLFLOW_SCHEMES)} (e.g. file:/abs/mlruns, http://host:5000)")
+        return v
+
+
+class TensorboardSection(_Section):
+    dir: str | None = Field(
+        default=None,
+        description="Local folder for event files, one folder per task and trial under <dir>/<job_id>/; "
+        "relative to the working directory; null = <store>/tensorboard.",
+    )
+
+
+class WandbSection(_Section):
+    project: str = Field(min_length=1, description="Weights & Biases project (needs the wandb package).")
+    entity: str | None = Field(default=None, description="W&B entity (team or user); null = your default.")
+    mode: Literal["online", "offline"] = Field(default="online", description="offline = write locally, sync later.")
+
+
+class TrackingSection(_Section):
+    mlflow: MlflowSection | None = Field(
+        default=None, description="Log to MLflow: one parent run per job, a nested run per task and sweep trial."
+    )
+    tensorboard: TensorboardSection | None = Field(
+        default=None, description="Write TensorBoard event files per task and sweep trial ({} = defaults)."
+    )
+    wandb: WandbSection | None = Field(default=None, description="Log to Weights & Biases, one run per task and trial.")
+    artifacts: Literal["all", "tasks", "none"] = Field(
+        default="all",
+        description="Artifacts uploaded to MLflow/W&B: all = every task's and trial's delta/lora/checkpoint and "
+        "the job's plots; tasks = not the trials'; none = params and metrics only.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return any(x is not None for x in (self.mlflow, self.tensorboard, self.wandb))
+
+
 class JobSpec(_Section):
     backbone: BackboneSection = Field(description="The shared pre-trained backbone.")
     store: str = Field(
@@ -290,6 +355,9 @@ class JobSpec(_Section):
     selection: SelectionSection = Field(default_factory=SelectionSection, description="Hybrid weight selection.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Per-task fine-tuning.")
     sweep: SweepSection = Field(default_factory=SweepSection, description="Optional density/alpha sweep.")
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection, description="Experiment tracking (MLflow, TensorBoard, W&B); off by default."
+    )
 
     @model_validator(mode="after")
     def _names(self) -> "JobSpec":
@@ -438,5 +506,8 @@ def load_job(path_or_uri: str | os.PathLike) -> JobSpec:
 
 
 def job_id(job: JobSpec) -> str:
-    """Short hex id derived from the job's content (canonical JSON of the validated job)."""
-    return content_hash(job.model_dump(mode="json"), length=12)
+    """Short hex id derived from the job's content (canonical JSON of the validated job).
+
+    Where a job is tracked is not part of what it computes: the tracking section is left out, so adding
+    it keeps the job's id (and its finished artifacts)."""
+    return content_hash(job.model_dump(mode="json", exclude={"tracking"}), length=12)

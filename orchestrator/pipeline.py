@@ -113,19 +113,38 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     jid = compute_job_id(job)
     logs = StoreLogs(store, jid)  # driver.log gets every line the console shows, from the first one
     with logs.attached(logging.getLogger("shpeft")):
-        return _run_stages(job, model, store, jid, logs, force=force, progress=progress)
+        return _run_logged(job, model, store, jid, logs, force=force, progress=progress)
 
 
-def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool, progress: bool) -> JobResult:
-    from shpeft_core.backbone import backbone_fingerprint
+def _run_logged(job: JobSpec, model, store: str, jid: str, logs, *, force: bool, progress: bool) -> JobResult:
+    from .tracking import make_tracker
 
-    from .progress import ProgressBoard, ProgressPrinter
     t_job = time.perf_counter()
     counters = {"importance_computed": 0, "importance_loaded": 0, "tasks_trained": 0, "tasks_skipped": 0,
                 "tasks_failed": 0}
     say(f"job {jid}: {len(job.tasks)} task(s), store {store}", progress)
     atomic_write_bytes(layout.job_file(store, jid),
                        json.dumps(job.model_dump(mode="json"), indent=1, sort_keys=True).encode())
+    tracker = make_tracker(job, jid, store, progress)  # no backends (and no cost) without a tracking section
+    tracker.start_job(job)
+    try:
+        result = _stages(job, model, store, jid, counters, tracker, logs, force=force, progress=progress)
+    except Exception:
+        tracker.end_job(ok=False)
+        raise
+    tracker.end_job(ok=not result.failed, plots=result.plots)
+    if progress:
+        print_results_table(result.rows)
+        say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
+            f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}", progress)
+    return result
+
+
+def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, logs, *, force: bool,
+            progress: bool) -> JobResult:
+    from shpeft_core.backbone import backbone_fingerprint
+
+    from .progress import ProgressBoard, ProgressPrinter
 
     rows: dict[str, dict[str, Any]] = {}
     targets, target_errors = [], {}
@@ -140,7 +159,8 @@ def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
     backbone_fp = backbone_fingerprint(model)
     methods = {t.name: {job.method.for_task(t.name)} for t in targets}
     board = ProgressBoard.remote()
-    with ProgressPrinter(board, enabled=progress, listeners=[logs]) as printer:
+    listeners = [logs, tracker.on_event] if tracker.enabled else [logs]
+    with ProgressPrinter(board, enabled=progress, listeners=listeners) as printer:
         log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
                                   extra_estimators(job, targets, methods), board=board)
@@ -163,6 +183,7 @@ def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
                                 epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
             except Exception as exc:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+                tracker.task_finished(rows[spec.name])
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
             announce = {"kind": "plan", "task": spec.name, "method": method, "metric": spec.metric,
@@ -177,24 +198,28 @@ def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
                 continue
             printer.post(announce)
             plans.append((plan, base, chash))
+            tracker.planned(plan, chash)
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
+            tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
 
         if job.sweep.enabled and plans:
             from .sweep import run_sweeps
 
-            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
+            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress,
+                               tracker=tracker)
             for plan, base, _ in plans:
-                got = swept[plan.task_name]
+                got = dict(swept[plan.task_name])
+                best = {k: got.pop(k) for k in ("lr", "best_trial") if k in got}  # tracked, not catalogue columns
                 rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]),
                                                    printer.post)
-                _after_task(rows[plan.task_name], counters, store, jid, progress, printer.post)
+                _after_task(rows[plan.task_name], counters, store, jid, progress, tracker, best, printer.post)
         else:
             def on_done(base: dict, get_result) -> None:
                 rows[base["task"]] = _finish_row(base, get_result, printer.post)
-                _after_task(rows[base["task"]], counters, store, jid, progress, printer.post)
+                _after_task(rows[base["task"]], counters, store, jid, progress, tracker, post=printer.post)
 
             train_all(job, store, jid, plans, board, force, progress, on_done)
 
@@ -208,13 +233,8 @@ def _run_stages(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
                             {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         say(f"plots skipped: {short_error(exc)}", progress)
-    result = JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
-                       catalogue_uri=catalogue_uri(store, jid), plots=plots)
-    if progress:
-        print_results_table(ordered)
-        say(f"job {jid}: {len(ordered) - len(failed)} ok, {len(failed)} failed in {time.perf_counter() - t_job:.1f}s; "
-             f"catalogue {result.catalogue_uri}", progress)
-    return result
+    return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
+                     catalogue_uri=catalogue_uri(store, jid), plots=plots)
 
 
 def _raise(message: str):
@@ -241,7 +261,8 @@ def _ray_logs_dir() -> str:
         return "(unknown)"
 
 
-def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool, post=None) -> None:
+def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool, tracker,
+                params: dict | None = None, post=None) -> None:
     if post is not None:
         metric = row.get("metric") or "macro_f1"
         post({"kind": "task_end", "task": row["task"], "state": "done" if row["status"] == "ok" else "failed",
@@ -257,4 +278,5 @@ def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool,
         say(f"[{row['task']}] FAILED: {row.get('error')} (full log: shpeft logs {store} {jid} --task {row['task']})",
             progress)
     write_rows(store, jid, [row])
+    tracker.task_finished(row, params)
 

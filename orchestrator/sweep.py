@@ -239,7 +239,7 @@ def _post_trial_end(board, task: str, trial_id: str, value) -> None:
         board.push.remote({"kind": "trial_end", "task": task, "trial": trial_id, "val_metric": value})
 
 
-def _ledger_callback(sweeps: dict[str, _Sweep], board=None):
+def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
     from ray.tune import Callback
 
     class Ledger(Callback):
@@ -254,7 +254,7 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None):
         def _record(self, trial, error: str | None) -> None:
             sw = sweeps[trial.config["task"]]
             m = trial.last_result or {}
-            sw.record({
+            entry = {
                 "started_at": self._started.get(trial.trial_id), "finished_at": time.time(),
                 "trial_id": trial.trial_id,
                 "density": float(trial.config.get("density", sw.plan.density)),
@@ -262,7 +262,10 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None):
                 "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
                 "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
                 "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id),
-            })
+            }
+            sw.record(entry)
+            if tracker is not None:
+                tracker.trial_finished(sw.name, entry)  # never raises
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._record(trial, None)
@@ -276,8 +279,11 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None):
 
 
 def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: bool,
-               progress: bool) -> dict[str, dict]:
-    """Sweep every (plan, config_hash) at once; returns {task: row fields} (or {task: {"error": ...}})."""
+               progress: bool, tracker=None) -> dict[str, dict]:
+    """Sweep every (plan, config_hash) at once; returns {task: row fields} (or {task: {"error": ...}}).
+
+    Beside the row fields, each task's result carries its best trial's "lr" and "best_trial" id (for
+    tracking; not catalogue columns). ``tracker`` hears of each trial as it ends."""
     import optuna
     import ray
     import ray.train
@@ -376,7 +382,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                                         max_concurrent_trials=slots),
             run_config=tune.RunConfig(name=f"run-{int(time.time())}", storage_path=tune_storage[0],
                                       storage_filesystem=tune_storage[1], verbose=0,
-                                      callbacks=[_ledger_callback(todo, board)],
+                                      callbacks=[_ledger_callback(todo, board, tracker)],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         pgs_before = set(ray.util.placement_group_table())
@@ -401,7 +407,8 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
                          .remote(final))
             out[name] = {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": s.plan.artifact_uri,
-                         "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}
+                         "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None,
+                         "lr": best.get("lr"), "best_trial": best.get("trial_id")}
         except Exception as exc:
             out[name] = {"error": short_error(exc)}
     return out

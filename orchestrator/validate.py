@@ -2,8 +2,9 @@
 
 The schema is checked when the job file is loaded; this adds what needs the outside world: the timm model
 and its keyword arguments, local weight files, catalogue names and their overrides, each dataset's files
-(listed and counted, not decoded), the store (writable, backend installed), eligible weights, and whether
-one task's workers fit the cluster. Each problem names its field.
+(listed and counted, not decoded), the store (writable, backend installed), eligible weights, whether
+one task's workers fit the cluster, and the tracking section (backends installed, local folders writable).
+Each problem names its field.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
             check_writable(normalise_store(job.store))
         except StorageError as exc:
             problems.append(f"store: {exc}")
+    if job.tracking.enabled:
+        from .tracking import check_tracking
+
+        problems.extend(check_tracking(job, data=data))
     if cpus is not None:
         try:
             trainer_slots(float(cpus), float(gpus or 0), job)
