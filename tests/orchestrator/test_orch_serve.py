@@ -294,6 +294,52 @@ def test_batch_predict_parquet_bytes(setup, ray_local, tmp_path):
         assert "unreadable image" in rows[("bad", task)]["error"]
 
 
+def test_batch_predict_parquet_paths(setup, ray_local, tmp_path):
+    """A path column: relative values resolve against the Parquet file's folder; a missing file is an error row."""
+    d, backbone, deltas, images = setup
+    (tmp_path / "img").mkdir()
+    for i, data in enumerate(images[:2]):
+        (tmp_path / "img" / f"s{i}.png").write_bytes(data)
+    pq.write_table(pa.table({"file": ["img/s0.png", "img/s1.png", "img/gone.png"]}), str(tmp_path / "index.parquet"))
+    out = tmp_path / "pred.parquet"
+    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--column", "file", "--output", str(out),
+                                    str(tmp_path / "index.parquet")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = _by_key(out)
+    assert set(rows) == {("img/s0.png", "busi"), ("img/s1.png", "busi"), ("img/gone.png", "busi")}
+    ref = predict_files([deltas["busi"]], [str(tmp_path / "img" / "s1.png")], top_k=3)
+    np.testing.assert_allclose(rows[("img/s1.png", "busi")]["probabilities"],
+                               [r.probability for r in sorted(ref, key=lambda r: r.label)], atol=1e-6)
+    assert "gone.png" in rows[("img/gone.png", "busi")]["error"]
+
+
+def test_resolve_input_on_fsspec_prefixes(setup):
+    """What an input is, listed through fsspec (memory:// here; s3://, gs:// the same way)."""
+    import fsspec
+
+    from orchestrator.batch_predict import needs_dataset, resolve_input
+    from orchestrator.predict import PredictError
+
+    d, backbone, deltas, images = setup
+    fs = fsspec.filesystem("memory")
+    for i, data in enumerate(images):
+        fs.pipe(f"/scans-{id(images)}/a/{i}.png", data)
+    fs.pipe(f"/scans-{id(images)}/notes.txt", b"not an image")
+    src = resolve_input([f"memory://scans-{id(images)}"])
+    assert src.kind == "images" and src.remote and len(src.files) == len(images)
+    assert src.source(src.files[0]).startswith("memory://") and src.files[0].endswith(".png")
+    assert needs_dataset([f"memory://scans-{id(images)}"]) and not needs_dataset([str(d / "busi.safetensors")])
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"img": images, "id": list(range(len(images)))}), buf)
+    fs.pipe(f"/tab-{id(images)}/part-0.parquet", buf.getvalue())
+    src = resolve_input([f"memory://tab-{id(images)}"], column="img")
+    assert (src.kind, src.column_kind, src.id_column) == ("parquet", "bytes", "id")
+    with pytest.raises(PredictError, match="'image'.*--column"):
+        resolve_input([f"memory://tab-{id(images)}"])
+    with pytest.raises(PredictError, match="does not exist"):
+        resolve_input(["memory://nowhere-at-all"])
+
+
 def test_batch_predict_refuses_before_work(setup, tmp_path):
     d, backbone, deltas, images = setup
     folder = tmp_path / "imgs"
