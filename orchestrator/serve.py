@@ -3,9 +3,9 @@
 A replica builds the backbone once. Each request names its task delta (the delta's URI as the
 Serve multiplexed model id, header ``serve_multiplexed_model_id``); the replica loads and verifies
 the delta on first use and keeps the most recent ``max_deltas`` of them (a few MB each; never a
-copy of the backbone). Requests are batched (``@serve.batch``); per batch, the requests are grouped
-by delta, and for each group the delta is applied in place (its values at its indices plus its
-head), the group goes through one forward, and the delta is removed bit-exactly.
+copy of the backbone). Requests are batched (``@serve.batch``, which splits a batch by delta); for
+each delta's group, under one lock, the delta is applied in place (its values at its indices plus
+its head), the group goes through one forward, and the delta is removed bit-exactly.
 
 Routes under the application's prefix: ``POST`` with image bytes (PNG/JPEG/... or DICOM) in the
 body returns the task, class index and name and every class's probability; ``GET .../-/backbone``
@@ -80,7 +80,7 @@ class DeltaServer:
     """One backbone, many deltas. ``backbone``: the job file's section (name, source, kwargs)."""
 
     def __init__(self, backbone: dict[str, Any], *, max_deltas: int = 16, delta_root: str | None = None,
-                 device: str = "cpu", max_batch_size: int = 16):
+                 device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005):
         from orchestrator.train_loop import build_backbone
         from tasks.transforms import transform_for
 
@@ -100,6 +100,8 @@ class DeltaServer:
         # Wired here (not as a decorator) so the cache size is a deployment argument.
         self.get_delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load)
         self._predict_batch.set_max_batch_size(max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
 
     def _load(self, uri: str) -> LoadedDelta:
         from shpeft_core.io import StorageError, exists, join_uri, sha256_file
@@ -146,11 +148,17 @@ class DeltaServer:
         return await asyncio.to_thread(self._run_groups, loaded, images)
 
     def _run_groups(self, loaded: list[LoadedDelta], images: list[torch.Tensor]) -> list[dict]:
+        # Serve already splits a batch by multiplexed model id and runs the parts concurrently: the
+        # lock makes them take turns on the shared weights; grouping here keeps a mixed list correct.
         groups: dict[int, list[int]] = {}
         for i, ld in enumerate(loaded):
             groups.setdefault(id(ld), []).append(i)
         out: list[dict] = [{}] * len(loaded)
         with self.lock:
+            st = self.stats
+            st["requests"] += len(loaded)
+            st["batches"] += 1
+            st["largest_batch"] = max(st["largest_batch"], len(loaded))
             for rows in groups.values():
                 ld = loaded[rows[0]]
                 x = torch.stack([images[i] for i in rows])
@@ -174,7 +182,8 @@ class DeltaServer:
         return {"backbone": self.base.metadata["backbone"], "fingerprint": fp,
                 "fingerprint_at_start": self.base.metadata["backbone_fingerprint"],
                 "state_sha256": state, "state_sha256_at_start": self.base_state,
-                "unchanged": fp == self.base.metadata["backbone_fingerprint"] and state == self.base_state}
+                "unchanged": fp == self.base.metadata["backbone_fingerprint"] and state == self.base_state,
+                **self.stats}
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
@@ -190,12 +199,16 @@ class DeltaServer:
 
 
 def build_app(backbone: dict[str, Any], *, replicas: int = 1, max_deltas: int = 16, delta_root: str | None = None,
-              device: str = "cpu", max_batch_size: int = 16, cpus_per_replica: float = 1.0):
+              device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005,
+              cpus_per_replica: float = 1.0):
     """The Serve application: ``replicas`` copies of the backbone, each multiplexing up to ``max_deltas`` deltas."""
     gpus = 1 if str(device).startswith("cuda") else 0
     return DeltaServer.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus},
-    ).bind(dict(backbone), max_deltas=max_deltas, delta_root=delta_root, device=device, max_batch_size=max_batch_size)
+        # Serve's default (5 in flight per replica) would cap every batch at 5 requests.
+        max_ongoing_requests=2 * max_batch_size,
+    ).bind(dict(backbone), max_deltas=max_deltas, delta_root=delta_root, device=device, max_batch_size=max_batch_size,
+                                                       batch_wait_s=batch_wait_s)
 
 
 def start(app, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/") -> str:

@@ -130,7 +130,9 @@ class TestServe:
         from orchestrator.serve import build_app, start
 
         d, backbone, deltas, images = setup
-        app = build_app(backbone, max_deltas=4, max_batch_size=8)
+        # A long batch wait so concurrent requests are batched (Serve splits a batch by delta and runs the
+        # parts concurrently: they must take turns on the one backbone).
+        app = build_app(backbone, max_deltas=4, max_batch_size=8, batch_wait_s=0.2)
         url = start(app, host="127.0.0.1", port=_free_port(), route_prefix="/shpeft")
         yield url
         serve.shutdown()
@@ -141,7 +143,7 @@ class TestServe:
         fresh = create_backbone(BackboneSpec("test_vit", backbone["source"], KWARGS), 2)
         assert before["fingerprint"] == backbone_fingerprint(fresh)
         assert before["unchanged"]
-        # Interleaved and concurrent, so batches hold requests for both deltas.
+        # Interleaved and concurrent: batches for both deltas are in flight at once.
         jobs = [(task, i) for i in range(len(images)) for task in ("busi", "chaoyang")] * 2
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda j: _post(server, images[j[1]], deltas[j[0]]), jobs))
@@ -158,6 +160,8 @@ class TestServe:
         after = _get(server + "/-/backbone")
         assert after["unchanged"]
         assert after["fingerprint"] == before["fingerprint"] and after["state_sha256"] == before["state_sha256"]
+        assert after["requests"] - before["requests"] == len(jobs)
+        assert after["largest_batch"] > 1, after
 
     def test_python_client_with_multiplexed_id(self, setup, server):
         from ray import serve
