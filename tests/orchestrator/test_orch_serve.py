@@ -358,6 +358,11 @@ def test_batch_predict_refuses_before_work(setup, tmp_path):
     assert res.exit_code == 2 and "corrupt.safetensors" in res.output and not out.exists()
     res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], str(folder)])
     assert res.exit_code == 2 and "--output" in res.output
+    lora = tmp_path / "run.lora"  # a LoRA artifact from `shpeft compare`: said what it is, not "unreadable"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    res = CliRunner().invoke(main, ["predict", "--delta", str(lora), "--output", str(out), str(folder)])
+    assert res.exit_code == 2 and "run.lora is a lora artifact" in res.output
     res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--output", str(out), str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "nothing" in res.output
     pq.write_table(pa.table({"x": [1]}), str(tmp_path / "t.parquet"))
