@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/sparse_step.py --smoke-test
 	$(PY) bench/data_throughput.py --smoke-test
 	$(PY) bench/orchestration.py --smoke-test
+	$(PY) bench/serve.py --smoke-test
 
 clean:
 	rm -rf $(VENV) *.egg-info

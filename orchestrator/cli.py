@@ -450,7 +450,7 @@ def show(store: str, job: str, task: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------- predict / export
 
 
-@main.command(short_help="Predict images with several task deltas on one backbone.")
+@main.command(short_help="Predict images with several task deltas on one backbone (files, folders, Parquet).")
 @click.option("--backbone", default=None, help="timm backbone name; default and check: the first delta's.")
 @click.option("--backbone-source", default=None,
               help="Base weights ('hub', a file or URI); default: where the first delta says it was trained from.")
@@ -459,18 +459,52 @@ def show(store: str, job: str, task: str | None, as_json: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON lines.")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_json, images) -> None:
-    """Predict IMAGES with several task deltas on one backbone instance.
+@click.option("--output", default=None, metavar="OUT.parquet",
+              help="Write every probability to a Parquet dataset (Ray Data); implied for folders, URIs and Parquet.")
+@click.option("--column", default="image", show_default=True,
+              help="Parquet input: the column with image bytes (binary), image paths (string) or an image struct.")
+@click.option("--id-column", default=None, help="Parquet input: the column that identifies a row in the output.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray Data: predictor actors (each holds one backbone and every delta).")
+@click.option("--address", default=None, help="Ray Data: cluster to join; default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="Ray Data: CPUs for the local embedded Ray.")
+@click.argument("images", nargs=-1, required=True, metavar="INPUTS...")
+def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_json, output, column, id_column,
+            concurrency, address, num_cpus, images) -> None:
+    """Predict INPUTS with several task deltas on one backbone instance.
 
-    Each delta is applied in turn (one forward per batch per task) and removed again.
+    Each delta is applied in turn (one forward per batch per task) and removed again. A few local
+    image files are predicted here and printed. Folders, fsspec URIs/prefixes (s3://, gs://,
+    file://, ...) and Parquet datasets, or any input with --output, run on Ray Data and write a
+    Parquet dataset with one row per image and task (every class's probability, the delta's sha256,
+    and an error message for an image that cannot be decoded).
 
-    Example: shpeft predict --delta store/deltas/busi.safetensors --delta store/deltas/covid_ct.safetensors scan1.png scan2.png
+    Examples:
+
+      shpeft predict --delta store/deltas/busi.safetensors --delta store/deltas/covid_ct.safetensors scan1.png scan2.png
+
+      shpeft predict --delta store/deltas/busi.safetensors s3://bucket/scans/ --output preds.parquet --concurrency 4
     """
+    from orchestrator.batch_predict import needs_dataset
     from orchestrator.predict import PredictError, predict_files
     from shpeft_core.delta import DeltaError
     from shpeft_core.io import StorageError
 
+    if output is not None or needs_dataset(images):
+        if output is None:
+            _fail("folders, URIs and Parquet inputs are predicted on Ray Data: give --output OUT.parquet", EXIT_INVALID)
+        from orchestrator.batch_predict import predict_dataset
+
+        try:
+            res = predict_dataset(list(deltas), list(images), output, backbone=backbone,
+                                  backbone_source=backbone_source, column=column, id_column=id_column,
+                                  batch_size=batch_size, concurrency=concurrency, device=device,
+                                  address=address, num_cpus=num_cpus)
+        except (PredictError, DeltaError, StorageError, FileNotFoundError) as exc:
+            _fail(str(exc), EXIT_INVALID)
+        click.echo(f"wrote {res['output']}: {res['rows']} rows ({res['images']} images x {len(deltas)} task(s)), "
+                   f"{res['errors']} image(s) could not be decoded (see its error column)")
+        return
     try:
         preds = predict_files(list(deltas), list(images), backbone=backbone, backbone_source=backbone_source,
                               batch_size=batch_size, device=device, top_k=top_k)
@@ -519,6 +553,104 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
         f"wrote {res['uri']} ({res['bytes']} bytes, {res['tensors']} tensors, sha256 {res['sha256']}); "
         f"load with timm.create_model({res['backbone']!r}, num_classes={res['num_classes']})"
     )
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command(short_help="Serve many task deltas from one backbone over HTTP (Ray Serve).")
+@click.argument("job_file", metavar="[JOB.yaml]", required=False, type=click.Path(dir_okay=False))
+@click.option("--backbone", default=None, help="timm backbone name (instead of a job file's backbone section).")
+@click.option("--backbone-source", default=None, help="With --backbone: 'hub', a weights file or URI; default: random init.")
+@click.option("--backbone-kwargs", default=None, metavar="JSON", help='With --backbone: timm.create_model kwargs, e.g. \'{"img_size": 224}\'.')
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0 to listen on every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--route-prefix", default="/", show_default=True, help="URL path the app answers under.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Replicas, each with one backbone.")
+@click.option("--max-deltas-per-replica", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Deltas each replica keeps loaded (least recently used are dropped).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests batched into one pass (grouped by delta).")
+@click.option("--delta-root", default=None, metavar="URI",
+              help="Serve only deltas under this folder or URI; relative delta ids are resolved against it.")
+@click.option("--device", default="cpu", show_default=True, help="torch device of each replica, e.g. cuda.")
+@click.option("--address", default=None, help="Ray cluster to join; default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray.")
+def serve(job_file, backbone, backbone_source, backbone_kwargs, host, port, route_prefix, replicas,
+          max_deltas_per_replica, max_batch_size, delta_root, device, address, num_cpus) -> None:
+    """Serve task deltas over HTTP: one backbone per replica, any delta chosen per request.
+
+    POST image bytes (PNG/JPEG/... or DICOM) with the header `serve_multiplexed_model_id: DELTA_URI`;
+    the answer is JSON with the task, class index and name, and every class's probability. The
+    backbone comes from JOB.yaml's backbone section or from --backbone; every delta must have been
+    trained on those weights. Runs until Ctrl-C.
+
+    Example: shpeft serve examples/demo.yaml --delta-root demo-store/deltas --port 8000
+    """
+    from orchestrator.train_loop import build_backbone
+
+    if bool(job_file) == bool(backbone):
+        _fail("give either a job file (its backbone section) or --backbone NAME", EXIT_INVALID)
+    if job_file:
+        if backbone_source or backbone_kwargs:
+            _fail("--backbone-source and --backbone-kwargs go with --backbone, not a job file", EXIT_INVALID)
+        spec = _load_job_or_exit(job_file).backbone.model_dump(mode="json")
+    else:
+        try:
+            kwargs = json.loads(backbone_kwargs) if backbone_kwargs else {}
+        except json.JSONDecodeError as exc:
+            _fail(f"--backbone-kwargs is not JSON: {exc}", EXIT_INVALID)
+        if not isinstance(kwargs, dict):
+            _fail("--backbone-kwargs must be a JSON object", EXIT_INVALID)
+        spec = {"name": backbone, "source": backbone_source, "kwargs": kwargs}
+    if not route_prefix.startswith("/"):
+        _fail(f"--route-prefix {route_prefix!r} must start with '/'", EXIT_INVALID)
+    if delta_root and "://" not in delta_root:
+        delta_root = os.path.abspath(delta_root)
+    try:  # here, so a wrong name or missing weights is one line, not a replica that never starts
+        build_backbone(spec, 1)
+    except (OSError, ValueError, RuntimeError) as exc:
+        _fail(f"backbone {spec['name']!r} from {spec.get('source')!r} cannot be built: {exc}", EXIT_INVALID)
+
+    import signal
+    import time
+
+    from ray import serve as ray_serve
+
+    from orchestrator.console import quiet_frameworks
+    from orchestrator.resources import connect_ray
+    from orchestrator.serve import APP_NAME, MODEL_ID_HEADER, build_app, start
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    quiet_frameworks()
+    started = connect_ray(address, num_cpus)
+    signal.signal(signal.SIGTERM, _stop)  # after Ray's own handler: a service manager's stop acts like Ctrl-C
+    try:
+        app = build_app(spec, replicas=replicas, max_deltas=max_deltas_per_replica, delta_root=delta_root,
+                        device=device, max_batch_size=max_batch_size)
+        try:
+            url = start(app, host=host, port=port, route_prefix=route_prefix)
+        except RuntimeError as exc:  # a replica that failed to start, a port in use
+            _fail(f"the serve application did not start: {exc}")
+        example = "busi/<job_id>-<hash>.safetensors" if delta_root else "/path/to/store/deltas/busi/<job_id>-<hash>.safetensors"
+        click.echo(f"serving backbone {spec['name']} at {url} ({replicas} replica(s), up to "
+                   f"{max_deltas_per_replica} deltas each); Ctrl-C stops")
+        click.echo(f"  curl -X POST --data-binary @scan.png -H '{MODEL_ID_HEADER}: {example}' {url}")
+        click.echo(f"  curl {url.rstrip('/')}/-/backbone")
+        sys.stdout.flush()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        import ray
+
+        if started:  # the embedded Ray goes, and Serve with it
+            ray.shutdown()
+        else:  # on a shared cluster only this application goes
+            ray_serve.delete(APP_NAME)
 
 
 # ---------------------------------------------------------------- demo

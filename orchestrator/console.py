@@ -24,7 +24,7 @@ def quiet_frameworks() -> None:
         return
     # Ray Tune's newer console output ignores verbose=0; the classic reporter honours it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import optuna

@@ -24,8 +24,14 @@ __all__ = [
     "class_names",
     "check_same_backbone",
     "decode_image",
+    "decode_image_bytes",
     "load_images",
+    "load_task_delta",
+    "backbone_identity",
     "task_logits",
+    "load_deltas",
+    "check_base_weights",
+    "model_for_delta",
     "predict_files",
 ]
 
@@ -83,22 +89,84 @@ def check_same_backbone(deltas: Sequence[TaskDelta], uris: Sequence[str], backbo
                 )
 
 
+def decode_image_bytes(data: bytes, where: str):
+    """A PIL RGB image from PNG/JPEG/... bytes or a DICOM file's bytes (windowed to 8 bits)."""
+    from tasks.dicom import decode_dicom, is_dicom_bytes
+    from tasks.images import DICOM_EXTENSIONS, decode_image as decode_bytes
+
+    try:
+        if where.lower().endswith(DICOM_EXTENSIONS) or is_dicom_bytes(data[:132]):
+            return decode_dicom(data, where=where)
+        return decode_bytes(data, where=where)
+    except ValueError as exc:  # tasks' DatasetError names the file
+        raise PredictError(str(exc)) from None
+
+
 def decode_image(path: str):
     """A PIL RGB image from a PNG/JPEG/... file or a DICOM file (windowed to 8 bits); path or URI."""
     from shpeft_core.io import read_bytes
-    from tasks.dicom import is_dicom_bytes, decode_dicom
-    from tasks.images import DICOM_EXTENSIONS, decode_image as decode_bytes
 
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError) as exc:
         raise PredictError(f"image {path} cannot be read: {exc}") from None
+    return decode_image_bytes(data, path)
+
+
+def _safetensors_metadata(uri: str) -> dict:
+    """The header metadata of a safetensors file ({} when it is not one)."""
+    import fsspec
+
     try:
-        if path.lower().endswith(DICOM_EXTENSIONS) or is_dicom_bytes(data[:132]):
-            return decode_dicom(data, where=path)
-        return decode_bytes(data, where=path)
-    except ValueError as exc:  # tasks' DatasetError names the file
-        raise PredictError(str(exc)) from None
+        with fsspec.open(uri, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < (100 << 20):
+                return {}
+            return json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _artifact_kind(uri: str) -> str | None:
+    """'lora' or 'checkpoint' for the other methods' artifacts (see shpeft_core.methods), else None."""
+    from shpeft_core.io import exists, join_uri
+
+    if uri.rstrip("/").endswith(".lora") or exists(join_uri(uri, "adapter_config.json")):
+        return "lora"
+    if "shpeft_checkpoint" in _safetensors_metadata(uri):
+        return "checkpoint"
+    return None
+
+
+def load_task_delta(uri: str) -> TaskDelta:
+    """A verified task delta (tensor digests checked), or PredictError naming ``uri``.
+
+    LoRA folders and full/bitfit checkpoints from ``shpeft compare`` are refused with what they are:
+    they change every layer, so they cannot share a backbone instance the way sparse deltas do.
+    """
+    try:
+        return load_delta(uri)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, DeltaError) as exc:
+        kind = _artifact_kind(uri)
+        if kind is not None:
+            raise PredictError(
+                f"{uri} is a {kind} artifact; only sparse task deltas (.safetensors from shpeft, specific, "
+                f"agnostic, random, gps or linear) share one backbone. Load it with "
+                f"shpeft_core.methods.load_artifact, or `shpeft export` a delta instead"
+            ) from None
+        if isinstance(exc, DeltaError):
+            raise PredictError(str(exc)) from None
+        raise PredictError(f"delta {uri} cannot be read: {exc}") from None
+
+
+def backbone_identity(model: nn.Module) -> TaskDelta:
+    """An empty delta carrying ``model``'s backbone identity, for check_same_backbone against a served model."""
+    from shpeft_core.backbone import backbone_fingerprint, backbone_name, unwrap
+
+    spec = getattr(unwrap(model), "shpeft_spec", None) or {}
+    meta = {"backbone": backbone_name(model), "backbone_fingerprint": backbone_fingerprint(model),
+            "backbone_kwargs": json.dumps(spec.get("kwargs", {}), sort_keys=True)}
+    return TaskDelta(indices={}, values={}, head={}, metadata=meta)
 
 
 def load_images(paths: Sequence[str], transform) -> torch.Tensor:
@@ -116,8 +184,13 @@ def task_logits(
     *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    verified: bool = False,
 ) -> list[torch.Tensor]:
-    """Logits [N, num_classes] per delta, each computed with that delta applied to ``model``."""
+    """Logits [N, num_classes] per delta, each computed with that delta applied to ``model``.
+
+    ``verified``: the caller has already checked the model's fingerprint against the deltas (a
+    long-lived predictor does it once), so no delta hashes the backbone again.
+    """
     fingerprints = {d.metadata.get("backbone_fingerprint") for d in deltas}
     if len(fingerprints) > 1:
         raise PredictError("deltas predicted together must share one backbone (backbone_fingerprint differs)")
@@ -126,7 +199,7 @@ def task_logits(
     for i, delta in enumerate(deltas):
         # The base weights are fingerprinted once; remove() restores them bit-exactly, and the
         # deltas share one fingerprint (check_same_backbone), so later tasks skip the hash.
-        handle = apply_delta(model, delta, check_fingerprint=(i == 0))
+        handle = apply_delta(model, delta, check_fingerprint=(i == 0 and not verified))
         try:
             chunks = [
                 model(images[j : j + batch_size].to(device)).float().cpu()
@@ -136,6 +209,43 @@ def task_logits(
             handle.remove()
         out.append(torch.cat(chunks))
     return out
+
+
+def load_deltas(delta_uris: Sequence[str], backbone: str | None = None) -> tuple[list[TaskDelta], list[str]]:
+    """Verified deltas of distinct tasks on one backbone, and their task names."""
+    if not delta_uris:
+        raise PredictError("give at least one --delta")
+    deltas = [load_task_delta(uri) for uri in delta_uris]
+    check_same_backbone(deltas, delta_uris, backbone)
+    names = [task_name(d, u) for d, u in zip(deltas, delta_uris)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PredictError(f"several deltas are for the same task {dupes}; give each task once")
+    return deltas, names
+
+
+def check_base_weights(model: nn.Module, delta: TaskDelta, uri: str) -> str:
+    """``model``'s backbone fingerprint, checked against the delta's base; PredictError naming ``uri``."""
+    from shpeft_core.backbone import backbone_fingerprint
+
+    fp = backbone_fingerprint(model)
+    if fp != delta.metadata["backbone_fingerprint"]:
+        raise PredictError(
+            f"backbone weights differ from the base of delta {uri} (fingerprint {fp[:12]} vs "
+            f"{delta.metadata['backbone_fingerprint'][:12]}); use the weights it was trained from (--backbone-source)"
+        )
+    return fp
+
+
+def model_for_delta(delta: TaskDelta, backbone_source: str | None = None, device: str = "cpu") -> nn.Module:
+    """The delta's backbone (weights from ``backbone_source`` or its metadata), or PredictError naming them."""
+    try:
+        return create_model_for_delta(delta, backbone_source=backbone_source).to(device)
+    except OSError as exc:  # missing file, hub unreachable or offline
+        source = backbone_source if backbone_source is not None else delta.metadata.get("backbone_source")
+        raise PredictError(
+            f"weights of backbone {delta.metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
+        ) from None
 
 
 def predict_files(
@@ -151,28 +261,8 @@ def predict_files(
     """Top-``top_k`` predictions per task and image; the backbone is built once from the first delta."""
     from tasks.transforms import transform_for
 
-    if not delta_uris:
-        raise PredictError("give at least one --delta")
-    deltas = []
-    for uri in delta_uris:
-        try:
-            deltas.append(load_delta(uri))
-        except FileNotFoundError as exc:
-            raise PredictError(f"delta {uri} cannot be read: {exc}") from None
-        except DeltaError as exc:
-            raise PredictError(str(exc)) from None
-    check_same_backbone(deltas, delta_uris, backbone)
-    names = [task_name(d, u) for d, u in zip(deltas, delta_uris)]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise PredictError(f"several deltas are for the same task {dupes}; give each task once")
-    try:
-        model = create_model_for_delta(deltas[0], backbone_source=backbone_source).to(device)
-    except OSError as exc:  # missing file, hub unreachable or offline
-        source = backbone_source if backbone_source is not None else deltas[0].metadata.get("backbone_source")
-        raise PredictError(
-            f"weights of backbone {deltas[0].metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
-        ) from None
+    deltas, names = load_deltas(delta_uris, backbone)
+    model = model_for_delta(deltas[0], backbone_source, device)
     images = load_images(image_paths, transform_for(model, train=False))  # as in evaluation
     logits = task_logits(model, deltas, images, batch_size=batch_size, device=device)
     preds: list[TaskPrediction] = []
