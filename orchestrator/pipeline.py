@@ -41,6 +41,7 @@ class JobResult:
     counters: dict[str, int] = field(default_factory=dict)
     catalogue_uri: str = ""
     plots: list[str] = field(default_factory=list)
+    report: str | None = None  # <store>/plots/<job_id>/report.md
 
     @property
     def exit_code(self) -> int:
@@ -190,12 +191,19 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                             {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         say(f"plots skipped: {short_error(exc)}", progress)
+    report = None
+    try:
+        from .job_report import write_job_report
+
+        report, _ = write_job_report(store, jid)
+    except Exception as exc:  # like the plots: a report problem is said in one line and never fails the job
+        say(f"report skipped: {short_error(exc)} (retry with: shpeft report {store} {jid})", True)
     result = JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
-                       catalogue_uri=catalogue_uri(store, jid), plots=plots)
+                       catalogue_uri=catalogue_uri(store, jid), plots=plots, report=report)
     if progress:
         print_results_table(ordered)
         say(f"job {jid}: {len(ordered) - len(failed)} ok, {len(failed)} failed in {time.perf_counter() - t_job:.1f}s; "
-             f"catalogue {result.catalogue_uri}", progress)
+             f"catalogue {result.catalogue_uri}" + (f"; report {report}" if report else ""), progress)
     return result
 
 
