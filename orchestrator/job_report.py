@@ -185,7 +185,7 @@ def _trial_table(metric: str, summary: dict) -> list[str]:
     for i, t in enumerate(trials, 1):
         value = "failed" if t.get("error") else fmt(t.get("val_metric"))
         is_best = best and t.get("trial_id") == best.get("trial_id")
-        lines.append(f"| {i} | {t['density']:.4g} | {t['alpha']:.3f} | {t.get('lr', float('nan')):.2g} | "
+        lines.append(f"| {i} | {t['density']:.3g} | {t['alpha']:.3f} | {t.get('lr', float('nan')):.2g} | "
                      f"{t.get('epochs') if t.get('epochs') is not None else 'n/a'} | {value} | "
                      f"{'**best**' if is_best else ''} |")
     return lines

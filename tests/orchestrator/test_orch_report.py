@@ -108,8 +108,13 @@ def _pngs_open(folder):
 
 @pytest.fixture(scope="module")
 def job_run(ray_local, task_specs, tmp_path_factory):
+    """Two tasks; the first one's worker is killed once after epoch 1 and resumes from its checkpoint."""
     job = _job(tmp_path_factory.mktemp("store"), task_specs)
-    return job, run_job(job, progress=False)
+    os.environ["SHPEFT_FAULT_INJECT"] = f"{task_specs[0].name}:1"
+    try:
+        return job, run_job(job, progress=False)
+    finally:
+        del os.environ["SHPEFT_FAULT_INJECT"]
 
 
 @pytest.mark.ray
@@ -117,6 +122,8 @@ def test_each_task_writes_an_evaluation_file_linked_to_its_artifact(job_run, tas
     job, result = job_run
     assert result.exit_code == 0, result.rows
     specs = {s.name: s for s in task_specs}
+    # The resumed task's history still covers every epoch (the first from its checkpoint).
+    assert [r["resumed_from_epoch"] for r in result.rows] == [0, None]
     for row in result.rows:
         doc = read_eval(eval_file(row["delta_uri"]))
         assert doc is not None, row["task"]
