@@ -80,7 +80,11 @@ from orchestrator.jobspec import parse_job  # noqa: E402
 from orchestrator.pipeline import run_job  # noqa: E402
 from orchestrator.store import eval_file, job_report_file  # noqa: E402
 
-from test_orch_pipeline import BACKBONE, backbone_file, ray_local, task_specs  # noqa: E402,F401
+import test_orch_pipeline as pipeline_tests  # noqa: E402
+
+# The pipeline tests' backbone file (autouse), local 2-CPU Ray and synthetic tasks, shared as they are.
+BACKBONE = pipeline_tests.BACKBONE
+backbone_file, ray_local, task_specs = pipeline_tests.backbone_file, pipeline_tests.ray_local, pipeline_tests.task_specs
 
 EPOCHS = 2
 
