@@ -81,7 +81,8 @@ def main() -> None:
     """Sparse hybrid PEFT: one backbone, many medical tasks, one small delta per task.
 
     Typical flow: `shpeft run job.yaml` (or `shpeft submit` to a Ray cluster), then
-    `shpeft list STORE` / `shpeft show STORE JOB`, then `shpeft predict` or `shpeft export`.
+    `shpeft list STORE` / `shpeft show STORE JOB` / `shpeft report STORE JOB`, then `shpeft predict`
+    or `shpeft export`.
     """
 
 
@@ -445,6 +446,29 @@ def show(store: str, job: str, task: str | None, as_json: bool) -> None:
             if value is not None and key not in ("job_id", "task"):
                 table.add_row(key, _fmt(value))
         console.print(table)
+
+
+@main.command(short_help="Write a job's report: learning curves, confusion matrices, per-class metrics, sweeps.")
+@click.argument("store")
+@click.argument("job")
+def report(store: str, job: str) -> None:
+    """Write the report of one job (JOB = a job id from `shpeft list`, or its job file) for clinicians
+    and reviewers: per task the learning curves, the test confusion matrix, per-class sensitivity,
+    specificity and one-vs-rest AUC with their macro values, and the sweep's trials; where the selected
+    weights sit. Writes STORE/plots/JOB_ID/report.md with its PNGs, and report.json with the same
+    numbers; prints the report's path. `shpeft run` writes it at the end of every job.
+
+    Example: shpeft report ./demo-store 3f2a9c0d1e4b
+    """
+    from orchestrator.job_report import JobReportError, write_job_report
+
+    jid = _resolve_job_id(store, job)
+    with _invalid_input_exits():
+        try:
+            uri, _ = write_job_report(store, jid)
+        except JobReportError as exc:
+            _fail(str(exc), EXIT_INVALID)
+    click.echo(uri)
 
 
 # ---------------------------------------------------------------- predict / export

@@ -1,23 +1,38 @@
-"""Evaluation of a saved artifact: a freshly built backbone with the artifact applied, on val and test."""
+"""Evaluation of a saved artifact: a freshly built backbone with the artifact applied, on val and test.
+
+Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
+training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
+specificity and one-vs-rest AUC, the class names, and the sha256 of the artifact the numbers belong to.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
-__all__ = ['evaluate_artifact']
+__all__ = ["EVAL_FORMAT", "evaluate_artifact", "read_eval"]
+
+EVAL_FORMAT = "shpeft-eval/1"
+SPLITS = ("val", "test")
 
 
 def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of the saved artifact: a fresh backbone + the artifact, on val and test."""
+    """Metrics of the saved artifact (a fresh backbone + the artifact, on val and test) as row fields;
+    writes its evaluation file beside it."""
     import torch
 
-    from shpeft_core.methods import artifact_kind, artifact_sha256, artifact_size, load_artifact
+    from shpeft_core.io import atomic_write_bytes
+    from shpeft_core.methods import (artifact_kind, artifact_metadata, artifact_sha256, artifact_size,
+                                     load_artifact)
+    from shpeft_core.metrics import json_safe
     from shpeft_core.train import evaluate
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
     from tasks.spec import TaskSpec
 
+    from .console import now
+    from .store import eval_file
     from .train_loop import build_backbone
 
     torch.set_num_threads(1)
@@ -28,10 +43,13 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     model.to(device).eval()
     tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
-    for split in ("val", "test"):
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
-        for k, v in evaluate(model, loader, num_classes=spec.num_classes, device=device).items():
-            out[f"{split}_{k}"] = float(v)
+        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True)
+        splits[split] = got
+        for k in ("loss", "accuracy", "macro_f1", "auc"):
+            out[f"{split}_{k}"] = float(got[k])
     kind = artifact_kind(plan.method)
     if kind == "delta":
         from shpeft_core.delta import load_delta
@@ -39,6 +57,36 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         delta = load_delta(plan.artifact_uri)
         sparse = int(sum(v.numel() for v in delta.values.values()))
         out.update(sparse_values=sparse, trainable=sparse + int(sum(v.numel() for v in delta.head.values())))
-    out.update(sha256=artifact_sha256(plan.artifact_uri, kind), bytes=artifact_size(plan.artifact_uri, kind),
-               eval_s=time.perf_counter() - t0)
+    sha = artifact_sha256(plan.artifact_uri, kind)
+    meta = artifact_metadata(plan.artifact_uri, kind)
+    doc = {
+        "format": EVAL_FORMAT,
+        "task": spec.name,
+        "method": plan.method,
+        "metric": plan.metric,
+        "class_names": spec.names(),
+        "artifact_uri": plan.artifact_uri,
+        "artifact_kind": kind,
+        "artifact_sha256": sha,
+        "density": plan.density,
+        "alpha": plan.alpha,
+        # Written by the training loop into the artifact; absent from artifacts of older versions.
+        "history": json.loads(meta["history"]) if meta.get("history") else None,
+        "splits": splits,
+        "written_at": now(),
+    }
+    atomic_write_bytes(eval_file(plan.artifact_uri), json.dumps(json_safe(doc), indent=1, allow_nan=False).encode())
+    out.update(sha256=sha, bytes=artifact_size(plan.artifact_uri, kind), eval_s=time.perf_counter() - t0)
     return out
+
+
+def read_eval(uri: str) -> dict[str, Any] | None:
+    """The evaluation file at ``uri``, or None when there is none (an artifact of an older version)."""
+    from shpeft_core.io import exists, read_bytes
+
+    if not exists(uri):
+        return None
+    doc = json.loads(read_bytes(uri))
+    if doc.get("format") != EVAL_FORMAT:
+        raise ValueError(f"{uri}: format {doc.get('format')!r}, expected {EVAL_FORMAT!r}")
+    return doc

@@ -41,6 +41,7 @@ class JobResult:
     counters: dict[str, int] = field(default_factory=dict)
     catalogue_uri: str = ""
     plots: list[str] = field(default_factory=list)
+    report: str | None = None  # <store>/plots/<job_id>/report.md
 
     @property
     def exit_code(self) -> int:
@@ -136,7 +137,8 @@ def _run_logged(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
     if progress:
         print_results_table(result.rows)
         say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
-            f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}", progress)
+            f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}"
+            + (f"; report {result.report}" if result.report else ""), progress)
     return result
 
 
@@ -233,8 +235,15 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
                             {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
         say(f"plots skipped: {short_error(exc)}", progress)
+    report = None
+    try:
+        from .job_report import write_job_report
+
+        report, _ = write_job_report(store, jid)
+    except Exception as exc:  # like the plots: a report problem is said in one line and never fails the job
+        say(f"report skipped: {short_error(exc)} (retry with: shpeft report {store} {jid})", True)
     return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
-                     catalogue_uri=catalogue_uri(store, jid), plots=plots)
+                     catalogue_uri=catalogue_uri(store, jid), plots=plots, report=report)
 
 
 def _raise(message: str):

@@ -16,7 +16,8 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # n
 
 from .store import plots_dir, sweep_root  # noqa: E402
 
-__all__ = ["write_plots", "save_png", "pareto_front", "layer_of", "importance_mass_per_layer"]
+__all__ = ["write_plots", "save_png", "pareto_front", "layer_of", "importance_mass_per_layer", "selection_location",
+           "plot_selection_location"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -130,8 +131,70 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[st
                     linewidth=2.5 if label.startswith("task-agnostic") else 1,
                     linestyle="--" if label.startswith("task-agnostic") else "-")
         ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
+        ax.set_xlabel("layer (network order)")
         ax.set_ylabel("share of importance mass")
         ax.set_title("importance mass per layer")
         ax.legend(fontsize=7)
         out.append(save_png(fig, join_uri(root, "importance_mass_per_layer.png")))
     return out
+
+
+_MODULE_TYPES = (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"),
+                 ("patch_embed", "patch_embed"), ("stem", "stem"))
+
+
+def _block_of(name: str) -> int | None:
+    m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _type_of(name: str) -> str:
+    return next((label for key, label in _MODULE_TYPES if key in name), "other")
+
+
+def selection_location(indices: dict[str, Any]) -> tuple[dict[int, int], dict[str, int]]:
+    """Selected entries per transformer block (numeric order) and per module type."""
+    per_block: dict[int, int] = {}
+    per_type: dict[str, int] = {}
+    for name, idx in indices.items():
+        n = int(idx.numel())
+        b = _block_of(name)
+        if b is not None:
+            per_block[b] = per_block.get(b, 0) + n
+        per_type[_type_of(name)] = per_type.get(_type_of(name), 0) + n
+    return dict(sorted(per_block.items())), per_type
+
+
+def plot_selection_location(masks: dict[str, dict[str, Any]], uri: str,
+                            title: str = "where SH-PEFT's selected weights sit: per block") -> str | None:
+    """Two panels: share of each mask's selected weights per transformer block and per module type.
+
+    ``masks``: legend label (a task or dataset name) -> {parameter name: selected flat indices}.
+    """
+    if not masks:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    present = {_type_of(n) for idx in masks.values() for n in idx}
+    types = [label for _, label in (*_MODULE_TYPES, ("", "other")) if label in present]
+    width = 0.8 / len(masks)
+    all_blocks: set[int] = set()
+    for i, (t, idx) in enumerate(masks.items()):
+        per_block, per_type = selection_location(idx)
+        total = sum(int(v.numel()) for v in idx.values()) or 1
+        blocks = sorted(per_block)
+        all_blocks.update(blocks)
+        ax1.plot(blocks, [per_block[b] / total for b in blocks], marker="o", label=t, color=f"C{i % 10}")
+        ax2.bar([j + i * width for j in range(len(types))], [per_type.get(ty, 0) / total for ty in types],
+                width=width, label=t, color=f"C{i % 10}")
+    ax1.set_ylim(bottom=0)
+    if all_blocks:
+        ax1.set_xticks(sorted(all_blocks))  # whole block numbers only
+    ax1.set_xlabel("transformer block")
+    ax1.set_ylabel("share of selected weights")
+    ax1.set_title(title)
+    ax1.legend(fontsize=7)
+    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=20)
+    ax2.set_xlabel("module type")
+    ax2.set_ylabel("share of selected weights")
+    ax2.set_title("per module type")
+    return save_png(fig, uri)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from typing import Any
 
@@ -14,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 
-from .plots import save_png as _save  # noqa: E402
+from .plots import plot_selection_location, save_png as _save, selection_location  # noqa: E402
 
 __all__ = ["write_report", "print_compare_table", "summarise", "selection_location", "mask_jaccard"]
 
@@ -61,32 +60,6 @@ def _table(summary, tasks: list[str], labels: list[str]) -> list[str]:
         mean_cell = "-" if mean is None else (f"**{mean:.3f}**" if mean == best_mean else f"{mean:.3f}")
         lines.append(f"| {lab} | " + " | ".join(cells) + f" | {mean_cell} |")
     return lines
-
-
-_MODULE_TYPES = (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"),
-                 ("patch_embed", "patch_embed"), ("stem", "stem"))
-
-
-def _block_of(name: str) -> int | None:
-    m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def _type_of(name: str) -> str:
-    return next((label for key, label in _MODULE_TYPES if key in name), "other")
-
-
-def selection_location(indices: dict[str, Any]) -> tuple[dict[int, int], dict[str, int]]:
-    """Selected entries per transformer block (numeric order) and per module type."""
-    per_block: dict[int, int] = {}
-    per_type: dict[str, int] = {}
-    for name, idx in indices.items():
-        n = int(idx.numel())
-        b = _block_of(name)
-        if b is not None:
-            per_block[b] = per_block.get(b, 0) + n
-        per_type[_type_of(name)] = per_type.get(_type_of(name), 0) + n
-    return dict(sorted(per_block.items())), per_type
 
 
 def mask_jaccard(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -147,30 +120,6 @@ def _shpeft_masks(rows, tasks: list[str], job_mix: str) -> dict[str, dict[str, A
         if cands:
             masks[t] = load_delta(cands[0]["artifact_uri"]).indices
     return masks
-
-
-def _plot_location(masks: dict[str, dict[str, Any]], uri: str) -> str | None:
-    if not masks:
-        return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    present = {_type_of(n) for idx in masks.values() for n in idx}
-    types = [label for _, label in (*_MODULE_TYPES, ("", "other")) if label in present]
-    width = 0.8 / len(masks)
-    for i, (t, idx) in enumerate(masks.items()):
-        per_block, per_type = selection_location(idx)
-        total = sum(int(v.numel()) for v in idx.values()) or 1
-        blocks = sorted(per_block)
-        ax1.plot(blocks, [per_block[b] / total for b in blocks], marker="o", label=t, color=f"C{i % 10}")
-        ax2.bar([j + i * width for j in range(len(types))], [per_type.get(ty, 0) / total for ty in types],
-                width=width, label=t, color=f"C{i % 10}")
-    ax1.set_ylim(bottom=0)
-    ax1.set_xlabel("transformer block")
-    ax1.set_ylabel("share of selected weights")
-    ax1.set_title("where SH-PEFT's selected weights sit: per block")
-    ax1.legend(fontsize=7)
-    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=20)
-    ax2.set_title("per module type")
-    return _save(fig, uri)
 
 
 def _plot_overlap(masks: dict[str, dict[str, Any]], uri: str) -> tuple[str | None, list[list[float]]]:
@@ -265,7 +214,7 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
         plots.append(p)
         lines.append("![alpha curve](alpha_curve.png)")
     masks = _shpeft_masks(rows, tasks, job_mix)
-    p = _plot_location(masks, join_uri(root, "selection_location.png"))
+    p = plot_selection_location(masks, join_uri(root, "selection_location.png"))
     if p:
         plots.append(p)
         lines.append("![where the selected weights sit](selection_location.png)")

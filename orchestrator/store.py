@@ -7,13 +7,20 @@
 <store>/runs/<job_id>-<task>-<hash>/               a run's checkpoints (and Ray Train's)
 <store>/sweeps/<task>-<hash>/                      a sweep's trials, Tune state, trials.json
 <store>/deltas/<task>/<job_id>-<hash>.safetensors  a task's artifact (.lora/ folder, .checkpoint.safetensors)
+<store>/deltas/<task>/<job_id>-<hash>.eval.json    the artifact's evaluation: per-epoch history, val/test
+                                                   confusion matrices, per-class sensitivity, specificity
+                                                   and AUC, class names, the artifact's sha256
 <store>/deltas/<task>/latest.json                  pointer to the task's newest verified artifact
 <store>/catalogue/<job_id>.parquet                 results, one row per task
 <store>/plots/<job_id>/*.png                       plots of a run
+<store>/plots/<job_id>/report.md, report.json      `shpeft report`: the job's report (PNGs beside it)
 <store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts
 <store>/backbones/                                 the demo's pre-trained backbone
 <store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
 ```
+
+An artifact's evaluation file sits beside it under the artifact's name (see ``eval_file``), wherever the
+artifact is (``shpeft compare`` writes them under its report folder too).
 
 Artifacts carry the job id and the task's config hash in their name, so two jobs in one store never
 overwrite each other's files, even for tasks of the same name.
@@ -29,8 +36,8 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 
 __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
-    "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file", "plots_dir",
-    "report_dir", "backbones_dir",
+    "eval_file", "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file", "plots_dir",
+    "job_report_file", "report_dir", "backbones_dir",
 ]
 
 _SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
@@ -72,6 +79,14 @@ def artifact_uri(folder: str, name: str, method: str) -> str:
 
 def task_artifact(store: str, task: str, job_id: str, config_hash: str, method: str) -> str:
     return artifact_uri(join_uri(store, "deltas", task), f"{job_id}-{config_hash}", method)
+
+
+def eval_file(artifact: str) -> str:
+    """The evaluation JSON of the artifact at ``artifact``: same folder and name, ``.eval.json``."""
+    for suffix in sorted(_SUFFIX.values(), key=len, reverse=True):
+        if artifact.endswith(suffix):
+            return artifact[: -len(suffix)] + ".eval.json"
+    raise ValueError(f"{artifact}: not an artifact name (expected one of {sorted(_SUFFIX.values())})")
 
 
 def latest_pointer(store: str, task: str) -> str:
@@ -120,6 +135,10 @@ def catalogue_file(store: str, job_id: str) -> str:
 
 def plots_dir(store: str, job_id: str) -> str:
     return join_uri(store, "plots", job_id)
+
+
+def job_report_file(store: str, job_id: str) -> str:
+    return join_uri(plots_dir(store, job_id), "report.md")
 
 
 def report_dir(store: str, report_id: str) -> str:

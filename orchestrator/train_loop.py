@@ -147,6 +147,7 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
     artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
     """
     from shpeft_core.methods import save_artifact
+    from shpeft_core.metrics import json_safe
     from shpeft_core.train import TrainConfig, fit
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
@@ -168,8 +169,10 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
     epochs = int(train_cfg.epochs)
     last: dict[str, Any] = {}
 
-    def write_artifact(uri: str, epoch: int) -> dict[str, Any]:
-        meta = {**plan.metadata, "epochs_trained": str(epoch + 1), "trainable": str(trainable)}
+    def write_artifact(uri: str, epoch: int, history: list[dict]) -> dict[str, Any]:
+        # The per-epoch history travels inside the artifact, so a copied sweep trial keeps its own curves.
+        meta = {**plan.metadata, "epochs_trained": str(epoch + 1), "trainable": str(trainable),
+                "history": json.dumps(json_safe(history), allow_nan=False)}
         return save_artifact(model, handle, plan.method, uri, meta)  # extract_delta unwraps DDP itself
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], state) -> None:
@@ -184,18 +187,18 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
         last.update(out)
         if rank == 0:
             if trial_artifact_uri:
-                write_artifact(trial_artifact_uri, epoch)
+                write_artifact(trial_artifact_uri, epoch, state.history)
             if board is not None:
                 board.push.remote({"kind": "epoch", "task": plan.task_name, "trial": trial, "epoch": epoch,
                                    "epochs": epochs, "metric": plan.metric, "metrics": out})
         if report is not None:
             report(epoch, out, state)
 
-    fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes,
-        start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end)
+    history = fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes,
+                  start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end)
 
     if rank == 0 and plan.artifact_uri:
-        last.update(write_artifact(plan.artifact_uri, epochs - 1))
+        last.update(write_artifact(plan.artifact_uri, epochs - 1, history))
     return last
 
 

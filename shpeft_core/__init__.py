@@ -19,5 +19,6 @@ _EXPORTS = {
     "sparse": ["apply_sparse_training", "trainable_parameters", "count_trainable"],
     "train": ["TrainConfig", "TrainState", "fit", "evaluate", "save_train_state", "load_train_state"],
     "methods": ["prepare_model", "method_mask", "save_artifact", "load_artifact"],
+    "metrics": ["class_metrics"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -45,6 +45,7 @@ __all__ = [
     "prepare_model",
     "save_artifact",
     "load_artifact",
+    "artifact_metadata",
     "artifact_size",
 ]
 
@@ -184,6 +185,12 @@ def artifact_sha256(uri: str, kind: str) -> str:
     if kind != "lora":
         return io.sha256_file(uri)
     return io.sha256_bytes("".join(io.sha256_file(u) for u in artifact_files(uri)).encode())
+
+
+def artifact_metadata(uri: str, kind: str) -> dict[str, str]:
+    """The header metadata the artifact was saved with (for lora: its head file's)."""
+    _, meta = _st.read(io.join_uri(uri, "head.safetensors") if kind == "lora" else uri)
+    return meta
 
 
 def artifact_size(uri: str, kind: str) -> int:

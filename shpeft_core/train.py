@@ -135,8 +135,13 @@ def _metrics(logits: Tensor, labels: Tensor, num_classes: int) -> dict[str, floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu", bf16: bool = True) -> dict:
-    """loss, accuracy, macro_f1 and one-vs-rest macro AUC over ``loader`` (all ranks when distributed)."""
+def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu", bf16: bool = True,
+             per_class: bool = False) -> dict:
+    """loss, accuracy, macro_f1 and one-vs-rest macro AUC over ``loader`` (all ranks when distributed).
+
+    With ``per_class`` the result also holds ``n`` (samples) and ``per_class``: the confusion matrix
+    and per-class sensitivity, specificity and AUC (``shpeft_core.metrics.class_metrics``).
+    """
     net = unwrap(model)
     dev = torch.device(device)
     was_training = net.training
@@ -152,7 +157,13 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu",
         raise ValueError("evaluation loader yielded no batches")
     all_logits = _gather(torch.cat(logits))
     all_labels = _gather(torch.cat(labels))
-    return _metrics(all_logits, all_labels, num_classes)
+    out: dict = _metrics(all_logits, all_labels, num_classes)
+    if per_class:
+        from .metrics import class_metrics
+
+        probs = torch.softmax(all_logits.double(), 1).numpy()
+        out.update(n=int(all_labels.numel()), per_class=class_metrics(all_labels.numpy(), probs, num_classes))
+    return out
 
 
 def _param_groups(net: nn.Module, config: TrainConfig) -> tuple[list[dict], list[str]]:

@@ -27,7 +27,7 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHPEFT = Path(sys.executable).parent / "shpeft"
-COMMANDS = ["run", "compare", "validate", "schema", "submit", "status", "logs", "list", "show", "predict", "export", "demo", "tasks"]
+COMMANDS = ["run", "compare", "validate", "schema", "submit", "status", "logs", "list", "show", "report", "predict", "export", "demo", "tasks"]
 
 
 def invoke(*args, **kw):

@@ -327,7 +327,9 @@ def test_every_task_has_a_run_with_params_curves_final_metrics_and_its_artifact(
     assert {r["task"]: r["resumed_from_epoch"] for r in plain.rows}[job.tasks[0].name] == 0
 
     plots = client.download_artifacts(parent.info.run_id, "plots", str(tmp_path / "plots"))
-    assert sorted(os.listdir(plots)) == sorted(os.path.basename(p) for p in plain.plots) and plain.plots
+    logged = set(os.listdir(plots))  # the run's plots, and the job report with its own PNGs
+    assert plain.plots and {os.path.basename(p) for p in plain.plots} <= logged
+    assert "report.md" in logged and plain.report and os.path.basename(plain.report) in logged
     for p in plain.plots:
         assert _sha256(os.path.join(plots, os.path.basename(p))) == _sha256(p)
 
