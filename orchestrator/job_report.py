@@ -225,7 +225,8 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
     lines = [f"## Task `{task}`", ""]
     data: dict[str, Any] = {"status": row.get("status"), "method": row.get("method"), "metric": metric}
     if row.get("status") != "ok":
-        lines += [f"This task failed: {row.get('error') or 'no error recorded'}.", ""]
+        lines += [f"This task failed: {row.get('error') or 'no error recorded'}.", "",
+                  f"Its whole log, with the traceback: `shpeft logs {store} {job_id} --task {task}`.", ""]
         return lines, data
     ev, ev_uri = None, None
     if row.get("delta_uri"):
