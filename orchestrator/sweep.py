@@ -17,6 +17,7 @@ of the budget; a task whose ``trials.json`` exists is done. The best trial's art
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -30,8 +31,10 @@ from . import store as layout
 from .console import say, short_error
 from .evaluate import evaluate_artifact
 from .resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
+from .worker_pool import run_on_pool
 
-__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space"]
+__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space", "asha_stop_points",
+           "trial_artifact_at"]
 
 
 def search_space(plan, sweep) -> dict[str, Any]:
@@ -176,8 +179,36 @@ def _copy_artifact(src: str, dst: str, kind: str) -> None:
         atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
 
 
-def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
-    """A one-worker trial: the training loop runs in the trial, reporting to Tune with a checkpoint each epoch."""
+# A one-worker trial hands Tune a checkpoint at most this often: each one is copied into Tune's storage
+# and booked by its controller while training waits, and it only serves a retry after a crash.
+TRIAL_CHECKPOINT_S = 10.0
+
+
+def asha_stop_points(max_t: int, grace_period: int, reduction_factor: float, brackets: int) -> frozenset[int]:
+    """The training iterations after which ASHA can stop a trial that reports every iteration.
+
+    Ray's ASHAScheduler gives bracket s the rungs grace_period * rf ** (k + s) (k < int(log(max_t /
+    grace_period) / log(rf) - s + 1)) and decides about a trial only at the first result at or past a
+    rung it has not recorded the trial in, or at max_t. A trial's last reported epoch is one of these.
+    """
+    import numpy as np
+
+    points = {int(max_t)}
+    for s in range(brackets):
+        rungs = int(np.log(max_t / grace_period) / np.log(reduction_factor) - s + 1)
+        points.update(math.ceil(grace_period * reduction_factor ** (k + s)) for k in range(rungs))
+    return frozenset(p for p in points if 1 <= p <= max_t)
+
+
+def trial_artifact_at(template: str, stop_points: frozenset[int], epoch: int) -> str | None:
+    """Where a trial writes its artifact after ``epoch`` (0-based): after each epoch it may end on, named by
+    the epochs it holds (``{epochs}`` in ``template``), so a ledger entry names exactly its last epoch's."""
+    return template.replace("{epochs}", str(epoch + 1)) if epoch + 1 in stop_points else None
+
+
+def _direct_trial(plan, board, trial_id: str, trial_artifact) -> None:
+    """A one-worker trial: the training loop runs in the trial, reporting to Tune each epoch, with a
+    checkpoint at most every ``TRIAL_CHECKPOINT_S``."""
     from ray import tune
 
     from shpeft_core.train import load_train_state, save_train_state
@@ -189,14 +220,19 @@ def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume_state = load_train_state(d)
+    last = [time.monotonic()]
 
     def report(epoch: int, metrics: dict[str, Any], state) -> None:
+        if time.monotonic() - last[0] < TRIAL_CHECKPOINT_S:
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory(prefix="shpeft-ckpt-") as d:
             save_train_state(state, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        last[0] = time.monotonic()
 
     run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial_id,
-             trial_artifact_uri=trial_uri)
+             trial_artifact=trial_artifact)
 
 
 class _Sweep:
@@ -213,8 +249,9 @@ class _Sweep:
         self.summary = json.loads(read_bytes(self.summary_uri)) if exists(self.summary_uri) else None
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
 
-    def trial_uri(self, trial_id: str) -> str:
-        return layout.artifact_uri(join_uri(self.root, "trials"), trial_id, self.plan.method)
+    def trial_uri(self, trial_id: str, epochs: int | str | None) -> str:
+        """The trial's artifact holding its weights after ``epochs`` epochs."""
+        return layout.artifact_uri(join_uri(self.root, "trials"), f"{trial_id}-e{epochs}", self.plan.method)
 
     def record(self, entry: dict) -> None:
         self.ledger.append(entry)
@@ -255,7 +292,7 @@ def _ledger_callback(sweeps: dict[str, _Sweep]):
                 "alpha": float(trial.config.get("alpha", sw.plan.alpha)),
                 "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
                 "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
-                "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id),
+                "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id, m.get("training_iteration")),
             })
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -318,7 +355,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                        resources_per_worker=res)
         max_failures = job.training.max_failures
         trial_plans = {n: s.plan for n, s in todo.items()}
-        trial_uris = {n: s.trial_uri("{}") for n, s in todo.items()}
+        trial_uris = {n: s.trial_uri("{trial}", "{epochs}") for n, s in todo.items()}
 
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
@@ -326,14 +363,15 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             trial_plan = trial_plans[task].with_search_point(
                 density=config.get("density"), alpha=config.get("alpha"), lr=config.get("lr"),
                 artifact_uri="", sweep_trial=trial_id)
-            trial_uri = trial_uris[task].replace("{}", trial_id)
+            artifact_at = functools.partial(trial_artifact_at, trial_uris[task].replace("{trial}", trial_id),
+                                            stop_points)
             if direct:
-                _direct_trial(trial_plan, board, trial_id, trial_uri)
+                _direct_trial(trial_plan, board, trial_id, artifact_at)
                 return
             TorchTrainer(
                 train_task_loop,
                 train_loop_config={"plan": trial_plan, "board": board, "fault": None, "trial": trial_id,
-                                   "trial_artifact_uri": trial_uri},
+                                   "trial_artifact": artifact_at},
                 scaling_config=ray.train.ScalingConfig(**scaling),
                 run_config=ray.train.RunConfig(
                     name=f"trial-{trial_id}", storage_path=train_storage[0], storage_filesystem=train_storage[1],
@@ -354,6 +392,10 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                                 evaluated_rewards=[t["val_metric"] for t in done] or None)
 
         epochs = max(int(s.plan.train["epochs"]) for s in todo.values())
+        # A trial's artifact is written only after the epochs it can end on (its last reported one is
+        # what the ledger records): ASHA's rungs, and each task's last epoch.
+        stop_points = asha_stop_points(epochs, min(sw.asha.grace_period, epochs), sw.asha.reduction_factor,
+                                       sw.asha.brackets) | {int(s.plan.train["epochs"]) for s in todo.values()}
         searcher = PerTaskSearcher({n: study(n, s) for n, s in todo.items()}, {n: s.budget for n, s in todo.items()},
                                    metric="val_metric", mode="max")
         scheduler = PerTaskScheduler(lambda: ASHAScheduler(
@@ -363,7 +405,10 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             tune.with_resources(trial, trial_resources),
             tune_config=tune.TuneConfig(metric="val_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=sum(s.budget for s in todo.values()),
-                                        max_concurrent_trials=slots),
+                                        max_concurrent_trials=slots,
+                                        # a direct trial's process (torch imported, kernels chosen) serves
+                                        # the next trial; trainer trials start new workers either way
+                                        reuse_actors=direct),
             run_config=tune.RunConfig(name=f"run-{int(time.time())}", storage_path=tune_storage[0],
                                       storage_filesystem=tune_storage[1], verbose=0,
                                       callbacks=[_ledger_callback(todo)],
@@ -379,6 +424,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
         remove(tune_root, recursive=True)
 
     seconds = time.perf_counter() - t0
+    finals = {}
     for name, s in sweeps.items():
         if name in out:
             continue
@@ -386,12 +432,24 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             summary = s.summary or s.finish(seconds)
             best = summary["best"]
             _copy_artifact(best["delta_uri"], s.plan.artifact_uri, artifact_kind(s.plan.method))
-            final = s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
-            res = worker_resources(job)
-            ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
-                         .remote(final))
-            out[name] = {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": s.plan.artifact_uri,
-                         "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None}
+            finals[name] = (s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr")),
+                            summary)
         except Exception as exc:
             out[name] = {"error": short_error(exc)}
+
+    def evaluated(name: str, get_result) -> None:
+        summary = finals[name][1]
+        best = summary["best"]
+        try:
+            out[name] = {**get_result(), "density": best["density"], "alpha": best["alpha"],
+                         "delta_uri": sweeps[name].plan.artifact_uri, "sweep_trials": len(summary["trials"]),
+                         "sweep_s": summary["seconds"], "train_s": None}
+        except Exception as exc:
+            out[name] = {"error": short_error(exc)}
+
+    # Every task's best artifact evaluated at once, in warm processes (one import of torch per slot).
+    cpus, gpus = cluster_resources()
+    run_on_pool(evaluate_artifact, [(name, plan) for name, (plan, _) in finals.items()],
+                slots=trainer_slots(cpus, gpus, job), resources=worker_resources(job),
+                max_failures=job.training.max_failures, on_done=evaluated)
     return out

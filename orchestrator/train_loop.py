@@ -123,16 +123,16 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
     run_plan(plan, rank=rank, world=world, device=device, resume_state=resume_state,
              wrap=(lambda m: ray.train.torch.prepare_model(m)) if world > 1 or plan.use_gpu else None,
              report=report, board=cfg.get("board"), trial=cfg.get("trial"),
-             trial_artifact_uri=cfg.get("trial_artifact_uri"))
+             trial_artifact=cfg.get("trial_artifact"))
 
 
 def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
-             board=None, trial: str | None = None, trial_artifact_uri: str | None = None) -> dict[str, Any]:
+             board=None, trial: str | None = None, trial_artifact=None) -> dict[str, Any]:
     """Train one plan in this process (a Ray Train worker, or a plain Ray task for one-worker runs).
 
     After every epoch ``report(epoch, metrics, TrainState)`` is called (checkpointing is the caller's);
-    rank 0 writes the trial artifact every epoch when ``trial_artifact_uri`` is set, and the plan's
-    artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
+    rank 0 writes the trial artifact after epoch e to ``trial_artifact(e)`` (a sweep trial; no write
+    where it returns None), and the plan's artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
     """
     from shpeft_core.methods import save_artifact
     from shpeft_core.train import TrainConfig, fit
@@ -171,8 +171,9 @@ def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=N
         last.clear()
         last.update(out)
         if rank == 0:
-            if trial_artifact_uri:
-                write_artifact(trial_artifact_uri, epoch)
+            uri = trial_artifact(epoch) if trial_artifact is not None else None
+            if uri:
+                write_artifact(uri, epoch)
             if board is not None:
                 board.push.remote({"kind": "epoch", "task": plan.task_name, "trial": trial, "epoch": epoch,
                                    "epochs": epochs, "metric": plan.metric, "metrics": out})

@@ -213,6 +213,10 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
         assert float(load_delta(row["delta_uri"]).metadata["density"]) == row["density"]
         assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
         ledgers[row["task"]] = (root, json.loads(open(f"{root}/ledger.json").read()))
+        # each trial's recorded artifact holds exactly the weights of its last reported epoch
+        for t in ledgers[row["task"]][1]:
+            assert t["delta_uri"].endswith(f"{t['trial_id']}-e{t['epochs']}.safetensors"), t
+            assert load_delta(t["delta_uri"]).metadata["epochs_trained"] == str(t["epochs"]), t
     a, b = (ledgers[s.name][1] for s in task_specs)
     assert any(x["started_at"] < y["finished_at"] and y["started_at"] < x["finished_at"] for x in a for y in b)
     assert not os.path.exists(f"{result.store}/sweeps/_tune/{result.job_id}")  # Tune's folders are cleaned up
