@@ -97,14 +97,33 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
     quiet_frameworks()
     started = connect_ray(address, num_cpus)
+    workers = None
     try:
-        return _run(job, model, force=force, progress=progress)
+        workers = early_workers(job)
+        return _run(job, model, workers, force=force, progress=progress)
     finally:
+        if workers is not None:
+            workers.close()
         if started:
             ray.shutdown()
 
 
-def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
+def early_workers(job: JobSpec):
+    """The warm worker pool, started before the importance stage so its imports overlap the driver's work,
+    or None where it cannot serve that stage too: data-parallel training (no pool), or importance wanting a
+    GPU the workers lack (or the reverse). Its actors hold the workers' resources from now on."""
+    from .importance_stage import importance_gpu
+    from .resources import cluster_resources, trainer_slots, worker_resources
+    from .worker_pool import WorkerPool
+
+    res = worker_resources(job)
+    if job.training.workers_per_task != 1 or importance_gpu(job) != bool(res.get("GPU")):
+        return None
+    cpus, gpus = cluster_resources()
+    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res)
+
+
+def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobResult:
     from shpeft_core.backbone import backbone_fingerprint
 
     from .progress import ProgressBoard, ProgressPrinter
@@ -132,7 +151,7 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     board = ProgressBoard.remote()
     with ProgressPrinter(board, enabled=progress):
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
-                                  extra_estimators(job, targets, methods))
+                                  extra_estimators(job, targets, methods), workers=workers)
 
         previous = latest_rows(store, jid)
         plans = []
@@ -168,6 +187,8 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
         if job.sweep.enabled and plans:
             from .sweep import run_sweeps
 
+            if workers is not None:
+                workers.close()  # Tune's trials need the workers' resources
             swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
             for plan, base, _ in plans:
                 got = swept[plan.task_name]
@@ -178,7 +199,7 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
                 rows[base["task"]] = _finish_row(base, get_result)
                 _after_task(rows[base["task"]], counters, store, jid, progress)
 
-            train_all(job, store, jid, plans, board, force, progress, on_done)
+            train_all(job, store, jid, plans, board, force, progress, on_done, workers=workers)
 
     ordered = [rows[task_name(e)] for e in job.tasks if task_name(e) in rows]
     failed = [r["task"] for r in ordered if r.get("status") != "ok"]

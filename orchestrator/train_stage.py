@@ -86,11 +86,13 @@ def fault_for(task: str, run_root: str) -> dict | None:
     return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
 
 
-def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done) -> None:
+def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done,
+              workers=None) -> None:
     """Stage 2: at most `slots` tasks in flight (each slot = one whole trainer).
 
     ``on_done(base_row, get_result)`` is called as each task ends; ``get_result()`` returns its row fields
-    or raises the task's error.
+    or raises the task's error. One-worker tasks run on ``workers`` (a ``worker_pool.WorkerPool`` started
+    earlier in the job, e.g. before the importance stage) or on a pool of their own.
     """
     import ray
 
@@ -130,9 +132,14 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
         # checkpoint); a Python error fails the task.
         from .worker_pool import run_on_pool
 
-        run_on_pool(train_direct, [(i, launch) for i, (launch, _) in enumerate(launches)], slots=slots,
-                    resources=res, max_failures=job.training.max_failures, on_start=started,
-                    on_done=lambda i, get_result: on_done(launches[i][1], get_result))
+        items = [(i, launch) for i, (launch, _) in enumerate(launches)]
+        finished = lambda i, get_result: on_done(launches[i][1], get_result)  # noqa: E731
+        if workers is not None:
+            workers.run(train_direct, items, max_failures=job.training.max_failures, on_start=started,
+                        on_done=finished, keep=False)
+        else:
+            run_on_pool(train_direct, items, slots=slots, resources=res, max_failures=job.training.max_failures,
+                        on_start=started, on_done=finished)
         return
 
     # Data parallel: a zero-CPU launcher waits on its TorchTrainer. It prefers the driver's node and is

@@ -99,3 +99,18 @@ def test_a_python_error_is_not_retried_and_the_process_is_kept(ray_local, tmp_pa
     assert isinstance(done[0], ValueError) and "failed on purpose" in str(done[0])
     assert json.loads(open(tmp_path / "0.json").read()) == 1  # run once only
     assert done[1]["pid"] == done[2]["pid"]  # the same process carried on
+
+
+def test_one_pool_serves_stage_after_stage_in_the_same_processes(ray_local, tmp_path):
+    """As a job uses it: the importance stage's runs, then the training stage's, on the same actors."""
+    from orchestrator.worker_pool import WorkerPool
+
+    first, second = {}, {}
+    with WorkerPool(2, {"CPU": 1}) as pool:
+        pool.run(where, [(k, {"key": k, "dir": str(tmp_path), "sleep": 0.3}) for k in range(4)], max_failures=1,
+                 on_done=lambda k, get: first.__setitem__(k, get()))
+        pool.run(where, [(k, {"key": k, "dir": str(tmp_path)}) for k in range(4, 8)], max_failures=1,
+                 on_done=lambda k, get: second.__setitem__(k, get()), keep=False)
+    pids = {r["pid"] for r in first.values()}
+    assert sorted(first) == [0, 1, 2, 3] and sorted(second) == [4, 5, 6, 7]
+    assert {r["pid"] for r in second.values()} <= pids and len(pids) <= 2
