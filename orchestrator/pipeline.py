@@ -110,14 +110,15 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
 
 def early_workers(job: JobSpec):
     """The warm worker pool, started before the importance stage so its imports overlap the driver's work,
-    or None where it cannot serve that stage too: data-parallel training (no pool), or importance wanting a
-    GPU the workers lack (or the reverse). Its actors hold the workers' resources from now on."""
+    or None where it would not serve the training stage (data-parallel training; a sweep, whose Tune trials
+    need the resources) or cannot serve the importance stage (importance wanting a GPU the workers lack,
+    or the reverse). Its actors hold the workers' resources from now on."""
     from .importance_stage import importance_gpu
     from .resources import cluster_resources, trainer_slots, worker_resources
     from .worker_pool import WorkerPool
 
     res = worker_resources(job)
-    if job.training.workers_per_task != 1 or importance_gpu(job) != bool(res.get("GPU")):
+    if job.training.workers_per_task != 1 or job.sweep.enabled or importance_gpu(job) != bool(res.get("GPU")):
         return None
     cpus, gpus = cluster_resources()
     return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res)
@@ -187,8 +188,6 @@ def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobRes
         if job.sweep.enabled and plans:
             from .sweep import run_sweeps
 
-            if workers is not None:
-                workers.close()  # Tune's trials need the workers' resources
             swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress)
             for plan, base, _ in plans:
                 got = swept[plan.task_name]

@@ -292,7 +292,8 @@ def _ledger_callback(sweeps: dict[str, _Sweep]):
                 "alpha": float(trial.config.get("alpha", sw.plan.alpha)),
                 "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
                 "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
-                "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id, m.get("training_iteration")),
+                "trainable": m.get("trainable"), "error": error,
+                "delta_uri": sw.trial_uri(trial.trial_id, m.get("training_iteration")),
             })
 
         def on_trial_complete(self, iteration, trials, trial, **info):
