@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tempfile
 import time
 import zlib
 from typing import Any
@@ -31,6 +30,7 @@ from . import store as layout
 from .console import say, short_error
 from .evaluate import evaluate_artifact
 from .resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
+from .train_stage import fault_for
 from .worker_pool import run_on_pool
 
 __all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space", "asha_stop_points",
@@ -179,11 +179,6 @@ def _copy_artifact(src: str, dst: str, kind: str) -> None:
         atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
 
 
-# A one-worker trial hands Tune a checkpoint at most this often: each one is copied into Tune's storage
-# and booked by its controller while training waits, and it only serves a retry after a crash.
-TRIAL_CHECKPOINT_S = 10.0
-
-
 def asha_stop_points(max_t: int, grace_period: int, reduction_factor: float, brackets: int) -> frozenset[int]:
     """The training iterations after which ASHA can stop a trial that reports every iteration.
 
@@ -206,33 +201,22 @@ def trial_artifact_at(template: str, stop_points: frozenset[int], epoch: int) ->
     return template.replace("{epochs}", str(epoch + 1)) if epoch + 1 in stop_points else None
 
 
-def _direct_trial(plan, board, trial_id: str, trial_artifact) -> None:
-    """A one-worker trial: the training loop runs in the trial, reporting to Tune each epoch, with a
-    checkpoint at most every ``TRIAL_CHECKPOINT_S``."""
+def _direct_trial(plan, board, trial_id: str, trial_artifact, checkpoint_root: str,
+                  stop_points: frozenset[int], fault: dict | None) -> None:
+    """A one-worker trial: the training loop runs in the trial with a checkpoint each epoch in the store
+    (a retried trial resumes after the newest), and reports to Tune only after the epochs ASHA can stop it
+    on. Tune's ``report`` blocks until its controller has taken the result, which cost a report each epoch
+    a third of an epoch on a busy 2-CPU machine; ASHA decides on exactly the same epochs' metrics."""
     from ray import tune
 
-    from shpeft_core.train import load_train_state, save_train_state
+    from .train_loop import run_with_checkpoints
 
-    from .train_loop import run_plan
-
-    resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume_state = load_train_state(d)
-    last = [time.monotonic()]
-
-    def report(epoch: int, metrics: dict[str, Any], state) -> None:
-        if time.monotonic() - last[0] < TRIAL_CHECKPOINT_S:
+    def after_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        if epoch + 1 in stop_points:
             tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="shpeft-ckpt-") as d:
-            save_train_state(state, d)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        last[0] = time.monotonic()
 
-    run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial_id,
-             trial_artifact=trial_artifact)
+    run_with_checkpoints(plan, checkpoint_root, board=board, fault=fault, trial=trial_id,
+                         trial_artifact=trial_artifact, after_epoch=after_epoch)
 
 
 class _Sweep:
@@ -249,9 +233,11 @@ class _Sweep:
         self.summary = json.loads(read_bytes(self.summary_uri)) if exists(self.summary_uri) else None
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
 
+    def trial_checkpoints(self, trial_id: str) -> str:
+        return layout.sweep_checkpoints(self.root, trial_id)
+
     def trial_uri(self, trial_id: str, epochs: int | str | None) -> str:
-        """The trial's artifact holding its weights after ``epochs`` epochs."""
-        return layout.artifact_uri(join_uri(self.root, "trials"), f"{trial_id}-e{epochs}", self.plan.method)
+        return layout.sweep_trial_artifact(self.root, trial_id, epochs, self.plan.method)
 
     def record(self, entry: dict) -> None:
         self.ledger.append(entry)
@@ -280,7 +266,7 @@ def _ledger_callback(sweeps: dict[str, _Sweep]):
             self._started: dict[str, float] = {}
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._started[trial.trial_id] = time.time()
+            self._started.setdefault(trial.trial_id, time.time())  # a retried trial keeps its first start
 
         def _record(self, trial, error: str | None) -> None:
             sw = sweeps[trial.config["task"]]
@@ -291,9 +277,10 @@ def _ledger_callback(sweeps: dict[str, _Sweep]):
                 "density": float(trial.config.get("density", sw.plan.density)),
                 "alpha": float(trial.config.get("alpha", sw.plan.alpha)),
                 "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
-                "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
+                "val_metric": m.get("val_metric"), "epochs": m.get("epochs"),
                 "trainable": m.get("trainable"), "error": error,
-                "delta_uri": sw.trial_uri(trial.trial_id, m.get("training_iteration")),
+                "resumed_from_epoch": m["resumed_from_epoch"] if m.get("resumed_from_epoch", -1) >= 0 else None,
+                "delta_uri": sw.trial_uri(trial.trial_id, m.get("epochs")),
             })
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -357,6 +344,9 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
         max_failures = job.training.max_failures
         trial_plans = {n: s.plan for n, s in todo.items()}
         trial_uris = {n: s.trial_uri("{trial}", "{epochs}") for n, s in todo.items()}
+        trial_checkpoints = {n: s.trial_checkpoints("{trial}") for n, s in todo.items()}
+        # test hook (SHPEFT_FAULT_INJECT): one trial of the task loses its process once
+        faults = {n: fault_for(n, s.root) for n, s in todo.items()}
 
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
@@ -367,7 +357,8 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             artifact_at = functools.partial(trial_artifact_at, trial_uris[task].replace("{trial}", trial_id),
                                             stop_points)
             if direct:
-                _direct_trial(trial_plan, board, trial_id, artifact_at)
+                _direct_trial(trial_plan, board, trial_id, artifact_at,
+                              trial_checkpoints[task].replace("{trial}", trial_id), stop_points, faults[task])
                 return
             TorchTrainer(
                 train_task_loop,
@@ -400,7 +391,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
         searcher = PerTaskSearcher({n: study(n, s) for n, s in todo.items()}, {n: s.budget for n, s in todo.items()},
                                    metric="val_metric", mode="max")
         scheduler = PerTaskScheduler(lambda: ASHAScheduler(
-            time_attr="training_iteration", max_t=epochs, grace_period=min(sw.asha.grace_period, epochs),
+            time_attr="epochs", max_t=epochs, grace_period=min(sw.asha.grace_period, epochs),
             reduction_factor=sw.asha.reduction_factor, brackets=sw.asha.brackets))
         tuner = tune.Tuner(
             tune.with_resources(trial, trial_resources),
@@ -420,9 +411,11 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             tuner.fit()
         finally:
             _remove_leftover_placement_groups(pgs_before)
-        # Finished trials live in the ledgers and trial artifacts; Tune's own folders (also those of a
-        # killed earlier run of this job) are no longer needed.
+        # Finished trials live in the ledgers and trial artifacts; Tune's own folders and the trials'
+        # checkpoints (also those of a killed earlier run of this job) are no longer needed.
         remove(tune_root, recursive=True)
+        for s in todo.values():
+            remove(layout.sweep_checkpoints(s.root), recursive=True)
 
     seconds = time.perf_counter() - t0
     finals = {}

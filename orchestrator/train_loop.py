@@ -167,7 +167,7 @@ def run_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=N
             (k_ if k_ in ("epoch", "train_loss", "lr") else f"val_{k_}"): float(v)
             for k_, v in metrics.items() if isinstance(v, (int, float)) and v is not None
         }
-        out.update(epoch=epoch, val_metric=value, trainable=trainable)
+        out.update(epoch=epoch, epochs=epoch + 1, val_metric=value, trainable=trainable)
         last.clear()
         last.update(out)
         if rank == 0:
@@ -212,10 +212,12 @@ def latest_checkpoint(root: str):
     return 0, None
 
 
-def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, keep: int = 2) -> dict[str, Any]:
+def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, keep: int = 2, trial=None,
+                         trial_artifact=None, after_epoch=None) -> dict[str, Any]:
     """One-worker training in this process with its TrainState saved each epoch under ``checkpoint_root``.
 
     When the process dies and the task is retried, training resumes after the newest checkpoint.
+    ``after_epoch(epoch, metrics)`` is called once that epoch's checkpoint (and trial artifact) is written.
     """
     from shpeft_core.io import join_uri, remove
     from shpeft_core.train import save_train_state
@@ -231,7 +233,10 @@ def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, 
         save_train_state(state, join_uri(checkpoint_root, f"epoch-{epoch + 1}"))
         if epoch + 1 - keep > 0:
             remove(join_uri(checkpoint_root, f"epoch-{epoch + 1 - keep}"), recursive=True)
+        if after_epoch is not None:
+            after_epoch(epoch, {**metrics, "resumed_from_epoch": start - 1 if resume_state is not None else -1})
 
-    out = run_plan(plan, resume_state=resume_state, report=report, board=board)
+    out = run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial,
+                   trial_artifact=trial_artifact)
     out["resumed_from_epoch"] = start - 1 if resume_state is not None else None
     return out

@@ -50,3 +50,38 @@ def test_trial_artifact_named_by_its_epochs_only_at_stop_points():
     assert [trial_artifact_at(uri, points, e) for e in range(4)] == [
         "/s/sweeps/t/trials/abc-e1.safetensors", "/s/sweeps/t/trials/abc-e2.safetensors", None,
         "/s/sweeps/t/trials/abc-e4.safetensors"]
+
+
+@pytest.mark.parametrize("brackets,rf", [(1, 2.0), (2, 3.0)])
+def test_reporting_only_at_stop_points_keeps_every_asha_decision(brackets, rf):
+    """A trial reports to Tune only after its stop points: ASHA stops the same trials after the same epochs
+    as when every epoch is reported (same rungs, same metrics recorded in them)."""
+    import random
+
+    import numpy as np
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    max_t = 24
+    points = asha_stop_points(max_t, 1, rf, brackets)
+    curves = {f"t{i}": [random.Random(i).random() for _ in range(max_t)] for i in range(40)}
+
+    def stops(only_points: bool) -> dict[str, int]:
+        np.random.seed(7)  # ASHA draws each new trial's bracket from numpy's global state
+        asha = ASHAScheduler(time_attr="epochs", metric="m", mode="max", max_t=max_t, grace_period=1,
+                             reduction_factor=rf, brackets=brackets)
+        out = {}
+        for tid, curve in curves.items():
+            trial = Trial("__fake", trial_id=tid, stub=True)
+            asha.on_trial_add(None, trial)
+            for epochs in range(1, max_t + 1):
+                if only_points and epochs not in points:
+                    continue
+                if asha.on_trial_result(None, trial, {"epochs": epochs, "m": curve[epochs - 1]}) == TrialScheduler.STOP:
+                    out[tid] = epochs
+                    break
+        return out
+
+    every, sparse = stops(False), stops(True)
+    assert every == sparse
+    assert any(e < max_t for e in every.values())
