@@ -223,6 +223,12 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
             assert t["delta_uri"].endswith(f"{t['trial_id']}-e{t['epochs']}.safetensors"), t
             assert load_delta(t["delta_uri"]).metadata["epochs_trained"] == str(t["epochs"]), t
         assert not os.path.exists(f"{root}/runs")  # the trials' checkpoints are removed with Tune's folders
+        # trials that ran every epoch were evaluated in the trial; the best one's evaluation is the row's
+        for t in ledgers[row["task"]][1]:
+            assert os.path.exists(t["delta_uri"] + ".eval.json") == (t["epochs"] == 2), t
+        if summary["best"]["epochs"] == 2:
+            ev = json.loads(open(summary["best"]["delta_uri"] + ".eval.json").read())
+            assert ev["sha256"] == row["sha256"] and ev["test_macro_f1"] == row["test_macro_f1"]
     # the killed trial was retried and resumed after its epoch-0 checkpoint; every trial finished
     faulted = ledgers[task_specs[0].name]
     assert os.path.exists(f"{faulted[0]}/fault-injected.json")
