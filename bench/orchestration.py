@@ -8,9 +8,11 @@ Then the fixed cost per task (plain job) and per trial (sweep): the time from it
 of its first epoch, less the same first epoch in the bare loop (model, loaders, one epoch, in-process).
 Epoch ends in the Ray workers are logged by a worker setup hook. And the packing of a job whose tasks each
 train for T seconds (T ~ 3 s smoke, ~12 s default, ~60 s with --long): its training stage against the
-ideal, (tasks x one task's bare time) / slots. Prints tables and, last, one JSON line.
+ideal, (tasks x one task's bare time) / slots. And where start-up goes: submission to the run in its
+worker (of which a new process and its imports), the first epoch and each later one beyond the bare
+loop's, and the sweep job by phase. Prints tables and, last, one JSON line.
 
-    python bench/orchestration.py [--smoke-test | --long] [--cpus 2] [--tasks 4] [--only-startup]
+    python bench/orchestration.py [--smoke-test | --long] [--task-s S] [--cpus 2] [--tasks 4] [--only-startup]
 """
 
 from __future__ import annotations
@@ -90,33 +92,62 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
 
 
 def _timing_hook() -> None:
-    """Worker setup hook: log when each run_plan starts and each of its epochs ends (SHPEFT_BENCH_TIMING)."""
+    """Worker setup hook: log when each run_plan starts and each of its epochs ends (SHPEFT_BENCH_TIMING).
+
+    It imports nothing heavy itself: run_plan is wrapped when the worker first imports
+    orchestrator.train_loop, so a cold process still pays its own imports inside the measured time.
+    Logged per process: when it started and when that import finished.
+    """
+    import importlib.abc
+    import importlib.util
     import json as _json
     import os as _os
+    import sys as _sys
     import time as _time
 
-    import orchestrator.train_loop as tl
+    import psutil
 
-    if getattr(tl.run_plan, "_bench_timed", False):
-        return
-    orig, path = tl.run_plan, _os.environ["SHPEFT_BENCH_TIMING"]
+    path = _os.environ["SHPEFT_BENCH_TIMING"]
 
     def log(**kv) -> None:
         with open(path, "a") as f:
             f.write(_json.dumps({**kv, "t": _time.time(), "pid": _os.getpid()}) + "\n")
 
-    def run_plan(plan, *args, report=None, trial=None, **kwargs):
-        log(kind="enter", task=plan.task_name, trial=trial)
+    def wrap(tl) -> None:
+        orig = tl.run_plan
 
-        def timed(epoch, metrics, state):
-            log(kind="epoch", task=plan.task_name, trial=trial, epoch=epoch)
-            if report is not None:
-                report(epoch, metrics, state)
+        def run_plan(plan, *args, report=None, trial=None, **kwargs):
+            log(kind="enter", task=plan.task_name, trial=trial)
 
-        return orig(plan, *args, report=timed, trial=trial, **kwargs)
+            def timed(epoch, metrics, state):
+                log(kind="epoch", task=plan.task_name, trial=trial, epoch=epoch)
+                if report is not None:
+                    report(epoch, metrics, state)
 
-    run_plan._bench_timed = True
-    tl.run_plan = run_plan
+            return orig(plan, *args, report=timed, trial=trial, **kwargs)
+
+        tl.run_plan = run_plan
+        log(kind="imported", started=psutil.Process().create_time())
+
+    class WrapOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, import_path, target=None):
+            if name != "orchestrator.train_loop":
+                return None
+            _sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            exec_module = spec.loader.exec_module
+
+            def exec_and_wrap(module):
+                exec_module(module)
+                wrap(module)
+
+            spec.loader.exec_module = exec_and_wrap
+            return spec
+
+    if "orchestrator.train_loop" in _sys.modules:
+        wrap(_sys.modules["orchestrator.train_loop"])
+    else:
+        _sys.meta_path.insert(0, WrapOnImport())
 
 
 def _read_timing(path: str) -> list[dict]:
@@ -182,6 +213,49 @@ def _restore_say(original) -> None:
         importlib.import_module(name).say = original
 
 
+def _startup(events: list[dict], t_sub: float, bare: dict, **key) -> dict[str, float]:
+    """Where one run's start-up went, from its submission (plain task) or Tune start (trial).
+
+    to_worker_s: submission until run_plan starts in its worker; of that, cold_start_s is the part spent
+    starting a new worker process and importing torch/timm/the project there (0 for a warm process);
+    first_epoch_extra_s: run_plan's first epoch (model, loaders, epoch) less the bare loop's; fixed_s both;
+    epoch_overhead_s: mean later epoch less the bare loop's (reporting, checkpoints, per-epoch artifact).
+    """
+    (name, value), = key.items()
+    mine = [e for e in events if e.get(name) == value]
+    enter = min(e["t"] for e in mine if e["kind"] == "enter")
+    pid = next(e["pid"] for e in mine if e["kind"] == "enter")
+    ends = sorted(e["t"] for e in mine if e["kind"] == "epoch")
+    proc = next((e for e in events if e["kind"] == "imported" and e["pid"] == pid), None)
+    cold = 0.0
+    if proc is not None and proc["t"] > t_sub:  # this run waited for its process to start and import
+        cold = proc["t"] - max(t_sub, proc["started"])
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    return {"to_worker_s": enter - t_sub, "cold_start_s": max(0.0, cold),
+            "first_epoch_extra_s": ends[0] - enter - bare["first_epoch_s"],
+            "fixed_s": ends[0] - t_sub - bare["first_epoch_s"],
+            "epoch_overhead_s": (sum(gaps) / len(gaps) - bare["epoch_s"]) if gaps else 0.0,
+            "pid": pid}
+
+
+def _mean_breakdown(parts) -> dict[str, float]:
+    parts = list(parts)
+    keys = ("to_worker_s", "cold_start_s", "first_epoch_extra_s", "fixed_s", "epoch_overhead_s")
+    out = {k: round(sum(p[k] for p in parts) / len(parts), 3) for k in keys} if parts else {}
+    out["processes"] = len({p["pid"] for p in parts})
+    return out
+
+
+def _sweep_phases(said: list, events: list[dict], sweep_s: float, t_job: float) -> dict[str, float]:
+    """The sweep job's wall time by phase: before Tune starts, Tune start to the first trial's run_plan,
+    trials, and after the last epoch (final evaluations, catalogue, plots)."""
+    sweep_start = min(ts for ts, msg in said if msg.startswith("sweeping"))
+    enters = [e["t"] for e in events if e["kind"] == "enter"]
+    ends = [e["t"] for e in events if e["kind"] == "epoch"]
+    return {"before_tune_s": round(sweep_start - t_job, 2), "tune_to_first_run_s": round(min(enters) - sweep_start, 2),
+            "trials_s": round(max(ends) - min(enters), 2), "after_last_epoch_s": round(t_job + sweep_s - max(ends), 2)}
+
+
 def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) -> dict:
     import re
 
@@ -190,7 +264,7 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
     from orchestrator.pipeline import run_job
     from orchestrator.resources import trainer_slots
 
-    target = 60.0 if args.long else 3.0 if args.smoke_test else 12.0
+    target = args.task_s or (60.0 if args.long else 3.0 if args.smoke_test else 12.0)
     n = args.tasks
     cal_job = _job(os.path.join(work, "store-startup"), specs[:n], weights, 2)
     cal = bare_trial(_plans(cal_job, specs[:1], 2, os.path.join(work, "bare-cal"))[0])
@@ -225,11 +299,11 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
         assert res.exit_code == 0, res.rows
         events = _read_timing(timing_path)
         submits = {m.group(1): ts for ts, msg in said if (m := re.match(r"\[(\S+)\] training ", msg))}
-        fixed = {}
-        for task, t_sub in submits.items():
-            first = min(e["t"] for e in events if e["task"] == task and e["kind"] == "epoch" and e["epoch"] == 0)
-            enter = min(e["t"] for e in events if e["task"] == task and e["kind"] == "enter")
-            fixed[task] = {"to_worker_s": enter - t_sub, "fixed_s": first - t_sub - bare["first_epoch_s"]}
+        # A task is handed to a worker when a slot is free for it; the first wave's slots are free from
+        # the stage's start, so their start-up (a worker pool's too) counts from there.
+        first_wave = sorted(submits, key=submits.get)[:slots]
+        fixed = {task: _startup(events, stage["t0"] if task in first_wave else t_sub, bare, task=task)
+                 for task, t_sub in submits.items()}
         ideal = n * bare["total_s"] / slots
         stage_s = stage["t1"] - stage["t0"]
         out["job"] = {
@@ -237,7 +311,8 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
             "max_fixed_s": round(max(f["fixed_s"] for f in fixed.values()), 2),
             "submit_to_worker_s": round(sum(f["to_worker_s"] for f in fixed.values()) / len(fixed), 2),
             "training_stage_s": round(stage_s, 1), "job_s": round(job_s, 1), "ideal_s": round(ideal, 1),
-            "ratio": round(stage_s / ideal, 3), "ratio_whole_job": round(job_s / ideal, 3)}
+            "ratio": round(stage_s / ideal, 3), "ratio_whole_job": round(job_s / ideal, 3),
+            "breakdown": _mean_breakdown(fixed.values())}
 
         # A sweep: every trial trains all its epochs (ASHA's grace period = epochs), 2 trials per task.
         sweep_tasks = max(1, min(n, 2))
@@ -257,12 +332,9 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
             root = f"{res.store}/sweeps/{r['task']}-{r['config_hash']}"
             with open(f"{root}/ledger.json") as f:
                 ledgers += json.load(f)
-        trial_fixed = []
-        for tr in ledgers:
-            ends = [e["t"] for e in events if e.get("trial") == tr["trial_id"] and e["kind"] == "epoch"
-                    and e["epoch"] == 0]
-            if ends and tr["started_at"]:
-                trial_fixed.append(min(ends) - tr["started_at"] - bare["first_epoch_s"])
+        trial_parts = [_startup(events, tr["started_at"], bare, trial=tr["trial_id"]) for tr in ledgers
+                       if tr["started_at"] and any(e.get("trial") == tr["trial_id"] for e in events)]
+        trial_fixed = [p["fixed_s"] for p in trial_parts]
         sweep_start = min(ts for ts, msg in said if msg.startswith("sweeping"))
         first_trial = min((e["t"] for e in events if e["kind"] == "epoch" and e["epoch"] == 0), default=float("nan"))
         trials = len(ledgers)
@@ -271,7 +343,8 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
                         "fixed_per_trial_s": round(sum(trial_fixed) / len(trial_fixed), 2) if trial_fixed else None,
                         "max_fixed_s": round(max(trial_fixed), 2) if trial_fixed else None,
                         "tune_start_to_first_epoch_s": round(first_trial - sweep_start - bare["first_epoch_s"], 2),
-                        "job_s": round(sweep_s, 1), "ideal_s": round(ideal, 1), "ratio_whole_job": round(sweep_s / ideal, 3)}
+                        "job_s": round(sweep_s, 1), "ideal_s": round(ideal, 1), "ratio_whole_job": round(sweep_s / ideal, 3),
+                        "breakdown": _mean_breakdown(trial_parts), "phases": _sweep_phases(said, events, sweep_s, t)}
     finally:
         _restore_say(original)
         pipeline.train_all = original_train_all
@@ -301,12 +374,25 @@ def print_startup(res: dict) -> None:
               str(j["job_s"]), str(j["ratio_whole_job"]))
     p.add_row("sweep", str(s["trials"]), str(s["ideal_s"]), "-", "-", str(s["job_s"]), str(s["ratio_whole_job"]))
     Console(width=140).print(p)
+    b = Table(title="where start-up goes (means per run, s): submission -> run_plan in its worker (of which "
+                    "starting a process + imports), first epoch beyond the bare loop's, each later epoch beyond it")
+    for c in ("kind", "worker processes", "submit -> run_plan", "cold process + imports", "first epoch extra",
+              "fixed", "per later epoch"):
+        b.add_column(c)
+    for kind, part in (("plain job", j["breakdown"]), ("sweep", s["breakdown"])):
+        if part:
+            b.add_row(kind, str(part["processes"]), str(part["to_worker_s"]), str(part["cold_start_s"]),
+                      str(part["first_epoch_extra_s"]), str(part["fixed_s"]), str(part["epoch_overhead_s"]))
+    Console(width=140).print(b)
+    print("sweep job by phase (s): " + ", ".join(f"{k} {v}" for k, v in s["phases"].items()), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke-test", action="store_true", help="N = 1, 2 with one epoch (about a minute)")
     ap.add_argument("--long", action="store_true", help="size each task to train about 60 s (packing check)")
+    ap.add_argument("--task-s", type=float, default=None,
+                    help="size each task to train about this long (default 60 with --long, else 12; 3 smoke)")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--tasks", type=int, default=4, help="tasks in the fixed-cost / packing job")
     ap.add_argument("--only-startup", action="store_true", help="skip the N-task overhead and cache sections")

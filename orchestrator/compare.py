@@ -2,8 +2,8 @@
 
 Every (task, method, seed) run goes through the same loaders, transforms, schedule, epochs, head
 initialisation and evaluation of its saved artifact; sparse methods share the importance cache with
-`shpeft run`. Runs are one-worker Ray tasks (a comparison launches many small runs at once, where a
-Ray Train worker group per run would cost more to start than the run itself). Finished runs are
+`shpeft run`. Runs are one-worker runs on the warm worker pool (a comparison launches many small runs,
+where a Ray Train worker group or a new process per run would cost more to start than the run itself). Finished runs are
 kept in ``<store>/reports/<id>/results.parquet`` and skipped, after their artifact verifies, when
 the same comparison runs again. The report (Markdown + PNGs) is written beside it.
 """
@@ -29,8 +29,9 @@ from .jobspec import JobSpec, content_hash, job_id as compute_job_id, resolve_ta
 from .keys import task_config_hash
 from .pipeline import note_input_sizes, preflight
 from .plan import plan_for
-from .resources import connect_ray, worker_resources
+from .resources import cluster_resources, connect_ray, trainer_slots, worker_resources
 from .store import artifact_uri, normalise_store, report_dir, row_verified
+from .worker_pool import run_on_pool
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
 
@@ -122,8 +123,6 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
 
 def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: int, *, force: bool,
              progress: bool) -> CompareResult:
-    import ray
-
     from shpeft_core.backbone import backbone_fingerprint
 
     from .report import write_report
@@ -149,9 +148,8 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
 
     previous = {(r["task"], r["method"], r["mix"], r["seed"]): r for r in ([] if force else _read_results(results_uri))}
     rows: dict[tuple, dict[str, Any]] = {}
-    pending: dict[Any, tuple] = {}
+    pending: list[tuple[tuple, dict, Any]] = []
     res = worker_resources(job)
-    remote = ray.remote(_run_one).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), max_retries=1)
     for spec in targets:
         for method, mix in methods:
             mix_job = job if mix is None else job.model_copy(
@@ -176,38 +174,17 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
                 if row_verified(previous.get(key), chash, "artifact_uri"):
                     rows[key] = previous[key]
                     continue
-                pending[remote.remote(plan)] = (key, base)
+                pending.append((key, base, plan))
     done_before = len(rows)
     total = done_before + len(pending)
     if done_before:
         say(f"compare {rid}: {done_before} run(s) already done and verified, {len(pending)} to run", progress)
-    from .progress import counting_bar
+    bases = {key: base for key, base, _ in pending}
 
-    with counting_bar("compare", len(pending), enabled=progress) as advance:
-        _collect(pending, rows, total, results_uri, job, progress, advance)
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
-    _write_results(results_uri, ordered)
-    task_names = [task_name(e) for e in job.tasks]
-    report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
-                                     agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
-    if progress:
-        from .report import print_compare_table
-
-        print_compare_table(ordered, task_names, labels, job.selection.mix)
-        say(f"compare {rid}: report {report_uri}", progress)
-    return CompareResult(report_id=rid, store=store, rows=ordered, report_uri=report_uri, results_uri=results_uri,
-                         plots=plots)
-
-
-def _collect(pending: dict, rows: dict, total: int, results_uri: str, job, progress: bool, advance) -> None:
-    """Waits for every pending run, recording its row (and the results file) as each one ends."""
-    import ray
-
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        key, base = pending.pop(done[0])
+    def finished(key: tuple, get_result) -> None:
+        base = bases[key]
         try:
-            out = ray.get(done[0])
+            out = get_result()
             rows[key] = {**base, **{k: v for k, v in out.items() if k in SCHEMA.names}, "status": "ok", "error": None}
         except Exception as exc:
             rows[key] = {**base, "status": "failed", "error": short_error(exc)}
@@ -221,3 +198,25 @@ def _collect(pending: dict, rows: dict, total: int, results_uri: str, job, progr
             say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: FAILED {r['error']}", progress)
         _write_results(results_uri, list(rows.values()))
         advance()
+
+    # Every run on the warm worker pool: torch and the project are imported once per slot, not per run.
+    cpus, gpus = cluster_resources()
+    one_worker = job.model_copy(update={"training": job.training.model_copy(update={"workers_per_task": 1})})
+    slots = trainer_slots(cpus, gpus, one_worker, user_limit=job.training.max_concurrent_tasks)
+    from .progress import counting_bar
+
+    with counting_bar("compare", len(pending), enabled=progress) as advance:
+        run_on_pool(_run_one, [(key, plan) for key, _, plan in pending], slots=slots, resources=res,
+                    max_failures=1, on_done=finished)
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
+    _write_results(results_uri, ordered)
+    task_names = [task_name(e) for e in job.tasks]
+    report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
+                                     agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
+    if progress:
+        from .report import print_compare_table
+
+        print_compare_table(ordered, task_names, labels, job.selection.mix)
+        say(f"compare {rid}: report {report_uri}", progress)
+    return CompareResult(report_id=rid, store=store, rows=ordered, report_uri=report_uri, results_uri=results_uri,
+                         plots=plots)

@@ -108,19 +108,30 @@ def pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> 
     return [n for n in names if imp.include_target or n != target]
 
 
+def importance_gpu(job: JobSpec) -> bool:
+    return bool(job.training.use_gpu if job.importance.use_gpu is None else job.importance.use_gpu)
+
+
+def _compute_packed(args: tuple) -> dict[str, Any]:
+    return compute_dataset_importance(*args)
+
+
 def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list, pool_extra: list,
                       force: bool, progress: bool, counters: dict[str, int],
-                      extra_estimators: dict[str, set[str]] | None = None, board=None) -> ImportanceMaps:
+                      extra_estimators: dict[str, set[str]] | None = None, workers=None,
+                      board=None) -> ImportanceMaps:
     """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
 
     ``extra_estimators`` asks for more maps of a target (gps ranks by grad1 whatever the job's estimator).
+    ``workers`` (a ``worker_pool.WorkerPool``) computes the maps in its warm actors instead of one Ray
+    task (1 CPU) each; its actors must hold a GPU exactly when ``importance_gpu(job)``.
     """
     import ray
 
     from tasks.fingerprint import dataset_fingerprint
 
     imp = job.importance
-    use_gpu = job.training.use_gpu if imp.use_gpu is None else imp.use_gpu
+    use_gpu = importance_gpu(job)
     settings = {
         "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
         "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed, "rules": job.selection.rules,
@@ -144,7 +155,8 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
                 d.error = f"{type(exc).__name__}: {exc}"
             maps[(spec.name, est)] = d
 
-    pending = {}
+    pending: dict[Any, list[DatasetMap]] = {}  # Ray task ref -> maps
+    for_pool: dict[str, tuple[list[DatasetMap], tuple]] = {}  # key -> (maps, arguments)
     by_key: dict[str, list[DatasetMap]] = {}
     for d in maps.values():
         if not d.error:
@@ -159,16 +171,16 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
             say(f"importance {d.name} ({d.estimator}): cache hit, nothing computed", progress)
             continue
         say(f"importance {d.name} ({d.estimator}): computing", progress)
-        ref = remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(
-            backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
-            d.fingerprint, d.uri, use_gpu, board,
-        )
-        pending[ref] = group
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        group = pending.pop(done[0])
+        args = (backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
+                d.fingerprint, d.uri, use_gpu, board)
+        if workers is not None:
+            for_pool[key] = (group, args)
+        else:
+            pending[remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(*args)] = group
+
+    def finished(group: list[DatasetMap], get_result) -> None:
         try:
-            out = ray.get(done[0])
+            out = get_result()
             counters["importance_computed"] += 1
             for g in group:
                 g.cache, g.seconds = "miss", out["seconds"]
@@ -177,6 +189,14 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
             for g in group:
                 g.error = f"importance failed: {short_error(exc)}"
             say(f"importance {group[0].name}: FAILED {short_error(exc)}", progress)
+
+    if for_pool:
+        # retried 3 times when its process dies, as Ray retries a task
+        workers.run(_compute_packed, [(k, args) for k, (_, args) in for_pool.items()], max_failures=3,
+                    on_done=lambda k, get_result: finished(for_pool[k][0], get_result))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        finished(pending.pop(done[0]), lambda: ray.get(done[0]))
 
     combined: dict[str, dict[str, Any]] = {}
     agnostic: dict[str, dict[str, Any]] = {}

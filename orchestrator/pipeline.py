@@ -98,14 +98,34 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
     quiet_frameworks()
     started = connect_ray(address, num_cpus)
+    workers = None
     try:
-        return _run(job, model, force=force, progress=progress)
+        workers = early_workers(job)
+        return _run(job, model, workers, force=force, progress=progress)
     finally:
+        if workers is not None:
+            workers.close()
         if started:
             ray.shutdown()
 
 
-def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
+def early_workers(job: JobSpec):
+    """The warm worker pool, started before the importance stage so its imports overlap the driver's work,
+    or None where it would not serve the training stage (data-parallel training; a sweep, whose Tune trials
+    need the resources) or cannot serve the importance stage (importance wanting a GPU the workers lack,
+    or the reverse). Its actors hold the workers' resources from now on."""
+    from .importance_stage import importance_gpu
+    from .resources import cluster_resources, trainer_slots, worker_resources
+    from .worker_pool import WorkerPool
+
+    res = worker_resources(job)
+    if job.training.workers_per_task != 1 or job.sweep.enabled or importance_gpu(job) != bool(res.get("GPU")):
+        return None
+    cpus, gpus = cluster_resources()
+    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res)
+
+
+def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobResult:
     import logging
 
     from .tasklog import StoreLogs
@@ -114,10 +134,11 @@ def _run(job: JobSpec, model, *, force: bool, progress: bool) -> JobResult:
     jid = compute_job_id(job)
     logs = StoreLogs(store, jid)  # driver.log gets every line the console shows, from the first one
     with logs.attached(logging.getLogger("shpeft")):
-        return _run_logged(job, model, store, jid, logs, force=force, progress=progress)
+        return _run_logged(job, model, store, jid, logs, workers, force=force, progress=progress)
 
 
-def _run_logged(job: JobSpec, model, store: str, jid: str, logs, *, force: bool, progress: bool) -> JobResult:
+def _run_logged(job: JobSpec, model, store: str, jid: str, logs, workers, *, force: bool,
+                progress: bool) -> JobResult:
     from .tracking import make_tracker
 
     t_job = time.perf_counter()
@@ -129,7 +150,7 @@ def _run_logged(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
     tracker = make_tracker(job, jid, store, progress)  # no backends (and no cost) without a tracking section
     tracker.start_job(job)
     try:
-        result = _stages(job, model, store, jid, counters, tracker, logs, force=force, progress=progress)
+        result = _stages(job, model, store, jid, counters, tracker, logs, workers, force=force, progress=progress)
     except Exception:
         tracker.end_job(ok=False)
         raise
@@ -142,7 +163,7 @@ def _run_logged(job: JobSpec, model, store: str, jid: str, logs, *, force: bool,
     return result
 
 
-def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, logs, *, force: bool,
+def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, logs, workers, *, force: bool,
             progress: bool) -> JobResult:
     from shpeft_core.backbone import backbone_fingerprint
 
@@ -165,7 +186,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
     with ProgressPrinter(board, enabled=progress, listeners=listeners) as printer:
         log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
-                                  extra_estimators(job, targets, methods), board=board)
+                                  extra_estimators(job, targets, methods), workers=workers, board=board)
 
         previous = latest_rows(store, jid)
         plans = []
@@ -223,7 +244,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
                 rows[base["task"]] = _finish_row(base, get_result, printer.post)
                 _after_task(rows[base["task"]], counters, store, jid, progress, tracker, post=printer.post)
 
-            train_all(job, store, jid, plans, board, force, progress, on_done)
+            train_all(job, store, jid, plans, board, force, progress, on_done, workers=workers)
 
     ordered = [rows[task_name(e)] for e in job.tasks if task_name(e) in rows]
     failed = [r["task"] for r in ordered if r.get("status") != "ok"]

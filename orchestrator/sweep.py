@@ -17,9 +17,10 @@ of the budget; a task whose ``trials.json`` exists is done. The best trial's art
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
-import tempfile
 import time
 import zlib
 from typing import Any
@@ -30,8 +31,11 @@ from . import store as layout
 from .console import say, short_error
 from .evaluate import evaluate_artifact
 from .resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
+from .train_stage import fault_for
+from .worker_pool import run_on_pool
 
-__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space"]
+__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space", "asha_stop_points",
+           "trial_artifact_at"]
 
 
 def search_space(plan, sweep) -> dict[str, Any]:
@@ -176,27 +180,52 @@ def _copy_artifact(src: str, dst: str, kind: str) -> None:
         atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
 
 
-def _direct_trial(plan, board, trial_id: str, trial_uri: str) -> None:
-    """A one-worker trial: the training loop runs in the trial, reporting to Tune with a checkpoint each epoch."""
+def asha_stop_points(max_t: int, grace_period: int, reduction_factor: float, brackets: int) -> frozenset[int]:
+    """The training iterations after which ASHA can stop a trial that reports every iteration.
+
+    Ray's ASHAScheduler gives bracket s the rungs grace_period * rf ** (k + s) (k < int(log(max_t /
+    grace_period) / log(rf) - s + 1)) and decides about a trial only at the first result at or past a
+    rung it has not recorded the trial in, or at max_t. A trial's last reported epoch is one of these.
+    """
+    import numpy as np
+
+    points = {int(max_t)}
+    for s in range(brackets):
+        rungs = int(np.log(max_t / grace_period) / np.log(reduction_factor) - s + 1)
+        points.update(math.ceil(grace_period * reduction_factor ** (k + s)) for k in range(rungs))
+    return frozenset(p for p in points if 1 <= p <= max_t)
+
+
+def trial_artifact_at(template: str, stop_points: frozenset[int], epoch: int) -> str | None:
+    """Where a trial writes its artifact after ``epoch`` (0-based): after each epoch it may end on, named by
+    the epochs it holds (``{epochs}`` in ``template``), so a ledger entry names exactly its last epoch's."""
+    return template.replace("{epochs}", str(epoch + 1)) if epoch + 1 in stop_points else None
+
+
+def _direct_trial(plan, board, trial_id: str, trial_artifact, checkpoint_root: str,
+                  stop_points: frozenset[int], fault: dict | None) -> None:
+    """A one-worker trial: the training loop runs in the trial with a checkpoint each epoch in the store
+    (a retried trial resumes after the newest), and reports to Tune only after the epochs ASHA can stop it
+    on. Tune's ``report`` blocks until its controller has taken the result, which cost a report each epoch
+    a third of an epoch on a busy 2-CPU machine; ASHA decides on exactly the same epochs' metrics."""
     from ray import tune
 
-    from shpeft_core.train import load_train_state, save_train_state
+    from .train_loop import run_with_checkpoints
 
-    from .train_loop import run_plan
+    last = int(plan.train["epochs"]) - 1
 
-    resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume_state = load_train_state(d)
+    def after_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        if epoch == last:
+            # Evaluated here, before the last report (after which ASHA stops the trial at max_t), in this warm
+            # process: when this trial is its task's best, the task's final evaluation is already done.
+            uri = trial_artifact(epoch)
+            ev = evaluate_artifact(dataclasses.replace(plan, artifact_uri=uri))
+            atomic_write_bytes(layout.sweep_trial_eval(uri), json.dumps(ev).encode())
+        if epoch + 1 in stop_points:
+            tune.report(metrics)
 
-    def report(epoch: int, metrics: dict[str, Any], state) -> None:
-        with tempfile.TemporaryDirectory(prefix="shpeft-ckpt-") as d:
-            save_train_state(state, d)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-    run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial_id,
-             trial_artifact_uri=trial_uri)
+    run_with_checkpoints(plan, checkpoint_root, board=board, fault=fault, trial=trial_id,
+                         trial_artifact=trial_artifact, after_epoch=after_epoch)
 
 
 class _Sweep:
@@ -213,8 +242,11 @@ class _Sweep:
         self.summary = json.loads(read_bytes(self.summary_uri)) if exists(self.summary_uri) else None
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
 
-    def trial_uri(self, trial_id: str) -> str:
-        return layout.artifact_uri(join_uri(self.root, "trials"), trial_id, self.plan.method)
+    def trial_checkpoints(self, trial_id: str) -> str:
+        return layout.sweep_checkpoints(self.root, trial_id)
+
+    def trial_uri(self, trial_id: str, epochs: int | str | None) -> str:
+        return layout.sweep_trial_artifact(self.root, trial_id, epochs, self.plan.method)
 
     def record(self, entry: dict) -> None:
         self.ledger.append(entry)
@@ -239,6 +271,17 @@ def _post_trial_end(board, task: str, trial_id: str, value) -> None:
         board.push.remote({"kind": "trial_end", "task": task, "trial": trial_id, "val_metric": value})
 
 
+def _copy_eval_file(trial_artifact: str, artifact: str) -> None:
+    """The best trial's evaluation file (history, confusion matrices, per-class metrics) becomes the task's:
+    the bytes are the same, so only the artifact's path in it changes."""
+    src = layout.eval_file(trial_artifact)
+    if not exists(src):
+        return
+    doc = json.loads(read_bytes(src))
+    doc["artifact_uri"] = artifact
+    atomic_write_bytes(layout.eval_file(artifact), json.dumps(doc, indent=1, allow_nan=False).encode())
+
+
 def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
     from ray.tune import Callback
 
@@ -249,7 +292,7 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
             self._started: dict[str, float] = {}
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._started[trial.trial_id] = time.time()
+            self._started.setdefault(trial.trial_id, time.time())  # a retried trial keeps its first start
 
         def _record(self, trial, error: str | None) -> None:
             sw = sweeps[trial.config["task"]]
@@ -260,8 +303,10 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
                 "density": float(trial.config.get("density", sw.plan.density)),
                 "alpha": float(trial.config.get("alpha", sw.plan.alpha)),
                 "lr": float(trial.config.get("lr", sw.plan.train["lr"])),
-                "val_metric": m.get("val_metric"), "epochs": m.get("training_iteration"),
-                "trainable": m.get("trainable"), "error": error, "delta_uri": sw.trial_uri(trial.trial_id),
+                "val_metric": m.get("val_metric"), "epochs": m.get("epochs"),
+                "trainable": m.get("trainable"), "error": error,
+                "resumed_from_epoch": m["resumed_from_epoch"] if m.get("resumed_from_epoch", -1) >= 0 else None,
+                "delta_uri": sw.trial_uri(trial.trial_id, m.get("epochs")),
             }
             sw.record(entry)
             if tracker is not None:
@@ -293,7 +338,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from shpeft_core.methods import artifact_kind
+    from shpeft_core.methods import artifact_kind, artifact_sha256
 
     from .train_loop import train_task_loop
 
@@ -334,7 +379,10 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                        resources_per_worker=res)
         max_failures = job.training.max_failures
         trial_plans = {n: s.plan for n, s in todo.items()}
-        trial_uris = {n: s.trial_uri("{}") for n, s in todo.items()}
+        trial_uris = {n: s.trial_uri("{trial}", "{epochs}") for n, s in todo.items()}
+        trial_checkpoints = {n: s.trial_checkpoints("{trial}") for n, s in todo.items()}
+        # test hook (SHPEFT_FAULT_INJECT): one trial of the task loses its process once
+        faults = {n: fault_for(n, s.root) for n, s in todo.items()}
 
         def trial(config: dict[str, Any]) -> None:
             trial_id = tune.get_context().get_trial_id()
@@ -342,14 +390,16 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             trial_plan = trial_plans[task].with_search_point(
                 density=config.get("density"), alpha=config.get("alpha"), lr=config.get("lr"),
                 artifact_uri="", sweep_trial=trial_id)
-            trial_uri = trial_uris[task].replace("{}", trial_id)
+            artifact_at = functools.partial(trial_artifact_at, trial_uris[task].replace("{trial}", trial_id),
+                                            stop_points)
             if direct:
-                _direct_trial(trial_plan, board, trial_id, trial_uri)
+                _direct_trial(trial_plan, board, trial_id, artifact_at,
+                              trial_checkpoints[task].replace("{trial}", trial_id), stop_points, faults[task])
                 return
             TorchTrainer(
                 train_task_loop,
                 train_loop_config={"plan": trial_plan, "board": board, "fault": None, "trial": trial_id,
-                                   "trial_artifact_uri": trial_uri},
+                                   "trial_artifact": artifact_at},
                 scaling_config=ray.train.ScalingConfig(**scaling),
                 run_config=ray.train.RunConfig(
                     name=f"trial-{trial_id}", storage_path=train_storage[0], storage_filesystem=train_storage[1],
@@ -370,16 +420,23 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
                                 evaluated_rewards=[t["val_metric"] for t in done] or None)
 
         epochs = max(int(s.plan.train["epochs"]) for s in todo.values())
+        # A trial's artifact is written only after the epochs it can end on (its last reported one is
+        # what the ledger records): ASHA's rungs, and each task's last epoch.
+        stop_points = asha_stop_points(epochs, min(sw.asha.grace_period, epochs), sw.asha.reduction_factor,
+                                       sw.asha.brackets) | {int(s.plan.train["epochs"]) for s in todo.values()}
         searcher = PerTaskSearcher({n: study(n, s) for n, s in todo.items()}, {n: s.budget for n, s in todo.items()},
                                    metric="val_metric", mode="max")
         scheduler = PerTaskScheduler(lambda: ASHAScheduler(
-            time_attr="training_iteration", max_t=epochs, grace_period=min(sw.asha.grace_period, epochs),
+            time_attr="epochs", max_t=epochs, grace_period=min(sw.asha.grace_period, epochs),
             reduction_factor=sw.asha.reduction_factor, brackets=sw.asha.brackets))
         tuner = tune.Tuner(
             tune.with_resources(trial, trial_resources),
             tune_config=tune.TuneConfig(metric="val_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=sum(s.budget for s in todo.values()),
-                                        max_concurrent_trials=slots),
+                                        max_concurrent_trials=slots,
+                                        # a direct trial's process (torch imported, kernels chosen) serves
+                                        # the next trial; trainer trials start new workers either way
+                                        reuse_actors=direct),
             run_config=tune.RunConfig(name=f"run-{int(time.time())}", storage_path=tune_storage[0],
                                       storage_filesystem=tune_storage[1], verbose=0,
                                       callbacks=[_ledger_callback(todo, board, tracker)],
@@ -390,11 +447,14 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             tuner.fit()
         finally:
             _remove_leftover_placement_groups(pgs_before)
-        # Finished trials live in the ledgers and trial artifacts; Tune's own folders (also those of a
-        # killed earlier run of this job) are no longer needed.
+        # Finished trials live in the ledgers and trial artifacts; Tune's own folders and the trials'
+        # checkpoints (also those of a killed earlier run of this job) are no longer needed.
         remove(tune_root, recursive=True)
+        for s in todo.values():
+            remove(layout.sweep_checkpoints(s.root), recursive=True)
 
     seconds = time.perf_counter() - t0
+    finals = {}
     for name, s in sweeps.items():
         if name in out:
             continue
@@ -402,13 +462,34 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             summary = s.summary or s.finish(seconds)
             best = summary["best"]
             _copy_artifact(best["delta_uri"], s.plan.artifact_uri, artifact_kind(s.plan.method))
-            final = s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr"))
-            res = worker_resources(job)
-            ev = ray.get(ray.remote(evaluate_artifact).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
-                         .remote(final))
-            out[name] = {**ev, "density": best["density"], "alpha": best["alpha"], "delta_uri": s.plan.artifact_uri,
-                         "sweep_trials": len(summary["trials"]), "sweep_s": summary["seconds"], "train_s": None,
+            finals[name] = (s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr")),
+                            summary)
+        except Exception as exc:
+            out[name] = {"error": short_error(exc)}
+
+    def evaluated(name: str, get_result) -> None:
+        summary = finals[name][1]
+        best = summary["best"]
+        try:
+            out[name] = {**get_result(), "density": best["density"], "alpha": best["alpha"],
+                         "delta_uri": sweeps[name].plan.artifact_uri, "sweep_trials": len(summary["trials"]),
+                         "sweep_s": summary["seconds"], "train_s": None,
                          "lr": best.get("lr"), "best_trial": best.get("trial_id")}
         except Exception as exc:
             out[name] = {"error": short_error(exc)}
+
+    to_evaluate = []
+    for name, (plan, summary) in finals.items():
+        # the best trial's own evaluation counts when it is of these very bytes
+        ev_uri = layout.sweep_trial_eval(summary["best"]["delta_uri"])
+        ev = json.loads(read_bytes(ev_uri)) if exists(ev_uri) else {}
+        if ev.get("sha256") and ev["sha256"] == artifact_sha256(plan.artifact_uri, artifact_kind(plan.method)):
+            _copy_eval_file(summary["best"]["delta_uri"], plan.artifact_uri)
+            evaluated(name, lambda ev=ev: ev)
+        else:
+            to_evaluate.append((name, plan))
+    # The others' best artifacts evaluated at once, in warm processes (one import of torch per slot).
+    cpus, gpus = cluster_resources()
+    run_on_pool(evaluate_artifact, to_evaluate, slots=trainer_slots(cpus, gpus, job), resources=worker_resources(job),
+                max_failures=job.training.max_failures, on_done=evaluated)
     return out

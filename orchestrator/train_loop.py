@@ -123,7 +123,7 @@ def train_task_loop(cfg: dict[str, Any]) -> None:
     run_plan(plan, rank=rank, world=world, device=device, resume_state=resume_state,
              wrap=(lambda m: ray.train.torch.prepare_model(m)) if world > 1 or plan.use_gpu else None,
              report=report, board=cfg.get("board"), trial=cfg.get("trial"),
-             trial_artifact_uri=cfg.get("trial_artifact_uri"))
+             trial_artifact=cfg.get("trial_artifact"))
 
 
 def run_plan(plan, *, rank: int = 0, board=None, trial: str | None = None, **kwargs) -> dict[str, Any]:
@@ -139,12 +139,12 @@ def run_plan(plan, *, rank: int = 0, board=None, trial: str | None = None, **kwa
 
 
 def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
-                board=None, trial: str | None = None, trial_artifact_uri: str | None = None) -> dict[str, Any]:
+                board=None, trial: str | None = None, trial_artifact=None) -> dict[str, Any]:
     """Train one plan in this process.
 
     After every epoch ``report(epoch, metrics, TrainState)`` is called (checkpointing is the caller's);
-    rank 0 writes the trial artifact every epoch when ``trial_artifact_uri`` is set, and the plan's
-    artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
+    rank 0 writes the trial artifact after epoch e to ``trial_artifact(e)`` (a sweep trial; no write
+    where it returns None), and the plan's artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
     """
     from shpeft_core.methods import save_artifact
     from shpeft_core.metrics import json_safe
@@ -182,12 +182,13 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
             (k_ if k_ in ("epoch", "train_loss", "lr") else f"val_{k_}"): float(v)
             for k_, v in metrics.items() if isinstance(v, (int, float)) and v is not None
         }
-        out.update(epoch=epoch, val_metric=value, trainable=trainable)
+        out.update(epoch=epoch, epochs=epoch + 1, val_metric=value, trainable=trainable)
         last.clear()
         last.update(out)
         if rank == 0:
-            if trial_artifact_uri:
-                write_artifact(trial_artifact_uri, epoch, state.history)
+            uri = trial_artifact(epoch) if trial_artifact is not None else None
+            if uri:
+                write_artifact(uri, epoch, state.history)
             if board is not None:
                 board.push.remote({"kind": "epoch", "task": plan.task_name, "trial": trial, "epoch": epoch,
                                    "epochs": epochs, "metric": plan.metric, "metrics": out})
@@ -226,10 +227,12 @@ def latest_checkpoint(root: str):
     return 0, None
 
 
-def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, keep: int = 2) -> dict[str, Any]:
+def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, keep: int = 2, trial=None,
+                         trial_artifact=None, after_epoch=None) -> dict[str, Any]:
     """One-worker training in this process with its TrainState saved each epoch under ``checkpoint_root``.
 
     When the process dies and the task is retried, training resumes after the newest checkpoint.
+    ``after_epoch(epoch, metrics)`` is called once that epoch's checkpoint (and trial artifact) is written.
     """
     from shpeft_core.io import join_uri, remove
     from shpeft_core.train import save_train_state
@@ -245,7 +248,10 @@ def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, 
         save_train_state(state, join_uri(checkpoint_root, f"epoch-{epoch + 1}"))
         if epoch + 1 - keep > 0:
             remove(join_uri(checkpoint_root, f"epoch-{epoch + 1 - keep}"), recursive=True)
+        if after_epoch is not None:
+            after_epoch(epoch, {**metrics, "resumed_from_epoch": start - 1 if resume_state is not None else -1})
 
-    out = run_plan(plan, resume_state=resume_state, report=report, board=board)
+    out = run_plan(plan, resume_state=resume_state, report=report, board=board, trial=trial,
+                   trial_artifact=trial_artifact)
     out["resumed_from_epoch"] = start - 1 if resume_state is not None else None
     return out

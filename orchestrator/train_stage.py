@@ -1,8 +1,10 @@
 """Stage 2: every task trained, as many at once as the cluster holds (see resources.trainer_slots).
 
-A one-worker task trains inside a Ray task holding one worker's resources and checkpoints each epoch into
-the store (retried on a worker crash, resuming from its newest checkpoint); a data-parallel task gets a
-Ray Train TorchTrainer, launched from a zero-CPU Ray task. Each finished artifact is evaluated.
+A one-worker task trains in a warm pool actor holding one worker's resources (``worker_pool``: one
+long-lived process per slot, so torch and the project are imported once per slot, not once per task)
+and checkpoints each epoch into the store (moved to another actor on a worker crash or a lost node,
+resuming from its newest checkpoint); a data-parallel task gets a Ray Train TorchTrainer, launched from
+a zero-CPU Ray task. Each finished artifact is evaluated where it was trained.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ __all__ = ['train_all', 'train_task', 'train_direct', 'fault_for']
 
 
 def train_direct(launch: dict[str, Any]) -> dict[str, Any]:
-    """A one-worker task, trained in this Ray task (retried on a worker crash, resuming from its checkpoint)."""
+    """A one-worker task, trained in this process (a pool actor; on a retry it resumes from its checkpoint)."""
     from .train_loop import run_with_checkpoints
 
     t0 = time.perf_counter()
@@ -84,11 +86,13 @@ def fault_for(task: str, run_root: str) -> dict | None:
     return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
 
 
-def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done) -> None:
-    """Stage 2: one zero-CPU launcher per task, at most `slots` in flight (each slot = one whole trainer).
+def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done,
+              workers=None) -> None:
+    """Stage 2: at most `slots` tasks in flight (each slot = one whole trainer).
 
     ``on_done(base_row, get_result)`` is called as each task ends; ``get_result()`` returns its row fields
-    or raises the task's error.
+    or raises the task's error. One-worker tasks run on ``workers`` (a ``worker_pool.WorkerPool`` started
+    earlier in the job, e.g. before the importance stage) or on a pool of their own.
     """
     import ray
 
@@ -100,41 +104,58 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
          f"({job.training.workers_per_task} worker(s) x {worker_resources(job)} each; cluster {cpus:g} CPU {gpus:g} GPU)",
          progress)
     res = worker_resources(job)
-    if job.training.workers_per_task == 1:
-        # One worker: the training runs in this task itself, holding the worker's resources. Retries cover a
-        # crashed worker process or a lost node (resuming from the newest checkpoint), never a Python error.
-        submit = ray.remote(train_direct).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
-                                                  max_retries=job.training.max_failures, retry_exceptions=False)
-    else:
-        # Data parallel: a zero-CPU launcher waits on its TorchTrainer. It prefers the driver's node and is
-        # retried if its node is lost (the trainer then restores its checkpoint).
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        submit = ray.remote(train_task).options(num_cpus=0, max_retries=job.training.max_failures,
-                                                retry_exceptions=False, scheduling_strategy=here)
     train_storage = ray_storage(join_uri(store, "runs"))  # Ray Train's run folder: runs/<run_name>
-    eval_res = res
-    queue = list(plans)
-    in_flight: dict[Any, tuple] = {}
+    launches = []
+    for plan, base, chash in plans:
+        run_name = f"{jid}-{plan.task_name}-{chash}"
+        run_root = layout.run_root(store, jid, plan.task_name, chash)
+        if force:
+            remove(run_root, recursive=True)
+        launch = {
+            "plan": plan, "board": board, "fault": fault_for(plan.task_name, run_root),
+            "run_name": run_name, "ray_storage": train_storage, "run_root": run_root,
+            "workers": job.training.workers_per_task, "worker_resources": res,
+            "max_failures": job.training.max_failures,
+            "eval_cpus": res["CPU"], "eval_gpus": res.get("GPU", 0),
+        }
+        base = {**base, "density": plan.density, "alpha": plan.alpha, "delta_uri": plan.artifact_uri}
+        launches.append((launch, base))
+
+    def started(i: int) -> None:
+        launch, base = launches[i]
+        base["started_at"] = now()
+        say(f"[{launch['plan'].task_name}] training {launch['plan'].method} (run {launch['run_name']})", progress)
+
+    if job.training.workers_per_task == 1:
+        # One worker: the training runs in a warm pool actor holding the worker's resources. A crashed
+        # worker process or a lost node sends the task to another actor (resuming from its newest
+        # checkpoint); a Python error fails the task.
+        from .worker_pool import run_on_pool
+
+        items = [(i, launch) for i, (launch, _) in enumerate(launches)]
+        finished = lambda i, get_result: on_done(launches[i][1], get_result)  # noqa: E731
+        if workers is not None:
+            workers.run(train_direct, items, max_failures=job.training.max_failures, on_start=started,
+                        on_done=finished, keep=False)
+        else:
+            run_on_pool(train_direct, items, slots=slots, resources=res, max_failures=job.training.max_failures,
+                        on_start=started, on_done=finished)
+        return
+
+    # Data parallel: a zero-CPU launcher waits on its TorchTrainer. It prefers the driver's node and is
+    # retried if its node is lost (the trainer then restores its checkpoint).
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    submit = ray.remote(train_task).options(num_cpus=0, max_retries=job.training.max_failures,
+                                            retry_exceptions=False, scheduling_strategy=here)
+    queue = list(range(len(launches)))
+    in_flight: dict[Any, int] = {}
     while queue or in_flight:
         while queue and len(in_flight) < slots:
-            plan, base, chash = queue.pop(0)
-            run_name = f"{jid}-{plan.task_name}-{chash}"
-            run_root = layout.run_root(store, jid, plan.task_name, chash)
-            if force:
-                remove(run_root, recursive=True)
-            launch = {
-                "plan": plan, "board": board, "fault": fault_for(plan.task_name, run_root),
-                "run_name": run_name, "ray_storage": train_storage, "run_root": run_root,
-                "workers": job.training.workers_per_task, "worker_resources": res,
-                "max_failures": job.training.max_failures,
-                "eval_cpus": eval_res["CPU"], "eval_gpus": eval_res.get("GPU", 0),
-            }
-            say(f"[{plan.task_name}] training {plan.method} (run {run_name})", progress)
-            base = {**base, "density": plan.density, "alpha": plan.alpha, "delta_uri": plan.artifact_uri,
-                    "started_at": now()}
-            in_flight[submit.remote(launch)] = (plan, base)
+            i = queue.pop(0)
+            started(i)
+            in_flight[submit.remote(launches[i][0])] = i
         done, _ = ray.wait(list(in_flight), num_returns=1)
-        _, base = in_flight.pop(done[0])
-        on_done(base, lambda: ray.get(done[0]))
+        i = in_flight.pop(done[0])
+        on_done(launches[i][1], lambda: ray.get(done[0]))

@@ -202,7 +202,12 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
     study; a sweep killed part-way resumes after its finished trials instead of starting over."""
     job = _job(tmp_path / "store", task_specs, training={"epochs": 2, "cpus_per_worker": 0.9},
                sweep={"enabled": True, "trials_per_task": 3, "density_range": [0.005, 0.05], "seed": 1})
-    result = run_job(job, progress=False)
+    # one trial of the first task loses its process at the end of its last epoch, before that epoch's checkpoint
+    os.environ["SHPEFT_FAULT_INJECT"] = f"{task_specs[0].name}:1"
+    try:
+        result = run_job(job, progress=False)
+    finally:
+        del os.environ["SHPEFT_FAULT_INJECT"]
     assert result.exit_code == 0, result.rows
     ledgers = {}
     for row in result.rows:
@@ -213,8 +218,26 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
         assert float(load_delta(row["delta_uri"]).metadata["density"]) == row["density"]
         assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
         ledgers[row["task"]] = (root, json.loads(open(f"{root}/ledger.json").read()))
+        # each trial's recorded artifact holds exactly the weights of its last reported epoch
+        for t in ledgers[row["task"]][1]:
+            assert t["delta_uri"].endswith(f"{t['trial_id']}-e{t['epochs']}.safetensors"), t
+            assert load_delta(t["delta_uri"]).metadata["epochs_trained"] == str(t["epochs"]), t
+        assert not os.path.exists(f"{root}/runs")  # the trials' checkpoints are removed with Tune's folders
+        # trials that ran every epoch were evaluated in the trial; the best one's evaluation is the row's
+        for t in ledgers[row["task"]][1]:
+            assert os.path.exists(t["delta_uri"] + ".eval.json") == (t["epochs"] == 2), t
+        if summary["best"]["epochs"] == 2:
+            ev = json.loads(open(summary["best"]["delta_uri"] + ".eval.json").read())
+            assert ev["sha256"] == row["sha256"] and ev["test_macro_f1"] == row["test_macro_f1"]
+    # the killed trial was retried and resumed after its epoch-0 checkpoint; every trial finished
+    faulted = ledgers[task_specs[0].name]
+    assert os.path.exists(f"{faulted[0]}/fault-injected.json")
+    assert all(t["error"] is None and t["val_metric"] is not None for t in faulted[1])
+    assert [t["resumed_from_epoch"] for t in faulted[1]].count(0) == 1, faulted[1]
+    assert all(t["resumed_from_epoch"] is None for t in ledgers[task_specs[1].name][1])
     a, b = (ledgers[s.name][1] for s in task_specs)
-    assert any(x["started_at"] < y["finished_at"] and y["started_at"] < x["finished_at"] for x in a for y in b)
+    assert any(x["started_at"] < y["finished_at"] and y["started_at"] < x["finished_at"] for x in a for y in b), \
+        [(t["trial_id"], t["started_at"], t["finished_at"]) for t in a + b]
     assert not os.path.exists(f"{result.store}/sweeps/_tune/{result.job_id}")  # Tune's folders are cleaned up
     assert any(p.endswith("density_vs_metric.png") for p in result.plots)
 
