@@ -112,7 +112,7 @@ class _BufferHandler(logging.Handler):
 def captured_output(board, task: str, trial: str | None = None) -> Iterator[None]:
     """In a worker: tee stdout/stderr and warnings into the task's log in the store (via ``board``).
 
-    An exception leaving the block is written to the log with its traceback, then re-raised.
+    An error leaving the block is written to the log with its traceback, then re-raised.
     """
     if board is None:
         yield
@@ -127,7 +127,7 @@ def captured_output(board, task: str, trial: str | None = None) -> Iterator[None
     sys.stdout, sys.stderr = _Tee(out, buffer), _Tee(err, buffer)
     try:
         yield
-    except BaseException:
+    except Exception:  # not SystemExit: Tune ends a finished or ASHA-stopped trial with one, on purpose
         buffer.write(traceback.format_exc())
         raise
     finally:

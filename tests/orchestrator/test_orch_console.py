@@ -111,6 +111,17 @@ def test_captured_output_keeps_prints_warnings_and_the_traceback_then_restores_s
     assert lines[-1] == "ZeroDivisionError: division by zero" and any(ln.startswith("Traceback") for ln in lines)
 
 
+def test_a_deliberate_exit_is_not_logged_as_an_error():
+    """Tune ends a finished or ASHA-stopped trial by raising SystemExit in it: no traceback in the log."""
+    board = _Board()
+    with pytest.raises(SystemExit):
+        with captured_output(board, "derma", trial="t1"):
+            print("epoch 4 reported")
+            raise SystemExit(0)
+    lines = [ln for e in board.events for ln in e["lines"]]
+    assert lines == ["epoch 4 reported"]
+
+
 def test_store_logs_write_each_task_file_and_append_on_a_rerun(tmp_path):
     store = str(tmp_path)
     logs = StoreLogs(store, "job1")

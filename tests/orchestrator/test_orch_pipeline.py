@@ -209,6 +209,11 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
     finally:
         del os.environ["SHPEFT_FAULT_INJECT"]
     assert result.exit_code == 0, result.rows
+    from orchestrator.tasklog import read_logs
+
+    logs = dict(read_logs(result.store, result.job_id))
+    # Tune ends every trial with a SystemExit, on purpose: the log has the trials' epochs and no traceback
+    assert logs[task_specs[1].name].count("epoch 1/2") == 3 and "Traceback" not in logs[task_specs[1].name]
     ledgers = {}
     for row in result.rows:
         assert row["sweep_trials"] == 3 and 0.005 <= row["density"] <= 0.05 and 0.0 <= row["alpha"] <= 1.0
