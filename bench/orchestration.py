@@ -8,7 +8,8 @@ Then the fixed cost per task (plain job) and per trial (sweep): the time from it
 of its first epoch, less the same first epoch in the bare loop (model, loaders, one epoch, in-process).
 Epoch ends in the Ray workers are logged by a worker setup hook. And the packing of a job whose tasks each
 train for T seconds (T ~ 3 s smoke, ~12 s default, ~60 s with --long): its training stage against the
-ideal, (tasks x one task's bare time) / slots. And where start-up goes: submission to the run in its
+ideal, (tasks x one task's bare time) / slots, and against the same tasks as waves of bare loops run
+side by side in separate processes (what the cores give when every slot trains). And where start-up goes: submission to the run in its
 worker (of which a new process and its imports), the first epoch and each later one beyond the bare
 loop's, and the sweep job by phase. Prints tables and, last, one JSON line.
 
@@ -188,6 +189,31 @@ def bare_trial(plan) -> dict[str, float]:
             "train_s": train, "total_s": total}
 
 
+def _side_child(plan, barrier, queue) -> None:
+    import dataclasses
+
+    # warm as the bare loop in this process is (imports done, one short run before the measured one)
+    bare_trial(dataclasses.replace(plan, train={**plan.train, "epochs": 2}))
+    barrier.wait()
+    queue.put(bare_trial(plan))
+
+
+def bare_side_by_side(plans) -> list[dict[str, float]]:
+    """The bare loop in one fresh process per plan, all at once: what the machine gives when every slot
+    trains (no Ray, no checkpoints), the baseline that separates sharing the cores from orchestration."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(plans)), ctx.Queue()
+    procs = [ctx.Process(target=_side_child, args=(plan, barrier, queue)) for plan in plans]
+    for p in procs:
+        p.start()
+    out = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return out
+
+
 _SAYING_MODULES = ("orchestrator.train_stage", "orchestrator.sweep")
 
 
@@ -275,9 +301,15 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
     print(f"one task trains {epochs} epochs: bare loop {bare['train_s']:.1f}s training + "
           f"{bare['total_s'] - bare['train_s']:.1f}s evaluation; first epoch {bare['first_epoch_s']:.2f}s "
           f"(incl. model and loaders), later epochs {bare['epoch_s']:.2f}s; {slots} slots", flush=True)
+    side = bare_side_by_side(_plans(job, [specs[i % n] for i in range(slots)], epochs, os.path.join(work, "bare-side")))
+    side_total = max(r["total_s"] for r in side)
+    print(f"{slots} bare loops side by side: {side_total:.1f}s each (one alone: {bare['total_s']:.1f}s; "
+          f"later epochs {max(r['epoch_s'] for r in side):.2f}s)", flush=True)
 
     out: dict[str, Any] = {"target_train_s": target, "epochs": epochs, "slots": slots, "tasks": n,
-                           "bare": {k: round(v, 2) for k, v in bare.items()}}
+                           "bare": {k: round(v, 2) for k, v in bare.items()},
+                           "bare_side_by_side": {"total_s": round(side_total, 2),
+                                                 "epoch_s": round(max(r["epoch_s"] for r in side), 3)}}
     said: list = []
     original = _patched_say(said)
     stage: dict[str, float] = {}
@@ -312,6 +344,9 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
             "submit_to_worker_s": round(sum(f["to_worker_s"] for f in fixed.values()) / len(fixed), 2),
             "training_stage_s": round(stage_s, 1), "job_s": round(job_s, 1), "ideal_s": round(ideal, 1),
             "ratio": round(stage_s / ideal, 3), "ratio_whole_job": round(job_s / ideal, 3),
+            # the same tasks as waves of bare loops running side by side
+            "ideal_side_by_side_s": round(-(-n // slots) * side_total, 1),
+            "ratio_side_by_side": round(stage_s / (-(-n // slots) * side_total), 3),
             "breakdown": _mean_breakdown(fixed.values())}
 
         # A sweep: every trial trains all its epochs (ASHA's grace period = epochs), 2 trials per task.
@@ -368,11 +403,13 @@ def print_startup(res: dict) -> None:
     Console(width=140).print(t)
     p = Table(title=f"packing: each task trains ~{res['target_train_s']:.0f}s ({res['epochs']} epochs, bare "
                     f"{res['bare']['total_s']}s with evaluation); {res['slots']} slots; target ratio <= 1.15")
-    for c in ("kind", "runs", "ideal (s)", "training stage (s)", "ratio", "whole job (s)", "ratio whole job"):
+    for c in ("kind", "runs", "ideal (s)", "training stage (s)", "ratio", "whole job (s)", "ratio whole job",
+              "side-by-side bare (s)", "stage ratio vs side-by-side"):
         p.add_column(c)
     p.add_row("plain job", str(res["tasks"]), str(j["ideal_s"]), str(j["training_stage_s"]), str(j["ratio"]),
-              str(j["job_s"]), str(j["ratio_whole_job"]))
-    p.add_row("sweep", str(s["trials"]), str(s["ideal_s"]), "-", "-", str(s["job_s"]), str(s["ratio_whole_job"]))
+              str(j["job_s"]), str(j["ratio_whole_job"]), str(j["ideal_side_by_side_s"]), str(j["ratio_side_by_side"]))
+    p.add_row("sweep", str(s["trials"]), str(s["ideal_s"]), "-", "-", str(s["job_s"]), str(s["ratio_whole_job"]),
+              "-", "-")
     Console(width=140).print(p)
     b = Table(title="where start-up goes (means per run, s): submission -> run_plan in its worker (of which "
                     "starting a process + imports), first epoch beyond the bare loop's, each later epoch beyond it")
