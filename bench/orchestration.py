@@ -301,7 +301,10 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
     print(f"one task trains {epochs} epochs: bare loop {bare['train_s']:.1f}s training + "
           f"{bare['total_s'] - bare['train_s']:.1f}s evaluation; first epoch {bare['first_epoch_s']:.2f}s "
           f"(incl. model and loaders), later epochs {bare['epoch_s']:.2f}s; {slots} slots", flush=True)
-    side = bare_side_by_side(_plans(job, [specs[i % n] for i in range(slots)], epochs, os.path.join(work, "bare-side")))
+    # its own store: the job's importance cache stays as cold as the job would find it
+    side_job = _job(os.path.join(work, "store-side"), specs[:n], weights, epochs)
+    side = bare_side_by_side(_plans(side_job, [specs[i % n] for i in range(slots)], epochs,
+                                    os.path.join(work, "bare-side")))
     side_total = max(r["total_s"] for r in side)
     print(f"{slots} bare loops side by side: {side_total:.1f}s each (one alone: {bare['total_s']:.1f}s; "
           f"later epochs {max(r['epoch_s'] for r in side):.2f}s)", flush=True)
