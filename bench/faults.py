@@ -213,6 +213,13 @@ class Outcome:
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
+    def count(self, rows) -> None:
+        """Completed, verified and lost, from the rows of a job with one row per task."""
+        rows = list(rows)
+        self.completed = sum(r["status"] == "ok" for r in rows)
+        self.verified = sum(artifact_ok(r) for r in rows)
+        self.lost = self.tasks - self.verified
+
     def summary(self) -> dict[str, Any]:
         return {"tasks": self.tasks, "completed": self.completed, "redone": self.redone, "verified": self.verified,
                 "lost": self.lost}
@@ -309,9 +316,7 @@ def spread(ctx: Context) -> Outcome:
     result = run_job(job, progress=False)
     rows = {r["task"]: r for r in result.rows}
     out = Outcome("spread", "none (3 tasks, 2 worker nodes)", tasks=len(specs), seconds=time.perf_counter() - t0)
-    out.completed = sum(r["status"] == "ok" for r in rows.values())
-    out.verified = sum(artifact_ok(r) for r in rows.values())
-    out.lost = len(specs) - out.verified
+    out.count(rows.values())
     out.details = {"job": job, "result": result, "rows": rows, "specs": specs,
                    "worker_nodes": worker_node_ids(ctx.cluster)}
     return out
@@ -346,9 +351,7 @@ def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
     rows = {r["task"]: r for r in result.rows}
     out = Outcome("worker_kill", "worker process killed (task wk-a, end of epoch 2)", tasks=len(specs),
                   seconds=time.perf_counter() - t0)
-    out.completed = sum(r["status"] == "ok" for r in rows.values())
-    out.verified = sum(artifact_ok(r) for r in rows.values())
-    out.lost = len(specs) - out.verified
+    out.count(rows.values())
     equal = None
     if reference:
         ref = reference.details["rows"]
@@ -439,9 +442,7 @@ def node_removal(ctx: Context) -> Outcome:
     rows = {r["task"]: r for r in result.rows}
     out = Outcome("node_removal", "worker node removed mid-training" if state else "NOT INJECTED (timing)",
                   tasks=len(specs), seconds=seconds)
-    out.completed = sum(r["status"] == "ok" for r in rows.values())
-    out.verified = sum(artifact_ok(r) for r in rows.values())
-    out.lost = len(specs) - out.verified
+    out.count(rows.values())
     out.redone = sum(1 for t in state.get("finished", {})
                      if rows[t].get("started_at") != state["finished"][t].get("started_at")
                      or os.path.getmtime(rows[t]["delta_uri"]) != state["mtimes"][t])
@@ -496,9 +497,7 @@ def driver_kill(ctx: Context) -> Outcome:
     rows = {r["task"]: r for r in result.rows}
     out = Outcome("driver_kill", "driver SIGKILLed after its first task" if killed else "NOT INJECTED (finished)",
                   tasks=len(specs), seconds=seconds)
-    out.completed = sum(r["status"] == "ok" for r in rows.values())
-    out.verified = sum(artifact_ok(r) for r in rows.values())
-    out.lost = len(specs) - out.verified
+    out.count(rows.values())
     out.redone = sum(1 for t in at_kill if rows[t].get("trained") or os.path.getmtime(rows[t]["delta_uri"]) != mtimes[t])
     out.details = {"rows": rows, "at_kill": at_kill, "checkpoints": ckpt, "leftovers": leftovers,
                    "ray_job": ray_job, "dead_job": dead_job, "killed": killed, "seconds_to_clean": gone_after,
@@ -551,9 +550,7 @@ def store_write_failure(ctx: Context) -> Outcome:
     counts = json.loads(open(env["SHPEFT_FLAKY_COUNTS"]).read()) if os.path.exists(env["SHPEFT_FLAKY_COUNTS"]) else {}
     out = Outcome("store_write_failure", "1 store write failed half-way (fs-b's delta)", tasks=len(specs),
                   seconds=seconds)
-    out.completed = sum(r["status"] == "ok" for r in rows.values())
-    out.verified = sum(artifact_ok(r) for r in rows.values())
-    out.lost = len(specs) - out.verified
+    out.count(rows.values())
     out.redone = sum(1 for t in finished if rows[t].get("trained"))
     out.details = {"first": first_rows, "rows": rows, "counts": counts, "tmp_after_failure": tmp_after_failure,
                    "final_after_failure": final_after_failure,

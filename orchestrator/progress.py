@@ -52,8 +52,8 @@ def format_epoch_line(event: dict[str, Any]) -> str:
 class _Row:
     """One task's progress: epochs done of ``total`` (trials x epochs for a sweep)."""
 
-    def __init__(self, task: str, label: str, epochs: int, trials: int) -> None:
-        self.task, self.label, self.epochs, self.trials = task, label, max(1, epochs), trials
+    def __init__(self, task: str, epochs: int, trials: int) -> None:
+        self.task, self.epochs, self.trials = task, max(1, epochs), trials
         self.done_by_trial: dict[str, int] = {}
         self.finished_trials: set[str] = set()
         self.metric = ""
@@ -143,7 +143,7 @@ class ProgressView:
             self.print(format_epoch_line(event))
 
     def _plan(self, event: dict[str, Any]) -> None:
-        row = _Row(event["task"], event.get("method", ""), int(event.get("epochs") or 1), int(event.get("trials") or 0))
+        row = _Row(event["task"], int(event.get("epochs") or 1), int(event.get("trials") or 0))
         row.metric = event.get("metric", "")
         row.state = event.get("state", "queued")
         self.rows[row.task] = row

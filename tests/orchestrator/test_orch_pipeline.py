@@ -40,13 +40,6 @@ def backbone_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def task_specs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     return write_task_family(root, n_tasks=2, images_per_task=60, formats=("medmnist", "imagefolder"), seed=3)

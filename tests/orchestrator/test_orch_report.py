@@ -82,9 +82,9 @@ from orchestrator.store import eval_file, job_report_file  # noqa: E402
 
 import test_orch_pipeline as pipeline_tests  # noqa: E402
 
-# The pipeline tests' backbone file (autouse), local 2-CPU Ray and synthetic tasks, shared as they are.
+# The pipeline tests' backbone file (autouse) and synthetic tasks, shared as they are (ray_local: conftest).
 BACKBONE = pipeline_tests.BACKBONE
-backbone_file, ray_local, task_specs = pipeline_tests.backbone_file, pipeline_tests.ray_local, pipeline_tests.task_specs
+backbone_file, task_specs = pipeline_tests.backbone_file, pipeline_tests.task_specs
 
 EPOCHS = 2
 

@@ -94,13 +94,6 @@ def _dense_probs(delta_uri: str, data: bytes) -> np.ndarray:
         return model(x).double().softmax(-1)[0].numpy()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
