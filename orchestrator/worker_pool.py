@@ -28,6 +28,7 @@ class WarmWorker:
 
     def __init__(self):
         # What every run needs, imported once per process instead of once per run.
+        import sklearn.metrics  # noqa: F401  (the first evaluation's import: ~1 s, once per process)
         import timm  # noqa: F401
         import torch  # noqa: F401
 
