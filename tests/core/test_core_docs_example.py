@@ -17,7 +17,7 @@ def test_docs_usage_example_runs():
     exec(compile(blocks[0], str(DOC), "exec"), ns)
     assert len(ns["history"]) == 3
     assert ns["logits"].shape == (4, 2)
-    plain, base = ns["plain"], ns["base"]
+    plain = ns["plain"]
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(ns["images"][:4]), ns["logits"], rtol=1e-5, atol=1e-6)
     assert not any(n.endswith(".values") for n in plain.state_dict())

@@ -476,7 +476,7 @@ def test_address_required():
 
 def test_logs_follow_streams_until_job_ends():
     """`logs --follow` reads Ray's log-tail websocket until the server closes it (job ended)."""
-    aiohttp = pytest.importorskip("aiohttp", reason="Ray's Jobs SDK needs aiohttp (ray[default])")
+    pytest.importorskip("aiohttp", reason="Ray's Jobs SDK needs aiohttp (ray[default])")
     import asyncio
 
     from aiohttp import web
