@@ -19,12 +19,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers_orch import random_delta
 from orchestrator.cli import main
 from shpeft_core.backbone import BackboneSpec, backbone_fingerprint, create_backbone, head_parameter_names
-from shpeft_core.delta import TaskDelta, extract_delta, save_delta
-from shpeft_core.eligibility import eligible_parameters
-from shpeft_core.selection import select_mask
-from shpeft_core.sparse import apply_sparse_training
+from shpeft_core.delta import TaskDelta
 
 KWARGS = {"img_size": 32}
 
@@ -40,22 +38,7 @@ def _write_base_weights(path: Path) -> BackboneSpec:
 
 
 def _make_delta(spec: BackboneSpec, path: Path, task: str, class_names: list[str], seed: int) -> TaskDelta:
-    gen = torch.Generator().manual_seed(seed)
-    model = create_backbone(spec, len(class_names))
-    scores = {n: torch.rand(p.shape, generator=gen) for n, p in eligible_parameters(model).items()}
-    mask = select_mask(scores, 0.01, "global")
-    apply_sparse_training(model, mask)
-    heads = set(head_parameter_names(model))
-    with torch.no_grad():  # stand-in for training: non-zero values and a non-trivial head
-        for name, p in model.named_parameters():
-            if name.endswith(".values"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name in heads:
-                p.copy_(torch.randn(p.shape, generator=gen))
-    delta = extract_delta(model, metadata={"alpha": "0.5", "estimator": "grad2", "importance_key": "k" + task,
-                                           "task": task, "class_names": json.dumps(class_names)})
-    save_delta(delta, str(path))
-    return delta
+    return random_delta(spec, path, task, class_names, seed=seed, density=0.01, scale=0.2)
 
 
 def _base_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:

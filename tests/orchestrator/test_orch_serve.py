@@ -26,13 +26,11 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
+from helpers_orch import random_delta  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
 from orchestrator.predict import predict_files  # noqa: E402
-from shpeft_core.backbone import BackboneSpec, backbone_fingerprint, create_backbone, head_parameter_names  # noqa: E402
-from shpeft_core.delta import extract_delta, load_delta, merge_delta, save_delta  # noqa: E402
-from shpeft_core.eligibility import eligible_parameters  # noqa: E402
-from shpeft_core.selection import select_mask  # noqa: E402
-from shpeft_core.sparse import apply_sparse_training  # noqa: E402
+from shpeft_core.backbone import BackboneSpec, backbone_fingerprint, create_backbone  # noqa: E402
+from shpeft_core.delta import load_delta, merge_delta  # noqa: E402
 from tasks.transforms import transform_for  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -43,20 +41,7 @@ TASKS = {"busi": ["benign", "malignant", "normal"],
 
 
 def _delta(spec: BackboneSpec, path: Path, task: str, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    model = create_backbone(spec, len(TASKS[task]))
-    scores = {n: torch.rand(p.shape, generator=gen) for n, p in eligible_parameters(model).items()}
-    apply_sparse_training(model, select_mask(scores, 0.02, "global"))
-    heads = set(head_parameter_names(model))
-    with torch.no_grad():  # stand-in for training: non-zero values and a non-trivial head
-        for name, p in model.named_parameters():
-            if name.endswith(".values"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif name in heads:
-                p.copy_(torch.randn(p.shape, generator=gen))
-    meta = {"alpha": "0.5", "estimator": "grad2", "importance_key": "k" + task, "task": task,
-            "class_names": json.dumps(TASKS[task])}
-    save_delta(extract_delta(model, metadata=meta), str(path))
+    random_delta(spec, path, task, TASKS[task], seed=seed, density=0.02, scale=0.3)
     return str(path)
 
 
