@@ -112,26 +112,25 @@ def _gather(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _metrics(logits: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
-    from sklearn.metrics import f1_score, roc_auc_score
+def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool = False) -> dict:
+    from sklearn.metrics import f1_score
+
+    from .metrics import class_metrics
 
     loss = F.cross_entropy(logits, labels).item()
-    pred = logits.argmax(1)
-    y, p = labels.numpy(), pred.numpy()
-    probs = torch.softmax(logits.double(), 1).numpy()
-    aucs = []
-    # One-vs-rest per class present with both positives and negatives; classes absent from
-    # y_true are skipped instead of failing the whole evaluation.
-    for c in range(num_classes):
-        pos = y == c
-        if pos.any() and (~pos).any():
-            aucs.append(roc_auc_score(pos.astype(np.int64), probs[:, c]))
-    return {
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    # One-vs-rest AUC per class present with both positives and negatives; classes absent from y_true
+    # are skipped instead of failing the whole evaluation. Their mean is the summary AUC.
+    classes = class_metrics(y, torch.softmax(logits.double(), 1).numpy(), num_classes)
+    out = {
         "loss": float(loss),
         "accuracy": float((p == y).mean()),
         "macro_f1": float(f1_score(y, p, average="macro", zero_division=0)),
-        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "auc": float("nan") if classes["macro_auc"] is None else classes["macro_auc"],
     }
+    if per_class:
+        out.update(n=int(y.size), per_class=classes)
+    return out
 
 
 @torch.no_grad()
@@ -157,13 +156,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu",
         raise ValueError("evaluation loader yielded no batches")
     all_logits = _gather(torch.cat(logits))
     all_labels = _gather(torch.cat(labels))
-    out: dict = _metrics(all_logits, all_labels, num_classes)
-    if per_class:
-        from .metrics import class_metrics
-
-        probs = torch.softmax(all_logits.double(), 1).numpy()
-        out.update(n=int(all_labels.numel()), per_class=class_metrics(all_labels.numpy(), probs, num_classes))
-    return out
+    return _metrics(all_logits, all_labels, num_classes, per_class)
 
 
 def _param_groups(net: nn.Module, config: TrainConfig) -> tuple[list[dict], list[str]]:
