@@ -151,7 +151,7 @@ def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam
     fc = f - mu
     y = F.one_hot(labels, num_classes).to(torch.float64)
     ym = y.mean(0, keepdim=True)
-    a = fc.t() @ fc + lam * f.shape[0] * torch.eye(f.shape[1], dtype=torch.float64)
+    a = fc.t() @ fc + lam * f.shape[0] * torch.eye(f.shape[1], dtype=torch.float64, device=f.device)
     w = torch.linalg.solve(a, fc.t() @ (y - ym))  # [D, C]
     head.weight.copy_(w.t().to(head.weight.dtype))
     if head.bias is not None:

@@ -96,6 +96,18 @@ def test_head_warmup_beats_random_head(method):
     assert (logits.argmax(1) == labels).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("method", ["linear_probe", "ridge"])
+def test_head_warmup_stays_on_the_features_device(method):
+    # On a GPU the features and the head live there; a tensor made on the CPU inside the warm-up fails
+    # there (it did for ridge). The meta device catches the same mistake without a GPU.
+    head = torch.nn.Linear(16, 3).to("meta")
+    model = type("M", (torch.nn.Module,), {"get_classifier": lambda self: self.head})()
+    model.head = head
+    feats, labels = torch.randn(24, 16, device="meta"), torch.zeros(24, dtype=torch.long, device="meta")
+    warm_head(model, feats, labels, ImportanceConfig(head_warmup=method, head_warmup_steps=2), 3)
+    assert head.weight.device.type == "meta" and head.bias.device.type == "meta"
+
+
 def test_supcon_loss_head_free_and_finite():
     torch.manual_seed(0)
     f = torch.randn(8, 4, requires_grad=True)
