@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/data_throughput.py --smoke-test
 	$(PY) bench/orchestration.py --smoke-test
 	$(PY) bench/serve.py --smoke-test
+	$(PY) bench/gpu_check.py --smoke-test
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -13,7 +13,7 @@
 Prints a table per check and, last, one JSON line. `--device cpu` runs every check on the CPU (nothing
 is shared), to try the script on a machine without a GPU.
 
-    python bench/gpu_check.py [--tasks 4] [--epochs 8] [--device cuda] [--work DIR]
+    python bench/gpu_check.py [--smoke-test] [--tasks 4] [--epochs 8] [--device cuda] [--work DIR]
 """
 
 from __future__ import annotations
@@ -203,7 +203,11 @@ def job(device: str, root: str, corpus, targets, backbone_uri: str, *, epochs: i
     doc["sweep"].update({"enabled": sweep, "epochs": max(2, epochs // 2)})
     spec = parse_job(doc, "gpu check job")
     t0 = time.perf_counter()
-    with GpuSampler() as sampler:
+    sampler = GpuSampler()
+    if gpu:
+        with sampler:
+            result = run_job(spec, num_cpus=cpus, progress=False)
+    else:
         result = run_job(spec, num_cpus=cpus, progress=False)
     wall = time.perf_counter() - t0
     verified = 0
@@ -211,14 +215,15 @@ def job(device: str, root: str, corpus, targets, backbone_uri: str, *, epochs: i
         if r.get("status") == "ok" and r.get("artifact_kind") == "delta":
             load_delta(r["delta_uri"])  # checks the recorded sha256
             verified += 1
+    shared = {}
+    if gpu:  # nvidia-smi's view of the processes sharing the GPU
+        shared = {"GPU processes at once": sampler.most, "GPU memory peak MiB": sampler.peak_mib,
+                  "nvidia-smi samples": sampler.samples} if sampler.error is None else {"nvidia-smi": sampler.error}
     return {
         "tasks": len(result.rows), "ok": sum(r.get("status") == "ok" for r in result.rows),
         "failed": {r["task"]: r.get("error") for r in result.rows if r.get("status") != "ok"},
         "deltas verified": verified, "wall s": round(wall, 1),
-        "tasks open at once": _most_overlapping(result.rows),
-        "GPU processes at once": sampler.most if gpu and sampler.error is None else None,
-        "GPU memory peak MiB": sampler.peak_mib if gpu and sampler.error is None else None,
-        "nvidia-smi": sampler.error or f"{sampler.samples} samples",
+        "tasks open at once": _most_overlapping(result.rows), **shared,
         "sweep trials": sum(int(r.get("sweep_trials") or 0) for r in result.rows),
         "test macro_f1": {r["task"]: round(r["test_macro_f1"], 3) for r in result.rows
                           if r.get("test_macro_f1") is not None},
@@ -241,7 +246,10 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--only", nargs="*", default=None, help="values_grad importance plain sweep")
     ap.add_argument("--work", default=None, help="folder for the data and stores (default: a temporary one)")
+    ap.add_argument("--smoke-test", action="store_true", help="2 tasks of 2 epochs (about a minute on 2 CPUs)")
     args = ap.parse_args()
+    if args.smoke_test:
+        args.tasks, args.epochs = 2, 2
     env = {"device": args.device, "torch": torch.__version__, "python": sys.version.split()[0],
            "gpu": torch.cuda.get_device_name(0) if args.device != "cpu" else None, "cpus": args.cpus}
     print(json.dumps(env), flush=True)

@@ -166,6 +166,8 @@ def _grad_sddmm(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
     zeros = torch.zeros(pat.cols.numel(), dtype=a.dtype, device=a.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        # check_invariants=False on purpose: sparse_pattern builds the CSR sorted and in range
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         csr = torch.sparse_csr_tensor(pat.crow, pat.cols, zeros, pat.shape, check_invariants=False)
     # CSR order is sorted row-major order, the order of the values.
     return torch.sparse.sampled_addmm(csr, a.t(), b, beta=0.0).values()
