@@ -268,7 +268,9 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
 
 
 def _raise(message: str):
-    raise RuntimeError(message)
+    exc = RuntimeError(message)
+    exc.shpeft_logged = True  # a sweep's error arrives as text; its trials' tracebacks are in the task's log
+    raise exc
 
 
 def _finish_row(base: dict, work, post=None) -> dict[str, Any]:
@@ -276,10 +278,21 @@ def _finish_row(base: dict, work, post=None) -> dict[str, Any]:
         out = work()
         return {**base, **out, "status": "ok", "trained": True, "error": None, "finished_at": now()}
     except Exception as exc:
-        # The console gets one line; the whole traceback goes to the task's log in the store.
-        if post is not None:
+        # The console gets one line; the whole traceback goes to the task's log in the store, once: a
+        # worker's own error is there already (tasklog.captured_output), a lost process's is not.
+        if post is not None and not _already_logged(exc):
             post({"kind": "log", "task": base["task"], "lines": traceback.format_exc().splitlines()})
         return {**base, "status": "failed", "trained": False, "error": short_error(exc), "finished_at": now()}
+
+
+def _already_logged(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # Ray's RayTaskError wraps the worker's exception
+        if getattr(exc, "shpeft_logged", False):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None)
+    return False
 
 
 def _ray_logs_dir() -> str:

@@ -259,9 +259,10 @@ class ProgressPrinter:
         self.view.stop()
 
     def post(self, event: dict[str, Any]) -> None:
-        """A driver-side event, handled at once (in order with everything drained before it)."""
+        """A driver-side event, handled at once, after what the workers pushed before it (a failed task's
+        traceback, pushed as its worker finished, comes before the driver's line about the failure)."""
         with self._lock:
-            self._dispatch([event])
+            self._dispatch(self._drain() + [event])
 
     def _dispatch(self, events: list[dict[str, Any]]) -> None:
         for e in events:
@@ -272,15 +273,17 @@ class ProgressPrinter:
                 except Exception:  # a broken log or tracking sink must never stop the job
                     pass
 
+    def _drain(self) -> list[dict[str, Any]]:
+        if self.board is None or not ray.is_initialized():  # the board lives in Ray; ray.get would start one
+            return []
+        try:
+            return ray.get(self.board.drain.remote(), timeout=10)
+        except Exception:  # the board dies with Ray; losing progress lines is harmless
+            return []
+
     def _flush(self) -> None:
-        events: list[dict[str, Any]] = []
-        if self.board is not None:
-            try:
-                events = ray.get(self.board.drain.remote(), timeout=10)
-            except Exception:  # the board dies with Ray; losing progress lines is harmless
-                events = []
-        with self._lock:
-            self._dispatch(events)
+        with self._lock:  # drained and dispatched under one lock, so a post never overtakes them
+            self._dispatch(self._drain())
             for listener in self.listeners:
                 flush = getattr(listener, "flush", None)
                 if flush is not None:

@@ -71,9 +71,19 @@ class _Buffer:
             self._last = time.monotonic()
         if lines:
             try:
-                self.board.push.remote({"kind": "log", "task": self.task, "trial": self.trial, "lines": lines})
+                ref = self.board.push.remote({"kind": "log", "task": self.task, "trial": self.trial, "lines": lines})
+                if final:
+                    _wait_for(ref)
             except Exception:  # the board is gone (driver ended); the lines are still in Ray's worker log
                 pass
+
+
+def _wait_for(ref) -> None:
+    """The last lines on the board before the task's result reaches the driver, so the log keeps their order."""
+    import ray
+
+    if ray.is_initialized():  # a test's stand-in board is no actor, and ray.get would start a Ray
+        ray.get(ref, timeout=10)
 
 
 class _Tee(io.TextIOBase):
@@ -127,8 +137,12 @@ def captured_output(board, task: str, trial: str | None = None) -> Iterator[None
     sys.stdout, sys.stderr = _Tee(out, buffer), _Tee(err, buffer)
     try:
         yield
-    except Exception:  # not SystemExit: Tune ends a finished or ASHA-stopped trial with one, on purpose
+    except Exception as exc:  # not SystemExit: Tune ends a finished or ASHA-stopped trial with one, on purpose
         buffer.write(traceback.format_exc())
+        try:
+            exc.shpeft_logged = True  # travels with the error to the driver, which adds one line, not a copy
+        except (AttributeError, TypeError):  # an exception type without a __dict__
+            pass
         raise
     finally:
         sys.stdout, sys.stderr = out, err

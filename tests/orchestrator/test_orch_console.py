@@ -187,6 +187,10 @@ def test_job_keeps_worker_logs_in_the_store_and_prints_no_traceback(tmp_path, ca
     assert f"job {result.job_id}: 2 task(s)" in logs["driver"]
     assert "epoch 2/2 train_loss" in logs[good] and "done" in logs[good]
     assert "Traceback" in logs[bad] and "failed" in logs[bad]
+    # the worker's own traceback once (not Ray's wrapped copy of it too), then the line saying it failed
+    assert logs[bad].count("Traceback (most recent call last)") == 1
+    last = logs[bad].rstrip().splitlines()[-1]
+    assert " failed: DatasetError: " in last and "unreadable image" in last
 
     runner = CliRunner()
     one = runner.invoke(main, ["logs", result.store, result.job_id, "--task", bad])
