@@ -2,9 +2,11 @@
 
 1. values gradient: each of the four exact ways to form the sparse values' gradient
    (shpeft_core.sparse.VALUES_GRAD_PATHS) on the GPU, against a float64 dense reference on the CPU,
-   from float32 and from bfloat16 inputs; then a sparse-delta Linear and Conv2d forward + backward.
-2. importance: the demo backbone's grad2 map on the GPU and on the CPU from the same batches: the
-   largest relative difference and the overlap of the masks selected from each.
+   from float32 and from bfloat16 inputs; then a sparse-delta Linear and Conv2d forward + backward
+   (TF32 convolutions off from here on, so the figures measure the paths, not TF32).
+2. importance: the demo backbone's grad2 map on the GPU and on the CPU from the same batches, with the
+   linear-probe and the ridge head warm-up: the largest relative difference and the overlap of the
+   masks selected from each.
 3. plain job: the demo's tasks with `training.gpus_per_worker: 0.25` (four workers to a GPU),
    importance and training on the GPU. nvidia-smi, sampled every 0.5 s, counts the processes that
    hold GPU memory at once.
@@ -240,11 +242,13 @@ def _print(title: str, res: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--only", nargs="*", default=None, help="values_grad importance plain sweep")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda (default where there is one) or cpu")
+    ap.add_argument("--tasks", type=int, default=4, help="demo tasks in the two jobs")
+    ap.add_argument("--epochs", type=int, default=8, help="training epochs (a sweep trial gets half)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
+    ap.add_argument("--only", nargs="*", default=None, metavar="CHECK",
+                    help="some of: values_grad importance plain sweep (default: all)")
     ap.add_argument("--work", default=None, help="folder for the data and stores (default: a temporary one)")
     ap.add_argument("--smoke-test", action="store_true", help="2 tasks of 2 epochs (about a minute on 2 CPUs)")
     args = ap.parse_args()
