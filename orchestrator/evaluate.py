@@ -2,18 +2,24 @@
 
 Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
 training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
-specificity and one-vs-rest AUC, the class names, and the sha256 of the artifact the numbers belong to.
+specificity and one-vs-rest AUC, the class names, the sha256 of the artifact the numbers belong to, the
+catalogue fields (``row``), and a sha256 of its own content, checked by ``read_eval``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
 
-__all__ = ["EVAL_FORMAT", "evaluate_artifact", "read_eval"]
+__all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval"]
 
-EVAL_FORMAT = "shpeft-eval/1"
+EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own checksum
+
+
+class EvalFileError(ValueError):
+    """An evaluation file that cannot be trusted: unreadable, of another format, or damaged."""
 SPLITS = ("val", "test")
 
 
@@ -22,10 +28,8 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     writes its evaluation file beside it."""
     import torch
 
-    from shpeft_core.io import atomic_write_bytes
     from shpeft_core.methods import (artifact_kind, artifact_metadata, artifact_sha256, artifact_size,
                                      load_artifact)
-    from shpeft_core.metrics import json_safe
     from shpeft_core.train import evaluate
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
@@ -75,18 +79,40 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         "splits": splits,
         "written_at": now(),
     }
-    atomic_write_bytes(eval_file(plan.artifact_uri), json.dumps(json_safe(doc), indent=1, allow_nan=False).encode())
     out.update(sha256=sha, bytes=artifact_size(plan.artifact_uri, kind), eval_s=time.perf_counter() - t0)
+    write_eval(eval_file(plan.artifact_uri), {**doc, "row": out})
     return out
 
 
+def _checksum(doc: dict[str, Any]) -> str:
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def write_eval(uri: str, doc: dict[str, Any]) -> None:
+    """Write an evaluation file atomically, sealed with the sha256 of its content."""
+    from shpeft_core.io import atomic_write_bytes
+    from shpeft_core.metrics import json_safe
+
+    body = json_safe({k: v for k, v in doc.items() if k != "checksum"})
+    atomic_write_bytes(uri, json.dumps({**body, "checksum": _checksum(body)}, indent=1, allow_nan=False).encode())
+
+
 def read_eval(uri: str) -> dict[str, Any] | None:
-    """The evaluation file at ``uri``, or None when there is none (an artifact of an older version)."""
+    """The evaluation file at ``uri`` after checking its checksum, or None when there is none (an artifact
+    of an older version). Raises EvalFileError for a file that is unreadable, of another format, or damaged."""
     from shpeft_core.io import exists, read_bytes
 
     if not exists(uri):
         return None
-    doc = json.loads(read_bytes(uri))
-    if doc.get("format") != EVAL_FORMAT:
-        raise ValueError(f"{uri}: format {doc.get('format')!r}, expected {EVAL_FORMAT!r}")
+    try:
+        doc = json.loads(read_bytes(uri))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EvalFileError(f"{uri}: not a readable evaluation file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != EVAL_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise EvalFileError(f"{uri}: evaluation file format {got!r}, expected {EVAL_FORMAT!r}")
+    want = doc.pop("checksum", None)
+    if want != _checksum(doc):
+        raise EvalFileError(f"{uri}: evaluation file damaged (its content does not match its checksum)")
     return doc

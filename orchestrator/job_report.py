@@ -219,7 +219,7 @@ def _intro(job, job_id: str, store: str, tasks: list[str]) -> list[str]:
 
 
 def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str], missing: list[str]) -> tuple[list[str], dict]:
-    from .evaluate import read_eval
+    from .evaluate import EvalFileError, read_eval
 
     task, metric = row["task"], row.get("metric") or "macro_f1"
     lines = [f"## Task `{task}`", ""]
@@ -231,14 +231,19 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
     ev, ev_uri = None, None
     if row.get("delta_uri"):
         ev_uri = layout.eval_file(row["delta_uri"])
-        ev = read_eval(ev_uri)
-        if ev is not None and ev.get("artifact_sha256") != row.get("sha256"):
-            missing.append(f"`{task}`: its evaluation file belongs to another artifact than the catalogue's "
-                           "(sha256 differs); it is not used. Rerun the job with `--force`.")
-            ev = None
-        elif ev is None:
-            missing.append(f"`{task}`: no evaluation file (the job ran before they were written), so no confusion "
-                           "matrix or per-class metrics. Rerun the job with `shpeft run JOB.yaml --force` to get them.")
+        try:
+            ev = read_eval(ev_uri)
+        except EvalFileError as exc:
+            missing.append(f"`{task}`: {exc}; it is not used. Rerun the job with `--force`.")
+        else:
+            if ev is not None and ev.get("artifact_sha256") != row.get("sha256"):
+                missing.append(f"`{task}`: its evaluation file belongs to another artifact than the catalogue's "
+                               "(sha256 differs); it is not used. Rerun the job with `--force`.")
+                ev = None
+            elif ev is None:
+                missing.append(f"`{task}`: no evaluation file (the job ran before they were written), so no "
+                               "confusion matrix or per-class metrics. Rerun the job with "
+                               "`shpeft run JOB.yaml --force` to get them.")
     verified = layout.row_verified(row, row.get("config_hash") or "")
     sweep = _sweep(store, row)
     lines += [

@@ -37,7 +37,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
 __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
     "eval_file", "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file",
-    "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact", "sweep_trial_eval",
+    "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact",
     "sweep_checkpoints",
 ]
 
@@ -74,11 +74,6 @@ def sweep_root(store: str, task: str, config_hash: str) -> str:
 def sweep_trial_artifact(sweep_root_uri: str, trial_id: str, epochs: int | str | None, method: str) -> str:
     """A sweep trial's artifact holding its weights after ``epochs`` epochs."""
     return artifact_uri(join_uri(sweep_root_uri, "trials"), f"{trial_id}-e{epochs}", method)
-
-
-def sweep_trial_eval(trial_artifact: str) -> str:
-    """The metrics of a trial's artifact, evaluated in the trial when it ran all its epochs."""
-    return f"{trial_artifact}.eval.json"
 
 
 def sweep_checkpoints(sweep_root_uri: str, trial_id: str | None = None) -> str:

@@ -29,7 +29,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, rem
 
 from . import store as layout
 from .console import say, short_error
-from .evaluate import evaluate_artifact
+from .evaluate import EvalFileError, evaluate_artifact, read_eval, write_eval
 from .resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
 from .train_stage import fault_for
 from .worker_pool import run_on_pool
@@ -218,9 +218,7 @@ def _direct_trial(plan, board, trial_id: str, trial_artifact, checkpoint_root: s
         if epoch == last:
             # Evaluated here, before the last report (after which ASHA stops the trial at max_t), in this warm
             # process: when this trial is its task's best, the task's final evaluation is already done.
-            uri = trial_artifact(epoch)
-            ev = evaluate_artifact(dataclasses.replace(plan, artifact_uri=uri))
-            atomic_write_bytes(layout.sweep_trial_eval(uri), json.dumps(ev).encode())
+            evaluate_artifact(dataclasses.replace(plan, artifact_uri=trial_artifact(epoch)))  # its eval file
         if epoch + 1 in stop_points:
             tune.report(metrics)
 
@@ -271,15 +269,21 @@ def _post_trial_end(board, task: str, trial_id: str, value) -> None:
         board.push.remote({"kind": "trial_end", "task": task, "trial": trial_id, "val_metric": value})
 
 
-def _copy_eval_file(trial_artifact: str, artifact: str) -> None:
-    """The best trial's evaluation file (history, confusion matrices, per-class metrics) becomes the task's:
-    the bytes are the same, so only the artifact's path in it changes."""
-    src = layout.eval_file(trial_artifact)
-    if not exists(src):
-        return
-    doc = json.loads(read_bytes(src))
-    doc["artifact_uri"] = artifact
-    atomic_write_bytes(layout.eval_file(artifact), json.dumps(doc, indent=1, allow_nan=False).encode())
+def _trial_evaluation(name: str, trial_artifact: str, artifact: str, kind: str, progress: bool) -> dict | None:
+    """The best trial's own evaluation, when its file verifies and is of the task artifact's very bytes: it
+    becomes the task's evaluation file (only the artifact's path in it changes) and its catalogue fields are
+    returned. None when the task's artifact must be evaluated again."""
+    from shpeft_core.methods import artifact_sha256
+
+    try:
+        doc = read_eval(layout.eval_file(trial_artifact))
+    except EvalFileError as exc:
+        say(f"[{name}] {exc}; evaluating the artifact again", progress)
+        return None
+    if not doc or not doc.get("row") or doc.get("artifact_sha256") != artifact_sha256(artifact, kind):
+        return None
+    write_eval(layout.eval_file(artifact), {**doc, "artifact_uri": artifact})
+    return doc["row"]
 
 
 def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
@@ -338,7 +342,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from shpeft_core.methods import artifact_kind, artifact_sha256
+    from shpeft_core.methods import artifact_kind
 
     from .train_loop import train_task_loop
 
@@ -480,12 +484,10 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
 
     to_evaluate = []
     for name, (plan, summary) in finals.items():
-        # the best trial's own evaluation counts when it is of these very bytes
-        ev_uri = layout.sweep_trial_eval(summary["best"]["delta_uri"])
-        ev = json.loads(read_bytes(ev_uri)) if exists(ev_uri) else {}
-        if ev.get("sha256") and ev["sha256"] == artifact_sha256(plan.artifact_uri, artifact_kind(plan.method)):
-            _copy_eval_file(summary["best"]["delta_uri"], plan.artifact_uri)
-            evaluated(name, lambda ev=ev: ev)
+        row = _trial_evaluation(name, summary["best"]["delta_uri"], plan.artifact_uri, artifact_kind(plan.method),
+                                progress)
+        if row is not None:
+            evaluated(name, lambda row=row: row)
         else:
             to_evaluate.append((name, plan))
     # The others' best artifacts evaluated at once, in warm processes (one import of torch per slot).

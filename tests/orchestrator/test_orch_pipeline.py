@@ -15,9 +15,10 @@ from tasks.synthetic import write_task_family  # noqa: E402
 from tasks.transforms import transform_for  # noqa: E402
 
 from orchestrator.catalogue import read_catalogue  # noqa: E402
+from orchestrator.evaluate import read_eval  # noqa: E402
 from orchestrator.jobspec import JobSpecError, job_id, load_job, parse_job  # noqa: E402
 from orchestrator.pipeline import run_job  # noqa: E402
-from orchestrator.store import latest_artifact  # noqa: E402
+from orchestrator.store import eval_file, latest_artifact  # noqa: E402
 from orchestrator.train_loop import build_backbone  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -223,9 +224,9 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
         assert not os.path.exists(f"{root}/runs")  # the trials' checkpoints are removed with Tune's folders
         # trials that ran every epoch were evaluated in the trial; the best one's evaluation is the row's
         for t in ledgers[row["task"]][1]:
-            assert os.path.exists(t["delta_uri"] + ".eval.json") == (t["epochs"] == 2), t
+            assert (read_eval(eval_file(t["delta_uri"])) is not None) == (t["epochs"] == 2), t
         if summary["best"]["epochs"] == 2:
-            ev = json.loads(open(summary["best"]["delta_uri"] + ".eval.json").read())
+            ev = read_eval(eval_file(summary["best"]["delta_uri"]))["row"]
             assert ev["sha256"] == row["sha256"] and ev["test_macro_f1"] == row["test_macro_f1"]
     # the killed trial was retried and resumed after its epoch-0 checkpoint; every trial finished
     faulted = ledgers[task_specs[0].name]

@@ -75,7 +75,7 @@ def test_report_of_unknown_job_exits_2_in_one_line(tmp_path):
 from shpeft_core.io import sha256_file  # noqa: E402
 from tasks.loaders import build_dataset  # noqa: E402
 
-from orchestrator.evaluate import read_eval  # noqa: E402
+from orchestrator.evaluate import EvalFileError, read_eval, write_eval  # noqa: E402
 from orchestrator.jobspec import parse_job  # noqa: E402
 from orchestrator.pipeline import run_job  # noqa: E402
 from orchestrator.store import eval_file, job_report_file  # noqa: E402
@@ -108,6 +108,24 @@ def _pngs_open(folder):
         with Image.open(os.path.join(folder, p)) as im:
             im.verify()
     return pngs
+
+
+def test_evaluation_file_is_sealed_and_checked_when_read(tmp_path):
+    uri = str(tmp_path / "a.eval.json")
+    doc = {"format": "shpeft-eval/2", "task": "t", "artifact_sha256": "ab" * 32, "splits": {"test": {"auc": float("nan")}},
+           "row": {"test_macro_f1": 0.5, "sha256": "ab" * 32}}
+    write_eval(uri, doc)
+    got = read_eval(uri)
+    assert got["row"] == doc["row"] and got["splits"]["test"]["auc"] is None  # NaN is stored as null
+    assert read_eval(str(tmp_path / "none.eval.json")) is None
+    text = open(uri).read()
+    for bad, why in ((text.replace("0.5", "0.6"), "damaged"), (text[: len(text) // 2], "not a readable"),
+                     (text.replace("shpeft-eval/2", "shpeft-eval/1"), "format 'shpeft-eval/1'"),
+                     (json.dumps({k: v for k, v in json.loads(text).items() if k != "checksum"}), "damaged")):
+        open(uri, "w").write(bad)
+        with pytest.raises(EvalFileError, match=why) as err:
+            read_eval(uri)
+        assert uri in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +214,25 @@ def test_report_of_an_older_job_shows_what_it_can(job_run):
 
 
 @pytest.mark.ray
+def test_report_names_a_damaged_evaluation_file_and_leaves_it_out(job_run):
+    _, result = job_run
+    row = result.rows[0]
+    uri = eval_file(row["delta_uri"])
+    good = open(uri).read()
+    doc = json.loads(good)
+    doc["splits"]["test"]["macro_f1"] = 0.987654  # a changed number, the file still valid JSON
+    open(uri, "w").write(json.dumps(doc, indent=1))
+    try:
+        res = CliRunner().invoke(main, ["report", result.store, result.job_id])
+    finally:
+        open(uri, "w").write(good)
+    assert res.exit_code == 0, res.output
+    text = open(result.report).read()
+    assert f"`{row['task']}`: {uri}: evaluation file damaged" in text and "0.987654" not in text
+    assert f"{row['task']}_confusion.png" not in text and f"{result.rows[1]['task']}_confusion.png" in text
+
+
+@pytest.mark.ray
 def test_a_failing_report_never_fails_the_job(job_run, monkeypatch, capsys):
     import orchestrator.job_report
 
@@ -225,6 +262,23 @@ def test_report_of_a_sweep_lists_its_trials(ray_local, task_specs, tmp_path):
     table = [s for s in text.splitlines() if s.startswith("| 1 |") or s.startswith("| 2 |")]
     assert len(table) == 2 and sum("**best**" in s for s in table) == 1
     assert f"{row['task']}_sweep.png" in _pngs_open(os.path.dirname(result.report))
+
+    # The task's artifact is gone and its best trial's evaluation file was altered (a metric changed, the
+    # file still valid JSON): the rerun reuses the finished sweep, but evaluates the copied artifact again
+    # instead of trusting the altered file.
+    best = json.loads(open(f"{result.store}/sweeps/{row['task']}-{row['config_hash']}/trials.json").read())["best"]
+    trial_eval = eval_file(best["delta_uri"])
+    doc = json.loads(open(trial_eval).read())
+    assert doc["row"]["test_macro_f1"] == row["test_macro_f1"]
+    doc["row"]["test_macro_f1"] = 0.123456
+    open(trial_eval, "w").write(json.dumps(doc, indent=1))
+    os.remove(row["delta_uri"])
+    os.remove(eval_file(row["delta_uri"]))
+    again = run_job(job, progress=False).rows[0]
+    assert again["sha256"] == row["sha256"] and again["test_macro_f1"] == row["test_macro_f1"]
+    assert read_eval(eval_file(again["delta_uri"]))["row"]["test_macro_f1"] == row["test_macro_f1"]
+    with pytest.raises(EvalFileError, match="damaged"):
+        read_eval(trial_eval)
 
 
 @pytest.mark.ray
