@@ -8,7 +8,6 @@ catalogue fields (``row``), and a sha256 of its own content, checked by ``read_e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from typing import Any
@@ -19,7 +18,7 @@ EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own che
 
 
 class EvalFileError(ValueError):
-    """An evaluation file that cannot be trusted: unreadable, of another format, or damaged."""
+    """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
 SPLITS = ("val", "test")
 
 
@@ -84,35 +83,25 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     return out
 
 
-def _checksum(doc: dict[str, Any]) -> str:
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
 def write_eval(uri: str, doc: dict[str, Any]) -> None:
     """Write an evaluation file atomically, sealed with the sha256 of its content."""
-    from shpeft_core.io import atomic_write_bytes
+    from shpeft_core.io import write_sealed_json
     from shpeft_core.metrics import json_safe
 
-    body = json_safe({k: v for k, v in doc.items() if k != "checksum"})
-    atomic_write_bytes(uri, json.dumps({**body, "checksum": _checksum(body)}, indent=1, allow_nan=False).encode())
+    write_sealed_json(uri, json_safe(doc))
 
 
 def read_eval(uri: str) -> dict[str, Any] | None:
     """The evaluation file at ``uri`` after checking its checksum, or None when there is none (an artifact
     of an older version). Raises EvalFileError for a file that is unreadable, of another format, or damaged."""
-    from shpeft_core.io import exists, read_bytes
+    from shpeft_core.io import DamagedFileError, exists, read_sealed_json
 
     if not exists(uri):
         return None
     try:
-        doc = json.loads(read_bytes(uri))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EvalFileError(f"{uri}: not a readable evaluation file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != EVAL_FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise EvalFileError(f"{uri}: evaluation file format {got!r}, expected {EVAL_FORMAT!r}")
-    want = doc.pop("checksum", None)
-    if want != _checksum(doc):
-        raise EvalFileError(f"{uri}: evaluation file damaged (its content does not match its checksum)")
+        doc = read_sealed_json(uri)
+    except DamagedFileError as exc:
+        raise EvalFileError(f"evaluation file {exc}") from None
+    if doc.get("format") != EVAL_FORMAT:
+        raise EvalFileError(f"evaluation file {uri}: format {doc.get('format')!r}, expected {EVAL_FORMAT!r}")
     return doc

@@ -63,6 +63,8 @@ def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None
     """The history in the run's newest checkpoint (one-worker runs keep theirs): curves for older jobs."""
     from fsspec.core import url_to_fs
 
+    from shpeft_core.io import DamagedFileError, read_sealed_json
+
     root = join_uri(layout.run_root(store, job_id, row["task"], row.get("config_hash") or ""), "checkpoints")
     fs, path = url_to_fs(root)
     if not fs.exists(path):
@@ -73,8 +75,8 @@ def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None
         uri = join_uri(root, f"epoch-{k}", "state.json")
         if exists(uri):
             try:
-                return json.loads(read_bytes(uri)).get("history") or None
-            except ValueError:
+                return read_sealed_json(uri).get("history") or None
+            except DamagedFileError:
                 continue
     return None
 
@@ -82,8 +84,13 @@ def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None
 def _sweep(store: str, row: dict) -> dict | None:
     if not row.get("sweep_trials") or not row.get("config_hash"):
         return None
+    from shpeft_core.io import DamagedFileError, read_sealed_json
+
     uri = join_uri(layout.sweep_root(store, row["task"], row["config_hash"]), "trials.json")
-    return json.loads(read_bytes(uri)) if exists(uri) else None
+    try:
+        return read_sealed_json(uri) if exists(uri) else None
+    except DamagedFileError:
+        return None  # said under "Missing from this report", as for a summary that is gone
 
 
 # ---------------------------------------------------------------- plots
@@ -303,7 +310,7 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
             lines += [f"![{task}: sweep trials]({task}_sweep.png)", ""]
         data["sweep"] = {"trials": sweep["trials"], "best_trial_id": (sweep.get("best") or {}).get("trial_id")}
     elif row.get("sweep_trials"):
-        missing.append(f"`{task}`: the sweep's trial summary (trials.json) is gone from the store.")
+        missing.append(f"`{task}`: the sweep's trial summary (trials.json) is gone from the store or damaged.")
     return lines, data
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 from typing import Any
 
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
+from shpeft_core.io import DamagedFileError, atomic_write_bytes, exists, join_uri, read_sealed_json  # noqa: E402
 
 from .store import plots_dir, sweep_root  # noqa: E402
 
@@ -59,7 +58,10 @@ def _trial_points(store: str, row: dict) -> list[dict]:
         return []
     uri = join_uri(sweep_root(store, row["task"], row.get("config_hash")), "trials.json")
     if exists(uri):
-        return [t for t in json.loads(read_bytes(uri))["trials"] if t.get("val_metric") is not None]
+        try:
+            return [t for t in read_sealed_json(uri)["trials"] if t.get("val_metric") is not None]
+        except (DamagedFileError, KeyError):
+            pass  # a damaged summary: the row's own point below
     m = row.get("metric") or "macro_f1"
     if row.get(f"val_{m}") is None:
         return []

@@ -13,19 +13,21 @@ cluster holds at once (see ``trainer_slots``), so nothing waits on resources ano
 Resume: every finished trial is appended to ``ledger.json`` in its task's sweep folder as it ends. A
 rerun of a killed sweep warm-starts each task's study with its finished trials and runs only the rest
 of the budget; a task whose ``trials.json`` exists is done. The best trial's artifact is the task's.
+Both files carry their own checksum: a damaged ledger starts that task's sweep again, a damaged
+summary is made again from the ledger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 import zlib
 from typing import Any
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes, remove
+from shpeft_core.io import (DamagedFileError, atomic_write_bytes, exists, join_uri, read_bytes, read_sealed_json, remove,
+                            write_sealed_json)
 
 from . import store as layout
 from .console import say, short_error
@@ -229,16 +231,33 @@ def _direct_trial(plan, board, trial_id: str, trial_artifact, checkpoint_root: s
 class _Sweep:
     """One task's sweep: its plan, folder, ledger of finished trials, and budget left."""
 
-    def __init__(self, store: str, plan, config_hash: str, sweep, force: bool):
+    def __init__(self, store: str, plan, config_hash: str, sweep, force: bool, progress: bool = False):
         self.plan, self.name = plan, plan.task_name
         self.root = layout.sweep_root(store, plan.task_name, config_hash)
         if force:
             remove(self.root, recursive=True)
         self.summary_uri = join_uri(self.root, "trials.json")
         self.ledger_uri = join_uri(self.root, "ledger.json")
-        self.ledger: list[dict] = json.loads(read_bytes(self.ledger_uri)) if exists(self.ledger_uri) else []
-        self.summary = json.loads(read_bytes(self.summary_uri)) if exists(self.summary_uri) else None
+        self.ledger, self.summary = self._read_state(progress)
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
+
+    def _read_state(self, progress: bool) -> tuple[list[dict], dict | None]:
+        """The finished trials and the summary of an earlier run, each once it verifies. A damaged ledger
+        starts the task's sweep again; a damaged summary is made again from the ledger."""
+        try:
+            ledger = read_sealed_json(self.ledger_uri).get("trials") if exists(self.ledger_uri) else []
+            if not isinstance(ledger, list):
+                raise DamagedFileError(f"{self.ledger_uri}: no list of trials in it")
+        except DamagedFileError as exc:
+            say(f"[{self.name}] {exc}; its sweep starts again", progress)
+            remove(self.root, recursive=True)
+            return [], None
+        try:
+            summary = read_sealed_json(self.summary_uri) if exists(self.summary_uri) else None
+        except DamagedFileError as exc:
+            say(f"[{self.name}] {exc}; the summary is made again from the trials", progress)
+            summary = None
+        return ledger, summary
 
     def trial_checkpoints(self, trial_id: str) -> str:
         return layout.sweep_checkpoints(self.root, trial_id)
@@ -248,7 +267,7 @@ class _Sweep:
 
     def record(self, entry: dict) -> None:
         self.ledger.append(entry)
-        atomic_write_bytes(self.ledger_uri, json.dumps(self.ledger, indent=1).encode())
+        write_sealed_json(self.ledger_uri, {"task": self.name, "trials": self.ledger})
 
     def finish(self, seconds: float) -> dict:
         ok = [t for t in self.ledger if t["error"] is None and t["val_metric"] is not None and exists(t["delta_uri"])]
@@ -259,7 +278,7 @@ class _Sweep:
         best = max(ok, key=lambda t: (t["val_metric"], -t["density"]))
         self.summary = {"task": self.name, "metric": self.plan.metric, "trials": self.ledger, "best": best,
                         "seconds": seconds}
-        atomic_write_bytes(self.summary_uri, json.dumps(self.summary, indent=1).encode())
+        write_sealed_json(self.summary_uri, self.summary)
         return self.summary
 
 
@@ -348,7 +367,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
 
     t0 = time.perf_counter()
     sw = job.sweep
-    sweeps = {plan.task_name: _Sweep(store, plan, chash, sw, force) for plan, chash in plans}
+    sweeps = {plan.task_name: _Sweep(store, plan, chash, sw, force, progress) for plan, chash in plans}
     out: dict[str, dict] = {}
     spaces = {}
     for name, s in sweeps.items():

@@ -7,11 +7,15 @@ never sees half a file and a crash leaves nothing under the final name. On objec
 Object stores need their fsspec backend (s3fs, gcsfs, ...), installed with the package extras
 (``pip install 'shpeft[s3]'`` / ``'shpeft[gcs]'``); without it every helper here raises one
 `StorageError` naming the URI and what to install.
+
+Small JSON state files (evaluations, sweep ledgers, checkpoint state) carry the sha256 of their own
+content (``write_sealed_json``) and are checked when read (``read_sealed_json``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 
@@ -30,6 +34,9 @@ __all__ = [
     "check_writable",
     "write_checksum",
     "verify_file",
+    "DamagedFileError",
+    "write_sealed_json",
+    "read_sealed_json",
 ]
 
 # Filesystems whose single-object put is atomic: a temp + rename would only double the cost.
@@ -206,3 +213,33 @@ def verify_file(uri: str) -> str | None:
     want = read_bytes(_checksum_uri(uri)).decode(errors="replace").strip()
     got = sha256_file(uri)
     return None if got == want else f"sha256 {got[:12]} differs from the recorded {want[:12]} (corrupt or truncated)"
+
+
+class DamagedFileError(ValueError):
+    """A file that fails its integrity check: unreadable, without its checksum, or not matching it."""
+
+
+def _json_checksum(doc: dict) -> str:
+    return sha256_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_sealed_json(uri: str, doc: dict) -> None:
+    """Write the JSON object ``doc`` atomically with a ``checksum`` field, the sha256 of its canonical
+    content, for ``read_sealed_json`` to check."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    atomic_write_bytes(uri, json.dumps({**body, "checksum": _json_checksum(body)}, indent=1).encode())
+
+
+def read_sealed_json(uri: str) -> dict:
+    """The JSON object at ``uri`` without its ``checksum`` field, once the checksum matches; else
+    DamagedFileError naming ``uri`` and what is wrong (FileNotFoundError when there is no such file)."""
+    try:
+        doc = json.loads(read_bytes(uri))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(f"{uri}: not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or "checksum" not in doc:
+        raise DamagedFileError(f"{uri}: no checksum in it (damaged, or written by an older version)")
+    want = doc.pop("checksum")
+    if want != _json_checksum(doc):
+        raise DamagedFileError(f"{uri}: damaged (its content does not match its checksum)")
+    return doc

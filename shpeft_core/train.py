@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -311,7 +310,7 @@ def save_train_state(state: TrainState, dir_or_uri: str) -> dict:
         "kernel_choices": state.kernel_choices,
         "tensors_sha256": sha,
     }
-    io.atomic_write_bytes(io.join_uri(dir_or_uri, "state.json"), json.dumps(_jsonable(doc), indent=1).encode())
+    io.write_sealed_json(io.join_uri(dir_or_uri, "state.json"), _jsonable(doc))
     return {"sha256": sha, "bytes": size}
 
 
@@ -321,9 +320,9 @@ def load_train_state(dir_or_uri: str) -> TrainState:
     if not io.exists(json_uri):
         raise TrainStateError(f"{json_uri}: no such file")
     try:
-        doc = json.loads(io.read_bytes(json_uri))
-    except json.JSONDecodeError as exc:
-        raise TrainStateError(f"{json_uri}: not JSON: {exc}") from exc
+        doc = io.read_sealed_json(json_uri)
+    except io.DamagedFileError as exc:
+        raise TrainStateError(str(exc)) from None
     if doc.get("format") != TRAIN_STATE_FORMAT:
         raise TrainStateError(f"{json_uri}: format {doc.get('format')!r}, expected {TRAIN_STATE_FORMAT!r}")
     data = io.read_bytes(st_uri)

@@ -151,3 +151,21 @@ def test_check_writable_read_only_store(monkeypatch):
     # The other helpers fail the same way, with the backend's own error.
     with pytest.raises(PermissionError):
         io.atomic_write_bytes("shpeftro://bucket/store/x", b"x")
+
+
+def test_sealed_json_round_trips_and_refuses_any_change(tmp_path):
+    uri = str(tmp_path / "state.json")
+    doc = {"trials": [{"id": "a", "val": 0.75, "nan": float("nan")}], "n": 3, "text": "é"}
+    io.write_sealed_json(uri, doc)
+    got = io.read_sealed_json(uri)
+    assert got["n"] == 3 and got["text"] == "é" and got["trials"][0]["val"] == 0.75
+    assert got["trials"][0]["nan"] != got["trials"][0]["nan"]  # NaN kept
+    text = open(uri).read()
+    for bad, why in ((text.replace("0.75", "0.76"), "damaged"), (text.replace('"n": 3', '"n": 4'), "damaged"),
+                     (text[:-5], "not readable JSON"), ('{"n": 3}', "no checksum"), ("[1, 2]", "no checksum")):
+        open(uri, "w").write(bad)
+        with pytest.raises(io.DamagedFileError, match=why) as err:
+            io.read_sealed_json(uri)
+        assert uri in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        io.read_sealed_json(str(tmp_path / "absent.json"))

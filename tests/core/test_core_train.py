@@ -84,6 +84,12 @@ def test_train_state_checksum_and_mismatch(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(TrainStateError, match="checksum"):
         load_train_state(str(tmp_path / "s"))
+    # state.json carries its own checksum: a changed step count is refused, not resumed from
+    save_train_state(states[0], str(tmp_path / "t"))
+    j = tmp_path / "t" / "state.json"
+    j.write_text(j.read_text().replace(f'"step": {states[0].step}', f'"step": {states[0].step + 1}'))
+    with pytest.raises(TrainStateError, match="state.json: damaged"):
+        load_train_state(str(tmp_path / "t"))
     save_train_state(states[0], "memory://ckpt/s")
     other = tiny_model("vit", num_classes=2)
     apply_sparse_training(other, {"blocks.0.mlp.fc1.weight": torch.tensor([1], dtype=torch.int32)})

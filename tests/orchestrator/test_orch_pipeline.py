@@ -9,7 +9,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from shpeft_core.delta import apply_delta, load_delta, merge_delta  # noqa: E402
-from shpeft_core.io import exists, sha256_file  # noqa: E402
+from shpeft_core.io import exists, read_sealed_json, sha256_file, write_sealed_json  # noqa: E402
 from tasks.loaders import build_loader  # noqa: E402
 from tasks.synthetic import write_task_family  # noqa: E402
 from tasks.transforms import transform_for  # noqa: E402
@@ -216,7 +216,7 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
         assert len(summary["trials"]) == 3 and summary["best"]["density"] == row["density"]
         assert float(load_delta(row["delta_uri"]).metadata["density"]) == row["density"]
         assert exists(row["delta_uri"]) and sha256_file(row["delta_uri"]) == row["sha256"]
-        ledgers[row["task"]] = (root, json.loads(open(f"{root}/ledger.json").read()))
+        ledgers[row["task"]] = (root, read_sealed_json(f"{root}/ledger.json")["trials"])
         # each trial's recorded artifact holds exactly the weights of its last reported epoch
         for t in ledgers[row["task"]][1]:
             assert t["delta_uri"].endswith(f"{t['trial_id']}-e{t['epochs']}.safetensors"), t
@@ -244,14 +244,21 @@ def test_sweeps_of_all_tasks_run_at_once_and_resume_from_their_ledger(ray_local,
     root, ledger = ledgers[task_specs[0].name]
     os.remove(f"{root}/trials.json")
     os.remove(next(r["delta_uri"] for r in result.rows if r["task"] == task_specs[0].name))
-    open(f"{root}/ledger.json", "w").write(json.dumps(ledger[:1]))
+    write_sealed_json(f"{root}/ledger.json", {"task": task_specs[0].name, "trials": ledger[:1]})
+    # The second task's artifact is gone too and its ledger was altered (a trial's score changed): the
+    # ledger is not trusted, and that task's sweep runs again from the start.
+    root2, ledger2 = ledgers[task_specs[1].name]
+    os.remove(next(r["delta_uri"] for r in result.rows if r["task"] == task_specs[1].name))
+    doc = json.loads(open(f"{root2}/ledger.json").read())
+    doc["trials"][0]["val_metric"] = 1.0
+    open(f"{root2}/ledger.json", "w").write(json.dumps(doc))
     again = run_job(job, progress=False, force=False)
     assert again.exit_code == 0, again.rows
-    resumed = json.loads(open(f"{root}/ledger.json").read())
+    resumed = read_sealed_json(f"{root}/ledger.json")["trials"]
     assert len(resumed) == 3 and resumed[0] == ledger[0]  # the finished trial is kept, two new ones ran
     assert {t["trial_id"] for t in resumed[1:]}.isdisjoint({t["trial_id"] for t in ledger})
-    untouched = ledgers[task_specs[1].name]
-    assert json.loads(open(f"{untouched[0]}/ledger.json").read()) == untouched[1]  # the finished sweep is reused
+    restarted = read_sealed_json(f"{root2}/ledger.json")["trials"]
+    assert len(restarted) == 3 and {t["trial_id"] for t in restarted}.isdisjoint({t["trial_id"] for t in ledger2})
 
 
 def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task_specs):

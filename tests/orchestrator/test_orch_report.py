@@ -111,21 +111,25 @@ def _pngs_open(folder):
 
 
 def test_evaluation_file_is_sealed_and_checked_when_read(tmp_path):
+    from shpeft_core.io import write_sealed_json
+
     uri = str(tmp_path / "a.eval.json")
     doc = {"format": "shpeft-eval/2", "task": "t", "artifact_sha256": "ab" * 32, "splits": {"test": {"auc": float("nan")}},
            "row": {"test_macro_f1": 0.5, "sha256": "ab" * 32}}
     write_eval(uri, doc)
     got = read_eval(uri)
-    assert got["row"] == doc["row"] and got["splits"]["test"]["auc"] is None  # NaN is stored as null
+    assert got["row"] == doc["row"] and got["splits"]["test"]["auc"] is None  # strict JSON: NaN is stored as null
     assert read_eval(str(tmp_path / "none.eval.json")) is None
     text = open(uri).read()
-    for bad, why in ((text.replace("0.5", "0.6"), "damaged"), (text[: len(text) // 2], "not a readable"),
-                     (text.replace("shpeft-eval/2", "shpeft-eval/1"), "format 'shpeft-eval/1'"),
-                     (json.dumps({k: v for k, v in json.loads(text).items() if k != "checksum"}), "damaged")):
+    for bad, why in ((text.replace("0.5", "0.6"), "damaged"), (text[: len(text) // 2], "not readable"),
+                     (json.dumps({k: v for k, v in json.loads(text).items() if k != "checksum"}), "no checksum")):
         open(uri, "w").write(bad)
         with pytest.raises(EvalFileError, match=why) as err:
             read_eval(uri)
         assert uri in str(err.value)
+    write_sealed_json(uri, {**doc, "format": "shpeft-eval/1"})
+    with pytest.raises(EvalFileError, match="format 'shpeft-eval/1'"):
+        read_eval(uri)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +232,7 @@ def test_report_names_a_damaged_evaluation_file_and_leaves_it_out(job_run):
         open(uri, "w").write(good)
     assert res.exit_code == 0, res.output
     text = open(result.report).read()
-    assert f"`{row['task']}`: {uri}: evaluation file damaged" in text and "0.987654" not in text
+    assert f"`{row['task']}`: evaluation file {uri}: damaged" in text and "0.987654" not in text
     assert f"{row['task']}_confusion.png" not in text and f"{result.rows[1]['task']}_confusion.png" in text
 
 
