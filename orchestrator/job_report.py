@@ -47,16 +47,18 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _job_doc(store: str, job_id: str):
-    """The job as run (jobs/<id>.json), or None when it is missing or no longer parses."""
-    from .jobspec import JobSpecError, parse_job
+    """The job as run (jobs/<id>.json), or None when it is missing, no longer parses, or is not the job of
+    that id (its content hashes to the id: a changed file does not)."""
+    from .jobspec import JobSpecError, job_id as id_of, parse_job
 
     uri = layout.job_file(store, job_id)
     if not exists(uri):
         return None
     try:
-        return parse_job(json.loads(read_bytes(uri)), uri)
+        job = parse_job(json.loads(read_bytes(uri)), uri)
     except (JobSpecError, ValueError):
         return None
+    return job if id_of(job) == job_id else None
 
 
 def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None:
@@ -356,7 +358,8 @@ def write_job_report(store: str, job_id: str) -> tuple[str, list[str]]:
     pngs: list[str] = []
     missing: list[str] = []
     if job is None:
-        missing.append(f"the job file (`{layout.job_file(store, job_id)}`): backbone and settings are not shown.")
+        missing.append(f"the job file (`{layout.job_file(store, job_id)}`) is missing, unreadable, or not this job's: "
+                       "backbone and settings are not shown.")
 
     sections, per_task = [], {}
     for r in rows:

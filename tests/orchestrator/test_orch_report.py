@@ -237,6 +237,25 @@ def test_report_names_a_damaged_evaluation_file_and_leaves_it_out(job_run):
 
 
 @pytest.mark.ray
+def test_report_does_not_show_a_changed_job_file(job_run):
+    from orchestrator.store import job_file
+
+    _, result = job_run
+    uri = job_file(result.store, result.job_id)
+    good = open(uri).read()
+    doc = json.loads(good)
+    doc["training"]["epochs"] += 5  # still a valid job, but not the one this id names
+    open(uri, "w").write(json.dumps(doc))
+    try:
+        res = CliRunner().invoke(main, ["report", result.store, result.job_id])
+    finally:
+        open(uri, "w").write(good)
+    assert res.exit_code == 0, res.output
+    text = open(result.report).read()
+    assert f"the job file (`{uri}`) is missing, unreadable, or not this job's" in text
+
+
+@pytest.mark.ray
 def test_a_failing_report_never_fails_the_job(job_run, monkeypatch, capsys):
     import orchestrator.job_report
 
