@@ -94,7 +94,7 @@ class _Board:
 def test_captured_output_keeps_prints_warnings_and_the_traceback_then_restores_streams():
     board = _Board()
     out, err = sys.stdout, sys.stderr
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError) as raised:
         with captured_output(board, "derma", trial="t3"):
             print("loading 40 images")
             warnings.warn("resizing 28 px images to 32 px", UserWarning)
@@ -109,6 +109,7 @@ def test_captured_output_keeps_prints_warnings_and_the_traceback_then_restores_s
     assert "WARNING some.library: slow decoder" in lines
     assert not any("not kept" in ln for ln in lines)
     assert lines[-1] == "ZeroDivisionError: division by zero" and any(ln.startswith("Traceback") for ln in lines)
+    assert raised.value.shpeft_logged  # so the driver does not write the traceback a second time
 
 
 def test_a_deliberate_exit_is_not_logged_as_an_error():
@@ -200,3 +201,32 @@ def test_job_keeps_worker_logs_in_the_store_and_prints_no_traceback(tmp_path, ca
     assert f"==> {good}.log <==" in every.output
     missing = runner.invoke(main, ["logs", result.store, "no-such-job"])
     assert missing.exit_code == 2 and "no logs for job no-such-job" in missing.output
+
+
+def test_the_driver_logs_a_traceback_only_when_the_worker_could_not():
+    from orchestrator.pipeline import _finish_row
+
+    def run(exc):
+        posted = []
+
+        def work():
+            raise exc
+
+        row = _finish_row({"task": "derma"}, work, posted.append)
+        assert row["status"] == "failed" and row["error"].endswith("boom")
+        return posted
+
+    # a lost process (no worker wrote anything): the driver's traceback is the only one
+    lost = run(RuntimeError("boom"))
+    assert len(lost) == 1 and lost[0]["lines"][0].startswith("Traceback") and lost[0]["task"] == "derma"
+    # the worker's own error, which captured_output already wrote, directly or wrapped as Ray wraps it
+    logged = ValueError("boom")
+    logged.shpeft_logged = True
+    assert run(logged) == []
+
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("wrapped")
+            self.cause = cause
+
+    assert run(Wrapped(logged)) == []
