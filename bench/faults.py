@@ -169,11 +169,24 @@ def worker_node_ids(cluster) -> set[str]:
 
 
 def connect(cluster, **kwargs) -> None:
+    import logging
+
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=cluster.address, log_to_driver=False, **kwargs)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
+
+
+def hold_ray_messages() -> list[str]:
+    """Ray prints its own notices about the workers and nodes the scenarios kill on purpose ("A worker died
+    ...", "Raylet is terminated ...") on the driver's console, whatever log_to_driver says; they are kept
+    in the returned list instead. Ray has no public switch for them, so its printer is replaced."""
+    import ray._private.worker as ray_worker
+
+    held: list[str] = []
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: held.extend(data.get("lines", []))
+    return held
 
 
 def ensure_workers(cluster, workers: int = 2, cpus: int = 1) -> None:
@@ -589,6 +602,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="shpeft-bench-faults-")
     cluster = None
     results: dict[str, Outcome] = {}
+    held = hold_ray_messages()
     try:
         cluster = start_cluster()
         connect(cluster)
@@ -601,6 +615,8 @@ def main() -> None:
             except Exception as exc:  # report and carry on with the other scenarios
                 results[name] = Outcome(name, f"scenario error: {type(exc).__name__}: {exc}"[:100], tasks=0)
             print_table(results[name])
+        if held:
+            print(f"Ray's own notices about the killed workers and nodes ({len(held)}) are not shown.")
         print(json.dumps({"scenarios": {n: o.summary() for n, o in results.items()}}))
     finally:
         if ray.is_initialized():
