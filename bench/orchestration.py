@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -289,6 +290,8 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
     import re
 
     import orchestrator.pipeline as pipeline
+    from shpeft_core.io import read_sealed_json
+
     from orchestrator.jobspec import parse_job
     from orchestrator.pipeline import run_job
     from orchestrator.resources import trainer_slots
@@ -382,8 +385,7 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
         ledgers = []
         for r in res.rows:
             root = f"{res.store}/sweeps/{r['task']}-{r['config_hash']}"
-            with open(f"{root}/ledger.json") as f:
-                ledgers += json.load(f)
+            ledgers += read_sealed_json(f"{root}/ledger.json")["trials"]
         trial_parts = [_startup(events, tr["started_at"], bare, trial=tr["trial_id"]) for tr in ledgers
                        if tr["started_at"] and any(e.get("trial") == tr["trial_id"] for e in events)]
         trial_fixed = [p["fixed_s"] for p in trial_parts]
@@ -487,7 +489,7 @@ def main() -> None:
         timing_path = os.path.join(work, "timing.jsonl")
         t = time.perf_counter()
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": _timing_hook,
+                 logging_level=logging.ERROR, runtime_env={"worker_process_setup_hook": _timing_hook,
                               "env_vars": {"SHPEFT_BENCH_TIMING": timing_path, "PYTHONPATH": os.pathsep.join(
                                   p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                               os.environ.get("PYTHONPATH")) if p)}})
