@@ -51,7 +51,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # Pillow's own message only names its in-memory buffer
+        raise DatasetError(f"{where}: unreadable image (not in a format Pillow decodes; {len(data):,} bytes)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{where}: unreadable image ({type(e).__name__}: {e})") from None
     mode = img.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):

@@ -51,6 +51,15 @@ def test_valid_synthetic_tasks_pass(family, fmt):
     assert sum(r.modes.values()) == r.total and len(r.fingerprint) == 64
 
 
+def test_bytes_that_are_no_image_are_named_without_pillows_buffer(tmp_path):
+    good = _png(1, 32)
+    _tree(tmp_path, {f"train/{c}/{i}.png": good for c in "ab" for i in range(2)} | {
+        f"{s}/{c}/0.png": good for s in ("val", "test") for c in "ab"})
+    _tree(tmp_path, {"val/b/0.png": b"broken"})
+    with pytest.raises(DatasetError, match=r"val/b/0\.png: unreadable image \(not in a format Pillow decodes; 6 bytes\)$"):
+        check_dataset(_folder_spec(tmp_path))
+
+
 def test_truncated_image_names_the_file(tmp_path):
     good = _png(1, 32)
     _tree(tmp_path, {f"train/{c}/{i}.png": good for c in "ab" for i in range(2)} | {
