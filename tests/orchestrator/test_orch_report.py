@@ -217,21 +217,30 @@ def test_report_of_an_older_job_shows_what_it_can(job_run):
     assert "_confusion.png" not in text
 
 
-@pytest.mark.ray
-def test_report_names_a_damaged_evaluation_file_and_leaves_it_out(job_run):
-    _, result = job_run
-    row = result.rows[0]
-    uri = eval_file(row["delta_uri"])
+def _report_with_a_changed_file(result, uri: str, change) -> str:
+    """`shpeft report` of the job while the JSON file at ``uri`` is changed by ``change(doc)``; its text."""
     good = open(uri).read()
     doc = json.loads(good)
-    doc["splits"]["test"]["macro_f1"] = 0.987654  # a changed number, the file still valid JSON
+    change(doc)
     open(uri, "w").write(json.dumps(doc, indent=1))
     try:
         res = CliRunner().invoke(main, ["report", result.store, result.job_id])
     finally:
         open(uri, "w").write(good)
     assert res.exit_code == 0, res.output
-    text = open(result.report).read()
+    return open(result.report).read()
+
+
+@pytest.mark.ray
+def test_report_names_a_damaged_evaluation_file_and_leaves_it_out(job_run):
+    _, result = job_run
+    row = result.rows[0]
+    uri = eval_file(row["delta_uri"])
+
+    def change(doc):
+        doc["splits"]["test"]["macro_f1"] = 0.987654  # a changed number, the file still valid JSON
+
+    text = _report_with_a_changed_file(result, uri, change)
     assert f"`{row['task']}`: evaluation file {uri}: damaged" in text and "0.987654" not in text
     assert f"{row['task']}_confusion.png" not in text and f"{result.rows[1]['task']}_confusion.png" in text
 
@@ -242,16 +251,11 @@ def test_report_does_not_show_a_changed_job_file(job_run):
 
     _, result = job_run
     uri = job_file(result.store, result.job_id)
-    good = open(uri).read()
-    doc = json.loads(good)
-    doc["training"]["epochs"] += 5  # still a valid job, but not the one this id names
-    open(uri, "w").write(json.dumps(doc))
-    try:
-        res = CliRunner().invoke(main, ["report", result.store, result.job_id])
-    finally:
-        open(uri, "w").write(good)
-    assert res.exit_code == 0, res.output
-    text = open(result.report).read()
+
+    def change(doc):
+        doc["training"]["epochs"] += 5  # still a valid job, but not the one this id names
+
+    text = _report_with_a_changed_file(result, uri, change)
     assert f"the job file (`{uri}`) is missing, unreadable, or not this job's" in text
 
 
