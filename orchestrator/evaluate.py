@@ -19,6 +19,8 @@ EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own che
 
 class EvalFileError(ValueError):
     """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
+
+
 SPLITS = ("val", "test")
 
 
