@@ -9,7 +9,7 @@ from typing import Any
 
 log = logging.getLogger("shpeft.pipeline")
 
-__all__ = ['say', 'now', 'short_error', 'print_results_table', 'quiet_frameworks']
+__all__ = ['say', 'now', 'error_chain', 'short_error', 'print_results_table', 'quiet_frameworks']
 
 
 def quiet_frameworks() -> None:
@@ -44,11 +44,16 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def error_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it wraps through ``cause`` (Ray's RayTaskError wraps the remote one)."""
+    chain = [exc]
+    while getattr(chain[-1], "cause", None) is not None and all(chain[-1].cause is not e for e in chain):
+        chain.append(chain[-1].cause)
+    return chain
+
+
 def short_error(exc: BaseException) -> str:
-    cause = exc
-    # Ray wraps the remote exception; its cause carries the user's message.
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
+    cause = error_chain(exc)[-1]  # the innermost carries the user's message
     text = f"{type(cause).__name__}: {cause}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] if len(lines) > 3 else " ".join(lines))[:2000]

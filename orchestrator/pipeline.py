@@ -20,7 +20,7 @@ from shpeft_core.options import artifact_kind
 
 from . import store as layout
 from .catalogue import catalogue_uri, latest_rows, write_rows
-from .console import log, now, print_results_table, quiet_frameworks, say, short_error
+from .console import error_chain, log, now, print_results_table, quiet_frameworks, say, short_error
 from .importance_stage import extra_estimators, run_importance_stage
 from .jobspec import JobSpec, job_id as compute_job_id, resolve_task, task_name
 from .keys import backbone_dict, task_config_hash
@@ -280,19 +280,9 @@ def _finish_row(base: dict, work, post=None) -> dict[str, Any]:
     except Exception as exc:
         # The console gets one line; the whole traceback goes to the task's log in the store, once: a
         # worker's own error is there already (tasklog.captured_output), a lost process's is not.
-        if post is not None and not _already_logged(exc):
+        if post is not None and not any(getattr(e, "shpeft_logged", False) for e in error_chain(exc)):
             post({"kind": "log", "task": base["task"], "lines": traceback.format_exc().splitlines()})
         return {**base, "status": "failed", "trained": False, "error": short_error(exc), "finished_at": now()}
-
-
-def _already_logged(exc: BaseException) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:  # Ray's RayTaskError wraps the worker's exception
-        if getattr(exc, "shpeft_logged", False):
-            return True
-        seen.add(id(exc))
-        exc = getattr(exc, "cause", None)
-    return False
 
 
 def _ray_logs_dir() -> str:
