@@ -86,13 +86,8 @@ def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None
 def _sweep(store: str, row: dict) -> dict | None:
     if not row.get("sweep_trials") or not row.get("config_hash"):
         return None
-    from shpeft_core.io import DamagedFileError, read_sealed_json
-
-    uri = join_uri(layout.sweep_root(store, row["task"], row["config_hash"]), "trials.json")
-    try:
-        return read_sealed_json(uri) if exists(uri) else None
-    except DamagedFileError:
-        return None  # said under "Missing from this report", as for a summary that is gone
+    # a damaged summary is said under "Missing from this report", as one that is gone
+    return layout.read_sweep_summary(layout.sweep_root(store, row["task"], row["config_hash"]))
 
 
 # ---------------------------------------------------------------- plots

@@ -11,9 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shpeft_core.io import DamagedFileError, atomic_write_bytes, exists, join_uri, read_sealed_json  # noqa: E402
+from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 
-from .store import plots_dir, sweep_root  # noqa: E402
+from .store import plots_dir, read_sweep_summary, sweep_root  # noqa: E402
 
 __all__ = ["write_plots", "save_png", "pareto_front", "layer_of", "importance_mass_per_layer", "selection_location",
            "plot_selection_location"]
@@ -56,12 +56,9 @@ def save_png(fig, uri: str, dpi: int = 110) -> str:
 def _trial_points(store: str, row: dict) -> list[dict]:
     if row.get("status") != "ok":
         return []
-    uri = join_uri(sweep_root(store, row["task"], row.get("config_hash")), "trials.json")
-    if exists(uri):
-        try:
-            return [t for t in read_sealed_json(uri)["trials"] if t.get("val_metric") is not None]
-        except (DamagedFileError, KeyError):
-            pass  # a damaged summary: the row's own point below
+    summary = read_sweep_summary(sweep_root(store, row["task"], row.get("config_hash")))
+    if summary is not None:  # else (no sweep, or a damaged summary) the row's own point
+        return [t for t in summary["trials"] if t.get("val_metric") is not None]
     m = row.get("metric") or "macro_f1"
     if row.get(f"val_{m}") is None:
         return []

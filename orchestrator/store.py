@@ -38,7 +38,7 @@ __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
     "eval_file", "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file",
     "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact",
-    "sweep_checkpoints",
+    "sweep_summary", "read_sweep_summary", "sweep_checkpoints",
 ]
 
 _SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
@@ -74,6 +74,22 @@ def sweep_root(store: str, task: str, config_hash: str) -> str:
 def sweep_trial_artifact(sweep_root_uri: str, trial_id: str, epochs: int | str | None, method: str) -> str:
     """A sweep trial's artifact holding its weights after ``epochs`` epochs."""
     return artifact_uri(join_uri(sweep_root_uri, "trials"), f"{trial_id}-e{epochs}", method)
+
+
+def sweep_summary(sweep_root_uri: str) -> str:
+    """The finished sweep's summary: its trials and the best one (sealed JSON)."""
+    return join_uri(sweep_root_uri, "trials.json")
+
+
+def read_sweep_summary(sweep_root_uri: str) -> dict | None:
+    """The summary of the sweep at ``sweep_root_uri`` once it verifies; None when it is missing or damaged."""
+    from shpeft_core.io import DamagedFileError, read_sealed_json
+
+    uri = sweep_summary(sweep_root_uri)
+    try:
+        return read_sealed_json(uri) if exists(uri) else None
+    except DamagedFileError:
+        return None
 
 
 def sweep_checkpoints(sweep_root_uri: str, trial_id: str | None = None) -> str:

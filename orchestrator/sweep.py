@@ -236,7 +236,7 @@ class _Sweep:
         self.root = layout.sweep_root(store, plan.task_name, config_hash)
         if force:
             remove(self.root, recursive=True)
-        self.summary_uri = join_uri(self.root, "trials.json")
+        self.summary_uri = layout.sweep_summary(self.root)
         self.ledger_uri = join_uri(self.root, "ledger.json")
         self.ledger, self.summary = self._read_state(progress)
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
