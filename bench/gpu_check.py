@@ -99,18 +99,9 @@ def values_grad(device: str) -> dict[str, Any]:
 
 
 def _demo_data(root: str, tasks: int):
-    from orchestrator.demo import DEMO_DATA, install_demo_backbone
-    from tasks.synthetic import write_source_corpus, write_task_family
+    from orchestrator.demo import install_demo_backbone, write_demo_data
 
-    d = DEMO_DATA
-    data = os.path.join(root, "data")
-    corpus = write_source_corpus(data, image_size=d["image_size"], num_images=d["pool_images"],
-                                 cue_strength=d["source_cue_strength"], lesion_size=d["lesion_size"])
-    targets = write_task_family(data, n_tasks=tasks, image_size=d["image_size"], images_per_task=d["images_per_task"],
-                                num_classes=d["num_classes"], max_imbalance=d["max_imbalance"],
-                                cue_strength=d["cue_strength"], lesion_size=d["lesion_size"],
-                                formats=("medmnist", "imagefolder", "parquet"))
-    return corpus, targets, install_demo_backbone(root, progress=False)
+    return (*write_demo_data(os.path.join(root, "data"), n_tasks=tasks), install_demo_backbone(root, progress=False))
 
 
 def importance(device: str, root: str, targets, backbone_uri: str) -> dict[str, Any]:

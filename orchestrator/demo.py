@@ -153,27 +153,35 @@ DEMO_COMPARE_METHODS = ("shpeft", "linear", "full")
 DEMO_ALL_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random", "linear", "full")
 
 
-def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, progress: bool = True):
-    """Write the demo's data and backbone into ``store`` (reused when already there) and return its job."""
+def write_demo_data(data: str, smoke_test: bool = False, *, n_tasks: int | None = None):
+    """The demo's source corpus (for the task-agnostic pool) and target tasks under ``data``: (corpus, targets).
+    ``n_tasks`` overrides how many targets (the demo's own number by default)."""
     from tasks.synthetic import write_source_corpus, write_task_family
 
-    data = join_uri(store, "data-smoke" if smoke_test else "data")
     d = DEMO_DATA
     # The corpus pre-trained the shipped backbone; here it only joins the task-agnostic pool, whose
     # importance pass reads a few batches, so a prefix of it is written (images are stable by index).
     corpus = write_source_corpus(data, image_size=d["image_size"], num_images=600 if smoke_test else d["pool_images"],
                                  cue_strength=d["source_cue_strength"], lesion_size=d["lesion_size"])
-    targets = write_task_family(data, n_tasks=2 if smoke_test else d["n_tasks"], image_size=d["image_size"],
+    n = n_tasks or (2 if smoke_test else d["n_tasks"])
+    targets = write_task_family(data, n_tasks=n, image_size=d["image_size"],
                                 images_per_task=120 if smoke_test else d["images_per_task"],
                                 num_classes=d["num_classes"], max_imbalance=d["max_imbalance"],
                                 cue_strength=d["cue_strength"], lesion_size=d["lesion_size"],
                                 formats=("medmnist", "imagefolder", "parquet"))
+    return corpus, targets
+
+
+def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, progress: bool = True):
+    """Write the demo's data and backbone into ``store`` (reused when already there) and return its job."""
+    data = join_uri(store, "data-smoke" if smoke_test else "data")
+    corpus, targets = write_demo_data(data, smoke_test)
     if smoke_test:
         # The smoke test also runs on real images: patches of the CT, MR, ultrasound, X-ray and histology
         # images that pydicom-data and scikit-image install (the `samples` extra).
         from tasks.samples import write_real_sample_task
 
-        targets = [*targets, write_real_sample_task(data, patch_size=d["image_size"])]
+        targets = [*targets, write_real_sample_task(data, patch_size=DEMO_DATA["image_size"])]
     if progress:
         print(f"data: source corpus {corpus.name} + targets {[t.name for t in targets]} under {data}", flush=True)
     backbone_uri = install_demo_backbone(store, progress=progress)
