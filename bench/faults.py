@@ -120,6 +120,25 @@ def register_flaky_filesystem() -> None:
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 
 
+def hold_after_first_checkpoint() -> None:
+    """Worker setup hook (node_removal): the task named in SHPEFT_BENCH_HOLD waits up to a minute after its
+    first checkpoint, once (a marker file records it), so its node is removed while it still has epochs to
+    run, however loaded the machine; the attempt that resumes on another node runs straight through."""
+    import shpeft_core.train as train
+
+    task, marker = os.environ["SHPEFT_BENCH_HOLD"].split(os.pathsep, 1)
+    save = train.save_train_state
+
+    def save_then_hold(state, dir_or_uri):
+        out = save(state, dir_or_uri)
+        if f"-{task}-" in str(dir_or_uri) and not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(60)
+        return out
+
+    train.save_train_state = save_then_hold
+
+
 # ---------------------------------------------------------------- data, jobs, cluster
 
 
@@ -444,13 +463,17 @@ def node_removal(ctx: Context) -> Outcome:
             time.sleep(0.1)
 
     thread = threading.Thread(target=remover, daemon=True)
+    hold = {"SHPEFT_BENCH_HOLD": f"{long_}{os.pathsep}{os.path.join(root, 'held')}",
+            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
     thread.start()
     try:
+        connect(ctx.cluster, runtime_env={"worker_process_setup_hook": hold_after_first_checkpoint, "env_vars": hold})
         result = run_job(job, progress=False)
     finally:
         stop.set()
         thread.join(timeout=60)
+        connect(ctx.cluster)
     seconds = time.perf_counter() - t0
     rows = {r["task"]: r for r in result.rows}
     out = Outcome("node_removal", "worker node removed mid-training" if state else "NOT INJECTED (timing)",
