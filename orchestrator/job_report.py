@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
 
 from . import store as layout  # noqa: E402
-from .plots import plot_selection_location, save_png  # noqa: E402
+from .plots import log_density_axis, plot_selection_location, save_png  # noqa: E402
 
 __all__ = ["JobReportError", "write_job_report", "fmt"]
 
@@ -139,8 +139,6 @@ def _plot_confusion(task: str, split: str, names: list[str], cm: list[list[int]]
 
 
 def _plot_sweep(task: str, metric: str, trials: list[dict], best: dict | None, uri: str) -> str | None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     pts = [t for t in trials if t.get("val_metric") is not None]
     if not pts:
         return None
@@ -151,12 +149,7 @@ def _plot_sweep(task: str, metric: str, trials: list[dict], best: dict | None, u
         ax.scatter([best["density"]], [best["val_metric"]], marker="*", s=260, facecolors="none", edgecolors="red",
                    linewidths=1.5, label="best trial (its model is the task's)")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xscale("log")
-    # Plain numbers at 1, 2 and 5 x 10^k: a sweep's range is often under a decade, where the default
-    # log labels overlap.
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    log_density_axis(ax)
     lo, hi = min(t["val_metric"] for t in pts), max(t["val_metric"] for t in pts)
     pad = max(0.05, 0.1 * (hi - lo))
     ax.set_ylim(max(-0.02, lo - pad), min(1.02, hi + pad))

@@ -53,6 +53,17 @@ def save_png(fig, uri: str, dpi: int = 110) -> str:
     return uri
 
 
+def log_density_axis(ax) -> None:
+    """A log x axis labelled with plain numbers at 1, 2 and 5 x 10^k: a sweep's densities often span under a
+    decade, where matplotlib's default log labels (minor ticks included) overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _trial_points(store: str, row: dict) -> list[dict]:
     if row.get("status") != "ok":
         return []
@@ -92,7 +103,7 @@ def write_plots(store: str, job_id: str, rows: list[dict], dataset_maps: dict[st
             ax.scatter([p["density"] for p in pts], [p["val_metric"] for p in pts], color=color, alpha=0.6, label=task)
             front = pareto_front([(p["density"], p["val_metric"]) for p in pts])
             ax.plot([d for d, _ in front], [m for _, m in front], color=color, drawstyle="steps-post")
-        ax.set_xscale("log")
+        log_density_axis(ax)
         ax.set_xlabel("density (fraction of eligible weights)")
         ax.set_ylabel("validation metric")
         ax.set_title("density vs metric (line: Pareto front)")
