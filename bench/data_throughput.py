@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from tasks.dicom import decode_dicom
-from tasks.images import array_to_rgb, decode_image
+from tasks.codecs.dicom import decode_dicom
+from tasks.codecs.images import array_to_rgb, decode_image
 from tasks.loaders import build_dataset, build_loader
 from tasks.synthetic import SyntheticTask, write_task
 from tasks.transforms import transform_for

@@ -1,6 +1,6 @@
 """The demo recipe, measured in process (no Ray): does SH-PEFT visibly adapt on the demo's tasks?
 
-Builds the demo's data (``orchestrator.demo.DEMO_DATA``) and backbone (the shipped pre-trained
+Builds the demo's data (``orchestrator.workflows.demo.DEMO_DATA``) and backbone (the shipped pre-trained
 ``DEMO_BACKBONE``, fingerprint-checked), computes one grad2 importance map per dataset (task-specific:
 its own train split; task-agnostic for target t: the rank-normalised mean over the OTHER datasets,
 i.e. the source corpus and the other targets, never t itself), and trains, per target task and seed:
@@ -130,7 +130,7 @@ def mask_for(method: str, specific, agnostic, alpha: float, density: float, seed
 
 
 def build_model(spec, head_state=None):
-    from orchestrator.demo import DEMO_BACKBONE
+    from orchestrator.workflows.demo import DEMO_BACKBONE
 
     model = create_backbone(BackboneSpec(DEMO_BACKBONE["name"], _CTX["backbone_uri"], DEMO_BACKBONE["kwargs"]),
                             spec.num_classes)
@@ -175,7 +175,7 @@ def run_one(job: tuple[int, str, int]) -> dict:
 
 def prepare(args) -> None:
     """Data, backbone, importance maps (specific per dataset, leave-one-out agnostic) and warm heads."""
-    from orchestrator.demo import DEMO_BACKBONE, DEMO_DATA, demo_backbone_uri
+    from orchestrator.workflows.demo import DEMO_BACKBONE, DEMO_DATA, demo_backbone_uri
     from tasks.fingerprint import dataset_fingerprint
     from tasks.synthetic import write_source_corpus, write_task_family
 
@@ -263,7 +263,7 @@ def report(runs: list[dict], methods, targets, total: float) -> dict:
 
 
 def main(argv=None) -> int:
-    from orchestrator.demo import DEMO_TRAINING
+    from orchestrator.workflows.demo import DEMO_TRAINING
 
     tr = DEMO_TRAINING
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -4,7 +4,7 @@ Each scenario runs small jobs (test_vit at 32 px, a few dozen images per task) o
 ``ray.cluster_utils.Cluster`` of a zero-CPU head and worker nodes, injects one fault and reports how
 many tasks completed, how many finished tasks were trained again ("redone"), how many artifacts
 verify against their recorded sha256 and how many finished artifacts were lost. The test module
-``tests/orchestrator/test_orch_cluster.py`` runs the same scenarios and asserts on their details.
+``tests/orchestrator/runtime/test_runtime_faults.py`` runs the same scenarios and asserts on their details.
 
     python bench/faults.py [--only NAME ...]
 
@@ -283,7 +283,7 @@ def checkpoints(store_dir: str, job_id: str) -> dict[str, int]:
 
 
 def catalogue_rows(store: str, job_id: str) -> dict[str, dict]:
-    from orchestrator.catalogue import latest_rows
+    from orchestrator.store.results import latest_rows
 
     try:
         return latest_rows(store, job_id)
@@ -322,7 +322,7 @@ def ray_job_of_driver(pid: int) -> str | None:
 
 
 def driver_command(job_path: str, address: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())",
+    return [sys.executable, "-c", "import sys; from orchestrator.cli.main import main; sys.exit(main())",
             "run", job_path, "--address", address]
 
 
@@ -338,8 +338,8 @@ def write_job_file(folder: str, doc: dict) -> str:
 
 def spread(ctx: Context) -> Outcome:
     """3 tasks, no fault: the first two train at once, one per 1-CPU worker node (the unbroken reference)."""
-    from orchestrator.jobspec import parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.job.spec import parse_job
+    from orchestrator.workflows.run import run_job
 
     root = ctx.folder("spread")
     specs = ctx.tasks(root, {"wk-a": 40, "wk-b": 40, "wk-c": 40})
@@ -368,8 +368,8 @@ def same_delta(a_uri: str, b_uri: str) -> bool:
 def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
     """The reference job again (new store); the first task's worker process is killed at the end of its last
     epoch, before it checkpoints. Its delta is compared with the unbroken reference run's."""
-    from orchestrator.jobspec import parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.job.spec import parse_job
+    from orchestrator.workflows.run import run_job
 
     root = ctx.folder("worker-kill")
     specs = reference.details["specs"] if reference else ctx.tasks(root, {"wk-a": 40, "wk-b": 40, "wk-c": 40})
@@ -394,7 +394,7 @@ def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
     """Two drivers at once on one store, same datasets (so the same importance cache entries)."""
-    from orchestrator.jobspec import job_id, parse_job
+    from orchestrator.job.spec import job_id, parse_job
 
     root = ctx.folder("concurrent")
     specs = reference.details["specs"] if reference else ctx.tasks(root, {"wk-a": 40, "wk-b": 40, "wk-c": 40})
@@ -435,8 +435,8 @@ def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def node_removal(ctx: Context) -> Outcome:
     """A worker node is lost while a long task trains on it, after a short task finished on the other one."""
-    from orchestrator.jobspec import job_id, parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.workflows.run import run_job
 
     root = ctx.folder("node-removal")
     specs = ctx.tasks(root, {"nr-short": 24, "nr-long": 360, "nr-next": 24})
@@ -492,8 +492,8 @@ def driver_kill(ctx: Context) -> Outcome:
     """`shpeft run` is SIGKILLed after its first task finished; the same job is then run again."""
     import ray
 
-    from orchestrator.jobspec import job_id, parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.workflows.run import run_job
 
     root = ctx.folder("driver-kill")
     specs = ctx.tasks(root, {"dk-short": 24, "dk-long": 240, "dk-next": 40})
@@ -542,15 +542,15 @@ def driver_kill(ctx: Context) -> Outcome:
 
 
 def read_all(store: str) -> list[dict]:
-    from orchestrator.catalogue import read_catalogue
+    from orchestrator.store.results import read_catalogue
 
     return read_catalogue(store).to_pylist()
 
 
 def store_write_failure(ctx: Context) -> Outcome:
     """The store fails the first write of one task's delta half-way (in the training worker); rerun after."""
-    from orchestrator.jobspec import job_id, parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.workflows.run import run_job
 
     root = ctx.folder("flaky-store")
     specs = ctx.tasks(root, {"fs-a": 40, "fs-b": 40})

@@ -99,14 +99,14 @@ def values_grad(device: str) -> dict[str, Any]:
 
 
 def _demo_data(root: str, tasks: int):
-    from orchestrator.demo import install_demo_backbone, write_demo_data
+    from orchestrator.workflows.demo import install_demo_backbone, write_demo_data
 
     return (*write_demo_data(os.path.join(root, "data"), n_tasks=tasks), install_demo_backbone(root, progress=False))
 
 
 def importance(device: str, root: str, targets, backbone_uri: str) -> dict[str, Any]:
-    from orchestrator.demo import DEMO_BACKBONE, DEMO_TRAINING
-    from orchestrator.train_loop import build_backbone
+    from orchestrator.workflows.demo import DEMO_BACKBONE, DEMO_TRAINING
+    from orchestrator.stages.task_run import build_backbone
     from shpeft_core.importance import ImportanceConfig, compute_importance
     from shpeft_core.selection import hybrid_scores, select_mask
     from tasks.loaders import build_loader
@@ -183,9 +183,9 @@ def _most_overlapping(rows) -> int:
 
 def job(device: str, root: str, corpus, targets, backbone_uri: str, *, epochs: int, sweep: bool,
         cpus: int) -> dict[str, Any]:
-    from orchestrator.demo import demo_job_dict
-    from orchestrator.jobspec import parse_job
-    from orchestrator.pipeline import run_job
+    from orchestrator.workflows.demo import demo_job_dict
+    from orchestrator.job.spec import parse_job
+    from orchestrator.workflows.run import run_job
     from shpeft_core.delta import load_delta
 
     gpu = device != "cpu"

@@ -40,7 +40,7 @@ BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 
 
 def _job(store: str, specs, backbone_uri: str, epochs: int):
-    from orchestrator.jobspec import parse_job
+    from orchestrator.job.spec import parse_job
 
     return parse_job({
         "backbone": {**BACKBONE, "source": backbone_uri},
@@ -62,7 +62,7 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     from shpeft_core.train import TrainConfig, evaluate, fit
     from tasks.loaders import build_loader
 
-    from orchestrator.train_loop import build_backbone
+    from orchestrator.stages.task_run import build_backbone
     from tasks.transforms import transform_for
 
     torch.set_num_threads(threads)
@@ -99,7 +99,7 @@ def _timing_hook() -> None:
     """Worker setup hook: log when each run_plan starts and each of its epochs ends (SHPEFT_BENCH_TIMING).
 
     It imports nothing heavy itself: run_plan is wrapped when the worker first imports
-    orchestrator.train_loop, so a cold process still pays its own imports inside the measured time.
+    orchestrator.stages.task_run, so a cold process still pays its own imports inside the measured time.
     Logged per process: when it started and when that import finished.
     """
     import importlib.abc
@@ -135,7 +135,7 @@ def _timing_hook() -> None:
 
     class WrapOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name, import_path, target=None):
-            if name != "orchestrator.train_loop":
+            if name != "orchestrator.stages.task_run":
                 return None
             _sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
@@ -148,8 +148,8 @@ def _timing_hook() -> None:
             spec.loader.exec_module = exec_and_wrap
             return spec
 
-    if "orchestrator.train_loop" in _sys.modules:
-        wrap(_sys.modules["orchestrator.train_loop"])
+    if "orchestrator.stages.task_run" in _sys.modules:
+        wrap(_sys.modules["orchestrator.stages.task_run"])
     else:
         _sys.meta_path.insert(0, WrapOnImport())
 
@@ -163,9 +163,9 @@ def _read_timing(path: str) -> list[dict]:
 
 def _plans(job, specs, epochs: int, store: str):
     """Each task's TaskPlan as the pipeline builds it (its importance maps computed or loaded first)."""
-    from orchestrator.importance_stage import run_importance_stage
-    from orchestrator.plan import plan_for
-    from orchestrator.train_loop import build_backbone
+    from orchestrator.stages.importance_maps import run_importance_stage
+    from orchestrator.job.plan import plan_for
+    from orchestrator.stages.task_run import build_backbone
     from shpeft_core.backbone import backbone_fingerprint
 
     fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
@@ -178,8 +178,8 @@ def _plans(job, specs, epochs: int, store: str):
 def bare_trial(plan) -> dict[str, float]:
     """One task in this process, as a Ray task would run it: train (validating each epoch), write and
     evaluate the artifact. Returns the first epoch's time from the start, the mean later epoch, the total."""
-    from orchestrator.evaluate import evaluate_artifact
-    from orchestrator.train_loop import run_plan
+    from orchestrator.stages.evaluation import evaluate_artifact
+    from orchestrator.stages.task_run import run_plan
 
     ends: list[float] = []
     t0 = time.perf_counter()
@@ -217,14 +217,14 @@ def bare_side_by_side(plans) -> list[dict[str, float]]:
     return out
 
 
-_SAYING_MODULES = ("orchestrator.train_stage", "orchestrator.sweep")
+_SAYING_MODULES = ("orchestrator.stages.training", "orchestrator.stages.sweep")
 
 
 def _patched_say(record: list):
     """Wrap the stages' `say` to timestamp the driver's '[task] training ...' and 'sweeping' lines."""
     import importlib
 
-    import orchestrator.console as console
+    import orchestrator.runtime.console as console
 
     def say(msg: str, progress: bool) -> None:
         record.append((time.time(), msg))
@@ -289,12 +289,12 @@ def _sweep_phases(said: list, events: list[dict], sweep_s: float, t_job: float) 
 def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) -> dict:
     import re
 
-    import orchestrator.pipeline as pipeline
+    import orchestrator.workflows.run as pipeline
     from shpeft_core.io import read_sealed_json
 
-    from orchestrator.jobspec import parse_job
-    from orchestrator.pipeline import run_job
-    from orchestrator.resources import trainer_slots
+    from orchestrator.job.spec import parse_job
+    from orchestrator.workflows.run import run_job
+    from orchestrator.runtime.resources import trainer_slots
 
     target = args.task_s or (60.0 if args.long else 3.0 if args.smoke_test else 12.0)
     n = args.tasks
@@ -468,10 +468,10 @@ def main() -> None:
     import safetensors.torch
     import timm
 
-    from orchestrator.importance_stage import run_importance_stage
-    from orchestrator.pipeline import run_job
+    from orchestrator.stages.importance_maps import run_importance_stage
+    from orchestrator.workflows.run import run_job
     from shpeft_core.backbone import backbone_fingerprint
-    from orchestrator.train_loop import build_backbone
+    from orchestrator.stages.task_run import build_backbone
     from tasks.synthetic import write_task_family
 
     ns = (1, 2) if args.smoke_test else (1, 2, 4)

@@ -1,6 +1,6 @@
 """Serving cost of deltas on one backbone vs a dense merged model.
 
-The replica's own batch step (orchestrator.serve.DeltaServer, no HTTP) on batches of B requests:
+The replica's own batch step (orchestrator.serving.server.DeltaServer, no HTTP) on batches of B requests:
   dense     - the delta merged into a plain model (merge_delta), one forward per batch
   1 delta   - every request for one delta: one apply, forward, remove per batch
   4 deltas  - requests interleaved over 4 deltas: four groups of B/4 per batch
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator.serve import DeltaServer
+from orchestrator.serving.server import DeltaServer
 from shpeft_core.backbone import BackboneSpec, create_backbone, head_parameter_names
 from shpeft_core.delta import extract_delta, load_delta, merge_delta, save_delta
 from shpeft_core.eligibility import eligible_parameters
@@ -96,7 +96,7 @@ def over_http(backbone: dict, deltas: list[str], images: list[bytes], requests: 
     import ray
     from ray import serve
 
-    from orchestrator.serve import build_app, start
+    from orchestrator.serving.server import build_app, start
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)

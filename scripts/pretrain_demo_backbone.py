@@ -1,6 +1,6 @@
 """Regenerate the demo's shipped pre-trained backbone (orchestrator/assets/demo_backbone.safetensors).
 
-Recipe (orchestrator.demo): DEMO_BACKBONE (test_vit, 32 px, patch 8) trained from its seeded random
+Recipe (orchestrator.workflows.demo): DEMO_BACKBONE (test_vit, 32 px, patch 8) trained from its seeded random
 init with supervised cross-entropy on the synthetic source corpus of DEMO_DATA (source_images
 images, source_cue_strength; 80% train), with DEMO_PRETRAIN's epochs, batch size, peak lr (AdamW,
 weight decay 0.05, one-cycle schedule, 10% warm-up) and seed; the demo's training augmentation
@@ -12,7 +12,7 @@ own DEMO_BACKBONE_SHA256.
     python scripts/pretrain_demo_backbone.py            # train, write the asset, print its sha256
     python scripts/pretrain_demo_backbone.py --check    # only compare the shipped file's sha256
 
-After regenerating, put the printed sha256 into orchestrator/demo.py DEMO_BACKBONE_SHA256 (the demo
+After regenerating, put the printed sha256 into orchestrator/workflows/demo.py DEMO_BACKBONE_SHA256 (the demo
 refuses a file whose fingerprint differs).
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    from orchestrator.demo import (DEMO_BACKBONE_FILE, DEMO_BACKBONE_SHA256, DEMO_DATA, DEMO_PRETRAIN,
+    from orchestrator.workflows.demo import (DEMO_BACKBONE_FILE, DEMO_BACKBONE_SHA256, DEMO_DATA, DEMO_PRETRAIN,
                                    pretrain_backbone)
     from shpeft_core.io import sha256_file
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                                  lesion_size=DEMO_DATA["lesion_size"])
     uri = pretrain_backbone(args.store, corpus, epochs=args.epochs, batch_size=DEMO_PRETRAIN["batch_size"],
                             lr=DEMO_PRETRAIN["lr"], seed=DEMO_PRETRAIN["seed"])
-    from orchestrator.demo import DEMO_BACKBONE
+    from orchestrator.workflows.demo import DEMO_BACKBONE
     from shpeft_core import BackboneSpec, create_backbone, evaluate
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     shutil.copyfile(uri, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes) in {time.perf_counter() - t0:.0f}s")
-    print(f"sha256 {sha256_file(args.out)}  -> orchestrator/demo.py DEMO_BACKBONE_SHA256")
+    print(f"sha256 {sha256_file(args.out)}  -> orchestrator/workflows/demo.py DEMO_BACKBONE_SHA256")
     return 0
 
 

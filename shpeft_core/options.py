@@ -1,7 +1,7 @@
 """Every choice and default a user can set, in one place, with its help text (no torch import).
 
 The core's config dataclasses and functions validate against these tuples, and the job file's schema
-(`orchestrator.jobspec`) builds its fields from them, so a new estimator, loss or method is added here
+(`orchestrator.job.spec`) builds its fields from them, so a new estimator, loss or method is added here
 once and appears in both.
 """
 

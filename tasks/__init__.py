@@ -11,10 +11,10 @@ _EXPORTS = {
     "catalogue": ["CATALOGUE", "CatalogueEntry"],
     "fingerprint": ["dataset_fingerprint"],
     "formats": ["FORMATS", "get_format"],
-    "images": ["DatasetError"],
+    "codecs.images": ["DatasetError"],
     "loaders": ["build_dataset", "build_loader"],
     "spec": ["TaskSpec"],
     "transforms": ["default_transform", "transform_for"],
-    "validate": ["DatasetReport", "check_dataset"],
+    "check": ["DatasetReport", "check_dataset"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

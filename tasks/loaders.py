@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .formats import get_format
-from .images import DatasetError
+from tasks.codecs.images import DatasetError
 from .spec import SPLITS, TaskSpec
 from .transforms import default_transform
 

@@ -47,8 +47,8 @@ def real_sample_images(max_frames: int = 3) -> list[tuple[str, str, object]]:
     """(class, source name, RGB PIL image) for every unique real image found, sorted by source name."""
     import warnings
 
-    from .dicom import decode_dicom, frame_to_rgb, require_pydicom
-    from .images import DatasetError, array_to_rgb
+    from tasks.codecs.dicom import decode_dicom, frame_to_rgb, require_pydicom
+    from tasks.codecs.images import DatasetError, array_to_rgb
 
     pydicom = require_pydicom()
     out: list[tuple[str, str, object]] = []
@@ -130,7 +130,7 @@ def _patches(img, n: int, size: int, rng) -> list:
 def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_class: int = 24, seed: int = 0,
                            overwrite: bool = False) -> TaskSpec:
     """Write the tiny real modality task as an ImageFolder (seeded split) under ``root_uri/real-modality-tiny``."""
-    from .images import encode_png
+    from tasks.codecs.images import encode_png
     from .synthetic import cached_task_spec, seal_task_dir
 
     name = "real-modality-tiny"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from shpeft_core import io as sio
 
-from ..dicom import decode_dicom, dicom_bytes, is_dicom_bytes
-from ..images import DICOM_EXTENSIONS
+from tasks.codecs.dicom import decode_dicom, dicom_bytes, is_dicom_bytes
+from tasks.codecs.images import DICOM_EXTENSIONS
 from ..spec import TaskSpec
 from .base import SplitArrays
 from .files import ext

@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from ..images import DatasetError
+from tasks.codecs.images import DatasetError
 from ..spec import TaskSpec
 
 __all__ = ["SPLIT_ALIASES", "source_fs", "ext", "describe_files", "find_files", "check_inside", "relative",

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from shpeft_core import io as sio
 
-from ..images import IMAGE_EXTENSIONS, DatasetError, decode_image, encode_png
+from tasks.codecs.images import IMAGE_EXTENSIONS, DatasetError, decode_image, encode_png
 from ..spec import SPLITS, TaskSpec
 from . import format_hint
 from .base import DatasetFormat, SplitArrays, Survey

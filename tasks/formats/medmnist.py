@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 
 from shpeft_core import io as sio
 
-from ..images import DatasetError, array_to_rgb
-from ..medmnist import fetch_medmnist, medmnist_filename
+from tasks.codecs.images import DatasetError, array_to_rgb
+from tasks.download import fetch_medmnist, medmnist_filename
 from ..spec import TaskSpec
 from . import format_hint
 from .base import DatasetFormat, SplitArrays

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shpeft_core import io as sio
 
-from ..images import DatasetError, decode_image, encode_png
+from tasks.codecs.images import DatasetError, decode_image, encode_png
 from ..spec import SPLITS, TaskSpec
 from . import format_hint
 from .base import DatasetFormat, SplitArrays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from shpeft_core.backbone import BackboneSpec, create_backbone, head_parameter_names
@@ -12,6 +13,7 @@ from shpeft_core.delta import TaskDelta, extract_delta, save_delta
 from shpeft_core.eligibility import eligible_parameters
 from shpeft_core.selection import select_mask
 from shpeft_core.sparse import apply_sparse_training
+from tasks.synthetic import write_task_family
 
 
 def random_delta(spec: BackboneSpec, path: Path, task: str, class_names: list[str], *, seed: int,
@@ -33,3 +35,35 @@ def random_delta(spec: BackboneSpec, path: Path, task: str, class_names: list[st
                                            "task": task, "class_names": json.dumps(class_names)})
     save_delta(delta, str(path))
     return delta
+
+
+# ---------------------------------------------------------------- a backbone file and tasks shared by the Ray tests
+
+BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backbone_file(tmp_path_factory):
+    """A 'pre-trained' backbone as a local safetensors file, like a user's own weights."""
+    import safetensors.torch
+    import timm
+
+    path = str(tmp_path_factory.mktemp("weights") / "test_vit.safetensors")
+    torch.manual_seed(123)
+    model = timm.create_model(BACKBONE["name"], num_classes=7, **BACKBONE["kwargs"])
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    BACKBONE["source"] = path
+    yield path
+
+
+@pytest.fixture(scope="module")
+def task_specs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    return write_task_family(root, n_tasks=2, images_per_task=60, formats=("medmnist", "imagefolder"), seed=3)
+
+
+def colour_task(root, name, seed):
+    """A task any backbone can learn: the class is the image's dominant colour (plus noise)."""
+    from tasks.synthetic import write_colour_task
+
+    return write_colour_task(root, name, seed, n_train=48, n_eval=24, noise=40.0)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from tasks.catalogue import CATALOGUE, MEDMNIST_2D
-from tasks.images import DatasetError
+from tasks.codecs.images import DatasetError
 from tasks.loaders import build_dataset
-from tasks.medmnist import fetch_medmnist, medmnist_filename, medmnist_url
+from tasks.download import fetch_medmnist, medmnist_filename, medmnist_url
 
 EXPECTED_CLASSES = {
     "pathmnist": 9, "chestmnist": 14, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5,

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from shpeft_core import io as sio
-from tasks.images import DatasetError
+from tasks.codecs.images import DatasetError
 from tasks.loaders import build_dataset, build_loader
 from tasks.spec import TaskSpec
-from tasks.validate import check_dataset
+from tasks.check import check_dataset
 
 
 def _png(value=0, size=8, mode="L"):

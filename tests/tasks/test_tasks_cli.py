@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from shpeft_core import io as sio
-from tasks.cli import tasks_cli
+from orchestrator.cli.tasks import tasks_cli
 
 
 def test_list_shows_catalogue():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tasks.dicom import decode_dicom, window_to_uint8
-from tasks.images import DatasetError
+from tasks.codecs.dicom import decode_dicom, window_to_uint8
+from tasks.codecs.images import DatasetError
 
 
 def _real(name):

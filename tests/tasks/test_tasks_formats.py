@@ -2,7 +2,7 @@ import typing
 
 import pytest
 
-from tasks.cli import tasks_cli
+from orchestrator.cli.tasks import tasks_cli
 from tasks.formats import FORMATS, format_hint, get_format
 from tasks.formats.base import DatasetFormat
 from tasks.spec import FORMATS as SPEC_FORMATS

@@ -1,5 +1,5 @@
 from tasks.samples import write_real_sample_task
-from tasks.validate import check_dataset
+from tasks.check import check_dataset
 
 
 def test_real_sample_task_is_tiny_real_and_valid(tmp_path):

@@ -3,7 +3,7 @@ from sklearn.linear_model import LogisticRegression
 
 from tasks.loaders import build_dataset
 from tasks.synthetic import MODALITIES, SOURCE_CUES, TARGET_CUES, render_image, render_task, task_family, write_source_corpus, write_task_family
-from tasks.validate import check_dataset
+from tasks.check import check_dataset
 
 
 def test_family_is_deterministic_and_varied():

@@ -1,0 +1,76 @@
+"""Content keys: what makes an importance map, a task-agnostic map or a task's artifact the same one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.job.spec import JobSpec, content_hash
+
+__all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'task_config_hash']
+
+
+def backbone_dict(job: JobSpec) -> dict[str, Any]:
+    return job.backbone.model_dump(mode="json")
+
+
+def importance_key(backbone_fp: str, dataset_fp: str, job: JobSpec, num_classes: int,
+                   estimator: str | None = None) -> str:
+    """Content key of one dataset's importance map: the weights, the data and the estimator settings."""
+    imp = job.importance
+    return content_hash(
+        {
+            "kind": "dataset-importance",
+            "backbone": job.backbone.name,
+            "backbone_kwargs": job.backbone.kwargs,
+            "backbone_fingerprint": backbone_fp,
+            "dataset_fingerprint": dataset_fp,
+            "num_classes": num_classes,
+            "estimator": estimator or imp.estimator,
+            "batches": imp.batches,
+            "batch_size": imp.batch_size or job.training.batch_size,
+            "loss": imp.loss,
+            "head_warmup": imp.head_warmup,
+            "rules": job.selection.rules,
+            "seed": job.training.seed,
+            "format": "warm-head",  # maps carry the warmed head since this format
+        },
+        length=24,
+    )
+
+
+def agnostic_key(backbone_fp: str, dataset_keys: list[str], job: JobSpec) -> str:
+    """Content key of the combined task-agnostic map: its datasets' keys plus how they are combined."""
+    imp = job.importance
+    return content_hash(
+        {
+            "kind": "agnostic-importance",
+            "backbone_fingerprint": backbone_fp,
+            "datasets": sorted(dataset_keys),
+            "normalization": imp.normalization,
+            "reduce": imp.reduce,
+            "magnitude_blend": imp.magnitude_blend,
+        },
+        length=24,
+    )
+
+
+def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None, *, method: str | None = None,
+                     seed: int | None = None) -> str:
+    """Everything that changes a task's artifact; resource-only settings are left out."""
+    tr = job.training.model_dump(mode="json")
+    for resource_only in ("max_concurrent_tasks", "cpus_per_worker", "gpus_per_worker", "data_workers", "max_failures", "use_gpu"):
+        tr.pop(resource_only)
+    tr["seed"] = job.training.seed if seed is None else seed
+    method = method or job.method.for_task(spec.name)
+    return content_hash(
+        {
+            "backbone": backbone_dict(job),
+            "task": spec.model_dump(mode="json"),
+            "importance": [specific_key, agnostic],
+            "method": method,
+            "lora": job.method.lora.model_dump(mode="json") if method == "lora" else None,
+            "selection": job.selection.model_dump(mode="json"),
+            "training": tr,
+            "sweep": job.sweep.model_dump(mode="json") if job.sweep.enabled else None,
+        }
+    )

@@ -1,0 +1,140 @@
+"""One typed, frozen plan per training run: what to train, on which data, from which importance, to where.
+
+Built once from the job file by :func:`build_plan` and handed unchanged to every stage (plain training,
+each sweep trial, each comparison run). Ray-only things (the progress board, a fault to inject) travel
+beside it, never inside it. This is also the one place that assembles a delta's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from shpeft_core.options import DEFAULT_LR, IMPORTANCE_METHODS, method_alpha
+
+from orchestrator.job.spec import JobSpec
+
+__all__ = ["TaskPlan", "build_plan", "plan_for"]
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    task: dict[str, Any]  # TaskSpec as JSON
+    backbone: dict[str, Any]  # BackboneSection as JSON
+    method: str
+    seed: int
+    density: float
+    alpha: float
+    mix: str
+    granularity: str
+    rules: tuple[str, ...] | None
+    specific_uri: str | None  # the task's own map (grad1 for gps); also holds the warmed head
+    agnostic_uri: str | None  # the task-agnostic map for this task
+    head_init: str  # warm | random
+    train: dict[str, Any]  # TrainConfig keyword arguments (without device)
+    batch_size: int
+    data_workers: int
+    use_gpu: bool
+    lora: dict[str, Any]
+    artifact_uri: str | None  # where the finished run writes its artifact
+    metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
+
+    @property
+    def task_name(self) -> str:
+        return self.task["name"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.task["num_classes"])
+
+    @property
+    def metric(self) -> str:
+        return self.task.get("metric") or "macro_f1"
+
+    def with_search_point(self, *, density: float | None = None, alpha: float | None = None,
+                          lr: float | None = None, artifact_uri: str | None = None, **meta: str) -> "TaskPlan":
+        """The same plan at another (density, alpha, lr): a sweep trial."""
+        density = self.density if density is None else float(density)
+        alpha = method_alpha(self.method, self.alpha if alpha is None else float(alpha))
+        train = dict(self.train) if lr is None else {**self.train, "lr": float(lr)}
+        metadata = {**self.metadata, "density": repr(density), "alpha": repr(alpha), "lr": repr(train["lr"]), **meta}
+        return dataclasses.replace(self, density=density, alpha=alpha, train=train, metadata=metadata,
+                                   artifact_uri=artifact_uri if artifact_uri is not None else self.artifact_uri)
+
+
+def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific: tuple[str, str] | None,
+               agnostic: tuple[str, str] | None, agnostic_includes_target: bool, artifact_uri: str | None,
+               epochs: int | None = None) -> TaskPlan:
+    """The plan of one (task, method, seed). ``specific``/``agnostic`` are (key, uri) of the maps."""
+    from shpeft_core.backbone import source_label
+
+    tr = job.training
+    lr = job.method.lr.get(method, tr.lr if tr.lr is not None else DEFAULT_LR[method])
+    train = {
+        "epochs": epochs or tr.epochs, "lr": lr, "head_lr": tr.head_lr if tr.head_lr is not None else lr,
+        "weight_decay": tr.weight_decay, "warmup_epochs": tr.warmup_epochs, "seed": seed,
+        "label_smoothing": tr.label_smoothing,
+    }
+    alpha = method_alpha(method, job.selection.alpha)
+    uses_importance = method in IMPORTANCE_METHODS
+    metadata = {
+        "backbone": job.backbone.name,
+        "backbone_source": source_label(job.backbone.source),
+        "backbone_kwargs": json.dumps(job.backbone.kwargs, sort_keys=True),
+        "backbone_fingerprint": backbone_fp,
+        "num_classes": str(spec.num_classes),
+        "class_names": json.dumps(spec.names()),
+        "method": method,
+        "density": repr(float(job.selection.density)),
+        "alpha": repr(float(alpha)),
+        "mix": job.selection.mix,
+        "estimator": ("grad1" if method == "gps" else job.importance.estimator) if uses_importance else "none",
+        "importance_key": (specific[0] if specific and uses_importance else ""),
+        "agnostic_importance_key": (agnostic[0] if agnostic and method in ("shpeft", "agnostic") else ""),
+        "agnostic_includes_target": json.dumps(bool(agnostic_includes_target)),
+        "granularity": "per_row" if method == "gps" else job.selection.granularity,
+        "head_init": tr.head_init,
+        "seed": str(seed),
+        "lr": repr(lr),
+        "task": spec.name,
+        "metric": spec.metric,
+    }
+    return TaskPlan(
+        task=spec.model_dump(mode="json"),
+        backbone=job.backbone.model_dump(mode="json"),
+        method=method,
+        seed=seed,
+        density=float(job.selection.density),
+        alpha=alpha,
+        mix=job.selection.mix,
+        granularity=metadata["granularity"],
+        rules=tuple(job.selection.rules) if job.selection.rules else None,
+        specific_uri=specific[1] if specific else None,
+        agnostic_uri=agnostic[1] if agnostic else None,
+        head_init=tr.head_init,
+        train=train,
+        batch_size=tr.batch_size,
+        data_workers=tr.data_workers,
+        use_gpu=tr.use_gpu,
+        lora=job.method.lora.model_dump(mode="json"),
+        artifact_uri=artifact_uri,
+        metadata=metadata,
+    )
+
+
+def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: int,
+             artifact: str | None, epochs: int | None = None):
+    """The TaskPlan of (task, method, seed) with its importance maps resolved."""
+    est = "grad1" if method == "gps" else job.importance.estimator
+    d = imaps.specific(spec.name, est)
+    ag = imaps.agnostic.get(spec.name) or {}
+    needs_agnostic = method in ("shpeft", "agnostic") and not (method == "shpeft" and job.selection.alpha == 1.0)
+    error = d.error or (ag.get("error") if needs_agnostic else None)
+    if error:
+        raise RuntimeError(error)
+    return build_plan(job, spec, method=method, seed=seed, backbone_fp=backbone_fp,
+                      specific=(d.key, d.uri), agnostic=(ag["key"], ag["uri"]) if ag.get("key") else None,
+                      agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
+                      epochs=epochs)

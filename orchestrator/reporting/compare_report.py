@@ -1,0 +1,245 @@
+"""The comparison report: a Markdown table of mean ± std per task and method, and the PNGs beside it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
+
+from orchestrator.reporting.plots import plot_selection_location, save_png as _save, selection_location  # noqa: E402
+
+__all__ = ["write_report", "print_compare_table", "summarise", "selection_location", "mask_jaccard"]
+
+METRIC = "macro_f1"
+
+
+def _label(r: dict[str, Any], job_mix: str) -> str:
+    from orchestrator.workflows.compare import method_label
+
+    return method_label(r["method"], r.get("mix"), job_mix)
+
+
+def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test") -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(task, method label) -> (mean, std, n) of the split's macro-F1 over the ok runs."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        v = r.get(f"{split}_{METRIC}")
+        if r.get("status") == "ok" and v is not None and not math.isnan(v):
+            groups.setdefault((r["task"], _label(r, job_mix)), []).append(float(v))
+    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
+
+
+def _mean_over_tasks(summary, label: str, tasks: list[str]) -> float | None:
+    vals = [summary[(t, label)][0] for t in tasks if (t, label) in summary]
+    return statistics.fmean(vals) if len(vals) == len(tasks) and vals else None
+
+
+def _table(summary, tasks: list[str], labels: list[str]) -> list[str]:
+    best = {t: max((summary[(t, lab)][0] for lab in labels if (t, lab) in summary), default=None) for t in tasks}
+    head = "| method | " + " | ".join(tasks) + " | mean |"
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 1)]
+    means = {lab: _mean_over_tasks(summary, lab, tasks) for lab in labels}
+    best_mean = max((m for m in means.values() if m is not None), default=None)
+    for lab in labels:
+        cells = []
+        for t in tasks:
+            if (t, lab) not in summary:
+                cells.append("-")
+                continue
+            m, s, _ = summary[(t, lab)]
+            cell = f"{m:.3f} ± {s:.3f}"
+            cells.append(f"**{cell}**" if best[t] is not None and m == best[t] else cell)
+        mean = means[lab]
+        mean_cell = "-" if mean is None else (f"**{mean:.3f}**" if mean == best_mean else f"{mean:.3f}")
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {mean_cell} |")
+    return lines
+
+
+def mask_jaccard(a: dict[str, Any], b: dict[str, Any]) -> float:
+    sa = {(n, int(i)) for n, idx in a.items() for i in idx.tolist()}
+    sb = {(n, int(i)) for n, idx in b.items() for i in idx.tolist()}
+    return len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+
+
+def _plot_metric_vs_trainable(rows, job_mix: str, labels: list[str], uri: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, lab in enumerate(labels):
+        pts = [(r["trainable"], r[f"test_{METRIC}"]) for r in rows
+               if r.get("status") == "ok" and _label(r, job_mix) == lab and r.get("trainable")]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=lab, color=f"C{i % 10}", alpha=0.7, s=18)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {METRIC}")
+    ax.set_title("test macro-F1 vs trainable parameters (one point per task and seed)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, uri)
+
+
+def _plot_alpha_curve(rows, tasks: list[str], job_mix: str, uri: str) -> str | None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    drawn = False
+    for i, t in enumerate(tasks):
+        by_alpha: dict[float, list[float]] = {}
+        for r in rows:
+            if (r["task"] == t and r.get("status") == "ok" and r["method"] in ("shpeft", "specific", "agnostic")
+                    and (r["method"] != "shpeft" or r.get("mix") == job_mix) and r.get("alpha") is not None):
+                by_alpha.setdefault(float(r["alpha"]), []).append(float(r[f"test_{METRIC}"]))
+        if len(by_alpha) < 2:
+            continue
+        xs = sorted(by_alpha)
+        ys = [statistics.fmean(by_alpha[x]) for x in xs]
+        es = [statistics.stdev(by_alpha[x]) if len(by_alpha[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=t, color=f"C{i % 10}")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("alpha (0 = task-agnostic only, 1 = task-specific only)")
+    ax.set_ylabel(f"test {METRIC} (mean ± std over seeds)")
+    ax.set_title(f"alpha curve at the job's density ({job_mix} rule)")
+    ax.legend(fontsize=7)
+    return _save(fig, uri)
+
+
+def _shpeft_masks(rows, tasks: list[str], job_mix: str) -> dict[str, dict[str, Any]]:
+    from shpeft_core.delta import load_delta
+
+    masks = {}
+    for t in tasks:
+        cands = sorted((r for r in rows if r["task"] == t and r["method"] == "shpeft" and r.get("mix") == job_mix
+                        and r.get("status") == "ok" and r.get("artifact_uri") and exists(r["artifact_uri"])),
+                       key=lambda r: r["seed"])
+        if cands:
+            masks[t] = load_delta(cands[0]["artifact_uri"]).indices
+    return masks
+
+
+def _plot_overlap(masks: dict[str, dict[str, Any]], uri: str) -> tuple[str | None, list[list[float]]]:
+    names = list(masks)
+    if len(names) < 2:
+        return None, []
+    mat = [[mask_jaccard(masks[a], masks[b]) for b in names] for a in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 1.2 + 1.0 * len(names)))
+    im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{mat[i][j]:.2f}", ha="center", va="center", color="w" if mat[i][j] < 0.6 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("task-to-task Jaccard overlap of SH-PEFT masks")
+    return _save(fig, uri), mat
+
+
+def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[str]:
+    sh = f"shpeft ({job_mix})"
+    means = {lab: _mean_over_tasks(summary, lab, tasks) for lab in labels}
+    out = []
+    if means.get(sh) is None:
+        return out
+    for other, what in (("full", "full fine-tuning"), ("linear", "head-only"), ("lora", "LoRA"),
+                        ("specific", "task-specific only (alpha=1)"), ("agnostic", "task-agnostic only (alpha=0)"),
+                        ("random", "a random mask of the same size")):
+        if means.get(other) is not None:
+            d = means[sh] - means[other]
+            out.append(f"- SH-PEFT vs {what}: {means[sh]:.3f} vs {means[other]:.3f} mean test macro-F1 "
+                       f"({'+' if d >= 0 else ''}{d:.3f}).")
+    other_mix = next((lab for lab in labels if lab.startswith("shpeft (") and lab != sh), None)
+    if other_mix and means.get(other_mix) is not None:
+        d = means[sh] - means[other_mix]
+        out.append(f"- Hybrid rule: {sh} {means[sh]:.3f} vs {other_mix} {means[other_mix]:.3f} "
+                   f"({'+' if d >= 0 else ''}{d:.3f}).")
+    return out
+
+
+def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list[str], labels: list[str],
+                 agnostic: dict[str, dict[str, Any]] | None = None, seconds: float = 0.0) -> tuple[str, list[str]]:
+    """report.md and its PNGs under ``root``; returns (report URI, PNG URIs)."""
+    job_mix = job.selection.mix
+    tasks = [t for t in task_order if any(r["task"] == t for r in rows)]
+    test = summarise(rows, job_mix, "test")
+    val = summarise(rows, job_mix, "val")
+    plots: list[str] = []
+    lines = [
+        "# shpeft comparison report",
+        "",
+        f"Backbone `{job.backbone.name}`; {len(tasks)} task(s); seeds per method: "
+        f"{max((n for *_, n in test.values()), default=0)}; epochs {job.training.epochs}; density "
+        f"{job.selection.density:g}, alpha {job.selection.alpha:g}, rule `{job_mix}`; "
+        f"head start `{job.training.head_init}`; task-agnostic map "
+        f"{'includes' if job.importance.include_target else 'leaves out'} the task itself. "
+        f"Every method uses the same data, transforms, schedule, epochs and evaluation of its saved artifact; "
+        f"models are selected on nothing (last epoch), test metrics are reported. Wall time {seconds:.0f} s.",
+        "",
+        "## Test macro-F1 (mean ± std over seeds; best per task in bold)",
+        "",
+        *_table(test, tasks, labels),
+        "",
+        "## Validation macro-F1",
+        "",
+        *_table(val, tasks, labels),
+        "",
+        "## Cost",
+        "",
+        "| method | trainable parameters | artifact bytes | train s (mean) |",
+        "|---|---:|---:|---:|",
+    ]
+    for lab in labels:
+        rs = [r for r in rows if r.get("status") == "ok" and _label(r, job_mix) == lab]
+        if rs:
+            lines.append(f"| {lab} | {statistics.fmean(r['trainable'] or 0 for r in rs):,.0f} | "
+                         f"{statistics.fmean(r['artifact_bytes'] or 0 for r in rs):,.0f} | "
+                         f"{statistics.fmean(r['train_s'] or 0 for r in rs):.1f} |")
+    claims = _claims(test, tasks, labels, job_mix)
+    if claims:
+        lines += ["", "## Differences (mean test macro-F1 over tasks)", "", *claims]
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- {r['task']} {_label(r, job_mix)} seed {r['seed']}: {r['error']}"
+                                               for r in failed]
+    lines += ["", "## Plots", ""]
+    p = _plot_metric_vs_trainable(rows, job_mix, labels, join_uri(root, "metric_vs_trainable.png"))
+    plots.append(p)
+    lines.append("![test macro-F1 vs trainable parameters](metric_vs_trainable.png)")
+    p = _plot_alpha_curve(rows, tasks, job_mix, join_uri(root, "alpha_curve.png"))
+    if p:
+        plots.append(p)
+        lines.append("![alpha curve](alpha_curve.png)")
+    masks = _shpeft_masks(rows, tasks, job_mix)
+    p = plot_selection_location(masks, join_uri(root, "selection_location.png"))
+    if p:
+        plots.append(p)
+        lines.append("![where the selected weights sit](selection_location.png)")
+    p, mat = _plot_overlap(masks, join_uri(root, "mask_overlap.png"))
+    if p:
+        plots.append(p)
+        lines.append("![task-to-task mask overlap](mask_overlap.png)")
+    lines.append("")
+    uri = join_uri(root, "report.md")
+    atomic_write_bytes(uri, "\n".join(lines).encode())
+    return uri, plots
+
+
+def print_compare_table(rows: list[dict[str, Any]], tasks: list[str], labels: list[str], job_mix: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    test = summarise(rows, job_mix, "test")
+    table = Table(title="shpeft compare: test macro-F1, mean ± std over seeds")
+    table.add_column("method")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("mean", justify="right")
+    for lab in labels:
+        cells = [f"{test[(t, lab)][0]:.3f} ± {test[(t, lab)][1]:.3f}" if (t, lab) in test else "-" for t in tasks]
+        mean = _mean_over_tasks(test, lab, tasks)
+        table.add_row(lab, *cells, "-" if mean is None else f"{mean:.3f}")
+    Console(width=max(120, Console().width)).print(table)

@@ -1,0 +1,109 @@
+"""Evaluation of a saved artifact: a freshly built backbone with the artifact applied, on val and test.
+
+Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
+training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
+specificity and one-vs-rest AUC, the class names, the sha256 of the artifact the numbers belong to, the
+catalogue fields (``row``), and a sha256 of its own content, checked by ``read_eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+__all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval"]
+
+EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own checksum
+
+
+class EvalFileError(ValueError):
+    """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
+
+
+SPLITS = ("val", "test")
+
+
+def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of the saved artifact (a fresh backbone + the artifact, on val and test) as row fields;
+    writes its evaluation file beside it."""
+    import torch
+
+    from shpeft_core.methods import (artifact_kind, artifact_metadata, artifact_sha256, artifact_size,
+                                     load_artifact)
+    from shpeft_core.train import evaluate
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
+    from tasks.spec import TaskSpec
+
+    from orchestrator.runtime.console import now
+    from orchestrator.store.layout import eval_file
+    from orchestrator.stages.task_run import build_backbone
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    spec = TaskSpec.model_validate(plan.task)
+    device = "cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu"
+    model = load_artifact(build_backbone(plan.backbone, spec.num_classes), plan.method, plan.artifact_uri)
+    model.to(device).eval()
+    tf = transform_for(model, train=False)
+    out: dict[str, Any] = {}
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
+        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
+        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True)
+        splits[split] = got
+        for k in ("loss", "accuracy", "macro_f1", "auc"):
+            out[f"{split}_{k}"] = float(got[k])
+    kind = artifact_kind(plan.method)
+    if kind == "delta":
+        from shpeft_core.delta import load_delta
+
+        delta = load_delta(plan.artifact_uri)
+        sparse = int(sum(v.numel() for v in delta.values.values()))
+        out.update(sparse_values=sparse, trainable=sparse + int(sum(v.numel() for v in delta.head.values())))
+    sha = artifact_sha256(plan.artifact_uri, kind)
+    meta = artifact_metadata(plan.artifact_uri, kind)
+    doc = {
+        "format": EVAL_FORMAT,
+        "task": spec.name,
+        "method": plan.method,
+        "metric": plan.metric,
+        "class_names": spec.names(),
+        "artifact_uri": plan.artifact_uri,
+        "artifact_kind": kind,
+        "artifact_sha256": sha,
+        "density": plan.density,
+        "alpha": plan.alpha,
+        # Written by the training loop into the artifact; absent from artifacts of older versions.
+        "history": json.loads(meta["history"]) if meta.get("history") else None,
+        "splits": splits,
+        "written_at": now(),
+    }
+    out.update(sha256=sha, bytes=artifact_size(plan.artifact_uri, kind), eval_s=time.perf_counter() - t0)
+    write_eval(eval_file(plan.artifact_uri), {**doc, "row": out})
+    return out
+
+
+def write_eval(uri: str, doc: dict[str, Any]) -> None:
+    """Write an evaluation file atomically, sealed with the sha256 of its content."""
+    from shpeft_core.io import write_sealed_json
+    from shpeft_core.metrics import json_safe
+
+    write_sealed_json(uri, json_safe(doc))
+
+
+def read_eval(uri: str) -> dict[str, Any] | None:
+    """The evaluation file at ``uri`` after checking its checksum, or None when there is none (an artifact
+    of an older version). Raises EvalFileError for a file that is unreadable, of another format, or damaged."""
+    from shpeft_core.io import DamagedFileError, exists, read_sealed_json
+
+    if not exists(uri):
+        return None
+    try:
+        doc = read_sealed_json(uri)
+    except DamagedFileError as exc:
+        raise EvalFileError(f"evaluation file {exc}") from None
+    if doc.get("format") != EVAL_FORMAT:
+        raise EvalFileError(f"evaluation file {uri}: format {doc.get('format')!r}, expected {EVAL_FORMAT!r}")
+    return doc

@@ -1,0 +1,253 @@
+"""Stage 1: every dataset's importance map (a Ray task each, cached by content), then one task-agnostic
+map per distinct pool (leave-one-out by default), cached too. A cache entry counts only when its bytes
+match the checksum recorded when it was written; a damaged one is reported and recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+from orchestrator.store import layout
+from orchestrator.runtime.console import say, short_error
+from orchestrator.job.spec import JobSpec
+from orchestrator.job.keys import agnostic_key, backbone_dict, importance_key
+
+__all__ = ['DatasetMap', 'ImportanceMaps', 'run_importance_stage', 'extra_estimators', 'pool_members']
+
+
+def compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, dataset_fp: str, uri: str,
+                        use_gpu: bool, board=None) -> dict[str, Any]:
+    from orchestrator.runtime.tasklog import captured_output
+
+    with captured_output(board, spec_json["name"]):
+        return _compute_dataset_importance(backbone, spec_json, settings, dataset_fp, uri, use_gpu, board)
+
+
+def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, dataset_fp: str, uri: str,
+                                use_gpu: bool, board) -> dict[str, Any]:
+    import torch
+
+    from shpeft_core.importance import ImportanceConfig, compute_importance
+    from tasks.loaders import build_loader
+    from tasks.transforms import transform_for
+    from tasks.spec import TaskSpec
+
+    from orchestrator.stages.task_run import build_backbone
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    spec = TaskSpec.model_validate(spec_json)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model = build_backbone(backbone, spec.num_classes)
+    loader = build_loader(spec, "train", transform=transform_for(model, train=False),
+                          batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"])
+    config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
+                              head_warmup=settings["head_warmup"], loss=settings["loss"],
+                              rules=tuple(settings["rules"]) if settings["rules"] else None)
+    label = f"{spec.name} ({settings['estimator']})"
+
+    def on_batch(done: int, total: int) -> None:
+        if board is not None:
+            board.push.remote({"kind": "importance", "name": label, "done": done, "total": total})
+
+    imap = compute_importance(model, loader, config, num_classes=spec.num_classes, dataset_fingerprint=dataset_fp,
+                              device=device, backbone_name=backbone["name"], on_batch=on_batch)
+    sha = imap.save(uri)
+    return {"uri": uri, "sha256": sha, "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class DatasetMap:
+    name: str
+    spec: Any
+    estimator: str = ""
+    fingerprint: str = ""
+    key: str = ""
+    uri: str = ""
+    cache: str = ""  # hit | miss
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ImportanceMaps:
+    """What stage 1 produced: per-dataset maps by (name, estimator), and each target's agnostic map."""
+
+    maps: dict[tuple[str, str], DatasetMap]
+    agnostic: dict[str, dict[str, Any]]  # target name -> {key, uri, cache, error, includes_target}
+
+    def specific(self, name: str, estimator: str) -> DatasetMap:
+        return self.maps[(name, estimator)]
+
+    def named_uris(self, estimator: str) -> dict[str, str]:
+        """Dataset name -> its map computed with ``estimator`` (the job's), for plots and reports."""
+        return {name: d.uri for (name, est), d in self.maps.items() if est == estimator and d.uri and not d.error}
+
+
+def cache_hit(uri: str, what: str, progress: bool) -> bool:
+    """A cache entry counts only when its bytes match the checksum recorded when it was written."""
+    from shpeft_core.io import verify_file
+
+    problem = verify_file(uri)
+    if problem is None:
+        return True
+    if problem != "missing":
+        # Not removed: the recomputed map replaces it atomically, and a map whose checksum another job is
+        # about to write (written map first, sidecar second) must not be deleted under that job.
+        say(f"{what}: cache entry {uri} is unusable ({problem}); recomputing it", progress)
+    return False
+
+
+def pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> list[str]:
+    """The datasets whose maps form ``target``'s task-agnostic map (leave-one-out unless asked)."""
+    imp = job.importance
+    names = imp.pool if imp.pool is not None else [s.name for s in targets] + [s.name for s in pool_extra]
+    return [n for n in names if imp.include_target or n != target]
+
+
+def importance_gpu(job: JobSpec) -> bool:
+    return bool(job.training.use_gpu if job.importance.use_gpu is None else job.importance.use_gpu)
+
+
+def _compute_packed(args: tuple) -> dict[str, Any]:
+    return compute_dataset_importance(*args)
+
+
+def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list, pool_extra: list,
+                      force: bool, progress: bool, counters: dict[str, int],
+                      extra_estimators: dict[str, set[str]] | None = None, workers=None,
+                      board=None) -> ImportanceMaps:
+    """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
+
+    ``extra_estimators`` asks for more maps of a target (gps ranks by grad1 whatever the job's estimator).
+    ``workers`` (a ``worker_pool.WorkerPool``) computes the maps in its warm actors instead of one Ray
+    task (1 CPU) each; its actors must hold a GPU exactly when ``importance_gpu(job)``.
+    """
+    import ray
+
+    from tasks.fingerprint import dataset_fingerprint
+
+    imp = job.importance
+    use_gpu = importance_gpu(job)
+    settings = {
+        "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
+        "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed, "rules": job.selection.rules,
+    }
+    members = {t.name: pool_members(job, t.name, targets, pool_extra) for t in targets}
+    wanted = {n for names in members.values() for n in names} | {t.name for t in targets}
+    maps: dict[tuple[str, str], DatasetMap] = {}
+    fingerprints: dict[str, Any] = {}
+    for spec in [*targets, *pool_extra]:
+        if spec.name not in wanted:
+            continue
+        for est in sorted({imp.estimator} | (extra_estimators or {}).get(spec.name, set())):
+            d = DatasetMap(spec.name, spec, estimator=est)
+            try:
+                if spec.name not in fingerprints:
+                    fingerprints[spec.name] = dataset_fingerprint(spec)
+                d.fingerprint = fingerprints[spec.name]
+                d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, est)
+                d.uri = layout.importance_map(store, d.key)
+            except Exception as exc:  # a broken dataset fails its task (and the pools holding it), not the job
+                d.error = f"{type(exc).__name__}: {exc}"
+            maps[(spec.name, est)] = d
+
+    pending: dict[Any, list[DatasetMap]] = {}  # Ray task ref -> maps
+    for_pool: dict[str, tuple[list[DatasetMap], tuple]] = {}  # key -> (maps, arguments)
+    by_key: dict[str, list[DatasetMap]] = {}
+    for d in maps.values():
+        if not d.error:
+            by_key.setdefault(d.key, []).append(d)
+    remote = ray.remote(compute_dataset_importance)
+    for key, group in by_key.items():
+        d = group[0]
+        if not force and cache_hit(d.uri, f"importance {d.name} ({d.estimator})", progress):
+            for g in group:
+                g.cache = "hit"
+            counters["importance_loaded"] += 1
+            say(f"importance {d.name} ({d.estimator}): cache hit, nothing computed", progress)
+            continue
+        say(f"importance {d.name} ({d.estimator}): computing", progress)
+        args = (backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
+                d.fingerprint, d.uri, use_gpu, board)
+        if workers is not None:
+            for_pool[key] = (group, args)
+        else:
+            pending[remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(*args)] = group
+
+    def finished(group: list[DatasetMap], get_result) -> None:
+        try:
+            out = get_result()
+            counters["importance_computed"] += 1
+            for g in group:
+                g.cache, g.seconds = "miss", out["seconds"]
+            say(f"importance {group[0].name} ({group[0].estimator}): computed in {out['seconds']:.1f}s", progress)
+        except Exception as exc:
+            for g in group:
+                g.error = f"importance failed: {short_error(exc)}"
+            say(f"importance {group[0].name}: FAILED {short_error(exc)}", progress)
+
+    if for_pool:
+        # retried 3 times when its process dies, as Ray retries a task
+        workers.run(_compute_packed, [(k, args) for k, (_, args) in for_pool.items()], max_failures=3,
+                    on_done=lambda k, get_result: finished(for_pool[k][0], get_result))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        finished(pending.pop(done[0]), lambda: ray.get(done[0]))
+
+    combined: dict[str, dict[str, Any]] = {}
+    agnostic: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        pool = [maps[(n, imp.estimator)] for n in members[t.name] if (n, imp.estimator) in maps]
+        agnostic[t.name] = agnostic_map(job, store, backbone_fp, t.name, pool, combined, force, progress, counters)
+    return ImportanceMaps(maps=maps, agnostic=agnostic)
+
+
+def agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool: list[DatasetMap],
+                  combined: dict[str, dict[str, Any]], force: bool, progress: bool,
+                  counters: dict[str, int]) -> dict[str, Any]:
+    """The combined map of ``pool`` (computed once per distinct pool and cached by content)."""
+    imp = job.importance
+    out = {"key": None, "uri": None, "cache": "", "error": None, "includes_target": imp.include_target}
+    broken = [d.name for d in pool if d.error]
+    if broken:
+        out["error"] = f"task-agnostic pool dataset(s) {broken} failed: " + "; ".join(d.error for d in pool if d.error)
+        return out
+    if not pool:
+        out["error"] = (f"the task-agnostic pool of {target} is empty (it leaves the task itself out); add "
+                        "importance.pool_datasets or set importance.include_target: true")
+        return out
+    key = agnostic_key(backbone_fp, [d.key for d in pool], job)
+    if key in combined:
+        return {**combined[key], "includes_target": imp.include_target}
+    uri = layout.agnostic_map(store, key)
+    out.update(key=key, uri=uri)
+    names = ", ".join(d.name for d in pool)
+    if not force and cache_hit(uri, f"task-agnostic importance for {target}", progress):
+        out["cache"] = "hit"
+        counters["importance_loaded"] += 1
+        say(f"task-agnostic importance for {target} ({names}): cache hit, nothing computed", progress)
+    else:
+        from shpeft_core.importance import ImportanceMap, combine_importance
+
+        model = None
+        if imp.magnitude_blend > 0:
+            from orchestrator.stages.task_run import build_backbone
+
+            model = build_backbone(backbone_dict(job), 2)
+        maps = [ImportanceMap.load(d.uri) for d in pool]
+        combine_importance(maps, normalization=imp.normalization, reduce=imp.reduce,
+                           magnitude_blend=imp.magnitude_blend, model=model).save(uri)
+        counters["importance_computed"] += 1
+        out["cache"] = "miss"
+        say(f"task-agnostic importance for {target}: combined {len(pool)} maps ({names})", progress)
+    combined[key] = out
+    return out
+
+
+def extra_estimators(job: JobSpec, targets: list, methods_by_task: dict[str, set[str]]) -> dict[str, set[str]]:
+    """gps ranks by the task's grad1 map: ask stage 1 for it where the job's estimator is another."""
+    return {t.name: {"grad1"} for t in targets if "gps" in methods_by_task.get(t.name, set())}

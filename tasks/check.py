@@ -1,0 +1,101 @@
+"""Dataset validation: read (and decode) every split, report counts and sizes, fail at the first problem."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tasks.fingerprint import dataset_fingerprint
+from tasks.formats import get_format
+from tasks.formats.files import describe_files
+from tasks.codecs.images import DatasetError
+from tasks.spec import SPLITS, TaskSpec
+
+__all__ = ["DatasetReport", "check_dataset"]
+
+
+@dataclass
+class DatasetReport:
+    """What check_dataset saw: counts per split and class, label range, image sizes and modes."""
+
+    name: str
+    format: str
+    source: str
+    class_names: list[str]
+    counts: dict[str, list[int]]  # split -> images per class
+    label_range: tuple[int, int]
+    image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> count (decoded images)
+    modes: dict[str, int] = field(default_factory=dict)  # source mode (Pillow mode; DICOM Modality/Photometric) -> count
+    fingerprint: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c) for c in self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "source": self.source,
+            "class_names": self.class_names,
+            "counts": self.counts,
+            "label_range": list(self.label_range),
+            "image_sizes": self.image_sizes,
+            "modes": self.modes,
+            "fingerprint": self.fingerprint,
+            "warnings": self.warnings,
+        }
+
+
+def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = True) -> DatasetReport:
+    """Read every split (and decode every image when ``decode``); raise DatasetError at the first problem.
+
+    Checks: unreadable/truncated images, labels outside 0..num_classes-1, classes without images,
+    empty splits, mismatched npz arrays, a format that does not match the files, paths that escape
+    the dataset folder.
+    """
+    counts: dict[str, list[int]] = {}
+    sizes: Counter = Counter()
+    modes: Counter = Counter()
+    survey = get_format(spec.format).survey(spec)
+    names = survey.class_names
+    lo, hi = spec.num_classes, -1
+    for split in SPLITS:
+        ds = survey.dataset(split)
+        per = [0] * spec.num_classes
+        for lab in ds.labels:
+            per[lab] += 1
+        if decode:
+            for img in ds.iter_images():
+                sizes[f"{img.size[0]}x{img.size[1]}"] += 1
+                modes[img.info.get("source_mode", img.mode)] += 1
+        counts[split] = per
+        present = [k for k, n in enumerate(per) if n]
+        lo, hi = min(lo, min(present)), max(hi, max(present))
+    for k, n in enumerate(counts["train"]):
+        if n == 0:
+            raise DatasetError(f"source {spec.source}: class {k} ('{names[k]}') has no images in split 'train'")
+    for k in range(spec.num_classes):
+        if sum(counts[s][k] for s in SPLITS) == 0:
+            raise DatasetError(f"source {spec.source}: class {k} ('{names[k]}') has no images")
+    warnings = [
+        f"class {k} ('{names[k]}') has no images in split '{s}'"
+        for s in ("val", "test")
+        for k, n in enumerate(counts[s])
+        if n == 0
+    ]
+    if survey.ignored:
+        warnings.append(f"ignored {len(survey.ignored)} file(s) of other types ({describe_files(survey.ignored)}), e.g. {survey.ignored[0]}")
+    return DatasetReport(
+        name=spec.name,
+        format=spec.format,
+        source=spec.source,
+        class_names=list(names),
+        counts=counts,
+        label_range=(lo, hi),
+        image_sizes=dict(sizes.most_common()),
+        modes=dict(modes.most_common()),
+        fingerprint=dataset_fingerprint(spec) if fingerprint else "",
+        warnings=warnings,
+    )

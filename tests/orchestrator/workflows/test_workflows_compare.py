@@ -1,0 +1,96 @@
+"""`shpeft compare`: every method in one harness, results.parquet, report.md and its PNGs, resume."""
+
+import io
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from shpeft_core.delta import load_delta  # noqa: E402
+from shpeft_core.methods import artifact_sha256  # noqa: E402
+
+from orchestrator.workflows.compare import parse_methods, run_compare  # noqa: E402
+from orchestrator.job.spec import parse_job  # noqa: E402
+
+from helpers_orch import BACKBONE, backbone_file, colour_task  # noqa: E402,F401
+
+pytestmark = pytest.mark.ray
+
+COLUMNS = {"task", "method", "seed", "density", "alpha", "val_macro_f1", "test_macro_f1", "val_accuracy",
+           "test_accuracy", "val_auc", "test_auc", "trainable", "artifact_bytes", "train_s"}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    specs = [colour_task(str(root), "colour-a", 0), colour_task(str(root), "colour-b", 1)]
+    job = parse_job({
+        "backbone": BACKBONE, "store": str(root / "store"),
+        "tasks": [s.model_dump(mode="json") for s in specs],
+        "importance": {"batches": 2, "batch_size": 16},
+        "selection": {"density": 0.02, "alpha": 0.5},
+        "training": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "cpus_per_worker": 0.9},
+    })
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        methods = "shpeft,shpeft:rank_sum,specific,agnostic,random,gps,linear,bitfit,lora,full"
+        result = run_compare(job, methods=methods, seeds=2, progress=False)
+        again = run_compare(job, methods=methods, seeds=2, progress=False)
+    finally:
+        ray.shutdown()
+    return job, result, again
+
+
+def test_results_have_one_row_per_task_method_seed(compared):
+    job, result, _ = compared
+    assert result.exit_code == 0, [r for r in result.rows if r["status"] != "ok"]
+    table = pq.read_table(io.BytesIO(open(result.results_uri, "rb").read())).to_pylist()
+    assert COLUMNS <= set(table[0])
+    keys = {(r["task"], r["method"], r["mix"], r["seed"]) for r in table}
+    assert len(keys) == len(table) == 2 * 10 * 2
+    for r in table:
+        assert r["status"] == "ok"
+        assert artifact_sha256(r["artifact_uri"], r["artifact_kind"]) == r["sha256"]
+        assert r["artifact_bytes"] > 0 and r["trainable"] > 0
+    by = {(r["method"], r["mix"]): r for r in table if r["task"] == "colour-a" and r["seed"] == 0}
+    # trainable counts are what each method trains: head < sparse < LoRA < full
+    assert by[("linear", None)]["trainable"] < by[("shpeft", "union")]["trainable"] < by[("lora", None)]["trainable"] \
+        < by[("full", None)]["trainable"]
+    assert by[("shpeft", "union")]["trainable"] == by[("random", None)]["trainable"]  # same budget
+    assert by[("lora", None)]["artifact_kind"] == "lora" and by[("full", None)]["artifact_kind"] == "checkpoint"
+    # hybrid rules differ in what they select, not in how much
+    a = load_delta(by[("shpeft", "union")]["artifact_uri"])
+    b = load_delta(by[("shpeft", "rank_sum")]["artifact_uri"])
+    assert a.metadata["mix"] == "union" and b.metadata["mix"] == "rank_sum"
+    assert sum(v.numel() for v in a.indices.values()) == sum(v.numel() for v in b.indices.values())
+    # the learnable colour task is learnt by every method that adapts the model
+    for (m, _), r in by.items():
+        assert r["test_macro_f1"] > 0.6, (m, r["test_macro_f1"])
+
+
+def test_report_and_plots(compared):
+    _, result, _ = compared
+    text = open(result.report_uri).read()
+    assert "| method | colour-a | colour-b | mean |" in text
+    assert "shpeft (union)" in text and "shpeft (rank_sum)" in text and "**" in text
+    for png in ("metric_vs_trainable.png", "alpha_curve.png", "selection_location.png", "mask_overlap.png"):
+        path = os.path.join(os.path.dirname(result.report_uri), png)
+        assert os.path.getsize(path) > 1000 and f"({png})" in text
+    assert "SH-PEFT vs full fine-tuning" in text
+
+
+def test_rerun_reuses_verified_runs(compared):
+    _, result, again = compared
+    assert again.report_id == result.report_id
+    assert [r["sha256"] for r in again.rows] == [r["sha256"] for r in result.rows]
+    assert [r["train_s"] for r in again.rows] == [r["train_s"] for r in result.rows]  # nothing retrained
+
+
+def test_methods_option_is_checked():
+    assert parse_methods("shpeft:rank_sum,linear") == [("shpeft", "rank_sum"), ("linear", None)]
+    with pytest.raises(ValueError, match="'nope' is not a method"):
+        parse_methods("shpeft,nope")
+    with pytest.raises(ValueError, match="only shpeft takes a rule"):
+        parse_methods("linear:union")
