@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shpeft_core.options import DEFAULT_METRIC, METRICS, SPLITS
+
 from .formats import FORMATS
 
 __all__ = ["TaskSpec", "FORMATS", "METRICS", "SPLITS", "check_slug", "check_path_component"]
 
-METRICS = ("macro_f1", "accuracy", "auc")
-SPLITS = ("train", "val", "test")
 
 _SLUG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -58,7 +58,7 @@ class TaskSpec(BaseModel):
     split_seed: int = 0
     channels: Literal[1, 3] = 3
     image_size: int | None = Field(default=None, ge=1)
-    metric: Literal["macro_f1", "accuracy", "auc"] = "macro_f1"
+    metric: Literal[METRICS] = DEFAULT_METRIC
     # parquet
     image_column: str = "image"
     label_column: str = "label"

@@ -12,6 +12,8 @@ import json
 import time
 from typing import Any
 
+from shpeft_core.options import EVAL_SPLITS, SUMMARY_METRICS
+
 __all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval"]
 
 EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own checksum
@@ -21,7 +23,6 @@ class EvalFileError(ValueError):
     """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
 
 
-SPLITS = ("val", "test")
 
 
 def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
@@ -29,8 +30,8 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     writes its evaluation file beside it."""
     import torch
 
-    from shpeft_core.methods import (artifact_kind, artifact_metadata, artifact_sha256, artifact_size,
-                                     load_artifact)
+    from shpeft_core.artifacts import artifact_metadata, artifact_sha256, artifact_size
+    from shpeft_core.methods import get_method, load_artifact
     from shpeft_core.train import evaluate
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
@@ -38,7 +39,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
 
     from orchestrator.runtime.console import now
     from orchestrator.store.layout import eval_file
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -49,13 +50,13 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
     splits: dict[str, dict] = {}
-    for split in SPLITS:
+    for split in EVAL_SPLITS:
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
         got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True)
         splits[split] = got
-        for k in ("loss", "accuracy", "macro_f1", "auc"):
+        for k in SUMMARY_METRICS:
             out[f"{split}_{k}"] = float(got[k])
-    kind = artifact_kind(plan.method)
+    kind = get_method(plan.method).artifact
     if kind == "delta":
         from shpeft_core.delta import load_delta
 
