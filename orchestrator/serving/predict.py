@@ -129,8 +129,8 @@ def load_task_delta(uri: str) -> TaskDelta:
         if kind not in (None, "delta"):
             sharing = ", ".join(m.name for m in all_methods() if m.artifact == "delta")
             raise PredictError(
-                f"{uri} is a {kind} artifact; only task deltas (from {sharing}) share one backbone. Load it "
-                f"with shpeft_core.methods.load_artifact, or `shpeft export` a delta instead"
+                f"{uri} is a {kind} artifact; only sparse task deltas (from {sharing}) share one backbone. "
+                f"Load it with shpeft_core.methods.load_artifact, or `shpeft export` a delta instead"
             ) from None
         if isinstance(exc, DeltaError):
             raise PredictError(str(exc)) from None

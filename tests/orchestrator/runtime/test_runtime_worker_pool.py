@@ -55,7 +55,8 @@ def _run(items, **kw):
         except Exception as exc:  # the run's own error, handed back
             done[key] = exc
 
-    run_on_pool(where, items, on_start=started.append, on_done=on_done, **kw)
+    # the pool imports what its caller names once per process: here torch, as the stages' RUN_IMPORTS do
+    run_on_pool(where, items, on_start=started.append, on_done=on_done, preload=("torch",), **kw)
     return done, order, started
 
 
