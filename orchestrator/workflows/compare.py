@@ -214,7 +214,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
                                      agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
     if progress:
-        from orchestrator.reporting.compare_report import print_compare_table
+        from orchestrator.reporting.tables import print_compare_table
 
         print_compare_table(ordered, task_names, labels, job.selection.mix)
         say(f"compare {rid}: report {report_uri}", progress)

@@ -20,7 +20,8 @@ from shpeft_core.options import artifact_kind
 
 from orchestrator.store import layout
 from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
-from orchestrator.runtime.console import error_chain, log, now, print_results_table, quiet_frameworks, say, short_error
+from orchestrator.runtime.console import error_chain, log, now, quiet_frameworks, say, short_error
+from orchestrator.reporting.tables import print_results_table
 from orchestrator.stages.importance_maps import extra_estimators, run_importance_stage
 from orchestrator.job.spec import JobSpec, job_id as compute_job_id, resolve_task, task_name
 from orchestrator.job.keys import backbone_dict, task_config_hash
