@@ -33,10 +33,12 @@ from orchestrator.runtime.resources import cluster_resources, connect_ray, train
 from orchestrator.store.layout import artifact_uri, normalise_store, report_dir, row_verified
 from orchestrator.runtime.worker_pool import run_on_pool
 
-__all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
+__all__ = ["CompareResult", "DEFAULT_METHODS", "SMOKE_TEST_METHODS", "parse_methods", "compare_settings", "run_compare",
+           "RESULT_COLUMNS"]
 
 DEFAULT_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random", "gps", "linear", "bitfit",
                    "lora", "full")
+SMOKE_TEST_METHODS = "shpeft,linear,full"  # `compare --smoke-test` without --methods
 RESULT_COLUMNS = [
     ("task", pa.string()), ("method", pa.string()), ("mix", pa.string()), ("seed", pa.int64()),
     ("density", pa.float64()), ("alpha", pa.float64()), ("lr", pa.float64()), ("epochs", pa.int64()),
@@ -62,6 +64,23 @@ def parse_methods(text: str | tuple[str, ...] | list[str]) -> list[tuple[str, st
     if not out:
         raise ValueError("--methods: no method given")
     return list(dict.fromkeys(out))
+
+
+def compare_settings(job: JobSpec, methods: str | None, seeds: int, *,
+                     smoke_test: bool = False) -> tuple[JobSpec, list[str], int]:
+    """What `shpeft compare` runs: (job, method names for ``run_compare``, seeds).
+
+    ``methods`` is the --methods text; None means every default method. ``smoke_test`` is a quick check:
+    one epoch, one seed and, unless methods were given, only SMOKE_TEST_METHODS. Raises ValueError naming
+    a method that does not exist.
+    """
+    chosen = parse_methods(methods) if methods else list(parse_methods(DEFAULT_METHODS))
+    if smoke_test:
+        job = job.model_copy(update={"training": job.training.model_copy(update={"epochs": 1})})
+        seeds = 1
+        if not methods:
+            chosen = parse_methods(SMOKE_TEST_METHODS)
+    return job, [m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds
 
 
 def method_label(method: str, mix: str | None, job_mix: str) -> str:
