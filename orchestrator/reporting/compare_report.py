@@ -17,7 +17,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 from orchestrator.reporting.plots import plot_selection_location, save_png as _save, selection_location  # noqa: E402
 from orchestrator.store.layout import compare_report_file  # noqa: E402
 
-__all__ = ["write_report", "print_compare_table", "summarise", "selection_location", "mask_jaccard"]
+__all__ = ["write_report", "summarise", "mean_over_tasks", "selection_location", "mask_jaccard"]
 
 METRIC = DEFAULT_METRIC
 REFERENCE_METHOD = "shpeft"  # the method every other one is measured against
@@ -50,7 +50,8 @@ def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test") -> 
     return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def _mean_over_tasks(summary, label: str, tasks: list[str]) -> float | None:
+def mean_over_tasks(summary, label: str, tasks: list[str]) -> float | None:
+    """A method label's mean over ``tasks`` of ``summarise``'s means; None unless every task has one."""
     vals = [summary[(t, label)][0] for t in tasks if (t, label) in summary]
     return statistics.fmean(vals) if len(vals) == len(tasks) and vals else None
 
@@ -59,7 +60,7 @@ def _table(summary, tasks: list[str], labels: list[str]) -> list[str]:
     best = {t: max((summary[(t, lab)][0] for lab in labels if (t, lab) in summary), default=None) for t in tasks}
     head = "| method | " + " | ".join(tasks) + " | mean |"
     lines = [head, "|---|" + "---:|" * (len(tasks) + 1)]
-    means = {lab: _mean_over_tasks(summary, lab, tasks) for lab in labels}
+    means = {lab: mean_over_tasks(summary, lab, tasks) for lab in labels}
     best_mean = max((m for m in means.values() if m is not None), default=None)
     for lab in labels:
         cells = []
@@ -159,7 +160,7 @@ def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[
 
     ref = get_method(REFERENCE_METHOD)
     sh = ref.label(job_mix)
-    means = {lab: _mean_over_tasks(summary, lab, tasks) for lab in labels}
+    means = {lab: mean_over_tasks(summary, lab, tasks) for lab in labels}
     out = []
     if means.get(sh) is None:
         return out
@@ -242,20 +243,3 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
     uri = compare_report_file(root)
     atomic_write_bytes(uri, "\n".join(lines).encode())
     return uri, plots
-
-
-def print_compare_table(rows: list[dict[str, Any]], tasks: list[str], labels: list[str], job_mix: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    test = summarise(rows, job_mix, "test")
-    table = Table(title="shpeft compare: test macro-F1, mean ± std over seeds")
-    table.add_column("method")
-    for t in tasks:
-        table.add_column(t, justify="right")
-    table.add_column("mean", justify="right")
-    for lab in labels:
-        cells = [f"{test[(t, lab)][0]:.3f} ± {test[(t, lab)][1]:.3f}" if (t, lab) in test else "-" for t in tasks]
-        mean = _mean_over_tasks(test, lab, tasks)
-        table.add_row(lab, *cells, "-" if mean is None else f"{mean:.3f}")
-    Console(width=max(120, Console().width)).print(table)

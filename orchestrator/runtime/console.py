@@ -1,17 +1,13 @@
-"""What the driver prints: progress lines, short errors and the results table."""
+"""What the driver prints: progress lines and short errors (the tables are in ``reporting/tables.py``)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from datetime import datetime, timezone
-from typing import Any
-
-from shpeft_core.options import DEFAULT_METRIC
 
 log = logging.getLogger("shpeft.pipeline")
 
-__all__ = ['say', 'now', 'error_chain', 'short_error', 'print_results_table', 'quiet_frameworks']
+__all__ = ['say', 'now', 'error_chain', 'short_error', 'quiet_frameworks']
 
 
 def quiet_frameworks() -> None:
@@ -59,25 +55,3 @@ def short_error(exc: BaseException) -> str:
     text = f"{type(cause).__name__}: {cause}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[-1] if len(lines) > 3 else " ".join(lines))[:2000]
-
-
-def print_results_table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="shpeft results")
-    for col in ("task", "status", "metric", "val", "test", "density", "alpha", "trainable", "trained", "delta / error"):
-        table.add_column(col)
-
-    def fmt(v, spec="{:.4f}"):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
-
-    for r in rows:
-        m = r.get("metric") or DEFAULT_METRIC
-        table.add_row(
-            r["task"], r.get("status", "?"), m, fmt(r.get(f"val_{m}")), fmt(r.get(f"test_{m}")),
-            fmt(r.get("density"), "{:.2e}"), fmt(r.get("alpha"), "{:.2f}"), fmt(r.get("trainable"), "{:d}"),
-            "yes" if r.get("trained") else "no",
-            (r.get("delta_uri") or "") if r.get("status") == "ok" else (r.get("error") or "")[:120],
-        )
-    Console(width=max(120, Console().width)).print(table)

@@ -10,6 +10,9 @@ its head), the group goes through one forward, and the delta is removed bit-exac
 Routes under the application's prefix: ``POST`` with image bytes (PNG/JPEG/... or DICOM) in the
 body returns the task, class index and name and every class's probability; ``GET .../-/backbone``
 returns the base weights' fingerprints (to check that nothing stays applied).
+
+``serve_until_stopped`` is `shpeft serve` from Ray's start to its clean-up: it leaves no embedded Ray
+and, on a shared cluster, no application of its own behind, however it ends.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import hashlib
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from ray import serve
@@ -36,7 +39,8 @@ from orchestrator.serving.predict import (
 )
 from shpeft_core.delta import DeltaError, TaskDelta, apply_delta
 
-__all__ = ["APP_NAME", "MODEL_ID_HEADER", "INFO_ROUTE", "ServeError", "DeltaServer", "build_app", "start", "state_sha256"]
+__all__ = ["APP_NAME", "MODEL_ID_HEADER", "INFO_ROUTE", "ServeError", "DeltaServer", "build_app", "start", "state_sha256",
+           "serve_until_stopped"]
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 INFO_ROUTE = "/-/backbone"
@@ -217,3 +221,56 @@ def start(app, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str =
     serve.run(app, name=APP_NAME, route_prefix=route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}{route_prefix.rstrip('/')}"
+
+
+def serve_until_stopped(backbone: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
+                        replicas: int = 1, max_deltas: int = 16, max_batch_size: int = 16, delta_root: str | None = None,
+                        device: str = "cpu", address: str | None = None, num_cpus: int | None = None,
+                        on_start: Callable[[str], None] | None = None, on_stop: Callable[[], None] | None = None) -> None:
+    """`shpeft serve`: serve ``backbone``'s deltas over HTTP until Ctrl-C or SIGTERM, then clean up.
+
+    The backbone is built here once first, so a wrong name or missing weights is one ServeError (422), not a
+    replica that never starts. Then: join Ray at ``address`` or start an embedded one, deploy ``build_app``,
+    call ``on_start(url)``, block; on Ctrl-C or SIGTERM (a service manager's stop) call ``on_stop()``. In
+    every case the embedded Ray is shut down (Serve goes with it) or, on a shared cluster, only this
+    application is deleted. A replica that fails to start or a port in use raises ServeError (503) after
+    that clean-up.
+    """
+    import signal
+    import time
+
+    from shpeft_core.backbone import build_backbone
+
+    from orchestrator.runtime.session import ray_session
+
+    try:
+        build_backbone(backbone, 1)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ServeError(f"backbone {backbone['name']!r} from {backbone.get('source')!r} cannot be built: {exc}",
+                         422) from None
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # An embedded Ray goes on exit, and Serve with it; on a shared cluster only this application goes.
+    with ray_session(address, num_cpus) as started:
+        previous = signal.signal(signal.SIGTERM, _stop)  # after Ray's own handler: a stop acts like Ctrl-C
+        try:
+            app = build_app(backbone, replicas=replicas, max_deltas=max_deltas, delta_root=delta_root, device=device,
+                            max_batch_size=max_batch_size)
+            try:
+                url = start(app, host=host, port=port, route_prefix=route_prefix)
+            except RuntimeError as exc:  # a replica that failed to start, a port in use
+                raise ServeError(f"the serve application did not start: {exc}", 503) from None
+            if on_start is not None:
+                on_start(url)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            if on_stop is not None:
+                on_stop()
+        finally:
+            if not started:
+                serve.delete(APP_NAME)
+            if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,4 @@
-"""Experiment tracking from the driver: a job's tasks and sweep trials as MLflow, TensorBoard and W&B runs.
+"""Experiment tracking from the driver: a job's tasks and sweep trials as runs in every configured backend.
 
 Everything is logged by the driver, never by workers: per-epoch metrics arrive through the progress
 board (``ProgressPrinter`` hands each event to ``Tracker.on_event``), results and artifacts when a task
@@ -6,12 +6,15 @@ or trial ends. So a ``file:`` MLflow store or a TensorBoard folder on the driver
 multi-node cluster whose workers cannot see that path, and a tracking server only needs to be
 reachable from the driver.
 
-Runs: MLflow has one parent run per job, a nested run per task and, under a task's run, one per sweep
-trial (tags ``shpeft.job_id``, ``shpeft.task``, ``shpeft.trial``). TensorBoard gets one event folder per
-task (``<dir>/<job_id>/<task>``) and trial (``.../<task>/trial-<id>``). W&B gets one run per task and
-trial, grouped by job id. Reruns of a job log under its one MLflow parent run, a rerun after a killed
-driver continues the runs of tasks that were training, and no run logs an epoch twice (a resumed task
-re-reports epochs its killed attempt already logged).
+Runs: one per job, task and sweep trial, nested job -> task -> trial where the backend nests (see each
+backend module). Reruns of a job log under its one job run, a rerun after a killed driver continues the
+runs of tasks that were training, and no run logs an epoch twice (a resumed task re-reports epochs its
+killed attempt already logged).
+
+Backends: ``_REGISTRY`` maps each ``tracking:`` section to its module under ``orchestrator.tracking``,
+which defines a :class:`~orchestrator.tracking.base.TrackingBackend` subclass as ``BACKEND``; a module
+(and its optional package) is imported only when a job has that section. Adding a backend: write
+``orchestrator/tracking/<name>_backend.py``, add its line below and its section to the job file schema.
 
 A tracking failure (server down, disk full) prints one warning and turns that backend off for the rest
 of the job; it never fails the job. Nothing here is imported before a job runs, so the CLI starts
@@ -20,81 +23,48 @@ without mlflow.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from shpeft_core.io import join_uri
 from shpeft_core.options import SUMMARY_METRICS
-from shpeft_core.io import join_uri, local_path
 
 from orchestrator.store import layout
+from orchestrator.tracking.base import Key, TrackingBackend
+from orchestrator.tracking.uris import local_or_none
 
-__all__ = ["Tracker", "make_tracker", "resolve_mlflow_uri", "tensorboard_root", "check_tracking"]
+__all__ = ["Tracker", "make_tracker", "check_tracking", "backend_class", "BACKENDS"]
 
 log = logging.getLogger("shpeft.tracking")
+
+# section under `tracking:` -> module under orchestrator.tracking that defines BACKEND (order: validation
+# messages and the console's "tracking to ..." line)
+_REGISTRY = {
+    "mlflow": "mlflow_backend",
+    "tensorboard": "tensorboard_backend",
+    "wandb": "wandb_backend",
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 
 # Per-epoch values that are not metrics of the epoch (the epoch itself, a constant, a duplicate).
 _NOT_LOGGED = {"epoch", "trainable", "val_metric"}
 _FINAL_METRICS = SUMMARY_METRICS
 
-Key = tuple  # ("job",), ("task", name) or ("trial", name, trial_id)
 
-
-def _local(uri: str) -> str | None:
-    """The local path of a store or folder URI, None for a remote one (without needing its fsspec backend)."""
-    if "://" in uri and not uri.startswith(("file://", "local://")):
-        return None
-    return local_path(uri)
-
-
-def resolve_mlflow_uri(uri: str | None, store: str) -> str:
-    """The tracking URI with local paths made absolute (against the working directory, as the store is).
-
-    None means $MLFLOW_TRACKING_URI, else ``file:<store>/mlruns`` (a local store only).
-    """
-    if uri is None:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            root = _local(store)
-            if root is None:
-                raise ValueError(f"the store {store} is not a local folder; set tracking.mlflow.uri")
-            return "file:" + layout.mlflow_default_dir(root)
-    if ":" not in uri or (len(uri) > 1 and uri[1] == ":"):  # a bare path (or a Windows drive)
-        return "file:" + os.path.abspath(os.path.expanduser(uri))
-    scheme, rest = uri.split(":", 1)
-    if scheme == "file":
-        path = rest[2:] if rest.startswith("//") else rest
-        return "file:" + os.path.abspath(os.path.expanduser(path or "."))
-    if scheme == "sqlite" and rest.startswith("///") and not rest.startswith("////"):
-        return "sqlite:///" + os.path.abspath(os.path.expanduser(rest[3:]))
-    return uri
-
-
-def _mlflow_local_dir(uri: str) -> str | None:
-    """The local folder a file: or sqlite: tracking URI writes to (None for servers)."""
-    if uri.startswith("file:"):
-        return uri[len("file:"):]
-    if uri.startswith("sqlite:///"):
-        return os.path.dirname(uri[len("sqlite:///"):]) or "."
-    return None
-
-
-def tensorboard_root(directory: str | None, store: str, job_id: str) -> str:
-    """The job's TensorBoard folder: ``<dir>/<job_id>`` (dir relative to the working directory) or
-    ``<store>/tensorboard/<job_id>``; a local folder (event files are written by the driver)."""
-    if directory is None:
-        root = _local(store)
-        if root is None:
-            raise ValueError(f"the store {store} is not a local folder; set tracking.tensorboard.dir")
-        return layout.tensorboard_dir(root, job_id)
-    if "://" in directory and _local(directory) is None:
-        raise ValueError(f"{directory} is not a local folder")
-    return os.path.join(os.path.abspath(os.path.expanduser(_local(directory) or directory)), job_id)
+def backend_class(name: str) -> type[TrackingBackend]:
+    """The backend registered for the ``tracking.<name>`` section (its module imported now)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"tracking.{name} is not a tracking backend; backends: {', '.join(BACKENDS)}")
+    cls = importlib.import_module(f"orchestrator.tracking.{_REGISTRY[name]}").BACKEND
+    if cls.name != name:  # pragma: no cover - a registry typo
+        raise RuntimeError(f"orchestrator.tracking.{_REGISTRY[name]} defines backend {cls.name!r}, registered as {name!r}")
+    return cls
 
 
 def _installed(module: str) -> bool:
@@ -117,24 +87,20 @@ def check_tracking(job, data: bool = True) -> list[str]:
     tr, problems = job.tracking, []
     store = normalise_store(job.store)
     folders: list[tuple[str, str]] = []
-    if tr.mlflow is not None:
-        if not _installed("mlflow"):
-            problems.append("tracking.mlflow: mlflow is not installed (pip install 'shpeft[tracking]')")
+    for name in BACKENDS:
+        section = getattr(tr, name)
+        if section is None:
+            continue
+        cls = backend_class(name)
+        if not _installed(cls.package):
+            problems.append(f"tracking.{name}: {cls.package} is not installed{cls.install_hint}")
         try:
-            uri = resolve_mlflow_uri(tr.mlflow.uri, store)
-            if _mlflow_local_dir(uri):
-                folders.append(("tracking.mlflow.uri", _mlflow_local_dir(uri)))
+            folder = cls.local_folder(section, store=store, job_id=job_id(job))
         except ValueError as exc:
-            problems.append(f"tracking.mlflow.uri: {exc}")
-    if tr.tensorboard is not None:
-        if not _installed("tensorboardX"):
-            problems.append("tracking.tensorboard: tensorboardX is not installed (pip install 'shpeft[tracking]')")
-        try:
-            folders.append(("tracking.tensorboard.dir", tensorboard_root(tr.tensorboard.dir, store, job_id(job))))
-        except ValueError as exc:
-            problems.append(f"tracking.tensorboard.dir: {exc}")
-    if tr.wandb is not None and not _installed("wandb"):
-        problems.append("tracking.wandb: wandb is not installed")
+            problems.append(f"{cls.folder_field}: {exc}")
+            continue
+        if folder:
+            folders.append((cls.folder_field, folder))
     if data:
         for field, folder in folders:
             try:
@@ -149,7 +115,7 @@ def _local_copy(uri: str) -> Iterator[str]:
     """A local path of an artifact file or lora folder (downloaded to a temporary folder when remote)."""
     from shpeft_core.io import read_bytes
 
-    path = _local(uri)
+    path = local_or_none(uri)
     if path is not None:
         yield path
         return
@@ -168,207 +134,6 @@ def _local_copy(uri: str) -> Iterator[str]:
             with open(target, "wb") as out:
                 out.write(read_bytes(uri))
         yield target
-
-
-def _run_name(key: Key) -> str:
-    return "job" if key[0] == "job" else key[1] if key[0] == "task" else f"{key[1]}-trial-{key[2]}"
-
-
-# --------------------------------------------------------------------------------------------- backends
-# Each backend: start_run(key, parent, tags) / logged_steps(key) / log_params / log_metrics(key, metrics,
-# step) / log_artifact(key, path, folder) / log_text(key, name, text) / end_run(key, ok), and optionally
-# close_stale(job_id). Any may raise; the Tracker turns a failing backend off.
-
-
-class _Mlflow:
-    name = "mlflow"
-
-    def __init__(self, section, store: str):
-        self.uri = resolve_mlflow_uri(section.uri, store)
-        if self.uri.startswith("file:"):
-            # MLflow 3 refuses the file store unless opted in; a local folder is what works offline.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        # A tracking server that is down should cost seconds, not MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(self.uri)
-        self.experiment_name = section.experiment
-        self.experiment_id: str | None = None
-        self.ids: dict[Key, str] = {}
-
-    def _experiment(self) -> str:
-        if self.experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment_name)
-            if exp is not None:
-                self.experiment_id = exp.experiment_id
-            else:
-                # A sqlite store would put artifacts in ./mlruns of whatever the working directory is.
-                art = None
-                if self.uri.startswith("sqlite:///"):
-                    art = "file:" + os.path.join(_mlflow_local_dir(self.uri), "mlartifacts")
-                self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=art)
-        return self.experiment_id
-
-    def _find(self, key: Key, tags: dict[str, str], parent: str | None) -> str | None:
-        """An earlier run to continue: the job's run always (one parent run per job, reruns included);
-        a task's run only if its driver was killed while it trained (a failed task's rerun starts afresh)."""
-        if key[0] == "trial":
-            return None  # Tune gives a rerun's trials new ids
-        conds = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        if parent:
-            conds.append(f"tags.`mlflow.parentRunId` = '{parent}'")
-        runs = self.client.search_runs([self._experiment()], " and ".join(conds), max_results=1,
-                                       order_by=["attributes.start_time DESC"])
-        if not runs or (key[0] != "job" and runs[0].info.status != "RUNNING"):
-            return None
-        return runs[0].info.run_id
-
-    def start_run(self, key: Key, parent: Key | None, tags: dict[str, str]) -> None:
-        parent_id = self.ids.get(parent) if parent else None
-        run_id = self._find(key, tags, parent_id)
-        if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            all_tags = {**tags, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
-            run_id = self.client.create_run(self._experiment(), run_name=_run_name(key), tags=all_tags).info.run_id
-        self.ids[key] = run_id
-
-    def logged_steps(self, key: Key) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.ids[key], "train_loss")}
-
-    def log_params(self, key: Key, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        have = self.client.get_run(self.ids[key]).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in have]
-        if new:
-            self.client.log_batch(self.ids[key], params=new)
-
-    def log_metrics(self, key: Key, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.ids[key], metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
-
-    def log_artifact(self, key: Key, path: str, folder: str) -> None:
-        if os.path.isdir(path):
-            self.client.log_artifacts(self.ids[key], path, f"{folder}/{os.path.basename(path)}")
-        else:
-            self.client.log_artifact(self.ids[key], path, folder)
-
-    def log_text(self, key: Key, name: str, text: str) -> None:
-        self.client.log_text(self.ids[key], text, name)
-
-    def end_run(self, key: Key, ok: bool) -> None:
-        self.client.set_terminated(self.ids[key], "FINISHED" if ok else "FAILED")
-
-    def close_stale(self, job_id: str) -> None:
-        """Mark KILLED the job's runs a killed earlier driver left RUNNING and this one did not continue."""
-        mine = set(self.ids.values())
-        where = f"tags.`shpeft.job_id` = '{job_id}' and attributes.status = 'RUNNING'"
-        for run in self.client.search_runs([self._experiment()], where, max_results=1000):
-            if run.info.run_id not in mine:
-                self.client.set_terminated(run.info.run_id, "KILLED")
-
-
-class _Tensorboard:
-    name = "tensorboard"
-
-    def __init__(self, section, store: str, job_id: str):
-        from tensorboardX import SummaryWriter
-
-        self.root = tensorboard_root(section.dir, store, job_id)
-        self._writer_cls = SummaryWriter
-        self.writers: dict[Key, Any] = {}
-        self.params: dict[Key, dict[str, Any]] = {}
-
-    def _folder(self, key: Key) -> str:
-        if key[0] == "job":
-            return os.path.join(self.root, "_job")
-        if key[0] == "task":
-            return os.path.join(self.root, key[1])
-        return os.path.join(self.root, key[1], f"trial-{key[2]}")
-
-    def start_run(self, key: Key, parent: Key | None, tags: dict[str, str]) -> None:
-        self.writers[key] = self._writer_cls(logdir=self._folder(key), flush_secs=10)
-
-    def logged_steps(self, key: Key) -> set[int]:
-        return set()
-
-    def log_params(self, key: Key, params: dict[str, Any]) -> None:
-        self.params.setdefault(key, {}).update(params)  # written once, as a table, when the run ends
-
-    def log_metrics(self, key: Key, metrics: dict[str, float], step: int) -> None:
-        w = self.writers[key]
-        for k, v in metrics.items():
-            w.add_scalar(k, float(v), step)
-
-    def log_artifact(self, key: Key, path: str, folder: str) -> None:
-        if path.endswith(".png"):
-            import numpy as np
-            from PIL import Image
-
-            with Image.open(path) as im:
-                self.writers[key].add_image(os.path.basename(path)[:-4], np.asarray(im.convert("RGB")), 0,
-                                            dataformats="HWC")
-        elif path.endswith(".md"):
-            with open(path, encoding="utf-8") as f:
-                self.writers[key].add_text(os.path.basename(path), f.read(), 0)
-        # Model artifacts stay in the store (and MLflow/W&B); TensorBoard is for curves.
-
-    def log_text(self, key: Key, name: str, text: str) -> None:
-        self.writers[key].add_text(name, text, 0)
-
-    def end_run(self, key: Key, ok: bool) -> None:
-        params = self.params.pop(key, {})
-        if params:
-            rows = "".join(f"| {k} | {v} |\n" for k, v in sorted(params.items()))
-            self.writers[key].add_text("params", "| param | value |\n|---|---|\n" + rows, 0)
-        self.writers.pop(key).close()
-
-
-class _Wandb:
-    name = "wandb"
-
-    def __init__(self, section, job_id: str):
-        import wandb
-
-        self._wandb = wandb
-        self.section, self.job_id = section, job_id
-        self.runs: dict[Key, Any] = {}
-
-    def start_run(self, key: Key, parent: Key | None, tags: dict[str, str]) -> None:
-        s = self.section
-        # Tasks train concurrently: each gets its own run object in this process ("create_new").
-        self.runs[key] = self._wandb.init(project=s.project, entity=s.entity, mode=s.mode, group=self.job_id,
-                                          job_type=key[0], name=f"{self.job_id}-{_run_name(key)}", config=tags,
-                                          reinit="create_new")
-
-    def logged_steps(self, key: Key) -> set[int]:
-        return set()
-
-    def log_params(self, key: Key, params: dict[str, Any]) -> None:
-        self.runs[key].config.update(params, allow_val_change=True)
-
-    def log_metrics(self, key: Key, metrics: dict[str, float], step: int) -> None:
-        self.runs[key].log({**metrics, "epoch": step})
-
-    def log_artifact(self, key: Key, path: str, folder: str) -> None:
-        name = f"{self.job_id}-{_run_name(key)}-{folder}".replace("/", "-")
-        art = self._wandb.Artifact(name, type="model" if folder == "artifact" else folder)
-        (art.add_dir if os.path.isdir(path) else art.add_file)(path)
-        self.runs[key].log_artifact(art)
-
-    def log_text(self, key: Key, name: str, text: str) -> None:
-        self.runs[key].summary[name] = text
-
-    def end_run(self, key: Key, ok: bool) -> None:
-        self.runs.pop(key).finish(exit_code=0 if ok else 1)
-
-
-# ---------------------------------------------------------------------------------------------- tracker
 
 
 def _guarded(method):
@@ -625,7 +390,7 @@ class Tracker:
         for key in [k for k in self._open if k[0] != "job"]:
             close = self._open[key]["close"]
             self._close(key, close[0] if close else False)
-        self._each(lambda b: getattr(b, "close_stale", lambda _: None)(self.job_id))
+        self._each(lambda b: b.close_stale(self.job_id))
         self._close(("job",), ok)
 
 
@@ -653,16 +418,12 @@ def make_tracker(job, job_id: str, store: str, progress: bool = True, warn=None)
     """
     tr = job.tracking
     tracker = Tracker([], job_id=job_id, store=store, artifacts=tr.artifacts, sweep=job.sweep.enabled, warn=warn)
-    makers = []
-    if tr.mlflow is not None:
-        makers.append(("mlflow", lambda: _Mlflow(tr.mlflow, store)))
-    if tr.tensorboard is not None:
-        makers.append(("tensorboard", lambda: _Tensorboard(tr.tensorboard, store, job_id)))
-    if tr.wandb is not None:
-        makers.append(("wandb", lambda: _Wandb(tr.wandb, job_id)))
-    for name, make in makers:
+    for name in BACKENDS:
+        section = getattr(tr, name)
+        if section is None:
+            continue
         try:
-            tracker.backends.append(make())
+            tracker.backends.append(backend_class(name)(section, store=store, job_id=job_id))
         except Exception as exc:
             from orchestrator.runtime.console import short_error
 
@@ -670,7 +431,6 @@ def make_tracker(job, job_id: str, store: str, progress: bool = True, warn=None)
     if tracker.backends:
         from orchestrator.runtime.console import say
 
-        say("tracking to " + ", ".join(b.name + (f" {b.uri}" if b.name == "mlflow" else f" {b.root}"
-                                                  if b.name == "tensorboard" else "") for b in tracker.backends),
-            progress)
+        say("tracking to " + ", ".join(b.name + (f" {b.destination}" if b.destination else "")
+                                       for b in tracker.backends), progress)
     return tracker

@@ -35,8 +35,8 @@ from orchestrator.store import layout
 from orchestrator.store.layout import normalise_store, report_dir, row_verified
 from orchestrator.workflows.preflight import preflight, resolve_targets
 
-__all__ = ["CompareResult", "DEFAULT_METHODS", "default_methods", "parse_methods", "run_compare",
-           "RESULT_COLUMNS"]
+__all__ = ["CompareResult", "DEFAULT_METHODS", "SMOKE_TEST_METHODS", "default_methods", "parse_methods",
+           "compare_settings", "run_compare", "RESULT_COLUMNS"]
 
 
 def default_methods() -> tuple[str, ...]:
@@ -50,6 +50,7 @@ def default_methods() -> tuple[str, ...]:
 
 
 DEFAULT_METHODS = default_methods()
+SMOKE_TEST_METHODS = "shpeft,linear,full"  # `compare --smoke-test` without --methods
 RESULT_COLUMNS = [
     ("task", pa.string()), ("method", pa.string()), ("mix", pa.string()), ("seed", pa.int64()),
     ("density", pa.float64()), ("alpha", pa.float64()), ("lr", pa.float64()), ("epochs", pa.int64()),
@@ -77,6 +78,23 @@ def parse_methods(text: str | tuple[str, ...] | list[str]) -> list[tuple[str, st
     if not out:
         raise ValueError("--methods: no method given")
     return list(dict.fromkeys(out))
+
+
+def compare_settings(job: JobSpec, methods: str | None, seeds: int, *,
+                     smoke_test: bool = False) -> tuple[JobSpec, list[str], int]:
+    """What `shpeft compare` runs: (job, method names for ``run_compare``, seeds).
+
+    ``methods`` is the --methods text; None means every default method. ``smoke_test`` is a quick check:
+    one epoch, one seed and, unless methods were given, only SMOKE_TEST_METHODS. Raises ValueError naming
+    a method that does not exist.
+    """
+    chosen = parse_methods(methods) if methods else list(parse_methods(DEFAULT_METHODS))
+    if smoke_test:
+        job = job.model_copy(update={"training": job.training.model_copy(update={"epochs": 1})})
+        seeds = 1
+        if not methods:
+            chosen = parse_methods(SMOKE_TEST_METHODS)
+    return job, [m if mix is None else f"{m}:{mix}" for m, mix in chosen], seeds
 
 
 def method_label(method: str, mix: str | None, job_mix: str) -> str:
@@ -224,7 +242,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     report_uri, plots = write_report(root, ordered, job=job, task_order=task_names, labels=labels,
                                      agnostic=imaps.agnostic, seconds=time.perf_counter() - t_all)
     if progress:
-        from orchestrator.reporting.compare_report import print_compare_table
+        from orchestrator.reporting.tables import print_compare_table
 
         print_compare_table(ordered, task_names, labels, job.selection.mix)
         say(f"compare {rid}: report {report_uri}", progress)

@@ -16,12 +16,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from shpeft_core.options import DEFAULT_METRIC
 from shpeft_core.io import atomic_write_bytes
 from shpeft_core.methods import get_method
+from shpeft_core.options import DEFAULT_METRIC
 
 from orchestrator.job.spec import JobSpec, job_id as compute_job_id, task_name
-from orchestrator.runtime.console import error_chain, log, now, print_results_table, say, short_error
+from orchestrator.reporting.tables import print_results_table
+from orchestrator.runtime.console import error_chain, log, now, say, short_error
 from orchestrator.runtime.session import ray_session
 from orchestrator.stages import RUN_IMPORTS
 from orchestrator.stages.context import StageContext, plan_task

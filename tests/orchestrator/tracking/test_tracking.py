@@ -129,7 +129,7 @@ def test_validate_reports_wandb_not_installed_and_unwritable_folders(tmp_path, m
 
 
 def test_relative_tracking_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
-    from orchestrator.tracking.tracker import resolve_mlflow_uri, tensorboard_root
+    from orchestrator.tracking.uris import resolve_mlflow_uri, tensorboard_root
 
     monkeypatch.chdir(tmp_path)
     assert resolve_mlflow_uri("file:runs/ml", "/s") == f"file:{tmp_path}/runs/ml"

@@ -1,0 +1,112 @@
+"""`shpeft run`, `compare`, `validate`, `schema`: a job file checked, then run here or on a cluster Ray joins.
+
+Invariants: an invalid job file exits 2 before anything is written or Ray starts; `run` and `compare`
+exit with their workflow's code (1 when any task or run failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from orchestrator.cli.common import (
+    EXIT_INVALID,
+    fail,
+    invalid_input_exits,
+    load_job_or_exit,
+    show_logs_option,
+    validate_or_exit,
+)
+
+__all__ = ["run", "compare", "validate", "schema"]
+
+
+@click.command(short_help="Validate a job file and run it (local Ray or a cluster).")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster to join (e.g. 'auto', HEAD:6379); default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray (default: all visible).")
+@click.option("--force", is_flag=True, help="Redo every task even if a verified delta exists.")
+@click.option("--no-progress", is_flag=True, help="No progress view or per-task lines.")
+@show_logs_option
+def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, no_progress: bool) -> None:
+    """Validate JOB.yaml and run it: shared importance, per-task fine-tuning, sweeps, catalogue.
+
+    An invalid job file exits with code 2 before anything is written. The exit code is 1 when
+    any task failed (the others still complete).
+
+    Example: shpeft run examples/demo.yaml --num-cpus 2
+    """
+    job = load_job_or_exit(job_file)
+    validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
+    from orchestrator.workflows.run import run_job
+
+    with invalid_input_exits():
+        result = run_job(job, address=address, num_cpus=num_cpus, force=force, progress=not no_progress)
+    raise click.exceptions.Exit(int(result.exit_code))
+
+
+@click.command(short_help="Compare SH-PEFT with baselines (methods x tasks x seeds) and write a report.")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--methods", default=None, metavar="M1,M2,...",
+              help="Methods to run (shpeft, shpeft:rank_sum, shpeft:union, specific, agnostic, random, gps, linear, "
+                   "bitfit, lora, full) [default: all of them].")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per (task, method).")
+@click.option("--address", default=None, help="Ray cluster to join; default: a local embedded Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray.")
+@click.option("--force", is_flag=True, help="Redo runs whose verified artifact already exists.")
+@click.option("--smoke-test", is_flag=True, help="One seed, one epoch, shpeft/linear/full only: a quick check.")
+@click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
+@show_logs_option
+def compare(job_file: str, methods: str | None, seeds: int, address: str | None, num_cpus: int | None, force: bool,
+            smoke_test: bool, no_progress: bool) -> None:
+    """Run the job's tasks with SH-PEFT and the methods users would pick instead, in one harness.
+
+    Every run uses the same data, transforms, schedule, epochs and evaluation of its saved artifact.
+    Writes <store>/reports/<id>/results.parquet (one row per task, method and seed) and report.md with
+    its plots, and prints the table of mean ± std test macro-F1.
+
+    Example: shpeft compare examples/compare_medmnist224_vitb16_gpu.yaml --seeds 3
+    """
+    job = load_job_or_exit(job_file)
+    validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
+    from orchestrator.workflows.compare import compare_settings, run_compare
+
+    try:
+        job, chosen, seeds = compare_settings(job, methods, seeds, smoke_test=smoke_test)
+    except ValueError as exc:
+        fail(str(exc), EXIT_INVALID)
+    with invalid_input_exits():
+        result = run_compare(job, methods=chosen, seeds=seeds, address=address, num_cpus=num_cpus, force=force,
+                             progress=not no_progress)
+    raise click.exceptions.Exit(int(result.exit_code))
+
+
+@click.command(short_help="Check a job file before any compute: every problem, each naming its field.")
+@click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
+@click.option("--num-cpus", type=float, default=None, help="CPUs of the cluster to check the workers against [default: this machine's].")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True, help="GPUs of the cluster.")
+@click.option("--no-data", is_flag=True, help="Skip the checks that read the datasets and the store.")
+def validate(job_file: str, num_cpus: float | None, num_gpus: float, no_data: bool) -> None:
+    """Validate JOB.yaml without computing anything: the schema, the timm model and its kwargs, weight
+    files, catalogue names and overrides, each dataset's files and format (listed, not decoded), the store
+    (writable, backend installed), eligible weights, and whether one task's workers fit the cluster.
+    `run` runs the same checks first; `submit` the ones that need no data access.
+
+    Example: shpeft validate job.yaml --num-cpus 64 --num-gpus 8
+    """
+    job = load_job_or_exit(job_file)
+    validate_or_exit(job, job_file, data=not no_data, cpus=num_cpus or os.cpu_count() or 1, gpus=num_gpus)
+    click.echo(f"{job_file}: ok ({len(job.tasks)} task(s), backbone {job.backbone.name}, store {job.store})")
+
+
+@click.command(short_help="Print the JSON schema of the job file (for editors).")
+def schema() -> None:
+    """Print the job file's JSON schema: every section and field with its type, default and help text.
+
+    Example: shpeft schema > shpeft-job.schema.json
+    """
+    from orchestrator.job.spec import JobSpec
+
+    click.echo(json.dumps(JobSpec.model_json_schema(), indent=1))
