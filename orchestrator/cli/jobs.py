@@ -47,11 +47,18 @@ def run(job_file: str, address: str | None, num_cpus: int | None, force: bool, n
     raise click.exceptions.Exit(int(result.exit_code))
 
 
+def _methods_help() -> str:
+    """The registered methods, a hybrid with each of its rules (``shpeft:rank_sum``)."""
+    from shpeft_core.methods import all_methods
+    from shpeft_core.options import MIXES
+
+    return ", ".join(m.name + "".join(f", {m.name}:{mix}" for mix in MIXES) * m.takes_mix for m in all_methods())
+
+
 @click.command(short_help="Compare SH-PEFT with baselines (methods x tasks x seeds) and write a report.")
 @click.argument("job_file", metavar="JOB.yaml", type=click.Path(dir_okay=False))
 @click.option("--methods", default=None, metavar="M1,M2,...",
-              help="Methods to run (shpeft, shpeft:rank_sum, shpeft:union, specific, agnostic, random, gps, linear, "
-                   "bitfit, lora, full) [default: all of them].")
+              help=f"Methods to run ({_methods_help()}) [default: all of them].")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per (task, method).")
 @click.option("--address", default=None, help="Ray cluster to join; default: a local embedded Ray.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray.")
