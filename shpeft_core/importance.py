@@ -171,6 +171,8 @@ def gps_importance_config(rules: tuple[str, ...] | None = None) -> ImportanceCon
 # parameter whose name contains "norm", "pos_embed" or "cls_token" is frozen; one whose name contains
 # "head", "bias" or "gamma" (layer scale) is trained in full; every other weight trains its per-row
 # top-K entries only (K = times_para = 1 in the released scripts), with Adam and weight decay 0.
+# train_gps.py (calculate_gradient) sums the batches' gradients in train mode with drop-path 0 and no
+# dropout in the scripts, i.e. the same network as the eval mode used here for LayerNorm backbones.
 _GPS_FROZEN = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
