@@ -1,13 +1,24 @@
-"""Task-specific importance from gradients, and task-agnostic importance pooled over datasets."""
+"""Task-specific importance from gradients, and task-agnostic importance pooled over datasets.
+
+Invariants: ``compute_importance`` never changes the model it is given (it works on a copy); with a
+``seed`` the map, and the warmed head stored with it, are a function of (model, data, config, seed)
+only, bit for bit: the seed draws the head initialisation, the loader's order (``set_epoch``) and
+the in-process augmentation, and every RNG it touches is restored afterwards. A batch may carry
+several augmented views of the same images (``[view1, view2]``, as ``tasks.transforms.two_views``
+yields); the supervised-contrastive loss then treats the views of an image as positives (GPS).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +40,8 @@ __all__ = [
     "warm_head",
     "load_warm_head",
     "supcon_loss",
+    "gps_importance_config",
+    "gps_trainable_extras",
 ]
 
 IMPORTANCE_FORMAT = "shpeft-importance/1"
@@ -41,7 +54,7 @@ class ImportanceError(ValueError):
 @dataclass
 class ImportanceConfig:
     estimator: Literal["grad2", "grad1", "taylor1", "taylor2"] = "grad2"
-    num_batches: int = 16
+    num_batches: int | None = 16  # None: one whole pass over the loader (GPS)
     head_warmup: Literal["linear_probe", "ridge", "none"] = "linear_probe"
     head_warmup_steps: int = 100
     head_warmup_lr: float = 1e-2
@@ -53,8 +66,8 @@ class ImportanceConfig:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise ImportanceError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.num_batches < 1:
-            raise ImportanceError(f"num_batches must be >= 1, got {self.num_batches}")
+        if self.num_batches is not None and self.num_batches < 1:
+            raise ImportanceError(f"num_batches must be >= 1 or None (one whole pass), got {self.num_batches}")
         if self.head_warmup not in HEAD_WARMUPS:
             raise ImportanceError(f"head_warmup must be one of {HEAD_WARMUPS}, got {self.head_warmup!r}")
         if self.loss not in LOSSES:
@@ -124,8 +137,14 @@ def load_warm_head(model: nn.Module, imap: ImportanceMap) -> bool:
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
-    """Supervised contrastive loss (Khosla et al.) on L2-normalised features; no head involved."""
-    z = F.normalize(features.float(), dim=1)
+    """Supervised contrastive loss (Khosla et al.) on L2-normalised features; no head involved.
+
+    ``features`` [N, D] hold every view of every image (views concatenated, ``labels`` repeated): each
+    anchor's positives are the other rows with its label, its own other views included. This is the
+    reference SupConLoss with contrast_mode 'all' and temperature = base_temperature, as GPS uses it.
+    Float64 features are kept in float64; anything else is computed in float32.
+    """
+    z = F.normalize(features if features.dtype == torch.float64 else features.float(), dim=1)
     n = z.shape[0]
     sim = z @ z.t() / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
@@ -138,6 +157,51 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> 
         return (z * 0).sum()  # no positive pair in the batch: zero loss, zero gradient
     per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1)[has_pos] / n_pos[has_pos]
     return per_anchor.mean()
+
+
+def gps_importance_config(rules: tuple[str, ...] | None = None) -> ImportanceConfig:
+    """GPS's importance pass: |sum of gradients| of the head-free supervised-contrastive loss over two
+    augmented views, accumulated over one whole pass of the training split (temperature 0.07)."""
+    return ImportanceConfig(estimator="grad1", num_batches=None, head_warmup="none", loss="supcon",
+                            supcon_temperature=0.07, rules=rules)
+
+
+# Reference: github.com/FightingFighting/GPS, utils/pruning.py (prune_by_percentile_gradient_perCell)
+# and utils/cuda.py (NativeScaler.maks_gradient, which zeroes the gradient where the mask is 1): a
+# parameter whose name contains "norm", "pos_embed" or "cls_token" is frozen; one whose name contains
+# "head", "bias" or "gamma" (layer scale) is trained in full; every other weight trains its per-row
+# top-K entries only (K = times_para = 1 in the released scripts), with Adam and weight decay 0.
+# train_gps.py (calculate_gradient) sums the batches' gradients in train mode with drop-path 0 and no
+# dropout in the scripts, i.e. the same network as the eval mode used here for LayerNorm backbones.
+_GPS_FROZEN = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+def gps_trainable_extras(model: nn.Module) -> list[str]:
+    """Names of the parameters GPS trains in full besides the selected weight entries: the classifier,
+    every bias outside normalisation layers (Swin's relative-position bias tables included), and
+    layer-scale gammas. Normalisation layers (by type, as timm's LayerNorm2d has no "norm" in its name,
+    or by name as in the reference), position embeddings and class/distillation tokens stay frozen.
+
+    Call it on the plain timm model (before sparse training replaces modules). The selected weights
+    are the per-row top-K of ``eligible_parameters``: on ViT/DeiT the same weights the reference ranks;
+    on Swin and ConvNeXt the reference also ranks the patch-merging / downsampling and depthwise
+    weights, which the project's sparse modules do not hold.
+    """
+    m = unwrap(model)
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    in_norm = {f"{path}.{n}" if path else n for path, mod in m.named_modules() if isinstance(mod, norm_types)
+               for n, _ in mod.named_parameters(recurse=False)}
+    heads = set(head_parameter_names(m))
+    out = []
+    for name, _ in m.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name in heads:
+            out.append(name)
+        elif name in in_norm or "norm" in name or any(t in name for t in _GPS_FROZEN):
+            continue
+        elif "bias" in leaf or "gamma" in leaf:
+            out.append(name)
+    return out
 
 
 def _features(model: nn.Module, x: Tensor) -> Tensor:
@@ -158,8 +222,42 @@ def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam
         head.bias.copy_((ym - mu @ w).reshape(-1).to(head.bias.dtype))
 
 
-def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int) -> None:
-    """Fit the classifier on frozen features so task gradients are not driven by a random head."""
+def _reset_head(model: nn.Module, num_classes: int, seed: int) -> None:
+    """A fresh classifier for ``num_classes`` drawn from ``seed`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        unwrap(model).reset_classifier(num_classes)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Seed torch (CPU), ``random`` and NumPy for the block (the transforms draw from them), then restore."""
+    if seed is None:
+        yield
+        return
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(int(seed))
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int, *,
+              seed: int | None = None) -> None:
+    """Fit the classifier on frozen features so task gradients are not driven by a random head.
+
+    With ``seed`` the classifier is first re-initialised from it (linear_probe starts from that head;
+    ridge is closed-form and does not depend on it).
+    """
+    if seed is not None:
+        device = feats.device
+        _reset_head(model, num_classes, seed)
+        unwrap(model).get_classifier().to(device)
     head = unwrap(model).get_classifier()
     if config.head_warmup == "none":
         return
@@ -182,13 +280,32 @@ def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: Importanc
         p.requires_grad_(s)
 
 
-def _batches(loader, n: int, device) -> list[tuple[Tensor, Tensor]]:
-    out = []
+def _views(x) -> tuple[Tensor, int]:
+    """A batch's images with its augmented views concatenated ([view1; view2; ...]) and the view count."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ImportanceError("a batch holds an empty list of views")
+        return torch.cat(list(x)), len(x)
+    return x, 1
+
+
+def _draw(loader, n: int | None, device, num_classes: int):
+    """The first ``n`` batches of ``loader`` (all of them when n is None) on ``device``, labels checked."""
     for i, (x, y) in enumerate(loader):
-        if i >= n:
+        if n is not None and i >= n:
             break
-        out.append((x.to(device), y.to(device)))
-    return out
+        if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+            raise ImportanceError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        x, views = _views(x)
+        yield x.to(device), y.to(device).repeat(views), views
+
+
+def _total_batches(loader, n: int | None) -> int:
+    try:
+        size = len(loader)
+    except TypeError:  # an iterable without a length
+        return n or 0
+    return size if n is None else min(n, size)
 
 
 def compute_importance(
@@ -201,81 +318,101 @@ def compute_importance(
     device: str = "cpu",
     backbone_name: str = "",
     on_batch=None,
+    seed: int | None = None,
 ) -> ImportanceMap:
-    """Per-weight task importance over the first ``config.num_batches`` batches of ``loader``.
+    """Per-weight task importance over the first ``config.num_batches`` batches of ``loader`` (all of
+    them, one whole pass, when it is None).
 
     ``on_batch(done, total)`` is called after each batch's gradients (progress display).
 
-    Works on a copy of ``model``: the head is resized to ``num_classes`` and warmed up on frozen
-    features, then per-batch gradients of the task loss w.r.t. the eligible weights give
-    grad2 = sum g^2, grad1 = |sum g|, taylor1 = |sum g*w|, taylor2 = sum (g*w)^2.
+    Works on a copy of ``model``: the head is resized to ``num_classes`` and, for the cross-entropy
+    loss, warmed up on frozen features; then per-batch gradients of the task loss w.r.t. the eligible
+    weights give grad2 = sum g^2, grad1 = |sum g|, taylor1 = |sum g*w|, taylor2 = sum (g*w)^2.
+
+    ``seed`` (the run's seed) draws what a run should vary: the head's initialisation, the batches
+    (a loader with ``set_epoch``, such as ``tasks.loaders.TaskLoader``, is moved to epoch ``seed``, so
+    its shuffled order comes from (loader seed, ``seed``)), and the augmentation drawn in this process.
+    None keeps the model's own head and the loader's next epoch, as before seeds existed.
     """
     config = config or ImportanceConfig()
     name = backbone_name or model_backbone_name(model)
     fingerprint = backbone_fingerprint(model)
-    m = copy.deepcopy(unwrap(model)).to(device)
-    if m.get_classifier() is None or getattr(m, "num_classes", num_classes) != num_classes:
+    m = copy.deepcopy(unwrap(model))
+    if seed is not None:
+        _reset_head(m, num_classes, seed)
+    elif m.get_classifier() is None or getattr(m, "num_classes", num_classes) != num_classes:
         m.reset_classifier(num_classes)
+    m.to(device)
     m.eval()  # no dropout / drop-path: the gradient of the deterministic network
     for p in m.parameters():
         p.requires_grad_(False)
-    batches = _batches(loader, config.num_batches, device)
-    if not batches:
-        raise ImportanceError("importance loader yielded no batches")
-    for x, y in batches:
-        if y.min() < 0 or y.max() >= num_classes:
-            raise ImportanceError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    warmed = None
-    if config.loss == "ce" and config.head_warmup != "none":
-        with torch.no_grad():
-            feats = torch.cat([_features(m, x) for x, _ in batches])
-        warm_head(m, feats, torch.cat([y for _, y in batches]), config, num_classes)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        params_by_name = dict(m.named_parameters())
-        warmed = {n: params_by_name[n].detach().cpu().clone() for n in head_parameter_names(m)}
     params = eligible_parameters(m, config.rules)
     if not params:
         raise ImportanceError(f"no eligible parameters in {name or type(m).__name__}")
-    for p in params.values():
-        p.requires_grad_(True)
+    total = _total_batches(loader, config.num_batches)
+    warmed = None
     # float32 accumulation (float64 kept for float64 models): half-precision grads would lose the tails.
     acc_dtype = {n: torch.float64 if p.dtype == torch.float64 else torch.float32 for n, p in params.items()}
     acc = {n: torch.zeros_like(p, dtype=acc_dtype[n]) for n, p in params.items()}
     weights = {n: p.detach().to(acc_dtype[n]) for n, p in params.items()}
-    for i, (x, y) in enumerate(batches):
-        if on_batch is not None:
-            on_batch(i, len(batches))
-        if config.loss == "supcon":
-            loss = supcon_loss(_features(m, x), y, config.supcon_temperature)
-        else:
-            loss = F.cross_entropy(m(x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (n, _), g in zip(params.items(), grads):
-            if g is None:
-                continue
-            g = g.to(acc_dtype[n])
-            if config.estimator == "grad2":
-                acc[n] += g.square()
-            elif config.estimator == "grad1":
-                acc[n] += g
-            elif config.estimator == "taylor1":
-                acc[n] += g * weights[n]
+    done, images, views = 0, 0, 1
+    with _seeded(seed):
+        if seed is not None and hasattr(loader, "set_epoch"):
+            loader.set_epoch(int(seed))
+        batches = _draw(loader, config.num_batches, device, num_classes)
+        if config.loss == "ce" and config.head_warmup != "none":
+            # The head is fitted on every batch's features first, so these batches are held in memory.
+            batches = list(batches)
+            if batches:
+                with torch.no_grad():
+                    feats = torch.cat([_features(m, x) for x, _, _ in batches])
+                warm_head(m, feats, torch.cat([y for _, y, _ in batches]), config, num_classes)
+                for p in m.parameters():
+                    p.requires_grad_(False)
+                params_by_name = dict(m.named_parameters())
+                warmed = {n: params_by_name[n].detach().cpu().clone() for n in head_parameter_names(m)}
+        for p in params.values():
+            p.requires_grad_(True)
+        for x, y, views in batches:
+            if on_batch is not None:
+                on_batch(done, total)
+            if config.loss == "supcon":
+                loss = supcon_loss(_features(m, x), y, config.supcon_temperature)
             else:
-                acc[n] += (g * weights[n]).square()
+                loss = F.cross_entropy(m(x), y)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (n, _), g in zip(params.items(), grads):
+                if g is None:
+                    continue
+                g = g.to(acc_dtype[n])
+                if config.estimator == "grad2":
+                    acc[n] += g.square()
+                elif config.estimator == "grad1":
+                    acc[n] += g
+                elif config.estimator == "taylor1":
+                    acc[n] += g * weights[n]
+                else:
+                    acc[n] += (g * weights[n]).square()
+            done += 1
+            images += y.shape[0] // views
+    if done == 0:
+        raise ImportanceError("importance loader yielded no batches")
     if on_batch is not None:
-        on_batch(len(batches), len(batches))
+        on_batch(done, done)
     if config.estimator in ("grad1", "taylor1"):
         acc = {n: t.abs() for n, t in acc.items()}
     metadata = {
         "backbone": name,
         "backbone_fingerprint": fingerprint,
         "estimator": config.estimator,
-        "batches": str(len(batches)),
+        "batches": str(done),
+        "images": str(images),
+        "views": str(views),
         "dataset_fingerprint": dataset_fingerprint,
         "loss": config.loss,
         "head_warmup": config.head_warmup if config.loss == "ce" else "none",
         "num_classes": str(num_classes),
+        "seed": "" if seed is None else str(int(seed)),
         "kind": "specific",
     }
     return ImportanceMap(scores={n: t.to(torch.float32).cpu() for n, t in acc.items()}, metadata=metadata,

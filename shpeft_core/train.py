@@ -112,34 +112,41 @@ def _gather(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool = False) -> dict:
-    from sklearn.metrics import f1_score
-
-    from .metrics import class_metrics
+def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool = False,
+             predictions: bool = False) -> dict:
+    from .metrics import class_metrics, macro_f1
 
     loss = F.cross_entropy(logits, labels).item()
     y, p = labels.numpy(), logits.argmax(1).numpy()
+    probs = torch.softmax(logits.double(), 1).numpy()
     # One-vs-rest AUC per class present with both positives and negatives; classes absent from y_true
-    # are skipped instead of failing the whole evaluation. Their mean is the summary AUC.
-    classes = class_metrics(y, torch.softmax(logits.double(), 1).numpy(), num_classes)
+    # are skipped instead of failing the whole evaluation. Their unweighted mean is the summary AUC.
+    classes = class_metrics(y, probs, num_classes)
     out = {
         "loss": float(loss),
         "accuracy": float((p == y).mean()),
-        "macro_f1": float(f1_score(y, p, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, p, num_classes),  # over all num_classes classes (shpeft_core.metrics)
         "auc": float("nan") if classes["macro_auc"] is None else classes["macro_auc"],
     }
     if per_class:
         out.update(n=int(y.size), per_class=classes)
+    if predictions:
+        out["predictions"] = {"labels": y.astype(np.int64), "preds": p.astype(np.int64), "probs": probs}
     return out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu", bf16: bool = True,
-             per_class: bool = False) -> dict:
-    """loss, accuracy, macro_f1 and one-vs-rest macro AUC over ``loader`` (all ranks when distributed).
+             per_class: bool = False, predictions: bool = False) -> dict:
+    """loss, accuracy, macro_f1 and macro AUC over ``loader`` (all ranks when distributed).
 
+    macro_f1 averages F1 over all ``num_classes`` classes, a class absent from the split included (it
+    counts 1 when never predicted, 0 when predicted); AUC is the unweighted mean of the one-vs-rest ROC
+    AUCs of the classes with both positives and negatives here (``shpeft_core.metrics``).
     With ``per_class`` the result also holds ``n`` (samples) and ``per_class``: the confusion matrix
     and per-class sensitivity, specificity and AUC (``shpeft_core.metrics.class_metrics``).
+    With ``predictions`` it holds ``predictions``: per sample, in loader order, ``labels`` and ``preds``
+    (int64 arrays, preds the logits' arg-max) and ``probs`` (float64 softmax, [N, C]).
     """
     net = unwrap(model)
     dev = torch.device(device)
@@ -156,7 +163,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu",
         raise ValueError("evaluation loader yielded no batches")
     all_logits = _gather(torch.cat(logits))
     all_labels = _gather(torch.cat(labels))
-    return _metrics(all_logits, all_labels, num_classes, per_class)
+    return _metrics(all_logits, all_labels, num_classes, per_class, predictions)
 
 
 def _param_groups(net: nn.Module, config: TrainConfig) -> tuple[list[dict], list[str]]:

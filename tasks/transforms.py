@@ -1,7 +1,9 @@
 """Image transforms: PIL RGB image -> float tensor [3,H,W].
 
 ``transform_for`` is the backbone's own preprocessing (timm); ``default_transform`` only resizes and
-scales to [0,1] (torchvision), for loaders built without a model.
+scales to [0,1] (torchvision), for loaders built without a model. ``two_views`` turns a transform into
+one that returns two independent draws of it (a loader then yields ``([view1, view2], labels)``), and
+``gps_views`` is the pair of augmented views GPS's importance pass contrasts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from .spec import TaskSpec
 
-__all__ = ["default_transform", "transform_for"]
+__all__ = ["default_transform", "transform_for", "two_views", "gps_views", "TwoViews"]
 
 
 def default_transform(spec: TaskSpec) -> Callable:
@@ -67,3 +69,33 @@ def transform_for(model_or_data_config, *, train: bool, **overrides) -> Callable
         kwargs.update(scale=(0.6, 1.0), hflip=0.0, color_jitter=None)
     kwargs.update(overrides)
     return create_transform(is_training=train, **kwargs)
+
+
+class TwoViews:
+    """``image -> [transform(image), transform(image)]``: two independent draws of a random transform.
+
+    A class rather than a closure so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        return [self.transform(image), self.transform(image)]
+
+
+def two_views(transform: Callable) -> TwoViews:
+    return TwoViews(transform)
+
+
+def gps_views(model_or_data_config, **overrides) -> TwoViews:
+    """The two augmented views of GPS's importance pass (github.com/FightingFighting/GPS,
+    data/transforms_factory.py, transforms_contrastaug_train): random resized crop at timm's default
+    scale (0.08, 1), horizontal flip 0.5, colour jitter (0.4, 0.4, 0.4, 0.1) applied with p 0.8,
+    grayscale with p 0.2. Unlike training (no flip, for laterality), the reference's flip is kept: the
+    views only decide which weights GPS ranks first, and GPS is run as published. ``overrides`` go to
+    ``transform_for`` (e.g. ``hflip=0.0``)."""
+    kwargs = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8,
+                  grayscale_prob=0.2)
+    kwargs.update(overrides)
+    return TwoViews(transform_for(model_or_data_config, train=True, **kwargs))

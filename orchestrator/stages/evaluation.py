@@ -3,7 +3,16 @@
 Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
 training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
 specificity and one-vs-rest AUC, the class names, the sha256 of the artifact the numbers belong to, the
-catalogue fields (``row``), and a sha256 of its own content, checked by ``read_eval``.
+catalogue fields (``row``), every image's label, prediction and class probabilities per split
+(``predictions``, so reports can resample images), and a sha256 of its own content, checked by
+``read_eval``.
+
+``predictions[split]``: ``labels`` and ``preds`` (the arg-max the split's metrics were computed from)
+as integer lists in the split's loader order (unshuffled: the same order for every method and seed),
+and ``probs``, the [n, num_classes] softmax as little-endian float32 in base64 (4 bytes a value instead
+of ~20 as JSON text). ``split_predictions`` decodes and checks them; from labels and preds the
+split's macro-F1 and accuracy are reproduced exactly. Files of format /2 (before predictions were
+stored) are still read; they lack ``predictions`` and ``split_predictions`` returns None for them.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from typing import Any
 
 from shpeft_core.options import EVAL_SPLITS, SUMMARY_METRICS
 
-__all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval"]
+__all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval", "encode_predictions",
+           "split_predictions"]
 
-EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own checksum
+EVAL_FORMAT = "shpeft-eval/3"  # /2: the catalogue fields and the file's own checksum; /3: per-image predictions
+READABLE_FORMATS = ("shpeft-eval/2", EVAL_FORMAT)
 
 
 class EvalFileError(ValueError):
@@ -50,9 +61,12 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
     splits: dict[str, dict] = {}
+    predictions: dict[str, dict] = {}
     for split in EVAL_SPLITS:
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
-        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True)
+        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, predictions=True)
+        p = got.pop("predictions")
+        predictions[split] = encode_predictions(p["labels"], p["preds"], p["probs"])
         splits[split] = got
         for k in SUMMARY_METRICS:
             out[f"{split}_{k}"] = float(got[k])
@@ -79,6 +93,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         # Written by the training loop into the artifact; absent from artifacts of older versions.
         "history": json.loads(meta["history"]) if meta.get("history") else None,
         "splits": splits,
+        "predictions": predictions,
         "written_at": now(),
     }
     out.update(sha256=sha, bytes=artifact_size(plan.artifact_uri, kind), eval_s=time.perf_counter() - t0)
@@ -105,6 +120,47 @@ def read_eval(uri: str) -> dict[str, Any] | None:
         doc = read_sealed_json(uri)
     except DamagedFileError as exc:
         raise EvalFileError(f"evaluation file {exc}") from None
-    if doc.get("format") != EVAL_FORMAT:
-        raise EvalFileError(f"evaluation file {uri}: format {doc.get('format')!r}, expected {EVAL_FORMAT!r}")
+    if doc.get("format") not in READABLE_FORMATS:
+        raise EvalFileError(f"evaluation file {uri}: format {doc.get('format')!r}, expected one of {READABLE_FORMATS}")
     return doc
+
+
+def encode_predictions(labels, preds, probs) -> dict[str, Any]:
+    """One split's per-image labels, arg-max predictions and probabilities, as stored in the file."""
+    import base64
+
+    import numpy as np
+
+    probs = np.asarray(probs, dtype="<f4")
+    return {"n": int(probs.shape[0]), "num_classes": int(probs.shape[1]),
+            "labels": [int(v) for v in labels], "preds": [int(v) for v in preds],
+            "probs": base64.b64encode(probs.tobytes()).decode("ascii")}
+
+
+def split_predictions(doc: dict[str, Any], split: str, uri: str = "") -> dict[str, Any] | None:
+    """``{"labels", "preds": int64 [n], "probs": float32 [n, C]}`` of ``split`` from a file read by
+    ``read_eval``; None for a file written before predictions were stored. Raises EvalFileError naming
+    the field when they do not fit together."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    stored = (doc.get("predictions") or {}).get(split)
+    if stored is None:
+        return None
+    where = f"evaluation file {uri or doc.get('artifact_uri', '')}: predictions.{split}"
+    try:
+        n, c = int(stored["n"]), int(stored["num_classes"])
+        labels = np.asarray(stored["labels"], dtype=np.int64)
+        preds = np.asarray(stored["preds"], dtype=np.int64)
+        raw = base64.b64decode(stored["probs"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise EvalFileError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
+    if labels.shape != (n,) or preds.shape != (n,):
+        raise EvalFileError(f"{where}: {labels.size} labels and {preds.size} preds for n = {n}")
+    if len(raw) != 4 * n * c:
+        raise EvalFileError(f"{where}: probs holds {len(raw)} bytes, expected {4 * n * c} (n = {n}, {c} classes)")
+    if n and (min(labels.min(), preds.min()) < 0 or max(labels.max(), preds.max()) >= c):
+        raise EvalFileError(f"{where}: a label or prediction outside [0, {c})")
+    return {"labels": labels, "preds": preds, "probs": np.frombuffer(raw, dtype="<f4").reshape(n, c)}
