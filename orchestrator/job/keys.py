@@ -62,8 +62,11 @@ def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None
     tr = {k: v for k, v in job.training.model_dump(mode="json").items() if affects_results(TrainingSection, k)}
     tr["seed"] = job.training.seed if seed is None else seed
     method = method or job.method.for_task(spec.name)
+    revision = get_method(method).revision
     return content_hash(
         {
+            # a method's revision enters only once it is raised, so the keys of unchanged methods hold
+            **({"method_revision": revision} if revision else {}),
             "backbone": backbone_dict(job),
             "task": spec.model_dump(mode="json"),
             "importance": [specific_key, agnostic],

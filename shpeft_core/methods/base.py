@@ -39,6 +39,8 @@ class Method:
             than the job's density: reports label it as such.
         settings_section: the attribute of the job's ``method`` section holding its own settings
             (``lora``), or None.
+        revision: raised when what the method trains for the same settings changes, so artifacts of the
+            earlier behaviour are not reused (it enters a run's config hash once above 0).
     """
 
     name: ClassVar[str] = ""
@@ -50,6 +52,7 @@ class Method:
     takes_mix: ClassVar[bool] = False
     own_budget: ClassVar[bool] = True
     settings_section: ClassVar[str | None] = None
+    revision: ClassVar[int] = 0
 
     # ------------------------------------------------------------------ importance and selection
 

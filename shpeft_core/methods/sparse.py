@@ -82,20 +82,14 @@ class Agnostic(Hybrid):
 class RandomMask(MaskMethod):
     name = "random"
     help = "a seeded uniform random mask of the same size"
-
-    def granularity(self, job_granularity: str) -> str:
-        return "global"  # a random mask is drawn over all eligible weights at once
+    revision = 1  # 1: the job's granularity (it was always global), so its budget per tensor matches the others'
 
     def mask(self, model, *, specific, agnostic, density, alpha, granularity, mix, seed, rules=None):
-        import torch
-
         from ..backbone import unwrap
         from ..eligibility import eligible_parameters
-        from ..selection import select_mask
+        from ..selection import random_mask
 
         params = eligible_parameters(unwrap(model), rules)
         if not params:
             raise MethodError("random mask: the model has no eligible weights")
-        gen = torch.Generator().manual_seed(int(seed))
-        scores = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64) for n, p in sorted(params.items())}
-        return select_mask(scores, density, "global")
+        return random_mask({n: p.shape for n, p in params.items()}, density, seed, granularity)

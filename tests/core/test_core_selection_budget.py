@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from shpeft_core.methods import random_mask as model_random_mask
+from shpeft_core.methods import method_mask
 from shpeft_core.selection import (Mask, budget, effective_alpha, hybrid_mask, mask_size, per_row_budget,
                                    random_mask, select_mask, selection_budget)
 
@@ -208,12 +208,14 @@ def test_random_mask_follows_the_granularity_budgets(granularity, equal):
     assert _as_lists(a) != _as_lists(b)
 
 
-def test_random_mask_global_is_the_methods_mask_of_the_same_seed():
+@pytest.mark.parametrize("granularity", ["global", "per_tensor", "per_row"])
+def test_the_random_method_trains_the_random_mask_at_the_jobs_granularity(granularity):
     model = tiny_model("vit")
     from shpeft_core.eligibility import eligible_parameters
 
     shapes = {n: p.shape for n, p in eligible_parameters(model).items()}
-    assert _as_lists(random_mask(shapes, 0.01, 5)) == _as_lists(model_random_mask(model, 0.01, 5))
+    got = method_mask("random", model=model, density=0.01, alpha=0.5, granularity=granularity, seed=5)
+    assert _as_lists(random_mask(shapes, 0.01, 5, granularity)) == _as_lists(got)
 
 
 def test_effective_alpha_of_each_rule():
