@@ -16,6 +16,7 @@ from . import _st, io
 from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
+from .objectives import TaskKindError, check_targets, target_keys, task_loss
 from .options import ESTIMATORS, HEAD_WARMUPS, LOSSES, REDUCES
 from .selection import normalize_scores
 
@@ -144,12 +145,23 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def _ridge_targets(labels: Tensor, num_classes: int, kind: str) -> Tensor:
+    """One-hot classes, or the findings with each unknown entry set to its finding's known mean."""
+    if kind != "multi_label":
+        return F.one_hot(labels, num_classes).to(torch.float64)
+    y = labels.to(torch.float64)
+    known = ~torch.isnan(y)
+    mean = torch.where(known, y, torch.zeros_like(y)).sum(0) / known.sum(0).clamp(min=1)
+    return torch.where(known, y, mean.expand_as(y))
+
+
 @torch.no_grad()
-def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam: float) -> None:
+def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam: float,
+           kind: str = "single_label") -> None:
     f = feats.to(torch.float64)
     mu = f.mean(0, keepdim=True)
     fc = f - mu
-    y = F.one_hot(labels, num_classes).to(torch.float64)
+    y = _ridge_targets(labels, num_classes, kind)
     ym = y.mean(0, keepdim=True)
     a = fc.t() @ fc + lam * f.shape[0] * torch.eye(f.shape[1], dtype=torch.float64, device=f.device)
     w = torch.linalg.solve(a, fc.t() @ (y - ym))  # [D, C]
@@ -158,15 +170,19 @@ def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam
         head.bias.copy_((ym - mu @ w).reshape(-1).to(head.bias.dtype))
 
 
-def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int) -> None:
-    """Fit the classifier on frozen features so task gradients are not driven by a random head."""
+def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int,
+              kind: str = "single_label") -> None:
+    """Fit the classifier on frozen features so task gradients are not driven by a random head.
+
+    The linear probe minimises the task kind's loss (``shpeft_core.objectives.task_loss``); ridge regresses
+    one-hot classes, or the findings (unknown entries at their finding's mean) for multi_label."""
     head = unwrap(model).get_classifier()
     if config.head_warmup == "none":
         return
     if not isinstance(head, nn.Linear):
         raise ImportanceError(f"head warm-up needs a Linear classifier, got {type(head).__name__}")
     if config.head_warmup == "ridge":
-        _ridge(head, feats, labels, num_classes, config.ridge_lambda)
+        _ridge(head, feats, labels, num_classes, config.ridge_lambda, kind)
         return
     params = list(head.parameters())
     saved = [p.requires_grad for p in params]
@@ -176,7 +192,7 @@ def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: Importanc
     feats = feats.detach()
     for _ in range(config.head_warmup_steps):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(feats), labels).backward()
+        task_loss(head(feats), labels, kind).backward()
         opt.step()
     for p, s in zip(params, saved):
         p.requires_grad_(s)
@@ -201,6 +217,7 @@ def compute_importance(
     device: str = "cpu",
     backbone_name: str = "",
     on_batch=None,
+    kind: str = "single_label",
 ) -> ImportanceMap:
     """Per-weight task importance over the first ``config.num_batches`` batches of ``loader``.
 
@@ -208,7 +225,8 @@ def compute_importance(
 
     Works on a copy of ``model``: the head is resized to ``num_classes`` and warmed up on frozen
     features, then per-batch gradients of the task loss w.r.t. the eligible weights give
-    grad2 = sum g^2, grad1 = |sum g|, taylor1 = |sum g*w|, taylor2 = sum (g*w)^2.
+    grad2 = sum g^2, grad1 = |sum g|, taylor1 = |sum g*w|, taylor2 = sum (g*w)^2. The task loss is the
+    task ``kind``'s (``shpeft_core.objectives``): binary cross-entropy per finding for multi_label.
     """
     config = config or ImportanceConfig()
     name = backbone_name or model_backbone_name(model)
@@ -223,13 +241,15 @@ def compute_importance(
     if not batches:
         raise ImportanceError("importance loader yielded no batches")
     for x, y in batches:
-        if y.min() < 0 or y.max() >= num_classes:
-            raise ImportanceError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        try:
+            check_targets(y, kind, num_classes)
+        except TaskKindError as exc:
+            raise ImportanceError(str(exc)) from None
     warmed = None
     if config.loss == "ce" and config.head_warmup != "none":
         with torch.no_grad():
             feats = torch.cat([_features(m, x) for x, _ in batches])
-        warm_head(m, feats, torch.cat([y for _, y in batches]), config, num_classes)
+        warm_head(m, feats, torch.cat([y for _, y in batches]), config, num_classes, kind)
         for p in m.parameters():
             p.requires_grad_(False)
         params_by_name = dict(m.named_parameters())
@@ -247,9 +267,9 @@ def compute_importance(
         if on_batch is not None:
             on_batch(i, len(batches))
         if config.loss == "supcon":
-            loss = supcon_loss(_features(m, x), y, config.supcon_temperature)
+            loss = supcon_loss(_features(m, x), target_keys(y, kind), config.supcon_temperature)
         else:
-            loss = F.cross_entropy(m(x), y)
+            loss = task_loss(m(x), y, kind)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (n, _), g in zip(params.items(), grads):
             if g is None:
