@@ -31,7 +31,7 @@ from shpeft_core import io as sio
 from .codecs.images import DatasetError
 from .fingerprint import file_digests, remember_digest
 
-__all__ = ["NpyRows", "default_cache", "npz_member_rows"]
+__all__ = ["NpyRows", "default_cache", "npz_member_rows", "npz_member_header"]
 
 
 def default_cache() -> str:
@@ -134,6 +134,14 @@ def _prepare(npz_uri: str, member: str, cache: str, digest: str) -> NpyRows:
     sio.write_sealed_json(uri + ".json", {"source_sha256": digest, "member": member, "shape": list(shape),
                                           "dtype": dtype.str, "offset": offset, "bytes": size, "sha256": sha})
     return NpyRows(uri, shape, dtype.str, offset)
+
+
+def npz_member_header(npz_uri: str, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an archive member, from its first bytes (nothing else is decompressed)."""
+    fs, path = url_to_fs(npz_uri)
+    with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as zf, zf.open(f"{member}.npy") as f:
+        shape, _, dtype = _npy_header(f)
+    return tuple(shape), dtype
 
 
 def npz_member_rows(npz_uri: str, member: str, cache: str | None = None) -> NpyRows:

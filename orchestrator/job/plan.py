@@ -15,6 +15,7 @@ from typing import Any
 from shpeft_core.options import DEFAULT_LR, IMPORTANCE_METHODS, method_alpha
 
 from orchestrator.job.spec import JobSpec
+from orchestrator.store.layout import data_cache, normalise_store
 
 __all__ = ["TaskPlan", "build_plan", "plan_for"]
 
@@ -40,6 +41,7 @@ class TaskPlan:
     lora: dict[str, Any]
     artifact_uri: str | None  # where the finished run writes its artifact
     metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
+    data_cache: str | None = None  # the store's data cache (prepared arrays), passed to the loaders
 
     @property
     def task_name(self) -> str:
@@ -52,6 +54,11 @@ class TaskPlan:
     @property
     def metric(self) -> str:
         return self.task.get("metric") or "macro_f1"
+
+    @property
+    def kind(self) -> str:
+        """The task kind (shpeft_core.objectives): what the loss and the probabilities are."""
+        return self.task.get("kind") or "single_label"
 
     def with_search_point(self, *, density: float | None = None, alpha: float | None = None,
                           lr: float | None = None, artifact_uri: str | None = None, **meta: str) -> "TaskPlan":
@@ -101,6 +108,8 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         "task": spec.name,
         "metric": spec.metric,
     }
+    if spec.kind != "single_label":  # serving forms probabilities by it (absent: single_label)
+        metadata["task_kind"] = spec.kind
     return TaskPlan(
         task=spec.model_dump(mode="json"),
         backbone=job.backbone.model_dump(mode="json"),
@@ -121,6 +130,7 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         lora=job.method.lora.model_dump(mode="json"),
         artifact_uri=artifact_uri,
         metadata=metadata,
+        data_cache=data_cache(normalise_store(job.store)),
     )
 
 

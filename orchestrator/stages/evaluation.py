@@ -2,8 +2,11 @@
 
 Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
 training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
-specificity and one-vs-rest AUC, the class names, the sha256 of the artifact the numbers belong to, the
-catalogue fields (``row``), and a sha256 of its own content, checked by ``read_eval``.
+specificity and one-vs-rest AUC (multi_label tasks: ``per_finding`` instead, each finding's AUROC, F1,
+sensitivity and specificity at its threshold, and ROC curve), the class names, the task kind, the sha256
+of the artifact the numbers belong to, the catalogue fields (``row``), and a sha256 of its own content,
+checked by ``read_eval``. A multi_label task's thresholds are chosen on validation (best F1 per finding)
+and applied unchanged to test; an ordinal task's rows hold quadratic weighted kappa.
 """
 
 from __future__ import annotations
@@ -49,11 +52,16 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     tf = transform_for(model, train=False)
     out: dict[str, Any] = {}
     splits: dict[str, dict] = {}
+    thresholds = None  # multi_label: chosen on val (the first split), applied to test
     for split in SPLITS:
-        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
-        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True)
+        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size,
+                              cache=getattr(plan, "data_cache", None))
+        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, kind=spec.kind,
+                       thresholds=thresholds)
+        if spec.kind == "multi_label":
+            thresholds = got["per_finding"]["threshold"]
         splits[split] = got
-        for k in ("loss", "accuracy", "macro_f1", "auc"):
+        for k in ("loss", "accuracy", "macro_f1", "auc") + (("kappa",) if spec.kind == "ordinal" else ()):
             out[f"{split}_{k}"] = float(got[k])
     kind = artifact_kind(plan.method)
     if kind == "delta":
@@ -70,6 +78,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         "method": plan.method,
         "metric": plan.metric,
         "class_names": spec.names(),
+        "task_kind": spec.kind,
         "artifact_uri": plan.artifact_uri,
         "artifact_kind": kind,
         "artifact_sha256": sha,

@@ -17,6 +17,8 @@
 <store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts
 <store>/backbones/                                 the demo's pre-trained backbone
 <store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
+<store>/data-cache/digests/<root key>.json         per-file sha256 of a dataset root, by content key (tasks/fingerprint.py)
+<store>/data-cache/arrays/<npz sha256>/*.npy       .npz images decompressed once, read on demand (tasks/datacache.py)
 ```
 
 An artifact's evaluation file sits beside it under the artifact's name (see ``eval_file``), wherever the
@@ -38,7 +40,7 @@ __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
     "eval_file", "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file",
     "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact",
-    "sweep_summary", "read_sweep_summary", "sweep_checkpoints",
+    "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "data_cache",
 ]
 
 _SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
@@ -174,3 +176,8 @@ def report_dir(store: str, report_id: str) -> str:
 
 def backbones_dir(store: str) -> str:
     return join_uri(store, "backbones")
+
+
+def data_cache(store: str) -> str:
+    """Derived data shared by every job, run and seed of the store: file digests and prepared arrays."""
+    return join_uri(store, "data-cache")

@@ -39,7 +39,7 @@ log = logging.getLogger("shpeft.tracking")
 
 # Per-epoch values that are not metrics of the epoch (the epoch itself, a constant, a duplicate).
 _NOT_LOGGED = {"epoch", "trainable", "val_metric"}
-_FINAL_METRICS = ("accuracy", "macro_f1", "auc", "loss")
+_FINAL_METRICS = ("accuracy", "macro_f1", "auc", "loss", "kappa")  # kappa: ordinal tasks
 
 Key = tuple  # ("job",), ("task", name) or ("trial", name, trial_id)
 

@@ -40,7 +40,7 @@ DEFAULT_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random"
 RESULT_COLUMNS = [
     ("task", pa.string()), ("method", pa.string()), ("mix", pa.string()), ("seed", pa.int64()),
     ("density", pa.float64()), ("alpha", pa.float64()), ("lr", pa.float64()), ("epochs", pa.int64()),
-    *[(f"{s}_{m}", pa.float64()) for s in ("val", "test") for m in ("macro_f1", "accuracy", "auc", "loss")],
+    *[(f"{s}_{m}", pa.float64()) for s in ("val", "test") for m in ("macro_f1", "accuracy", "auc", "loss", "kappa")],
     ("trainable", pa.int64()), ("artifact_bytes", pa.int64()), ("artifact_kind", pa.string()),
     ("artifact_uri", pa.string()), ("sha256", pa.string()), ("config_hash", pa.string()),
     ("train_s", pa.float64()), ("status", pa.string()), ("error", pa.string()),

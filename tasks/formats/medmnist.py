@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from shpeft_core import io as sio
 
 from tasks.codecs.images import DatasetError, array_to_rgb
-from tasks.datacache import NpyRows, npz_member_rows
+from tasks.datacache import npz_member_header, npz_member_rows
 from tasks.download import fetch_medmnist, medmnist_filename
 from ..spec import TaskSpec
 from . import format_hint
@@ -57,7 +57,8 @@ def ensure_npz(spec: TaskSpec) -> str:
     return uri
 
 
-def _load_npz_split(spec: TaskSpec, split: str, cache: str | None = None) -> tuple[NpyRows, np.ndarray, str]:
+def _load_npz_split(spec: TaskSpec, split: str) -> tuple[tuple[int, ...], np.ndarray, str, str]:
+    """(image array shape, labels, where, archive URI) of a split; its images are only looked at, not read."""
     uri = ensure_npz(spec)
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
@@ -83,21 +84,19 @@ def _load_npz_split(spec: TaskSpec, split: str, cache: str | None = None) -> tup
             raise DatasetError(f"{uri}: unreadable .npz ({type(e).__name__}: {e})") from None
     where = f"{uri}:{split}"
     try:
-        images = npz_member_rows(uri, ik, cache)
-    except DatasetError:
-        raise
+        shape, dtype = npz_member_header(uri, ik)
     except Exception as e:
         raise DatasetError(f"{uri}: '{ik}' unreadable ({type(e).__name__}: {e})") from None
-    if len(images) != len(labels):
-        raise DatasetError(f"{uri}: '{ik}' has {len(images)} rows but '{lk}' has {len(labels)}")
-    if len(images) == 0:
+    if shape[0] != len(labels):
+        raise DatasetError(f"{uri}: '{ik}' has {shape[0]} rows but '{lk}' has {len(labels)}")
+    if shape[0] == 0:
         raise DatasetError(f"{uri}: split '{split}' is empty ('{ik}' has 0 rows)")
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise DatasetError(f"{uri}: '{ik}' has shape {images.shape}; expected (N,H,W) grey or (N,H,W,3) RGB")
-    if images.dtype != np.uint8:
-        raise DatasetError(f"{uri}: '{ik}' has dtype {images.dtype}; MedMNIST images are uint8")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise DatasetError(f"{uri}: '{ik}' has shape {shape}; expected (N,H,W) grey or (N,H,W,3) RGB")
+    if dtype != np.uint8:
+        raise DatasetError(f"{uri}: '{ik}' has dtype {dtype}; MedMNIST images are uint8")
     labels = _npz_labels(spec, labels, uri, lk)
-    return images, labels, where
+    return shape, labels, where, uri
 
 
 def _npz_labels(spec: TaskSpec, labels: np.ndarray, uri: str, key: str) -> np.ndarray:
@@ -138,9 +137,22 @@ class ArrayDataset(Dataset):
     def __init__(self, spec: TaskSpec, split: str, transform: Callable | None, cache: str | None = None):
         self.spec = spec
         self.split = split
-        self.images, labels, self._where = _load_npz_split(spec, split, cache)
-        self._labels = labels
+        self.shape, self._labels, self._where, self._uri = _load_npz_split(spec, split)
+        self._cache = cache
+        self._images = None
         self.transform = transform
+
+    @property
+    def images(self):
+        """The split's image rows, read on demand (prepared in the data cache on first use)."""
+        if self._images is None:
+            try:
+                self._images = npz_member_rows(self._uri, f"{self.split}_images", self._cache)
+            except DatasetError:
+                raise
+            except Exception as e:
+                raise DatasetError(f"{self._uri}: '{self.split}_images' unreadable ({type(e).__name__}: {e})") from None
+        return self._images
 
     def __len__(self) -> int:
         return len(self._labels)
