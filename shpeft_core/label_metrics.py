@@ -36,7 +36,10 @@ def quadratic_kappa(labels, predictions, num_classes: int) -> float | None:
     p = np.asarray(predictions, dtype=np.int64).reshape(-1)
     if y.size == 0:
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
+    import warnings
+
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the undefined case is reported as None, not as a warning
         k = cohen_kappa_score(y, p, labels=list(range(num_classes)), weights="quadratic")
     return float(k) if np.isfinite(k) else None
 

@@ -234,6 +234,9 @@ def _resolve_paths(spec: TaskSpec, fs, image_root: str, values: list, where) -> 
             continue
         if by_name is not None:
             found = by_name.get(p.replace("\\", "/").rsplit("/", 1)[-1])
+            if isinstance(found, list):
+                raise DatasetError(f"{where(i)}: {len(found)} files under {image_root} are named "
+                                   f"{found[0].rsplit('/', 1)[-1]!r} (table.find_by_name needs one), e.g. {found[:2]}")
             if found is None:
                 missing.append(i)
             out[i] = found
@@ -254,18 +257,13 @@ def _resolve_paths(spec: TaskSpec, fs, image_root: str, values: list, where) -> 
     return out
 
 
-def _name_index(fs, root: str) -> dict[str, str]:
-    index: dict[str, str] = {}
-    dupes: dict[str, list[str]] = {}
+def _name_index(fs, root: str) -> dict[str, str | list[str]]:
+    """File name -> its path under ``root``, or every path of a name found more than once."""
+    index: dict[str, str | list[str]] = {}
     for p in find_files(fs, root):
         name = p.rsplit("/", 1)[-1]
-        if name in index:
-            dupes.setdefault(name, [index[name]]).append(p)
-        index[name] = p
-    if dupes:
-        name, paths = next(iter(dupes.items()))
-        raise DatasetError(f"{root}: {len(dupes)} file name(s) appear more than once (table.find_by_name needs "
-                           f"unique names), e.g. {paths[:2]}")
+        have = index.get(name)
+        index[name] = p if have is None else ([*have, p] if isinstance(have, list) else [have, p])
     return index
 
 
