@@ -46,6 +46,7 @@ class NpyRows:
     def __init__(self, uri: str, shape: tuple[int, ...], dtype: str, offset: int):
         self.uri, self.shape, self.dtype, self.offset = uri, tuple(shape), np.dtype(dtype), int(offset)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.local = sio.local_path(uri)  # None: not on local disk, read by ranges
         self._map = None
         self._file = None
 
@@ -59,10 +60,9 @@ class NpyRows:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < self.shape[0]:
             raise IndexError(f"row {i} of {self.shape[0]}")
-        local = sio.local_path(self.uri)
-        if local is not None:
+        if self.local is not None:
             if self._map is None:  # opened per process: the mapping is not pickled into workers
-                self._map = np.memmap(local, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+                self._map = np.memmap(self.local, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
             return np.asarray(self._map[i])
         if self._file is None:
             fs, path = url_to_fs(self.uri)
