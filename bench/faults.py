@@ -338,7 +338,7 @@ def write_job_file(folder: str, doc: dict) -> str:
 
 def spread(ctx: Context) -> Outcome:
     """3 tasks, no fault: the first two train at once, one per 1-CPU worker node (the unbroken reference)."""
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
     root = ctx.folder("spread")
@@ -368,7 +368,7 @@ def same_delta(a_uri: str, b_uri: str) -> bool:
 def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
     """The reference job again (new store); the first task's worker process is killed at the end of its last
     epoch, before it checkpoints. Its delta is compared with the unbroken reference run's."""
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
     root = ctx.folder("worker-kill")
@@ -394,7 +394,8 @@ def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
     """Two drivers at once on one store, same datasets (so the same importance cache entries)."""
-    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.job.spec import job_id
+    from orchestrator.job.load import parse_job
 
     root = ctx.folder("concurrent")
     specs = reference.details["specs"] if reference else ctx.tasks(root, {"wk-a": 40, "wk-b": 40, "wk-c": 40})
@@ -435,7 +436,8 @@ def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def node_removal(ctx: Context) -> Outcome:
     """A worker node is lost while a long task trains on it, after a short task finished on the other one."""
-    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.job.spec import job_id
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
     root = ctx.folder("node-removal")
@@ -492,7 +494,9 @@ def driver_kill(ctx: Context) -> Outcome:
     """`shpeft run` is SIGKILLed after its first task finished; the same job is then run again."""
     import ray
 
-    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.job.spec import job_id
+
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
     root = ctx.folder("driver-kill")
@@ -549,7 +553,8 @@ def read_all(store: str) -> list[dict]:
 
 def store_write_failure(ctx: Context) -> Outcome:
     """The store fails the first write of one task's delta half-way (in the training worker); rerun after."""
-    from orchestrator.job.spec import job_id, parse_job
+    from orchestrator.job.spec import job_id
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
     root = ctx.folder("flaky-store")

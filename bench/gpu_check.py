@@ -106,7 +106,7 @@ def _demo_data(root: str, tasks: int):
 
 def importance(device: str, root: str, targets, backbone_uri: str) -> dict[str, Any]:
     from orchestrator.workflows.demo import DEMO_BACKBONE, DEMO_TRAINING
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
     from shpeft_core.importance import ImportanceConfig, compute_importance
     from shpeft_core.selection import hybrid_scores, select_mask
     from tasks.loaders import build_loader
@@ -184,7 +184,7 @@ def _most_overlapping(rows) -> int:
 def job(device: str, root: str, corpus, targets, backbone_uri: str, *, epochs: int, sweep: bool,
         cpus: int) -> dict[str, Any]:
     from orchestrator.workflows.demo import demo_job_dict
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
     from shpeft_core.delta import load_delta
 

@@ -40,7 +40,7 @@ BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 
 
 def _job(store: str, specs, backbone_uri: str, epochs: int):
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
 
     return parse_job({
         "backbone": {**BACKBONE, "source": backbone_uri},
@@ -62,7 +62,7 @@ def bare_loop(job, specs, store: str, threads: int) -> float:
     from shpeft_core.train import TrainConfig, evaluate, fit
     from tasks.loaders import build_loader
 
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
     from tasks.transforms import transform_for
 
     torch.set_num_threads(threads)
@@ -163,14 +163,15 @@ def _read_timing(path: str) -> list[dict]:
 
 def _plans(job, specs, epochs: int, store: str):
     """Each task's TaskPlan as the pipeline builds it (its importance maps computed or loaded first)."""
-    from orchestrator.stages.importance_maps import run_importance_stage
     from orchestrator.job.plan import plan_for
-    from orchestrator.stages.task_run import build_backbone
+    from orchestrator.stages.context import StageContext
+    from orchestrator.stages.importance_maps import run_importance_stage
+    from shpeft_core.backbone import build_backbone
     from shpeft_core.backbone import backbone_fingerprint
 
     fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
-    imaps = run_importance_stage(job, job.store, fp, specs, [], False, False, {"importance_computed": 0,
-                                                                           "importance_loaded": 0})
+    ctx = StageContext(job=job, store=job.store, job_id="bench", backbone_fp=fp, progress=False)
+    imaps = run_importance_stage(ctx, specs, [])
     return [plan_for(job, s, fp, imaps, method="shpeft", seed=0, artifact=f"{store}/{s.name}.safetensors",
                      epochs=epochs) for s in specs]
 
@@ -292,7 +293,7 @@ def startup_and_packing(work: str, weights: str, specs, args, timing_path: str) 
     import orchestrator.workflows.run as pipeline
     from shpeft_core.io import read_sealed_json
 
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
     from orchestrator.runtime.resources import trainer_slots
 
@@ -469,9 +470,10 @@ def main() -> None:
     import timm
 
     from orchestrator.stages.importance_maps import run_importance_stage
+    from orchestrator.stages.context import StageContext
     from orchestrator.workflows.run import run_job
     from shpeft_core.backbone import backbone_fingerprint
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
     from tasks.synthetic import write_task_family
 
     ns = (1, 2) if args.smoke_test else (1, 2, 4)
@@ -511,11 +513,13 @@ def main() -> None:
         if not args.only_startup:
             job = _job(os.path.join(work, "store-cache"), specs[:2], weights, epochs)
             fp = backbone_fingerprint(build_backbone(job.backbone.model_dump(mode="json"), 2))
-            counters = {"importance_computed": 0, "importance_loaded": 0}
+            ctx = StageContext(job=job, store=job.store, job_id="bench", backbone_fp=fp, progress=False,
+                               counters={"importance_computed": 0, "importance_loaded": 0})
+            counters = ctx.counters
             times = []
             for _ in range(2):
                 t = time.perf_counter()
-                run_importance_stage(job, job.store, fp, specs[:2], [], False, False, counters)
+                run_importance_stage(ctx, specs[:2], [])
                 times.append(time.perf_counter() - t)
             cache = {"miss_s": round(times[0], 3), "hit_s": round(times[1], 3),
                      "speedup": round(times[0] / times[1], 1),

@@ -14,11 +14,12 @@ _EXPORTS = {
               "load_delta", "apply_delta", "merge_delta", "create_model_for_delta"],
     "eligibility": ["DEFAULT_RULES", "eligible_parameters"],
     "importance": ["ImportanceConfig", "ImportanceMap", "compute_importance", "combine_importance"],
-    "options": ["ESTIMATORS", "METHODS", "MIXES", "GRANULARITIES"],
+    "options": ["ESTIMATORS", "MIXES", "GRANULARITIES"],
     "selection": ["Mask", "hybrid_scores", "hybrid_mask", "select_mask", "mask_size"],
     "sparse": ["apply_sparse_training", "trainable_parameters", "count_trainable"],
     "train": ["TrainConfig", "TrainState", "fit", "evaluate", "save_train_state", "load_train_state"],
-    "methods": ["prepare_model", "method_mask", "save_artifact", "load_artifact"],
+    "methods": ["Method", "register_method", "get_method", "method_names", "prepare_model", "method_mask",
+                "save_artifact", "load_artifact"],
     "metrics": ["class_metrics"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

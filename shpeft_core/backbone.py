@@ -18,6 +18,7 @@ __all__ = [
     "BackboneSpec",
     "RANDOM_INIT_SEED",
     "create_backbone",
+    "build_backbone",
     "backbone_fingerprint",
     "head_parameter_names",
     "head_module_paths",
@@ -103,6 +104,15 @@ def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
             )
     model.shpeft_spec = {"name": spec.name, "source": source_label(spec.source), "kwargs": kwargs}
     return model
+
+
+def build_backbone(backbone: dict, num_classes: int) -> nn.Module:
+    """``create_backbone`` from a job file's backbone section as JSON ({name, source, kwargs}), seeded so a
+    random-init backbone (and every fresh head) is the same in every process."""
+    spec = BackboneSpec(name=backbone["name"], source=backbone.get("source"), kwargs=dict(backbone.get("kwargs") or {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(spec, num_classes)
 
 
 def backbone_name(model: nn.Module) -> str:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KINDS", "TaskKindError", "check_kind", "task_loss", "probabilities", "check_targets", "target_keys"]
+from .options import KINDS
 
-KINDS = ("single_label", "multi_label", "ordinal")
+__all__ = ["KINDS", "TaskKindError", "check_kind", "task_loss", "probabilities", "check_targets", "target_keys"]
 
 
 class TaskKindError(ValueError):

@@ -1,17 +1,16 @@
-"""Every choice and default a user can set, in one place, with its help text (no torch import).
+"""The choices and help texts of importance and selection, in one place (no torch import).
 
 The core's config dataclasses and functions validate against these tuples, and the job file's schema
-(`orchestrator.job.spec`) builds its fields from them, so a new estimator, loss or method is added here
-once and appears in both.
+(`orchestrator.job.spec`) builds its fields from them, so a new estimator, loss or rule is added here once
+and appears in both. Methods are a registry of their own (``shpeft_core.methods``).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ESTIMATORS", "LOSSES", "HEAD_WARMUPS", "NORMALIZATIONS", "REDUCES", "GRANULARITIES", "MIXES",
-    "METHODS", "SPARSE_METHODS", "IMPORTANCE_METHODS", "DEFAULT_LR", "LORA_TARGETS", "HEAD_INITS", "HELP",
-    "method_alpha",
-    "artifact_kind",
+    "HEAD_INITS", "HELP", "METRICS", "SUMMARY_METRICS", "DEFAULT_METRIC", "METRIC_LABELS", "SPLITS",
+    "EVAL_SPLITS", "KINDS",
 ]
 
 # Task-specific importance estimators (per-batch gradient g of the task loss, weight w).
@@ -26,36 +25,19 @@ GRANULARITIES = ("global", "per_tensor", "per_row")
 MIXES = ("union", "rank_sum")
 HEAD_INITS = ("warm", "random")
 
-METHODS = ("shpeft", "specific", "agnostic", "random", "gps", "linear", "bitfit", "lora", "full")
-# Methods whose trainable set is a mask over eligible weights (written as a task delta).
-SPARSE_METHODS = ("shpeft", "specific", "agnostic", "random", "gps")
-# Methods that rank weights by importance maps (the task's own, and the agnostic one for the hybrids).
-IMPORTANCE_METHODS = ("shpeft", "specific", "agnostic", "gps")
-# Learning-rate defaults per method (for the trained entries; the head uses training.head_lr or lr).
-# Few zero-initialised values and a warm head take far larger steps than updating every weight.
-DEFAULT_LR = {
-    "shpeft": 1e-2, "specific": 1e-2, "agnostic": 1e-2, "random": 1e-2, "gps": 1e-2,
-    "linear": 1e-2, "bitfit": 1e-3, "lora": 3e-3, "full": 3e-4,
-}
-
-
-def method_alpha(method: str, alpha: float) -> float:
-    """The hybrid weight a method really uses: specific is alpha=1, agnostic alpha=0."""
-    return {"specific": 1.0, "agnostic": 0.0}.get(method, float(alpha))
-
-
-def artifact_kind(method: str) -> str:
-    """delta (shpeft's format), lora (peft adapter folder) or checkpoint (plain timm state dict)."""
-    if method in (*SPARSE_METHODS, "linear"):
-        return "delta"
-    if method == "lora":
-        return "lora"
-    if method in ("full", "bitfit"):
-        return "checkpoint"
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
+# A dataset's splits, and the ones every artifact is evaluated on.
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
+# Task kinds (shpeft_core.objectives): one class per image, any number of findings, or ordered grades.
+KINDS = ("single_label", "multi_label", "ordinal")
+# Metrics a task may select models by; every evaluation reports SUMMARY_METRICS per split (result columns
+# "<split>_<metric>"; kappa, quadratic weighted, for ordinal tasks only). Macro-F1 is the default, as in
+# SH-PEFT's tables; for multi_label tasks auc is the mean AUROC over findings.
+METRICS = ("macro_f1", "accuracy", "auc", "kappa")
+SUMMARY_METRICS = ("accuracy", "macro_f1", "auc", "loss", "kappa")
+DEFAULT_METRIC = "macro_f1"
+METRIC_LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "auc": "macro AUC", "loss": "loss",
+                 "kappa": "quadratic weighted kappa"}
 
 HELP = {
     "estimator": "Per-weight task importance: grad2 = sum of g^2 (Fisher/SPT), grad1 = |sum g| (GPS), "
@@ -68,11 +50,6 @@ HELP = {
     "granularity": "global top-k, per-tensor budget, or per-row (GPS) top-k.",
     "mix": "Hybrid rule: union = round(alpha*k) entries from the task-specific ranking plus the rest from the "
            "task-agnostic ranking; rank_sum = top-k of alpha*N(specific) + (1-alpha)*N(agnostic).",
-    "method": "How each task is fine-tuned: shpeft (hybrid sparse), specific (alpha=1), agnostic (alpha=0), "
-              "random (random mask, same size), gps (per-row top |grad|), linear (head only), bitfit (biases + "
-              "head), lora (peft LoRA + head) or full (every weight).",
     "head_init": "Training head start: warm = the head fitted on frozen features in the importance pass "
                  "(the same for every method), random = a fresh head.",
-    "lr": f"Learning rate of the trained backbone entries for every method (method.lr sets it per method); "
-          f"null = each method's default {DEFAULT_LR}.",
 }

@@ -25,6 +25,7 @@ __all__ = [
     "seed_everything",
     "save_train_state",
     "load_train_state",
+    "read_train_history",
     "TrainStateError",
 ]
 
@@ -350,6 +351,16 @@ def save_train_state(state: TrainState, dir_or_uri: str) -> dict:
     }
     io.write_sealed_json(io.join_uri(dir_or_uri, "state.json"), _jsonable(doc))
     return {"sha256": sha, "bytes": size}
+
+
+def read_train_history(dir_or_uri: str) -> list[dict] | None:
+    """The per-epoch history of the train state under ``dir_or_uri`` (its sealed state.json only, no
+    tensors); None when there is none or it does not verify."""
+    json_uri = io.join_uri(dir_or_uri, "state.json")
+    try:
+        return io.read_sealed_json(json_uri).get("history") or None if io.exists(json_uri) else None
+    except io.DamagedFileError:
+        return None
 
 
 def load_train_state(dir_or_uri: str) -> TrainState:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from shpeft_core.options import DEFAULT_METRIC
+
 from .spec import TaskSpec
 
 __all__ = ["CatalogueEntry", "CATALOGUE", "MEDMNIST_2D", "default_data_root"]
@@ -36,7 +38,7 @@ class CatalogueEntry:
     notes: str = ""
     medmnist: bool = False
     multilabel: bool = False
-    metric: str = "macro_f1"
+    metric: str = DEFAULT_METRIC
     kind: str = "single_label"
     table: dict | None = None  # TableLayout fields for the official layout (format "table")
     extra: dict = field(default_factory=dict)

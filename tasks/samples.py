@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from shpeft_core import io as sio
+from shpeft_core.options import DEFAULT_METRIC
 
 from .spec import TaskSpec
 
@@ -166,7 +167,7 @@ def write_real_sample_task(root_uri: str, *, patch_size: int = 64, patches_per_c
         channels=3,
         image_size=patch_size,
         split_seed=seed,
-        metric="macro_f1",
+        metric=DEFAULT_METRIC,
         description="TINY real-image modality task from pydicom/pydicom-data test files and scikit-image samples",
     )
     sio.atomic_write_bytes(sio.join_uri(task_dir, "sources.json"), json.dumps(sources, indent=2).encode())

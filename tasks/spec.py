@@ -14,14 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from shpeft_core.options import DEFAULT_METRIC, KINDS, METRICS, SPLITS
+
 from .formats import FORMATS
 
 __all__ = ["TaskSpec", "TableLayout", "FORMATS", "KINDS", "METRICS", "SPLITS", "LABEL_POLICIES", "check_slug",
            "check_path_component"]
 
-METRICS = ("macro_f1", "accuracy", "auc", "kappa")
-SPLITS = ("train", "val", "test")
-KINDS = ("single_label", "multi_label", "ordinal")  # shpeft_core.objectives.KINDS
 LABEL_POLICIES = ("ignore", "positive", "negative")
 SplitName = Literal["train", "val", "test"]
 LabelPolicy = Literal["ignore", "positive", "negative"]
@@ -139,7 +138,7 @@ class TaskSpec(BaseModel):
     name: str
     source: str = Field(min_length=1)
     format: Literal[FORMATS]  # the registered formats (tasks.formats), in registry order
-    kind: Literal["single_label", "multi_label", "ordinal"] = "single_label"
+    kind: Literal[KINDS] = "single_label"
     num_classes: int = Field(ge=2)  # classes, grades, or findings (multi_label)
     class_names: list[str] | None = None
     modality: str = "unknown"
@@ -147,7 +146,7 @@ class TaskSpec(BaseModel):
     split_seed: int = 0
     channels: Literal[1, 3] = 3
     image_size: int | None = Field(default=None, ge=1)
-    metric: Literal["macro_f1", "accuracy", "auc", "kappa"] = "macro_f1"
+    metric: Literal[METRICS] = DEFAULT_METRIC
     # parquet
     image_column: str = "image"
     label_column: str = "label"

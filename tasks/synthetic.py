@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from shpeft_core import io as sio
+from shpeft_core.options import DEFAULT_METRIC
 
 from .formats import FORMATS, get_format
 from .formats.base import DatasetFormat
@@ -359,7 +360,7 @@ def write_task(root_uri: str, task: SyntheticTask, fmt: str, *, overwrite: bool 
         modality=task.modality,
         channels=task.channels,
         image_size=task.image_size,
-        metric="macro_f1",
+        metric=DEFAULT_METRIC,
         description=f"synthetic {task.modality} task, cue '{task.cue}', imbalance {task.imbalance}",
     )
     params = json.dumps({"format": fmt, **asdict(task)}, sort_keys=True)

@@ -15,6 +15,8 @@ from typing import NoReturn
 
 import click
 
+from shpeft_core.options import DEFAULT_METRIC
+
 from orchestrator.cli.tasks import tasks_cli
 
 __all__ = ["main"]
@@ -48,8 +50,8 @@ def _invalid_input_exits():
 
 
 def _validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None) -> None:
-    """Every pre-compute check (orchestrator.job.validate); all problems listed, exit 2 when there are any."""
-    from orchestrator.job.validate import validate_job
+    """Every pre-compute check (orchestrator.workflows.validate); all problems listed, exit 2 when there are any."""
+    from orchestrator.workflows.validate import validate_job
 
     problems = validate_job(job, data=data, cpus=cpus, gpus=gpus)
     if problems:
@@ -67,7 +69,8 @@ def _show_logs_option(f):
 
 
 def _load_job_or_exit(path: str):
-    from orchestrator.job.spec import JobSpecError, load_job
+    from orchestrator.job.spec import JobSpecError
+    from orchestrator.job.load import load_job
 
     try:
         return load_job(path)
@@ -359,7 +362,7 @@ def _fmt(value) -> str:
 
 
 def _metric_value(row: dict, split: str):
-    metric = row.get("metric") or "macro_f1"
+    metric = row.get("metric") or DEFAULT_METRIC
     return row.get(f"{split}_{metric}")
 
 
@@ -612,7 +615,7 @@ def serve(job_file, backbone, backbone_source, backbone_kwargs, host, port, rout
 
     Example: shpeft serve examples/demo.yaml --delta-root demo-store/deltas --port 8000
     """
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
 
     if bool(job_file) == bool(backbone):
         _fail("give either a job file (its backbone section) or --backbone NAME", EXIT_INVALID)
@@ -643,7 +646,7 @@ def serve(job_file, backbone, backbone_source, backbone_kwargs, host, port, rout
     from ray import serve as ray_serve
 
     from orchestrator.runtime.console import quiet_frameworks
-    from orchestrator.runtime.resources import connect_ray
+    from orchestrator.runtime.session import connect_ray
     from orchestrator.serving.server import APP_NAME, MODEL_ID_HEADER, build_app, start
 
     def _stop(signum, frame):

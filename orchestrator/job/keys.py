@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.job.spec import JobSpec, content_hash
+from shpeft_core.methods import get_method
+
+from orchestrator.job.spec import JobSpec, TrainingSection, affects_results, content_hash
 
 __all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'task_config_hash']
 
@@ -56,10 +58,8 @@ def agnostic_key(backbone_fp: str, dataset_keys: list[str], job: JobSpec) -> str
 
 def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None, *, method: str | None = None,
                      seed: int | None = None) -> str:
-    """Everything that changes a task's artifact; resource-only settings are left out."""
-    tr = job.training.model_dump(mode="json")
-    for resource_only in ("max_concurrent_tasks", "cpus_per_worker", "gpus_per_worker", "data_workers", "max_failures", "use_gpu"):
-        tr.pop(resource_only)
+    """Everything that changes a task's artifact; the training fields marked resource-only are left out."""
+    tr = {k: v for k, v in job.training.model_dump(mode="json").items() if affects_results(TrainingSection, k)}
     tr["seed"] = job.training.seed if seed is None else seed
     method = method or job.method.for_task(spec.name)
     return content_hash(
@@ -68,7 +68,8 @@ def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None
             "task": spec.model_dump(mode="json"),
             "importance": [specific_key, agnostic],
             "method": method,
-            "lora": job.method.lora.model_dump(mode="json") if method == "lora" else None,
+            # the method's own settings; named "lora" (the first method to have any) so existing keys hold
+            "lora": get_method(method).settings(job.method),
             "selection": job.selection.model_dump(mode="json"),
             "training": tr,
             "sweep": job.sweep.model_dump(mode="json") if job.sweep.enabled else None,

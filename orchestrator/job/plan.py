@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from shpeft_core.options import DEFAULT_LR, IMPORTANCE_METHODS, method_alpha
+from shpeft_core.methods import get_method
+from shpeft_core.options import DEFAULT_METRIC
 
 from orchestrator.job.spec import JobSpec
 from orchestrator.store.layout import data_cache, normalise_store
@@ -31,14 +32,14 @@ class TaskPlan:
     mix: str
     granularity: str
     rules: tuple[str, ...] | None
-    specific_uri: str | None  # the task's own map (grad1 for gps); also holds the warmed head
+    specific_uri: str | None  # the task's own map (the method's estimator); also holds the warmed head
     agnostic_uri: str | None  # the task-agnostic map for this task
     head_init: str  # warm | random
     train: dict[str, Any]  # TrainConfig keyword arguments (without device)
     batch_size: int
     data_workers: int
     use_gpu: bool
-    lora: dict[str, Any]
+    settings: dict[str, Any] | None  # the method's own settings (Method.settings), e.g. LoRA's rank
     artifact_uri: str | None  # where the finished run writes its artifact
     metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
     data_cache: str | None = None  # the store's data cache (prepared arrays), passed to the loaders
@@ -53,7 +54,7 @@ class TaskPlan:
 
     @property
     def metric(self) -> str:
-        return self.task.get("metric") or "macro_f1"
+        return self.task.get("metric") or DEFAULT_METRIC
 
     @property
     def kind(self) -> str:
@@ -64,7 +65,7 @@ class TaskPlan:
                           lr: float | None = None, artifact_uri: str | None = None, **meta: str) -> "TaskPlan":
         """The same plan at another (density, alpha, lr): a sweep trial."""
         density = self.density if density is None else float(density)
-        alpha = method_alpha(self.method, self.alpha if alpha is None else float(alpha))
+        alpha = get_method(self.method).alpha(self.alpha if alpha is None else float(alpha))
         train = dict(self.train) if lr is None else {**self.train, "lr": float(lr)}
         metadata = {**self.metadata, "density": repr(density), "alpha": repr(alpha), "lr": repr(train["lr"]), **meta}
         return dataclasses.replace(self, density=density, alpha=alpha, train=train, metadata=metadata,
@@ -78,14 +79,14 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
     from shpeft_core.backbone import source_label
 
     tr = job.training
-    lr = job.method.lr.get(method, tr.lr if tr.lr is not None else DEFAULT_LR[method])
+    m = get_method(method)
+    lr = job.method.lr.get(method, tr.lr if tr.lr is not None else m.default_lr)
     train = {
         "epochs": epochs or tr.epochs, "lr": lr, "head_lr": tr.head_lr if tr.head_lr is not None else lr,
         "weight_decay": tr.weight_decay, "warmup_epochs": tr.warmup_epochs, "seed": seed,
         "label_smoothing": tr.label_smoothing,
     }
-    alpha = method_alpha(method, job.selection.alpha)
-    uses_importance = method in IMPORTANCE_METHODS
+    alpha = m.alpha(job.selection.alpha)
     metadata = {
         "backbone": job.backbone.name,
         "backbone_source": source_label(job.backbone.source),
@@ -97,11 +98,11 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         "density": repr(float(job.selection.density)),
         "alpha": repr(float(alpha)),
         "mix": job.selection.mix,
-        "estimator": ("grad1" if method == "gps" else job.importance.estimator) if uses_importance else "none",
-        "importance_key": (specific[0] if specific and uses_importance else ""),
-        "agnostic_importance_key": (agnostic[0] if agnostic and method in ("shpeft", "agnostic") else ""),
+        "estimator": m.importance_estimator(job.importance.estimator) if m.uses_importance else "none",
+        "importance_key": (specific[0] if specific and m.uses_importance else ""),
+        "agnostic_importance_key": (agnostic[0] if agnostic and m.needs_agnostic(job.selection.alpha) else ""),
         "agnostic_includes_target": json.dumps(bool(agnostic_includes_target)),
-        "granularity": "per_row" if method == "gps" else job.selection.granularity,
+        "granularity": m.granularity(job.selection.granularity),
         "head_init": tr.head_init,
         "seed": str(seed),
         "lr": repr(lr),
@@ -127,7 +128,7 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         batch_size=tr.batch_size,
         data_workers=tr.data_workers,
         use_gpu=tr.use_gpu,
-        lora=job.method.lora.model_dump(mode="json"),
+        settings=m.settings(job.method),
         artifact_uri=artifact_uri,
         metadata=metadata,
         data_cache=data_cache(normalise_store(job.store)),
@@ -137,14 +138,15 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
 def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: int,
              artifact: str | None, epochs: int | None = None):
     """The TaskPlan of (task, method, seed) with its importance maps resolved."""
-    est = "grad1" if method == "gps" else job.importance.estimator
-    d = imaps.specific(spec.name, est)
+    m = get_method(method)
+    d = imaps.specific(spec.name, m.importance_estimator(job.importance.estimator))
     ag = imaps.agnostic.get(spec.name) or {}
-    needs_agnostic = method in ("shpeft", "agnostic") and not (method == "shpeft" and job.selection.alpha == 1.0)
+    needs_agnostic = m.needs_agnostic(job.selection.alpha)
     error = d.error or (ag.get("error") if needs_agnostic else None)
     if error:
         raise RuntimeError(error)
     return build_plan(job, spec, method=method, seed=seed, backbone_fp=backbone_fp,
-                      specific=(d.key, d.uri), agnostic=(ag["key"], ag["uri"]) if ag.get("key") else None,
+                      specific=(d.key, d.uri),
+                      agnostic=(ag["key"], ag["uri"]) if ag.get("key") and needs_agnostic else None,
                       agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
                       epochs=epochs)

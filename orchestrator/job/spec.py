@@ -1,7 +1,8 @@
-"""The job file: one YAML document describing a backbone, a store, many tasks and how to tune them.
+"""The job file's schema: one YAML document describing a backbone, a store, many tasks and how to tune them.
 
-Validated with pydantic before anything runs. Every section forbids unknown keys; any problem is
-reported as one `JobSpecError` whose message names the field path and what is allowed.
+Validated with pydantic before anything runs (``orchestrator.job.load`` reads and validates a file). Every
+section forbids unknown keys; any problem is reported as one `JobSpecError` whose message names the
+field path and what is allowed.
 """
 
 from __future__ import annotations
@@ -9,23 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
-    ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from shpeft_core.options import (ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LORA_TARGETS, LOSSES,
-                                 METHODS, MIXES, NORMALIZATIONS, REDUCES)
+from shpeft_core.methods import default_lrs, get_method, method_names, methods_help
+from shpeft_core.methods.lora import LORA_TARGETS
+from shpeft_core.options import (ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LOSSES, MIXES,
+                                 NORMALIZATIONS, REDUCES)
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -44,10 +46,8 @@ __all__ = [
     "WandbSection",
     "TrackingSection",
     "JobSpec",
-    "load_job",
     "resolve_task",
     "task_name",
-    "parse_job",
     "job_id",
     "canonical_json",
     "content_hash",
@@ -67,6 +67,21 @@ def canonical_json(obj: Any) -> str:
 def content_hash(obj: Any, length: int = 16) -> str:
     """Short sha256 hex of the canonical JSON of ``obj``."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def _known_method(name: str) -> str:
+    from shpeft_core.methods import MethodError
+
+    try:
+        get_method(name)
+    except MethodError:
+        raise ValueError(f"{name!r} is not a method; allowed: {list(method_names())}") from None
+    return name
+
+
+# A method's name: checked against the method registry (built-ins and plug-ins), listed in the schema.
+MethodName = Annotated[str, AfterValidator(_known_method),
+                       WithJsonSchema({"type": "string", "enum": list(method_names())})]
 
 
 class _Section(BaseModel):
@@ -179,14 +194,14 @@ class LoraSection(_Section):
 
 
 class MethodSection(_Section):
-    name: Literal[METHODS] = Field(default="shpeft", description=HELP["method"])
-    per_task: dict[str, Literal[METHODS]] = Field(
+    name: MethodName = Field(default="shpeft", description=f"How each task is fine-tuned: {methods_help()}.")
+    per_task: dict[str, MethodName] = Field(
         default_factory=dict, description="Method overrides by task name."
     )
-    lr: dict[Literal[METHODS], float] = Field(
+    lr: dict[MethodName, float] = Field(
         default_factory=dict,
         description="Learning rate per method, e.g. {full: 2.0e-3, shpeft: 3.0e-2}; wins over training.lr and "
-        "the built-in defaults (shpeft_core.options.DEFAULT_LR).",
+        "each method's default (its default_lr in shpeft_core.methods).",
     )
 
     @field_validator("lr")
@@ -202,10 +217,23 @@ class MethodSection(_Section):
         return self.per_task.get(task, self.name)
 
 
+# Marks a field that changes where or how fast a run happens, never its result: left out of the config
+# hash (orchestrator.job.keys), so changing it keeps a task's finished artifact.
+RESOURCE_ONLY = {"affects_results": False}
+
+
+def affects_results(section: type[BaseModel], name: str) -> bool:
+    extra = section.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("affects_results") is False)
+
+
 class TrainingSection(_Section):
     epochs: int = Field(default=10, ge=1, description="Training epochs per task.")
     batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
-    lr: float | None = Field(default=None, gt=0.0, description=HELP["lr"])
+    lr: float | None = Field(
+        default=None, gt=0.0,
+        description="Learning rate of the trained backbone entries for every method (method.lr sets it per "
+        f"method); null = each method's default {default_lrs()}.")
     head_lr: float | None = Field(default=None, gt=0.0, description="Learning rate of the head; defaults to lr.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     warmup_epochs: int = Field(default=1, ge=0, description="Linear warm-up epochs before cosine decay.")
@@ -213,18 +241,21 @@ class TrainingSection(_Section):
     head_init: Literal[HEAD_INITS] = Field(default="warm", description=HELP["head_init"])
     seed: int = Field(default=0, ge=0, description="Seed for data order and initialisation.")
     workers_per_task: int = Field(default=1, ge=1, description="Data-parallel Ray Train workers per task.")
-    use_gpu: bool = Field(default=False, description="Train (and compute importance) on GPUs.")
-    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per training worker.")
+    use_gpu: bool = Field(default=False, description="Train (and compute importance) on GPUs.",
+                          json_schema_extra=RESOURCE_ONLY)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per training worker.",
+                                   json_schema_extra=RESOURCE_ONLY)
     gpus_per_worker: float = Field(
-        default=0.0, ge=0.0, description="GPUs reserved per worker (fractions share a GPU); 1 when use_gpu and 0."
-    )
-    data_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per training worker.")
+        default=0.0, ge=0.0, description="GPUs reserved per worker (fractions share a GPU); 1 when use_gpu and 0.",
+        json_schema_extra=RESOURCE_ONLY)
+    data_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per training worker.",
+                              json_schema_extra=RESOURCE_ONLY)
     max_concurrent_tasks: int | None = Field(
-        default=None, ge=1, description="Most tasks training at once; null = as many as the cluster's CPUs/GPUs hold."
-    )
+        default=None, ge=1, description="Most tasks training at once; null = as many as the cluster's CPUs/GPUs hold.",
+        json_schema_extra=RESOURCE_ONLY)
     max_failures: int = Field(
-        default=2, ge=0, description="Worker failures a task's trainer survives (resuming from its last checkpoint)."
-    )
+        default=2, ge=0, description="Worker failures a task's trainer survives (resuming from its last checkpoint).",
+        json_schema_extra=RESOURCE_ONLY)
 
     @model_validator(mode="after")
     def _gpu_consistency(self) -> "TrainingSection":
@@ -399,110 +430,6 @@ def task_name(entry: CatalogueTaskRef | TaskSpec) -> str:
     if isinstance(entry, CatalogueTaskRef):
         return entry.name or entry.catalogue
     return entry.name
-
-
-def _format_location(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if item in ("catalogue", "inline") and parts and parts[-1].endswith("]"):
-            continue  # discriminator tag, not a field
-        if isinstance(item, int):
-            parts[-1 if parts else 0:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        else:
-            parts.append(str(item))
-    return ".".join(parts) or "<job>"
-
-
-def _walk(loc: tuple) -> tuple[type[BaseModel] | None, str | None]:
-    """The model class holding the last field of ``loc`` and that field's name."""
-    model: Any = JobSpec
-    parent, name = None, None
-    for item in loc:
-        if isinstance(item, int):
-            continue
-        if item == "catalogue":
-            model = CatalogueTaskRef if parent is not None else model
-            continue
-        if item == "inline":
-            model = TaskSpec
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or item not in model.model_fields:
-            return (model if isinstance(model, type) and issubclass(model, BaseModel) else None), str(item)
-        parent, name = model, str(item)
-        ann = model.model_fields[item].annotation
-        model = _inner_model(ann)
-    return parent, name
-
-
-def _inner_model(ann: Any) -> Any:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in getattr(ann, "__args__", ()) or ():
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _allowed_hint(err: dict) -> str:
-    ctx = err.get("ctx") or {}
-    kind = err.get("type", "")
-    model, name = _walk(tuple(err["loc"]))
-    if kind == "extra_forbidden":
-        allowed = sorted(model.model_fields) if model is not None else []
-        return f"unknown key; allowed keys here: {allowed}"
-    parts = []
-    if "expected" in ctx:
-        parts.append(f"allowed: {ctx['expected']}")
-    bounds = [f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx]
-    if bounds:
-        parts.append("allowed: " + " and ".join(bounds))
-    if model is not None and name in model.model_fields and model.model_fields[name].description:
-        parts.append(f"{name}: {model.model_fields[name].description}")
-    return "; ".join(parts)
-
-
-def _error_message(source: str, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors(include_url=False):
-        path = _format_location(tuple(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        hint = _allowed_hint(err)
-        given = err.get("input")
-        given_s = "" if isinstance(given, (dict, list)) or err.get("type") == "missing" else f" (got {given!r})"
-        lines.append(f"{path}: {msg}{given_s}" + (f" [{hint}]" if hint and hint not in msg else ""))
-    head = f"invalid job file {source}: " if source else "invalid job: "
-    return head + "; ".join(lines)
-
-
-def parse_job(data: Any, source: str = "") -> JobSpec:
-    """Validate a job given as a mapping; raises `JobSpecError`."""
-    if not isinstance(data, dict):
-        raise JobSpecError(f"invalid job file {source}: the top level must be a mapping with keys "
-                           f"{sorted(JobSpec.model_fields)}, got {type(data).__name__}")
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise JobSpecError(_error_message(source, exc)) from None
-
-
-def load_job(path_or_uri: str | os.PathLike) -> JobSpec:
-    """Read and validate a YAML job file from a local path or fsspec URI; raises `JobSpecError`."""
-    import fsspec
-
-    source = str(path_or_uri)
-    try:
-        with fsspec.open(source, "r") as f:
-            text = f.read()
-    except (FileNotFoundError, IsADirectoryError) as exc:
-        raise JobSpecError(f"job file {source} cannot be read: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise JobSpecError(f"job file {source} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobSpecError(f"job file {source} is not valid YAML: {exc}") from None
-    return parse_job(data, source)
 
 
 def job_id(job: JobSpec) -> str:

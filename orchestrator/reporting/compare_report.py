@@ -15,20 +15,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shpeft_core.options import DEFAULT_METRIC  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 
 from orchestrator.reporting.plots import (plot_roc_curves, plot_selection_location, save_png as _save,  # noqa: E402
                                           selection_location)
+from orchestrator.store.layout import compare_report_file  # noqa: E402
 
 __all__ = ["write_report", "print_compare_table", "summarise", "selection_location", "mask_jaccard"]
 
-METRIC = "macro_f1"
+METRIC = DEFAULT_METRIC
+REFERENCE_METHOD = "shpeft"  # the method every other one is measured against
+
+
+def _on_alpha_curve(method: str) -> bool:
+    """The hybrid and its alpha = 0 / 1 ends: methods whose results lie on one alpha axis."""
+    from shpeft_core.methods import MethodError, get_method
+    from shpeft_core.methods.sparse import Hybrid
+
+    try:
+        return isinstance(get_method(method), Hybrid)
+    except MethodError:
+        return False
 
 
 def _label(r: dict[str, Any], job_mix: str) -> str:
-    from orchestrator.workflows.compare import method_label
+    from shpeft_core.methods import get_method
 
-    return method_label(r["method"], r.get("mix"), job_mix)
+    return get_method(r["method"]).label(r.get("mix") or job_mix)
 
 
 def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test",
@@ -95,8 +109,8 @@ def _plot_alpha_curve(rows, tasks: list[str], job_mix: str, uri: str) -> str | N
     for i, t in enumerate(tasks):
         by_alpha: dict[float, list[float]] = {}
         for r in rows:
-            if (r["task"] == t and r.get("status") == "ok" and r["method"] in ("shpeft", "specific", "agnostic")
-                    and (r["method"] != "shpeft" or r.get("mix") == job_mix) and r.get("alpha") is not None):
+            if (r["task"] == t and r.get("status") == "ok" and _on_alpha_curve(r["method"])
+                    and r.get("mix") in (None, job_mix) and r.get("alpha") is not None):
                 by_alpha.setdefault(float(r["alpha"]), []).append(float(r[f"test_{METRIC}"]))
         if len(by_alpha) < 2:
             continue
@@ -120,7 +134,8 @@ def _shpeft_masks(rows, tasks: list[str], job_mix: str) -> dict[str, dict[str, A
 
     masks = {}
     for t in tasks:
-        cands = sorted((r for r in rows if r["task"] == t and r["method"] == "shpeft" and r.get("mix") == job_mix
+        cands = sorted((r for r in rows if r["task"] == t and r["method"] == REFERENCE_METHOD
+                        and r.get("mix") in (None, job_mix)
                         and r.get("status") == "ok" and r.get("artifact_uri") and exists(r["artifact_uri"])),
                        key=lambda r: r["seed"])
         if cands:
@@ -146,19 +161,20 @@ def _plot_overlap(masks: dict[str, dict[str, Any]], uri: str) -> tuple[str | Non
 
 
 def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[str]:
-    sh = f"shpeft ({job_mix})"
+    from shpeft_core.methods import get_method
+
+    ref = get_method(REFERENCE_METHOD)
+    sh = ref.label(job_mix)
     means = {lab: _mean_over_tasks(summary, lab, tasks) for lab in labels}
     out = []
     if means.get(sh) is None:
         return out
-    for other, what in (("full", "full fine-tuning"), ("linear", "head-only"), ("lora", "LoRA"),
-                        ("specific", "task-specific only (alpha=1)"), ("agnostic", "task-agnostic only (alpha=0)"),
-                        ("random", "a random mask of the same size")):
-        if means.get(other) is not None:
+    for other in labels:
+        if other != sh and means.get(other) is not None and not other.startswith(f"{ref.name} ("):
             d = means[sh] - means[other]
-            out.append(f"- SH-PEFT vs {what}: {means[sh]:.3f} vs {means[other]:.3f} mean test macro-F1 "
+            out.append(f"- {sh} vs {other}: {means[sh]:.3f} vs {means[other]:.3f} mean test macro-F1 "
                        f"({'+' if d >= 0 else ''}{d:.3f}).")
-    other_mix = next((lab for lab in labels if lab.startswith("shpeft (") and lab != sh), None)
+    other_mix = next((lab for lab in labels if lab.startswith(f"{ref.name} (") and lab != sh), None)
     if other_mix and means.get(other_mix) is not None:
         d = means[sh] - means[other_mix]
         out.append(f"- Hybrid rule: {sh} {means[sh]:.3f} vs {other_mix} {means[other_mix]:.3f} "
@@ -288,7 +304,7 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
         plots.append(p)
         lines.append("![task-to-task mask overlap](mask_overlap.png)")
     lines.append("")
-    uri = join_uri(root, "report.md")
+    uri = compare_report_file(root)
     atomic_write_bytes(uri, "\n".join(lines).encode())
     return uri, plots
 

@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shpeft_core.options import DEFAULT_METRIC, METRIC_LABELS  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
 
 from orchestrator.store import layout as layout  # noqa: E402
@@ -35,8 +36,7 @@ class JobReportError(ValueError):
     """The job is not in the store's catalogue."""
 
 
-_METRIC_LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "auc": "macro AUC", "loss": "loss",
-                  "kappa": "quadratic weighted kappa"}
+_METRIC_LABELS = METRIC_LABELS
 _LOSS_LABELS = {"multi_label": "binary cross-entropy loss (mean over findings)"}
 
 
@@ -54,7 +54,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def _job_doc(store: str, job_id: str):
     """The job as run (jobs/<id>.json), or None when it is missing, no longer parses, or is not the job of
     that id (its content hashes to the id: a changed file does not)."""
-    from orchestrator.job.spec import JobSpecError, job_id as id_of, parse_job
+    from orchestrator.job.spec import JobSpecError, job_id as id_of
+    from orchestrator.job.load import parse_job
 
     uri = layout.job_file(store, job_id)
     if not exists(uri):
@@ -68,23 +69,13 @@ def _job_doc(store: str, job_id: str):
 
 def _checkpoint_history(store: str, job_id: str, row: dict) -> list[dict] | None:
     """The history in the run's newest checkpoint (one-worker runs keep theirs): curves for older jobs."""
-    from fsspec.core import url_to_fs
+    from shpeft_core.train import read_train_history
 
-    from shpeft_core.io import DamagedFileError, read_sealed_json
-
-    root = join_uri(layout.run_root(store, job_id, row["task"], row.get("config_hash") or ""), "checkpoints")
-    fs, path = url_to_fs(root)
-    if not fs.exists(path):
-        return None
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    epochs = sorted((int(n.split("-", 1)[1]) for n in names if n.startswith("epoch-") and n[6:].isdigit()), reverse=True)
-    for k in epochs:
-        uri = join_uri(root, f"epoch-{k}", "state.json")
-        if exists(uri):
-            try:
-                return read_sealed_json(uri).get("history") or None
-            except DamagedFileError:
-                continue
+    root = layout.run_checkpoints(layout.run_root(store, job_id, row["task"], row.get("config_hash") or ""))
+    for k in layout.checkpoint_epochs(root):
+        history = read_train_history(layout.checkpoint_dir(root, k))
+        if history:
+            return history
     return None
 
 
@@ -242,7 +233,7 @@ def _intro(job, job_id: str, store: str, tasks: list[str]) -> list[str]:
 def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str], missing: list[str]) -> tuple[list[str], dict]:
     from orchestrator.stages.evaluation import EvalFileError, read_eval
 
-    task, metric = row["task"], row.get("metric") or "macro_f1"
+    task, metric = row["task"], row.get("metric") or DEFAULT_METRIC
     lines = [f"## Task `{task}`", ""]
     data: dict[str, Any] = {"status": row.get("status"), "method": row.get("method"), "metric": metric}
     if row.get("status") != "ok":
@@ -355,12 +346,18 @@ def _headline(row: dict, ev: dict | None) -> str:
 def _masks(rows: list[dict]) -> dict[str, Any]:
     """Selected indices of each task trained with a sparse method, labelled by task name."""
     from shpeft_core.delta import load_delta
-    from shpeft_core.methods import SPARSE_METHODS
+    from shpeft_core.methods import MethodError, get_method
+
+    def uses_mask(name) -> bool:
+        try:
+            return get_method(name).uses_mask
+        except MethodError:  # a row of a method this installation does not know
+            return False
 
     masks = {}
     methods = {r.get("method") for r in rows}
     for r in rows:
-        if (r.get("status") == "ok" and r.get("method") in SPARSE_METHODS and r.get("artifact_kind") == "delta"
+        if (r.get("status") == "ok" and uses_mask(r.get("method")) and r.get("artifact_kind") == "delta"
                 and r.get("delta_uri") and exists(r["delta_uri"])):
             label = r["task"] if len(methods) == 1 else f"{r['task']} ({r['method']})"
             masks[label] = load_delta(r["delta_uri"]).indices
@@ -436,7 +433,7 @@ def write_job_report(store: str, job_id: str) -> tuple[str, list[str]]:
     from shpeft_core.metrics import json_safe
 
     doc = {"job_id": job_id, "store": store, "written_at": now(), "tasks": per_task, "missing": missing}
-    atomic_write_bytes(join_uri(root, "report.json"), json.dumps(json_safe(doc), indent=1, allow_nan=False).encode())
+    atomic_write_bytes(layout.job_report_json(store, job_id), json.dumps(json_safe(doc), indent=1, allow_nan=False).encode())
     uri = layout.job_report_file(store, job_id)
     atomic_write_bytes(uri, "\n".join(lines).encode())
     return uri, pngs

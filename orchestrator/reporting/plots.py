@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shpeft_core.options import DEFAULT_METRIC  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 
 from orchestrator.store.layout import plots_dir, read_sweep_summary, sweep_root  # noqa: E402
@@ -70,7 +71,7 @@ def _trial_points(store: str, row: dict) -> list[dict]:
     summary = read_sweep_summary(sweep_root(store, row["task"], row.get("config_hash")))
     if summary is not None:  # else (no sweep, or a damaged summary) the row's own point
         return [t for t in summary["trials"] if t.get("val_metric") is not None]
-    m = row.get("metric") or "macro_f1"
+    m = row.get("metric") or DEFAULT_METRIC
     if row.get(f"val_{m}") is None:
         return []
     return [{"density": row["density"], "alpha": row["alpha"], "val_metric": row[f"val_{m}"]}]

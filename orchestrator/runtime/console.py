@@ -7,6 +7,8 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
+from shpeft_core.options import DEFAULT_METRIC
+
 log = logging.getLogger("shpeft.pipeline")
 
 __all__ = ['say', 'now', 'error_chain', 'short_error', 'print_results_table', 'quiet_frameworks']
@@ -71,7 +73,7 @@ def print_results_table(rows: list[dict[str, Any]]) -> None:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
 
     for r in rows:
-        m = r.get("metric") or "macro_f1"
+        m = r.get("metric") or DEFAULT_METRIC
         table.add_row(
             r["task"], r.get("status", "?"), m, fmt(r.get(f"val_{m}")), fmt(r.get(f"test_{m}")),
             fmt(r.get("density"), "{:.2e}"), fmt(r.get("alpha"), "{:.2f}"), fmt(r.get("trainable"), "{:d}"),

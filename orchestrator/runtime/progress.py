@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
+from shpeft_core.options import DEFAULT_METRIC
+
 __all__ = ["ProgressBoard", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
 
 
@@ -40,7 +42,7 @@ def format_epoch_line(event: dict[str, Any]) -> str:
     task = event.get("task", "?")
     if kind == "epoch":
         m = event.get("metrics", {})
-        metric = event.get("metric", "macro_f1")
+        metric = event.get("metric", DEFAULT_METRIC)
         trial = f" trial {event['trial']}" if event.get("trial") else ""
         return (
             f"[{task}{trial}] epoch {event['epoch'] + 1}/{event['epochs']} "
@@ -164,7 +166,7 @@ class ProgressView:
         row.done_by_trial[trial] = max(row.done_by_trial.get(trial, 0), int(event["epoch"]) + 1)
         if event.get("epochs"):
             row.epochs = max(row.epochs, int(event["epochs"]))
-        row.metric = event.get("metric") or row.metric or "macro_f1"
+        row.metric = event.get("metric") or row.metric or DEFAULT_METRIC
         value = (event.get("metrics") or {}).get(f"val_{row.metric}")
         if isinstance(value, (int, float)):
             row.value = float(value)

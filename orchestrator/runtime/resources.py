@@ -16,7 +16,7 @@ from orchestrator.job.spec import JobSpec
 # Reserved by each Tune trial function: Tune rejects 0, and the trial itself only waits on its trainer.
 TRIAL_CPU = 0.01
 
-__all__ = ['TRIAL_CPU', 'connect_ray', 'cluster_resources', 'worker_resources', 'trainer_slots', 'ray_storage']
+__all__ = ['TRIAL_CPU', 'cluster_resources', 'worker_resources', 'trainer_slots', 'ray_storage']
 
 
 def cluster_resources() -> tuple[float, float]:
@@ -67,26 +67,3 @@ def ray_storage(uri: str) -> tuple[str, Any]:
 
     fs, p = url_to_fs(uri)
     return p, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def connect_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Start a local embedded Ray (``address`` None) or join a cluster, unless Ray already runs here.
-
-    Local: explicit ``num_cpus`` (container CPU detection can be wrong), dashboard bound to 127.0.0.1.
-    Ray's own start-up lines and the workers' output stay in Ray's session logs
-    (``/tmp/ray/session_latest/logs``) unless SHPEFT_VERBOSE=1. Returns whether this call started it.
-    """
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    verbose = bool(os.environ.get("SHPEFT_VERBOSE"))
-    quiet = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
-    if address is None:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, dashboard_host="127.0.0.1",
-                 include_dashboard=False if os.environ.get("SHPEFT_NO_DASHBOARD") else None, **quiet)
-    else:
-        ray.init(address=address, **quiet)
-    return True

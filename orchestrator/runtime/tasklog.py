@@ -24,17 +24,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
+from shpeft_core.options import DEFAULT_METRIC
+from shpeft_core.io import atomic_write_bytes, exists, read_bytes
 
-__all__ = ["logs_dir", "log_file", "captured_output", "StoreLogs", "read_logs"]
+from orchestrator.store.layout import log_file, logs_dir
 
-
-def logs_dir(store: str, job_id: str) -> str:
-    return join_uri(store, "logs", job_id)
-
-
-def log_file(store: str, job_id: str, name: str) -> str:
-    return join_uri(logs_dir(store, job_id), f"{name}.log")
+__all__ = ["captured_output", "StoreLogs", "read_logs"]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its tracebacks; a log file wants plain text
@@ -182,7 +177,7 @@ class StoreLogs:
             self.add(task, [f"{prefix}{ln}" for ln in event["lines"]])
         elif kind == "epoch":
             m = event.get("metrics") or {}
-            metric = event.get("metric", "macro_f1")
+            metric = event.get("metric", DEFAULT_METRIC)
             self.add(task, [f"{_stamp()} {prefix}epoch {event['epoch'] + 1}/{event['epochs']} "
                             f"train_loss {m.get('train_loss', float('nan')):.4f} "
                             f"val_{metric} {m.get('val_' + metric, float('nan')):.4f}"])

@@ -24,17 +24,15 @@ __all__ = ["WarmWorker", "WorkerPool", "run_on_pool"]
 
 
 class WarmWorker:
-    """One slot's long-lived worker process (a Ray actor class; see ``run_on_pool``)."""
+    """One slot's long-lived worker process (a Ray actor class; see ``run_on_pool``). It imports the
+    ``preload`` modules when it starts: what every run it will serve needs, once per process instead of
+    once per run (the caller names them; the pool knows nothing of what runs on it)."""
 
-    def __init__(self):
-        # What every run needs, imported once per process instead of once per run.
-        import sklearn.metrics  # noqa: F401  (the first evaluation's import: ~1 s, once per process)
-        import timm  # noqa: F401
-        import torch  # noqa: F401
+    def __init__(self, preload: tuple[str, ...] = ()):
+        import importlib
 
-        from orchestrator.stages import evaluation as evaluate
-        from orchestrator.stages import task_run  # noqa: F401
-        from tasks import loaders, transforms  # noqa: F401
+        for name in preload:
+            importlib.import_module(name)
 
     def ready(self) -> dict[str, Any]:
         import ray
@@ -50,7 +48,7 @@ class WorkerPool:
     another reuses the same processes), ``close`` ends them. Actors start as soon as the pool is made, so
     their imports overlap whatever the driver does before the first ``run``."""
 
-    def __init__(self, slots: int, resources: dict[str, float]):
+    def __init__(self, slots: int, resources: dict[str, float], preload: tuple[str, ...] = ()):
         import ray
 
         self._cls = ray.remote(WarmWorker).options(
@@ -58,13 +56,14 @@ class WorkerPool:
             scheduling_strategy="SPREAD")
         self.slots = max(1, slots)
         self.resources = dict(resources)
+        self.preload = tuple(preload)
         self._starting: dict[Any, Any] = {}  # ready() ref -> actor
         self._idle: list[Any] = []
         for _ in range(self.slots):
             self._start()
 
     def _start(self) -> None:
-        actor = self._cls.remote()
+        actor = self._cls.remote(self.preload)
         self._starting[actor.ready.remote()] = actor
 
     def close(self) -> None:
@@ -161,12 +160,12 @@ class WorkerPool:
 def run_on_pool(fn: Callable[[Any], Any], items: list[tuple[Any, Any]], *, slots: int,
                 resources: dict[str, float], max_failures: int,
                 on_start: Callable[[Any], Any] | None = None,
-                on_done: Callable[[Any, Callable[[], Any]], None]) -> None:
-    """``WorkerPool(slots, resources).run(...)`` on a pool of its own (at most one actor per item), ended
-    after, each actor as soon as nothing is left for it."""
+                on_done: Callable[[Any, Callable[[], Any]], None], preload: tuple[str, ...] = ()) -> None:
+    """``WorkerPool(slots, resources, preload).run(...)`` on a pool of its own (at most one actor per item),
+    ended after, each actor as soon as nothing is left for it."""
     if not items:
         return
-    with WorkerPool(min(slots, len(items)), resources) as pool:
+    with WorkerPool(min(slots, len(items)), resources, preload) as pool:
         pool.run(fn, items, max_failures=max_failures, on_start=on_start, on_done=on_done, keep=False)
 
 

@@ -264,7 +264,7 @@ def predict_dataset(
     import ray
 
     from orchestrator.serving.predict import check_base_weights, load_deltas, model_for_delta
-    from orchestrator.runtime.resources import connect_ray
+    from orchestrator.runtime.session import ray_session
     from shpeft_core.io import sha256_file
 
     deltas, _ = load_deltas(delta_uris, backbone)
@@ -274,8 +274,7 @@ def predict_dataset(
     out_fs, out_path = _check_output(output)
     src = resolve_input(inputs, column=column, id_column=id_column)
 
-    started = connect_ray(address, num_cpus)
-    try:
+    with ray_session(address, num_cpus):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(os.environ.get("SHPEFT_VERBOSE"))
         pa_fs = src.pa_filesystem()
@@ -301,9 +300,6 @@ def predict_dataset(
             if out_fs.exists(tmp):
                 out_fs.rm(tmp, recursive=True)
             raise
-    finally:
-        if started:
-            ray.shutdown()
     import pyarrow.parquet as pq
 
     table = pq.read_table(out_path, columns=["error"], filesystem=_pa_fs(out_fs, output))

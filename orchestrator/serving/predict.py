@@ -146,31 +146,6 @@ def decode_image(path: str):
     return decode_image_bytes(data, path)
 
 
-def _safetensors_metadata(uri: str) -> dict:
-    """The header metadata of a safetensors file ({} when it is not one)."""
-    import fsspec
-
-    try:
-        with fsspec.open(uri, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < (100 << 20):
-                return {}
-            return json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _artifact_kind(uri: str) -> str | None:
-    """'lora' or 'checkpoint' for the other methods' artifacts (see shpeft_core.methods), else None."""
-    from shpeft_core.io import exists, join_uri
-
-    if uri.rstrip("/").endswith(".lora") or exists(join_uri(uri, "adapter_config.json")):
-        return "lora"
-    if "shpeft_checkpoint" in _safetensors_metadata(uri):
-        return "checkpoint"
-    return None
-
-
 def load_task_delta(uri: str) -> TaskDelta:
     """A verified task delta (tensor digests checked), or PredictError naming ``uri``.
 
@@ -180,12 +155,15 @@ def load_task_delta(uri: str) -> TaskDelta:
     try:
         return load_delta(uri)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, DeltaError) as exc:
-        kind = _artifact_kind(uri)
-        if kind is not None:
+        from shpeft_core.artifacts import kind_of
+        from shpeft_core.methods import all_methods
+
+        kind = kind_of(uri)
+        if kind not in (None, "delta"):
+            sharing = ", ".join(m.name for m in all_methods() if m.artifact == "delta")
             raise PredictError(
-                f"{uri} is a {kind} artifact; only sparse task deltas (.safetensors from shpeft, specific, "
-                f"agnostic, random, gps or linear) share one backbone. Load it with "
-                f"shpeft_core.methods.load_artifact, or `shpeft export` a delta instead"
+                f"{uri} is a {kind} artifact; only task deltas (from {sharing}) share one backbone. Load it "
+                f"with shpeft_core.methods.load_artifact, or `shpeft export` a delta instead"
             ) from None
         if isinstance(exc, DeltaError):
             raise PredictError(str(exc)) from None

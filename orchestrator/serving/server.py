@@ -85,7 +85,7 @@ class DeltaServer:
 
     def __init__(self, backbone: dict[str, Any], *, max_deltas: int = 16, delta_root: str | None = None,
                  device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005):
-        from orchestrator.stages.task_run import build_backbone
+        from shpeft_core.backbone import build_backbone
         from tasks.transforms import transform_for
 
         self.device = device

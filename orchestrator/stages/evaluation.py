@@ -15,6 +15,8 @@ import json
 import time
 from typing import Any
 
+from shpeft_core.options import EVAL_SPLITS, SUMMARY_METRICS
+
 __all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval"]
 
 EVAL_FORMAT = "shpeft-eval/2"  # /2: the catalogue fields and the file's own checksum
@@ -24,7 +26,6 @@ class EvalFileError(ValueError):
     """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
 
 
-SPLITS = ("val", "test")
 
 
 def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
@@ -32,8 +33,8 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     writes its evaluation file beside it."""
     import torch
 
-    from shpeft_core.methods import (artifact_kind, artifact_metadata, artifact_sha256, artifact_size,
-                                     load_artifact)
+    from shpeft_core.artifacts import artifact_metadata, artifact_sha256, artifact_size
+    from shpeft_core.methods import get_method, load_artifact
     from shpeft_core.train import evaluate
     from tasks.loaders import build_loader
     from tasks.transforms import transform_for
@@ -41,7 +42,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
 
     from orchestrator.runtime.console import now
     from orchestrator.store.layout import eval_file
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -53,7 +54,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     splits: dict[str, dict] = {}
     thresholds = None  # multi_label: chosen on val (the first split), applied to test
-    for split in SPLITS:
+    for split in EVAL_SPLITS:
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size,
                               cache=getattr(plan, "data_cache", None))
         got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, kind=spec.kind,
@@ -61,9 +62,9 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         if spec.kind == "multi_label":
             thresholds = got["per_finding"]["threshold"]
         splits[split] = got
-        for k in ("loss", "accuracy", "macro_f1", "auc") + (("kappa",) if spec.kind == "ordinal" else ()):
+        for k in (m for m in SUMMARY_METRICS if m in got):  # kappa: ordinal tasks only
             out[f"{split}_{k}"] = float(got[k])
-    kind = artifact_kind(plan.method)
+    kind = get_method(plan.method).artifact
     if kind == "delta":
         from shpeft_core.delta import load_delta
 

@@ -35,7 +35,7 @@ def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict,
     from tasks.transforms import transform_for
     from tasks.spec import TaskSpec
 
-    from orchestrator.stages.task_run import build_backbone
+    from shpeft_core.backbone import build_backbone
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -117,20 +117,22 @@ def _compute_packed(args: tuple) -> dict[str, Any]:
     return compute_dataset_importance(*args)
 
 
-def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: list, pool_extra: list,
-                      force: bool, progress: bool, counters: dict[str, int],
-                      extra_estimators: dict[str, set[str]] | None = None, workers=None,
-                      board=None) -> ImportanceMaps:
+def run_importance_stage(ctx, targets: list, pool_extra: list,
+                         methods_by_task: dict[str, set[str]] | None = None) -> ImportanceMaps:
     """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
 
-    ``extra_estimators`` asks for more maps of a target (gps ranks by grad1 whatever the job's estimator).
-    ``workers`` (a ``worker_pool.WorkerPool``) computes the maps in its warm actors instead of one Ray
-    task (1 CPU) each; its actors must hold a GPU exactly when ``importance_gpu(job)``.
+    ``methods_by_task`` names the methods each target will run: their maps are computed besides the
+    job's estimator's (``extra_estimators``). ``ctx.workers`` (a ``worker_pool.WorkerPool``) computes the
+    maps in its warm actors instead of one Ray task (1 CPU) each; its actors must hold a GPU exactly when
+    ``importance_gpu(job)``.
     """
     import ray
 
     from orchestrator.stages.fingerprints import fingerprint_for_job
 
+    job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
+    workers, board = ctx.workers, ctx.board
+    extras = extra_estimators(job, targets, methods_by_task or {})
     imp = job.importance
     use_gpu = importance_gpu(job)
     settings = {
@@ -145,7 +147,7 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
     for spec in [*targets, *pool_extra]:
         if spec.name not in wanted:
             continue
-        for est in sorted({imp.estimator} | (extra_estimators or {}).get(spec.name, set())):
+        for est in sorted({imp.estimator} | extras.get(spec.name, set())):
             d = DatasetMap(spec.name, spec, estimator=est)
             try:
                 if spec.name not in fingerprints:
@@ -169,7 +171,7 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
         if not force and cache_hit(d.uri, f"importance {d.name} ({d.estimator})", progress):
             for g in group:
                 g.cache = "hit"
-            counters["importance_loaded"] += 1
+            ctx.count("importance_loaded")
             say(f"importance {d.name} ({d.estimator}): cache hit, nothing computed", progress)
             continue
         say(f"importance {d.name} ({d.estimator}): computing", progress)
@@ -183,7 +185,7 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
     def finished(group: list[DatasetMap], get_result) -> None:
         try:
             out = get_result()
-            counters["importance_computed"] += 1
+            ctx.count("importance_computed")
             for g in group:
                 g.cache, g.seconds = "miss", out["seconds"]
             say(f"importance {group[0].name} ({group[0].estimator}): computed in {out['seconds']:.1f}s", progress)
@@ -204,14 +206,13 @@ def run_importance_stage(job: JobSpec, store: str, backbone_fp: str, targets: li
     agnostic: dict[str, dict[str, Any]] = {}
     for t in targets:
         pool = [maps[(n, imp.estimator)] for n in members[t.name] if (n, imp.estimator) in maps]
-        agnostic[t.name] = agnostic_map(job, store, backbone_fp, t.name, pool, combined, force, progress, counters)
+        agnostic[t.name] = agnostic_map(ctx, t.name, pool, combined)
     return ImportanceMaps(maps=maps, agnostic=agnostic)
 
 
-def agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool: list[DatasetMap],
-                  combined: dict[str, dict[str, Any]], force: bool, progress: bool,
-                  counters: dict[str, int]) -> dict[str, Any]:
+def agnostic_map(ctx, target: str, pool: list[DatasetMap], combined: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The combined map of ``pool`` (computed once per distinct pool and cached by content)."""
+    job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
     imp = job.importance
     out = {"key": None, "uri": None, "cache": "", "error": None, "includes_target": imp.include_target}
     broken = [d.name for d in pool if d.error]
@@ -230,20 +231,20 @@ def agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool: 
     names = ", ".join(d.name for d in pool)
     if not force and cache_hit(uri, f"task-agnostic importance for {target}", progress):
         out["cache"] = "hit"
-        counters["importance_loaded"] += 1
+        ctx.count("importance_loaded")
         say(f"task-agnostic importance for {target} ({names}): cache hit, nothing computed", progress)
     else:
         from shpeft_core.importance import ImportanceMap, combine_importance
 
         model = None
         if imp.magnitude_blend > 0:
-            from orchestrator.stages.task_run import build_backbone
+            from shpeft_core.backbone import build_backbone
 
             model = build_backbone(backbone_dict(job), 2)
         maps = [ImportanceMap.load(d.uri) for d in pool]
         combine_importance(maps, normalization=imp.normalization, reduce=imp.reduce,
                            magnitude_blend=imp.magnitude_blend, model=model).save(uri)
-        counters["importance_computed"] += 1
+        ctx.count("importance_computed")
         out["cache"] = "miss"
         say(f"task-agnostic importance for {target}: combined {len(pool)} maps ({names})", progress)
     combined[key] = out
@@ -251,5 +252,11 @@ def agnostic_map(job: JobSpec, store: str, backbone_fp: str, target: str, pool: 
 
 
 def extra_estimators(job: JobSpec, targets: list, methods_by_task: dict[str, set[str]]) -> dict[str, set[str]]:
-    """gps ranks by the task's grad1 map: ask stage 1 for it where the job's estimator is another."""
-    return {t.name: {"grad1"} for t in targets if "gps" in methods_by_task.get(t.name, set())}
+    """The maps each target's methods load besides the job's estimator (gps ranks by grad1, whatever the
+    job's estimator is): stage 1 computes them too."""
+    from shpeft_core.methods import get_method
+
+    est = job.importance.estimator
+    out = {t.name: {get_method(m).importance_estimator(est) for m in methods_by_task.get(t.name, set())} - {est}
+           for t in targets}
+    return {name: ests for name, ests in out.items() if ests}

@@ -1,10 +1,7 @@
 """Stage 3: the sweeps of every task at once, as one Ray Tune run.
 
-Each task keeps its own seeded Optuna TPE study and its own ASHA bracket: ``PerTaskSearcher`` routes
-every suggestion and result to the task's OptunaSearch, ``PerTaskScheduler`` every result to the
-task's ASHAScheduler, so tasks never compete inside a rung while their trials share the cluster
-(one Tune run has one searcher; a grid over tasks is not an option with Optuna). Suggestions
-alternate between tasks with budget left, so every task's sweep advances together.
+Each task keeps its own seeded Optuna TPE study and its own ASHA bracket (``sweep_search``), so tasks
+never compete inside a rung while their trials share the cluster.
 
 A one-worker trial trains inside the trial (it holds the worker's resources); a data-parallel trial
 holds 0.01 CPU and builds a TorchTrainer reporting to Tune. ``max_concurrent_trials`` is what the
@@ -21,140 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 import zlib
 from typing import Any
 
-from shpeft_core.io import (DamagedFileError, atomic_write_bytes, exists, join_uri, read_bytes, read_sealed_json, remove,
-                            write_sealed_json)
+from shpeft_core.io import DamagedFileError, exists, read_sealed_json, remove, write_sealed_json
 
+from orchestrator.stages import RUN_IMPORTS
 from orchestrator.store import layout
 from orchestrator.runtime.console import say, short_error
 from orchestrator.stages.evaluation import EvalFileError, evaluate_artifact, read_eval, write_eval
 from orchestrator.runtime.resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
 from orchestrator.stages.training import fault_for
 from orchestrator.runtime.worker_pool import run_on_pool
+from orchestrator.stages.sweep_search import (PerTaskScheduler, PerTaskSearcher, asha_stop_points, search_space,
+                                              trial_artifact_at)
 
-__all__ = ["run_sweeps", "PerTaskSearcher", "PerTaskScheduler", "search_space", "asha_stop_points",
-           "trial_artifact_at"]
-
-
-def search_space(plan, sweep) -> dict[str, Any]:
-    """Optuna distributions of what the task's method can vary: density (sparse), alpha (shpeft), lr."""
-    from optuna.distributions import FloatDistribution
-
-    from shpeft_core.methods import SPARSE_METHODS
-
-    def dist(lo: float, hi: float, log: bool):
-        return FloatDistribution(lo, hi, log=log) if not math.isclose(lo, hi) else FloatDistribution(lo, lo)
-
-    space = {}
-    if plan.method in SPARSE_METHODS:
-        space["density"] = dist(*sweep.density_range, log=True)
-        if plan.method == "shpeft":
-            space["alpha"] = dist(*sweep.alpha_range, log=False)
-    if sweep.lr_range is not None:
-        space["lr"] = dist(*sweep.lr_range, log=True)
-    if not space:
-        raise ValueError(f"sweep of {plan.task_name}: method {plan.method} has nothing to search; set sweep.lr_range")
-    return space
-
-
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
-class PerTaskSearcher(_searcher_base()):
-    """One Optuna study per task behind Tune's single-searcher interface (see the module doc)."""
-
-    def __init__(self, searchers: dict[str, Any], budget: dict[str, int], metric: str, mode: str):
-        super().__init__(metric=metric, mode=mode)
-        self._searchers = searchers
-        self._left = dict(budget)
-        self._owner: dict[str, str] = {}
-        self._turn = 0
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # every study got its own space, metric and mode when it was built
-
-    def suggest(self, trial_id: str):
-        tasks = [t for t in self._searchers if self._left[t] > 0]
-        if not tasks:
-            return self.FINISHED
-        for i in range(len(tasks)):
-            task = tasks[(self._turn + i) % len(tasks)]
-            config = self._searchers[task].suggest(trial_id)
-            if config is None or config == self.FINISHED:
-                continue
-            self._turn += 1
-            self._left[task] -= 1
-            self._owner[trial_id] = task
-            return {**config, "task": task}
-        return None
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._owner:
-            self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._owner:
-            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
-
-    def save(self, checkpoint_path: str) -> None:
-        """Nothing to save: a rerun resumes from the tasks' ledgers of finished trials, not Tune's state."""
-
-    def restore(self, checkpoint_path: str) -> None:
-        """See save: the ledgers, not a pickled searcher, are what a resumed sweep starts from."""
-
-
-def _scheduler_base():
-    from ray.tune.schedulers import FIFOScheduler
-
-    return FIFOScheduler
-
-
-class PerTaskScheduler(_scheduler_base()):
-    """One ASHA bracket per task: a trial's results are only compared with its own task's trials."""
-
-    def __init__(self, make_scheduler):
-        super().__init__()
-        self._make = make_scheduler
-        self._by_task: dict[str, Any] = {}
-        self._props: tuple[str | None, str | None] = (None, None)
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        self._props = (metric, mode)
-        for s in self._by_task.values():
-            s.set_search_properties(metric, mode, **spec)
-        return True
-
-    def _for(self, trial):
-        task = trial.config.get("task", "")
-        if task not in self._by_task:
-            self._by_task[task] = self._make()
-            self._by_task[task].set_search_properties(*self._props)
-        return self._by_task[task]
-
-    def on_trial_add(self, tune_controller, trial):
-        self._for(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller, trial):
-        self._for(trial).on_trial_error(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result):
-        return self._for(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        self._for(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial):
-        self._for(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "; ".join(f"{t}: {s.debug_string()}" for t, s in self._by_task.items())
+__all__ = ["run_sweeps"]
 
 
 def _remove_leftover_placement_groups(before: set[str]) -> None:
@@ -170,38 +50,6 @@ def _remove_leftover_placement_groups(before: set[str]) -> None:
     for pg_id, info in ray.util.placement_group_table().items():
         if pg_id not in before and info.get("state") == "CREATED":
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-
-
-def _copy_artifact(src: str, dst: str, kind: str) -> None:
-    from shpeft_core.methods import artifact_files
-
-    if kind != "lora":
-        atomic_write_bytes(dst, read_bytes(src))
-        return
-    for f in artifact_files(src):
-        atomic_write_bytes(join_uri(dst, f.rsplit("/", 1)[-1]), read_bytes(f))
-
-
-def asha_stop_points(max_t: int, grace_period: int, reduction_factor: float, brackets: int) -> frozenset[int]:
-    """The training iterations after which ASHA can stop a trial that reports every iteration.
-
-    Ray's ASHAScheduler gives bracket s the rungs grace_period * rf ** (k + s) (k < int(log(max_t /
-    grace_period) / log(rf) - s + 1)) and decides about a trial only at the first result at or past a
-    rung it has not recorded the trial in, or at max_t. A trial's last reported epoch is one of these.
-    """
-    import numpy as np
-
-    points = {int(max_t)}
-    for s in range(brackets):
-        rungs = int(np.log(max_t / grace_period) / np.log(reduction_factor) - s + 1)
-        points.update(math.ceil(grace_period * reduction_factor ** (k + s)) for k in range(rungs))
-    return frozenset(p for p in points if 1 <= p <= max_t)
-
-
-def trial_artifact_at(template: str, stop_points: frozenset[int], epoch: int) -> str | None:
-    """Where a trial writes its artifact after ``epoch`` (0-based): after each epoch it may end on, named by
-    the epochs it holds (``{epochs}`` in ``template``), so a ledger entry names exactly its last epoch's."""
-    return template.replace("{epochs}", str(epoch + 1)) if epoch + 1 in stop_points else None
 
 
 def _direct_trial(plan, board, trial_id: str, trial_artifact, checkpoint_root: str,
@@ -237,7 +85,7 @@ class _Sweep:
         if force:
             remove(self.root, recursive=True)
         self.summary_uri = layout.sweep_summary(self.root)
-        self.ledger_uri = join_uri(self.root, "ledger.json")
+        self.ledger_uri = layout.sweep_ledger(self.root)
         self.ledger, self.summary = self._read_state(progress)
         self.budget = max(0, sweep.trials_per_task - len(self.ledger))
 
@@ -292,7 +140,7 @@ def _trial_evaluation(name: str, trial_artifact: str, artifact: str, kind: str, 
     """The best trial's own evaluation, when its file verifies and is of the task artifact's very bytes: it
     becomes the task's evaluation file (only the artifact's path in it changes) and its catalogue fields are
     returned. None when the task's artifact must be evaluated again."""
-    from shpeft_core.methods import artifact_sha256
+    from shpeft_core.artifacts import artifact_sha256
 
     try:
         doc = read_eval(layout.eval_file(trial_artifact))
@@ -346,12 +194,13 @@ def _ledger_callback(sweeps: dict[str, _Sweep], board=None, tracker=None):
     return Ledger()
 
 
-def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: bool,
-               progress: bool, tracker=None) -> dict[str, dict]:
+def run_sweeps(ctx, plans: list[tuple]) -> dict[str, dict]:
     """Sweep every (plan, config_hash) at once; returns {task: row fields} (or {task: {"error": ...}}).
 
     Beside the row fields, each task's result carries its best trial's "lr" and "best_trial" id (for
-    tracking; not catalogue columns). ``tracker`` hears of each trial as it ends."""
+    tracking; not catalogue columns). ``ctx.tracker`` hears of each trial as it ends."""
+    job, store, job_id, board, force, progress = ctx.job, ctx.store, ctx.job_id, ctx.board, ctx.force, ctx.progress
+    tracker = ctx.tracker
     import optuna
     import ray
     import ray.train
@@ -361,7 +210,8 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from shpeft_core.methods import artifact_kind
+    from shpeft_core.artifacts import copy_artifact
+    from shpeft_core.methods import get_method
 
     from orchestrator.stages.task_run import train_task_loop
 
@@ -395,8 +245,8 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
         say(f"sweeping {len(todo)} task(s) at once: {sw.trials_per_task} trials each (Optuna TPE seed {sw.seed} "
              f"+ ASHA per task), up to {slots} trials in flight"
              + (f"; resuming after {resumed} finished trial(s)" if resumed else ""), progress)
-        tune_root = join_uri(store, "sweeps", "_tune", job_id)
-        train_storage = ray_storage(join_uri(tune_root, "train"))
+        tune_root = layout.tune_root(store, job_id)
+        train_storage = ray_storage(layout.tune_train_root(tune_root))
         tune_storage = ray_storage(tune_root)
         scaling = dict(num_workers=job.training.workers_per_task, use_gpu=job.training.use_gpu,
                        resources_per_worker=res)
@@ -484,7 +334,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
         try:
             summary = s.summary or s.finish(seconds)
             best = summary["best"]
-            _copy_artifact(best["delta_uri"], s.plan.artifact_uri, artifact_kind(s.plan.method))
+            copy_artifact(best["delta_uri"], s.plan.artifact_uri, get_method(s.plan.method).artifact)
             finals[name] = (s.plan.with_search_point(density=best["density"], alpha=best["alpha"], lr=best.get("lr")),
                             summary)
         except Exception as exc:
@@ -503,7 +353,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
 
     to_evaluate = []
     for name, (plan, summary) in finals.items():
-        row = _trial_evaluation(name, summary["best"]["delta_uri"], plan.artifact_uri, artifact_kind(plan.method),
+        row = _trial_evaluation(name, summary["best"]["delta_uri"], plan.artifact_uri, get_method(plan.method).artifact,
                                 progress)
         if row is not None:
             evaluated(name, lambda row=row: row)
@@ -511,6 +361,7 @@ def run_sweeps(job, store: str, job_id: str, plans: list[tuple], board, force: b
             to_evaluate.append((name, plan))
     # The others' best artifacts evaluated at once, in warm processes (one import of torch per slot).
     cpus, gpus = cluster_resources()
-    run_on_pool(evaluate_artifact, to_evaluate, slots=trainer_slots(cpus, gpus, job), resources=worker_resources(job),
+    run_on_pool(evaluate_artifact, to_evaluate, preload=RUN_IMPORTS, slots=trainer_slots(cpus, gpus, job),
+                resources=worker_resources(job),
                 max_failures=job.training.max_failures, on_done=evaluated)
     return out

@@ -17,18 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["train_task_loop", "run_plan", "run_with_checkpoints", "latest_checkpoint", "build_backbone",
-           "val_metric_value", "build_task_model"]
-
-
-def build_backbone(backbone: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """The job's backbone with a fresh head; seeded so a random-init backbone is reproducible everywhere."""
-    from shpeft_core.backbone import BackboneSpec, create_backbone
-
-    spec = BackboneSpec(name=backbone["name"], source=backbone.get("source"), kwargs=dict(backbone.get("kwargs") or {}))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_backbone(spec, num_classes)
+__all__ = ["train_task_loop", "run_plan", "run_with_checkpoints", "latest_checkpoint", "val_metric_value",
+           "build_task_model"]
 
 
 def val_metric_value(metrics: dict[str, Any], metric: str) -> float:
@@ -43,21 +33,22 @@ def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
 
     Returns (model to train, the method's save handle, trainable parameter count).
     """
+    from shpeft_core.backbone import build_backbone
     from shpeft_core.importance import ImportanceMap, load_warm_head
-    from shpeft_core.methods import SPARSE_METHODS, LoraSettings, method_mask, prepare_model
+    from shpeft_core.methods import get_method
     from shpeft_core.sparse import count_trainable
 
+    method = get_method(plan.method)
     model = build_backbone(plan.backbone, plan.num_classes)
     specific = ImportanceMap.load(plan.specific_uri) if plan.specific_uri else None
     if plan.head_init == "warm" and specific is not None:
         load_warm_head(model, specific)
     mask = None
-    if plan.method in SPARSE_METHODS:
+    if method.uses_mask:
         agnostic = ImportanceMap.load(plan.agnostic_uri) if plan.agnostic_uri and plan.alpha < 1 else None
-        mask = method_mask(plan.method, model=model, specific=specific, agnostic=agnostic, density=plan.density,
-                           alpha=plan.alpha, granularity=plan.granularity, mix=plan.mix, seed=plan.seed,
-                           rules=plan.rules)
-    net, handle = prepare_model(model, plan.method, mask=mask, lora=LoraSettings(**plan.lora))
+        mask = method.mask(model, specific=specific, agnostic=agnostic, density=plan.density, alpha=plan.alpha,
+                           granularity=plan.granularity, mix=plan.mix, seed=plan.seed, rules=plan.rules)
+    net, handle = method.prepare(model, mask=mask, settings=plan.settings)
     return net, handle, count_trainable(net)
 
 
@@ -210,19 +201,13 @@ def latest_checkpoint(root: str):
     A checkpoint folder is ``epoch-<k>`` with its state.json written last, so a half-written one
     fails to load and the one before it is used.
     """
-    from fsspec.core import url_to_fs
-
-    from shpeft_core.io import join_uri
     from shpeft_core.train import TrainStateError, load_train_state
 
-    fs, path = url_to_fs(root)
-    if not fs.exists(path):
-        return 0, None
-    epochs = sorted((int(p.rsplit("-", 1)[1]) for p in (q.rstrip("/").rsplit("/", 1)[-1] for q in fs.ls(path, detail=False))
-                     if p.startswith("epoch-") and p.rsplit("-", 1)[1].isdigit()), reverse=True)
-    for k in epochs:
+    from orchestrator.store.layout import checkpoint_dir, checkpoint_epochs
+
+    for k in checkpoint_epochs(root):
         try:
-            return k, load_train_state(join_uri(root, f"epoch-{k}"))
+            return k, load_train_state(checkpoint_dir(root, k))
         except (TrainStateError, FileNotFoundError, ValueError):
             continue
     return 0, None
@@ -235,8 +220,10 @@ def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, 
     When the process dies and the task is retried, training resumes after the newest checkpoint.
     ``after_epoch(epoch, metrics)`` is called once that epoch's checkpoint (and trial artifact) is written.
     """
-    from shpeft_core.io import join_uri, remove
+    from shpeft_core.io import remove
     from shpeft_core.train import save_train_state
+
+    from orchestrator.store.layout import checkpoint_dir
 
     start, resume_state = latest_checkpoint(checkpoint_root)
     if resume_state is not None and board is not None:
@@ -246,9 +233,9 @@ def run_with_checkpoints(plan, checkpoint_root: str, *, board=None, fault=None, 
 
     def report(epoch: int, metrics: dict[str, Any], state) -> None:
         _maybe_inject_fault(cfg, epoch)
-        save_train_state(state, join_uri(checkpoint_root, f"epoch-{epoch + 1}"))
+        save_train_state(state, checkpoint_dir(checkpoint_root, epoch + 1))
         if epoch + 1 - keep > 0:
-            remove(join_uri(checkpoint_root, f"epoch-{epoch + 1 - keep}"), recursive=True)
+            remove(checkpoint_dir(checkpoint_root, epoch + 1 - keep), recursive=True)
         if after_epoch is not None:
             after_epoch(epoch, {**metrics, "resumed_from_epoch": start - 1 if resume_state is not None else -1})
 

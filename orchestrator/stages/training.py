@@ -13,8 +13,9 @@ import os
 import time
 from typing import Any
 
-from shpeft_core.io import join_uri, remove
+from shpeft_core.io import remove
 
+from orchestrator.stages import RUN_IMPORTS
 from orchestrator.store import layout
 from orchestrator.runtime.console import now, say
 from orchestrator.stages.evaluation import evaluate_artifact
@@ -29,7 +30,7 @@ def train_direct(launch: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     plan = launch["plan"]
-    out = run_with_checkpoints(plan, join_uri(launch["run_root"], "checkpoints"), board=launch["board"],
+    out = run_with_checkpoints(plan, layout.run_checkpoints(launch["run_root"]), board=launch["board"],
                                fault=launch["fault"])
     train_s = time.perf_counter() - t0
     import ray
@@ -83,18 +84,21 @@ def fault_for(task: str, run_root: str) -> dict | None:
     name, epoch = spec.rsplit(":", 1)
     if name != task:
         return None
-    return {"epoch": int(epoch), "marker": join_uri(run_root, "fault-injected.json")}
+    return {"epoch": int(epoch), "marker": layout.fault_marker(run_root)}
 
 
-def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool, progress: bool, on_done,
-              workers=None) -> None:
-    """Stage 2: at most `slots` tasks in flight (each slot = one whole trainer).
+def train_all(ctx, plans: list[tuple], on_done) -> None:
+    """Stage 2: every (plan, base row, config hash) of ``plans``, at most `slots` tasks in flight (each slot
+    = one whole trainer).
 
     ``on_done(base_row, get_result)`` is called as each task ends; ``get_result()`` returns its row fields
-    or raises the task's error. One-worker tasks run on ``workers`` (a ``worker_pool.WorkerPool`` started
-    earlier in the job, e.g. before the importance stage) or on a pool of their own.
+    or raises the task's error. One-worker tasks run on ``ctx.workers`` (a ``worker_pool.WorkerPool``
+    started earlier in the job, e.g. before the importance stage) or on a pool of their own.
     """
     import ray
+
+    job, store, jid, board, force, progress = ctx.job, ctx.store, ctx.job_id, ctx.board, ctx.force, ctx.progress
+    workers = ctx.workers
 
     if not plans:
         return
@@ -104,7 +108,7 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
          f"({job.training.workers_per_task} worker(s) x {worker_resources(job)} each; cluster {cpus:g} CPU {gpus:g} GPU)",
          progress)
     res = worker_resources(job)
-    train_storage = ray_storage(join_uri(store, "runs"))  # Ray Train's run folder: runs/<run_name>
+    train_storage = ray_storage(layout.train_runs_root(store))  # Ray Train's run folder: runs/<run_name>
     launches = []
     for plan, base, chash in plans:
         run_name = f"{jid}-{plan.task_name}-{chash}"
@@ -139,6 +143,7 @@ def train_all(job, store: str, jid: str, plans: list[tuple], board, force: bool,
                         on_done=finished, keep=False)
         else:
             run_on_pool(train_direct, items, slots=slots, resources=res, max_failures=job.training.max_failures,
+                        preload=RUN_IMPORTS,
                         on_start=started, on_done=finished)
         return
 

@@ -4,8 +4,9 @@
 <store>/jobs/<job_id>.json                         the validated job
 <store>/importance/<key>.safetensors               one dataset's map (+ its warmed head)
 <store>/importance/agnostic-<key>.safetensors      a combined task-agnostic map
-<store>/runs/<job_id>-<task>-<hash>/               a run's checkpoints (and Ray Train's)
-<store>/sweeps/<task>-<hash>/                      a sweep's trials, Tune state, trials.json
+<store>/runs/<job_id>-<task>-<hash>/checkpoints/epoch-<n>/   a run's checkpoints (and Ray Train's runs)
+<store>/sweeps/<task>-<hash>/                      a sweep: ledger.json, trials.json, trials/, runs/
+<store>/sweeps/_tune/<job_id>/                     Tune's own state while a sweep runs
 <store>/deltas/<task>/<job_id>-<hash>.safetensors  a task's artifact (.lora/ folder, .checkpoint.safetensors)
 <store>/deltas/<task>/<job_id>-<hash>.eval.json    the artifact's evaluation: per-epoch history, val/test
                                                    confusion matrices, per-class sensitivity, specificity
@@ -14,12 +15,17 @@
 <store>/catalogue/<job_id>.parquet                 results, one row per task
 <store>/plots/<job_id>/*.png                       plots of a run
 <store>/plots/<job_id>/report.md, report.json      `shpeft report`: the job's report (PNGs beside it)
-<store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts
+<store>/reports/<id>/                              `shpeft compare`: results.parquet, report.md, PNGs, artifacts/
 <store>/backbones/                                 the demo's pre-trained backbone
+<store>/data/, data-smoke/, demo-job.yaml          the demo's generated datasets and its job file
 <store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
+<store>/mlruns/, tensorboard/<job_id>/             tracking of a local store without a tracking URI or folder
 <store>/data-cache/digests/<root key>.json         per-file sha256 of a dataset root, by content key (tasks/fingerprint.py)
 <store>/data-cache/arrays/<npz sha256>/*.npy       .npz images decompressed once, read on demand (tasks/datacache.py)
 ```
+
+Nothing else in shpeft joins a path under a store (a test checks the source tree); what a module writes
+inside a folder it is given here (a report's PNGs) is named by that module.
 
 An artifact's evaluation file sits beside it under the artifact's name (see ``eval_file``), wherever the
 artifact is (``shpeft compare`` writes them under its report folder too).
@@ -40,11 +46,11 @@ __all__ = [
     "normalise_store", "job_file", "importance_map", "agnostic_map", "run_root", "sweep_root", "artifact_uri", "task_artifact",
     "eval_file", "latest_pointer", "write_latest", "latest_artifact", "row_verified", "catalogue_dir", "catalogue_file",
     "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact",
-    "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "data_cache",
+    "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "sweep_ledger", "tune_root", "tune_train_root", "train_runs_root",
+    "run_checkpoints", "checkpoint_dir", "checkpoint_epochs", "fault_marker", "logs_dir", "log_file",
+    "compare_results", "compare_artifacts_dir", "compare_report_file", "job_report_json", "backbone_file",
+    "demo_data_dir", "demo_job_file", "mlflow_default_dir", "tensorboard_dir", "data_cache",
 ]
-
-_SUFFIX = {"delta": ".safetensors", "checkpoint": ".checkpoint.safetensors", "lora": ".lora"}
-
 
 def normalise_store(store: str) -> str:
     """Local folders become absolute paths (Ray rejects relative storage paths); URIs stay as they are."""
@@ -94,16 +100,71 @@ def read_sweep_summary(sweep_root_uri: str) -> dict | None:
         return None
 
 
+def sweep_ledger(sweep_root_uri: str) -> str:
+    """The sweep's finished trials, appended as each ends (sealed JSON)."""
+    return join_uri(sweep_root_uri, "ledger.json")
+
+
+def tune_root(store: str, job_id: str) -> str:
+    """Tune's own state (and its trials' Ray Train runs under train/) while a job's sweep runs."""
+    return join_uri(store, "sweeps", "_tune", job_id)
+
+
+def tune_train_root(tune_root_uri: str) -> str:
+    """The Ray Train runs of a sweep's data-parallel trials."""
+    return join_uri(tune_root_uri, "train")
+
+
+def train_runs_root(store: str) -> str:
+    """Ray Train's run folders of data-parallel tasks (runs/<run_name>)."""
+    return join_uri(store, "runs")
+
+
+def run_checkpoints(run_root_uri: str) -> str:
+    """A run's per-epoch checkpoints (``checkpoint_dir``)."""
+    return join_uri(run_root_uri, "checkpoints")
+
+
+def checkpoint_dir(checkpoints_uri: str, epochs: int) -> str:
+    """The checkpoint holding the train state after ``epochs`` completed epochs."""
+    return join_uri(checkpoints_uri, f"epoch-{int(epochs)}")
+
+
+def checkpoint_epochs(checkpoints_uri: str) -> list[int]:
+    """The completed-epoch counts of the checkpoints under ``checkpoints_uri``, newest first."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(checkpoints_uri)
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted((int(n[6:]) for n in names if n.startswith("epoch-") and n[6:].isdigit()), reverse=True)
+
+
+def fault_marker(run_root_uri: str) -> str:
+    """Test hook: the marker of a fault injected once into a run."""
+    return join_uri(run_root_uri, "fault-injected.json")
+
+
+def logs_dir(store: str, job_id: str) -> str:
+    return join_uri(store, "logs", job_id)
+
+
+def log_file(store: str, job_id: str, name: str) -> str:
+    return join_uri(logs_dir(store, job_id), f"{name}.log")
+
+
 def sweep_checkpoints(sweep_root_uri: str, trial_id: str | None = None) -> str:
     """The sweep's trial checkpoints (one folder per trial; removed when the sweep ends)."""
     return join_uri(sweep_root_uri, "runs", trial_id) if trial_id else join_uri(sweep_root_uri, "runs")
 
 
 def artifact_uri(folder: str, name: str, method: str) -> str:
-    """A run's artifact named ``name`` in ``folder``: a .safetensors file, or a folder for lora."""
-    from shpeft_core.methods import artifact_kind
+    """A run's artifact named ``name`` in ``folder``, with the suffix of the kind ``method`` writes."""
+    from shpeft_core.artifacts import artifact_name
+    from shpeft_core.methods import get_method
 
-    return join_uri(folder, f"{name}{_SUFFIX[artifact_kind(method)]}")
+    return join_uri(folder, artifact_name(name, get_method(method).artifact))
 
 
 def task_artifact(store: str, task: str, job_id: str, config_hash: str, method: str) -> str:
@@ -112,10 +173,9 @@ def task_artifact(store: str, task: str, job_id: str, config_hash: str, method: 
 
 def eval_file(artifact: str) -> str:
     """The evaluation JSON of the artifact at ``artifact``: same folder and name, ``.eval.json``."""
-    for suffix in sorted(_SUFFIX.values(), key=len, reverse=True):
-        if artifact.endswith(suffix):
-            return artifact[: -len(suffix)] + ".eval.json"
-    raise ValueError(f"{artifact}: not an artifact name (expected one of {sorted(_SUFFIX.values())})")
+    from shpeft_core.artifacts import strip_suffix
+
+    return strip_suffix(artifact) + ".eval.json"
 
 
 def latest_pointer(store: str, task: str) -> str:
@@ -143,7 +203,7 @@ def latest_artifact(store: str, task: str) -> dict:
 
 def row_verified(row: dict | None, config_hash: str, uri_field: str = "delta_uri") -> bool:
     """A finished row of this configuration whose artifact exists with the sha256 recorded in the row."""
-    from shpeft_core.methods import artifact_sha256
+    from shpeft_core.artifacts import artifact_sha256
 
     if not row or row.get("status") != "ok" or row.get("config_hash") != config_hash:
         return False
@@ -170,12 +230,53 @@ def job_report_file(store: str, job_id: str) -> str:
     return join_uri(plots_dir(store, job_id), "report.md")
 
 
+def job_report_json(store: str, job_id: str) -> str:
+    return join_uri(plots_dir(store, job_id), "report.json")
+
+
 def report_dir(store: str, report_id: str) -> str:
     return join_uri(store, "reports", report_id)
 
 
+def compare_results(report_root: str) -> str:
+    """A comparison's results: one row per (task, method, seed)."""
+    return join_uri(report_root, "results.parquet")
+
+
+def compare_report_file(report_root: str) -> str:
+    return join_uri(report_root, "report.md")
+
+
+def compare_artifacts_dir(report_root: str, task: str) -> str:
+    """Where a comparison keeps one task's artifacts (one per method and seed)."""
+    return join_uri(report_root, "artifacts", task)
+
+
 def backbones_dir(store: str) -> str:
     return join_uri(store, "backbones")
+
+
+def backbone_file(store: str, name: str, key: str) -> str:
+    """A backbone's weights kept in the store (the demo's pre-trained backbone), named by its content."""
+    return join_uri(backbones_dir(store), f"{name}-{key}.safetensors")
+
+
+def mlflow_default_dir(store: str) -> str:
+    """Where MLflow tracks a job with a local store and no tracking URI (``file:`` store)."""
+    return join_uri(store, "mlruns")
+
+
+def tensorboard_dir(store: str, job_id: str) -> str:
+    """A job's TensorBoard event files when the job names no folder of its own."""
+    return join_uri(store, "tensorboard", job_id)
+
+
+def demo_data_dir(store: str, smoke_test: bool = False) -> str:
+    return join_uri(store, "data-smoke" if smoke_test else "data")
+
+
+def demo_job_file(store: str, smoke_test: bool = False) -> str:
+    return join_uri(store, "demo-smoke-job.yaml" if smoke_test else "demo-job.yaml")
 
 
 def data_cache(store: str) -> str:

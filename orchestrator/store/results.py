@@ -14,13 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from shpeft_core.options import SUMMARY_METRICS
 from shpeft_core.io import atomic_write_bytes, join_uri, read_bytes
 
 from orchestrator.store.layout import catalogue_dir, catalogue_file
 
 __all__ = ["SCHEMA", "METRIC_NAMES", "catalogue_uri", "read_catalogue", "write_rows", "latest_rows"]
 
-METRIC_NAMES = ("accuracy", "macro_f1", "auc", "loss", "kappa")  # kappa: ordinal tasks only
+METRIC_NAMES = SUMMARY_METRICS  # kappa: ordinal tasks only
 
 SCHEMA = pa.schema(
     [

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from shpeft_core.options import SUMMARY_METRICS
 from shpeft_core.io import join_uri, local_path
 
 from orchestrator.store import layout
@@ -39,7 +40,7 @@ log = logging.getLogger("shpeft.tracking")
 
 # Per-epoch values that are not metrics of the epoch (the epoch itself, a constant, a duplicate).
 _NOT_LOGGED = {"epoch", "trainable", "val_metric"}
-_FINAL_METRICS = ("accuracy", "macro_f1", "auc", "loss", "kappa")  # kappa: ordinal tasks
+_FINAL_METRICS = SUMMARY_METRICS
 
 Key = tuple  # ("job",), ("task", name) or ("trial", name, trial_id)
 
@@ -62,7 +63,7 @@ def resolve_mlflow_uri(uri: str | None, store: str) -> str:
             root = _local(store)
             if root is None:
                 raise ValueError(f"the store {store} is not a local folder; set tracking.mlflow.uri")
-            return "file:" + os.path.join(root, "mlruns")
+            return "file:" + layout.mlflow_default_dir(root)
     if ":" not in uri or (len(uri) > 1 and uri[1] == ":"):  # a bare path (or a Windows drive)
         return "file:" + os.path.abspath(os.path.expanduser(uri))
     scheme, rest = uri.split(":", 1)
@@ -90,7 +91,7 @@ def tensorboard_root(directory: str | None, store: str, job_id: str) -> str:
         root = _local(store)
         if root is None:
             raise ValueError(f"the store {store} is not a local folder; set tracking.tensorboard.dir")
-        return os.path.join(root, "tensorboard", job_id)
+        return layout.tensorboard_dir(root, job_id)
     if "://" in directory and _local(directory) is None:
         raise ValueError(f"{directory} is not a local folder")
     return os.path.join(os.path.abspath(os.path.expanduser(_local(directory) or directory)), job_id)
@@ -152,14 +153,15 @@ def _local_copy(uri: str) -> Iterator[str]:
     if path is not None:
         yield path
         return
-    from shpeft_core.methods import artifact_files
+    from shpeft_core.artifacts import KINDS, artifact_files, kind_of
 
     name = uri.rstrip("/").rsplit("/", 1)[-1]
+    kind = kind_of(uri)
     with tempfile.TemporaryDirectory(prefix="shpeft-track-") as d:
         target = os.path.join(d, name)
-        if name.endswith(".lora"):
+        if kind is not None and KINDS[kind].is_folder:
             os.makedirs(target)
-            for f in artifact_files(uri):
+            for f in artifact_files(uri, kind):
                 with open(os.path.join(target, f.rsplit("/", 1)[-1]), "wb") as out:
                     out.write(read_bytes(f))
         else:

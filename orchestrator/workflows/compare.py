@@ -18,29 +18,42 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes
-from shpeft_core.methods import IMPORTANCE_METHODS, METHODS, SPARSE_METHODS, artifact_kind
-from shpeft_core.selection import MIXES
+from shpeft_core.io import atomic_write_bytes, exists, read_bytes
+from shpeft_core.methods import get_method, method_names
+from shpeft_core.options import DEFAULT_METRIC, EVAL_SPLITS, MIXES, SUMMARY_METRICS
 
-from orchestrator.runtime.console import quiet_frameworks, say, short_error
-from orchestrator.stages.evaluation import evaluate_artifact
-from orchestrator.stages.importance_maps import extra_estimators, run_importance_stage
-from orchestrator.job.spec import JobSpec, content_hash, job_id as compute_job_id, resolve_task, task_name
-from orchestrator.job.keys import task_config_hash
-from orchestrator.workflows.run import note_input_sizes, preflight
-from orchestrator.job.plan import plan_for
-from orchestrator.runtime.resources import cluster_resources, connect_ray, trainer_slots, worker_resources
-from orchestrator.store.layout import artifact_uri, normalise_store, report_dir, row_verified
+from orchestrator.job.spec import JobSpec, JobSpecError, content_hash, job_id as compute_job_id, task_name
+from orchestrator.runtime.console import say, short_error
+from orchestrator.runtime.resources import cluster_resources, trainer_slots, worker_resources
+from orchestrator.runtime.session import ray_session
 from orchestrator.runtime.worker_pool import run_on_pool
+from orchestrator.stages import RUN_IMPORTS
+from orchestrator.stages.context import StageContext, plan_task
+from orchestrator.stages.evaluation import evaluate_artifact
+from orchestrator.stages.importance_maps import run_importance_stage
+from orchestrator.store import layout
+from orchestrator.store.layout import normalise_store, report_dir, row_verified
+from orchestrator.workflows.preflight import preflight, resolve_targets
 
-__all__ = ["CompareResult", "DEFAULT_METHODS", "parse_methods", "run_compare", "RESULT_COLUMNS"]
+__all__ = ["CompareResult", "DEFAULT_METHODS", "default_methods", "parse_methods", "run_compare",
+           "RESULT_COLUMNS"]
 
-DEFAULT_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random", "gps", "linear", "bitfit",
-                   "lora", "full")
+
+def default_methods() -> tuple[str, ...]:
+    """Every registered method, a hybrid once per rule (``shpeft`` with the job's rule, then the others)."""
+    out = []
+    for name in method_names():
+        out.append(name)
+        if get_method(name).takes_mix:
+            out += [f"{name}:{mix}" for mix in MIXES[1:]]
+    return tuple(out)
+
+
+DEFAULT_METHODS = default_methods()
 RESULT_COLUMNS = [
     ("task", pa.string()), ("method", pa.string()), ("mix", pa.string()), ("seed", pa.int64()),
     ("density", pa.float64()), ("alpha", pa.float64()), ("lr", pa.float64()), ("epochs", pa.int64()),
-    *[(f"{s}_{m}", pa.float64()) for s in ("val", "test") for m in ("macro_f1", "accuracy", "auc", "loss", "kappa")],
+    *[(f"{s}_{m}", pa.float64()) for s in EVAL_SPLITS for m in SUMMARY_METRICS],
     ("trainable", pa.int64()), ("artifact_bytes", pa.int64()), ("artifact_kind", pa.string()),
     ("artifact_uri", pa.string()), ("sha256", pa.string()), ("config_hash", pa.string()),
     ("train_s", pa.float64()), ("status", pa.string()), ("error", pa.string()),
@@ -54,10 +67,12 @@ def parse_methods(text: str | tuple[str, ...] | list[str]) -> list[tuple[str, st
     out = []
     for item in items:
         method, _, mix = item.partition(":")
-        if method not in METHODS:
-            raise ValueError(f"--methods: {item!r} is not a method; methods: {', '.join(METHODS)}")
-        if mix and (mix not in MIXES or method != "shpeft"):
-            raise ValueError(f"--methods: {item!r}: only shpeft takes a rule, one of {MIXES}")
+        if method not in method_names():
+            raise ValueError(f"--methods: {item!r} is not a method; methods: {', '.join(method_names())}")
+        if mix and (mix not in MIXES or not get_method(method).takes_mix):
+            takers = [m for m in method_names() if get_method(m).takes_mix]
+            raise ValueError(f"--methods: {item!r}: only {' and '.join(takers)} {'takes' if len(takers) == 1 else 'take'} "
+                             f"a rule, one of {MIXES}")
         out.append((method, mix or None))
     if not out:
         raise ValueError("--methods: no method given")
@@ -65,7 +80,7 @@ def parse_methods(text: str | tuple[str, ...] | list[str]) -> list[tuple[str, st
 
 
 def method_label(method: str, mix: str | None, job_mix: str) -> str:
-    return f"shpeft ({mix or job_mix})" if method == "shpeft" else method
+    return get_method(method).label(mix or job_mix)
 
 
 @dataclass
@@ -109,16 +124,9 @@ def _run_one(plan) -> dict[str, Any]:
 def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, address: str | None = None,
                 num_cpus: int | None = None, force: bool = False, progress: bool = True) -> CompareResult:
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
-    import ray
-
     model = preflight(job)  # before Ray starts
-    quiet_frameworks()
-    started = connect_ray(address, num_cpus)
-    try:
+    with ray_session(address, num_cpus):
         return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: int, *, force: bool,
@@ -132,19 +140,20 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
     seed_list = [job.training.seed + i for i in range(seeds)]
     rid = content_hash({"job": compute_job_id(job), "methods": methods, "seeds": seed_list}, length=12)
     root = report_dir(store, rid)
-    results_uri = join_uri(root, "results.parquet")
+    results_uri = layout.compare_results(root)
     labels = [method_label(m, mix, job.selection.mix) for m, mix in methods]
     say(f"compare {rid}: {len(job.tasks)} task(s) x {len(methods)} method(s) ({', '.join(labels)}) x "
          f"{seeds} seed(s); store {store}", progress)
 
-    targets = [resolve_task(e) for e in job.tasks]
-    pool_extra = [resolve_task(e) for e in job.importance.pool_datasets]
-    note_input_sizes(model, targets, progress)
-    backbone_fp = backbone_fingerprint(model)
-    counters = {"importance_computed": 0, "importance_loaded": 0}
+    resolved = resolve_targets(job, model, progress)
+    if resolved.errors:  # a comparison needs every task: name the first that cannot be read
+        name, err = next(iter(resolved.errors.items()))
+        raise JobSpecError(f"tasks: {name}: {err}")
+    targets = resolved.specs
+    ctx = StageContext(job=job, store=store, job_id=rid, backbone_fp=backbone_fingerprint(model), force=force,
+                       progress=progress, counters={"importance_computed": 0, "importance_loaded": 0})
     wanted = {m for m, _ in methods}
-    imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
-                              extra_estimators(job, targets, {t.name: wanted for t in targets}))
+    imaps = run_importance_stage(ctx, targets, resolved.pool_extra, {t.name: wanted for t in targets})
 
     previous = {(r["task"], r["method"], r["mix"], r["seed"]): r for r in ([] if force else _read_results(results_uri))}
     rows: dict[tuple, dict[str, Any]] = {}
@@ -155,21 +164,21 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
             mix_job = job if mix is None else job.model_copy(
                 update={"selection": job.selection.model_copy(update={"mix": mix})})
             for seed in seed_list:
-                key = (spec.name, method, mix_job.selection.mix if method == "shpeft" else None, seed)
-                name = f"{method}-{key[2]}-s{seed}" if method == "shpeft" else f"{method}-s{seed}"
+                m = get_method(method)
+                key = (spec.name, method, mix_job.selection.mix if m.takes_mix else None, seed)
+                name = f"{method}-{key[2]}-s{seed}" if m.takes_mix else f"{method}-s{seed}"
                 base = {"task": spec.name, "method": method, "mix": key[2], "seed": seed,
-                        "artifact_kind": artifact_kind(method)}
+                        "artifact_kind": m.artifact}
                 try:
-                    plan = plan_for(mix_job, spec, backbone_fp, imaps, method=method, seed=seed,
-                                    artifact=artifact_uri(join_uri(root, "artifacts", spec.name), name, method))
+                    plan, chash = plan_task(
+                        ctx, imaps, spec, method=method, seed=seed, job=mix_job,
+                        artifact=lambda _: layout.artifact_uri(layout.compare_artifacts_dir(root, spec.name),
+                                                               name, method))
                 except Exception as exc:
                     rows[key] = {**base, "status": "failed", "error": short_error(exc)}
                     continue
-                d = imaps.specific(spec.name, job.importance.estimator)
-                chash = task_config_hash(mix_job, spec, d.key, (imaps.agnostic.get(spec.name) or {}).get("key"),
-                                         method=method, seed=seed)
-                base.update(config_hash=chash, density=plan.density if method in SPARSE_METHODS
-                            else None, alpha=plan.alpha if method in IMPORTANCE_METHODS else None,
+                base.update(config_hash=chash, density=plan.density if m.uses_mask else None,
+                            alpha=plan.alpha if m.uses_importance else None,
                             lr=plan.train["lr"], epochs=plan.train["epochs"], artifact_uri=plan.artifact_uri)
                 if row_verified(previous.get(key), chash, "artifact_uri"):
                     rows[key] = previous[key]
@@ -190,7 +199,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
             rows[key] = {**base, "status": "failed", "error": short_error(exc)}
         r = rows[key]
         label = method_label(r["method"], r["mix"], job.selection.mix)
-        metric = "macro_f1"
+        metric = DEFAULT_METRIC
         if r["status"] == "ok":
             say(f"[{len(rows)}/{total}] {r['task']} {label} seed {r['seed']}: val {metric} "
                  f"{r['val_' + metric]:.3f} test {r['test_' + metric]:.3f} ({r['train_s']:.0f}s)", progress)
@@ -207,6 +216,7 @@ def _compare(job: JobSpec, model, methods: list[tuple[str, str | None]], seeds: 
 
     with counting_bar("compare", len(pending), enabled=progress) as advance:
         run_on_pool(_run_one, [(key, plan) for key, _, plan in pending], slots=slots, resources=res,
+                    preload=RUN_IMPORTS,
                     max_failures=1, on_done=finished)
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2] or "", k[3]))]
     _write_results(results_uri, ordered)

@@ -9,9 +9,12 @@ from typing import Any
 
 import yaml
 
-from shpeft_core.io import atomic_write_bytes, exists, join_uri
+from shpeft_core.io import atomic_write_bytes, exists
 
-from orchestrator.job.spec import content_hash, parse_job
+from orchestrator.job.spec import content_hash
+
+from orchestrator.job.load import parse_job
+from orchestrator.store import layout
 
 __all__ = ["run_demo", "prepare_demo_job", "demo_job_dict", "pretrain_backbone", "demo_backbone_uri", "install_demo_backbone",
            "DEMO_BACKBONE", "DEMO_DATA", "DEMO_PRETRAIN", "DEMO_TRAINING"]
@@ -53,7 +56,7 @@ def demo_backbone_uri(path: str = DEMO_BACKBONE_FILE, sha256: str | None = None)
 
 def install_demo_backbone(store: str, progress: bool = True) -> str:
     """Copy the checked, shipped backbone into <store>/backbones/ (once); returns its URI there."""
-    uri = join_uri(store, "backbones", f"{DEMO_BACKBONE['name']}-{DEMO_BACKBONE_SHA256[:16]}.safetensors")
+    uri = layout.backbone_file(store, DEMO_BACKBONE["name"], DEMO_BACKBONE_SHA256[:16])
     if not exists(uri):
         with open(demo_backbone_uri(), "rb") as f:
             atomic_write_bytes(uri, f.read())
@@ -79,7 +82,7 @@ def pretrain_backbone(store: str, corpus, *, epochs: int, batch_size: int = 64, 
 
     key = content_hash({"backbone": DEMO_BACKBONE, "corpus": dataset_fingerprint(corpus), "epochs": epochs,
                         "batch_size": batch_size, "lr": lr, "seed": seed, "augment": "rrc-0.6-noflip"})
-    uri = join_uri(store, "backbones", f"{DEMO_BACKBONE['name']}-{key}.safetensors")
+    uri = layout.backbone_file(store, DEMO_BACKBONE["name"], key)
     if exists(uri):
         if progress:
             print(f"pre-trained backbone: cached {uri}", flush=True)
@@ -175,7 +178,7 @@ def write_demo_data(data: str, smoke_test: bool = False, *, n_tasks: int | None 
 
 def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, progress: bool = True):
     """Write the demo's data and backbone into ``store`` (reused when already there) and return its job."""
-    data = join_uri(store, "data-smoke" if smoke_test else "data")
+    data = layout.demo_data_dir(store, smoke_test)
     corpus, targets = write_demo_data(data, smoke_test)
     if smoke_test:
         # The smoke test also runs on real images: patches of the CT, MR, ultrasound, X-ray and histology
@@ -193,7 +196,7 @@ def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, pro
                     "demo job")
     buf = io.StringIO()
     yaml.safe_dump(job.model_dump(mode="json"), buf, sort_keys=False)
-    atomic_write_bytes(join_uri(store, "demo-smoke-job.yaml" if smoke_test else "demo-job.yaml"), buf.getvalue().encode())
+    atomic_write_bytes(layout.demo_job_file(store, smoke_test), buf.getvalue().encode())
     return job
 
 
@@ -201,13 +204,11 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
              progress: bool = True, all_methods: bool = False) -> int:
     """Generate data, install the shipped pre-trained backbone, run the whole job on a local embedded Ray,
     then compare SH-PEFT with head-only and full fine-tuning over 3 seeds; returns the exit code."""
-    import ray
-
-    from orchestrator.workflows.compare import run_compare
-    from orchestrator.runtime.console import quiet_frameworks
-    from orchestrator.workflows.run import preflight, run_job
-    from orchestrator.runtime.resources import connect_ray
+    from orchestrator.runtime.session import ray_session
     from orchestrator.store.layout import normalise_store
+    from orchestrator.workflows.compare import run_compare
+    from orchestrator.workflows.preflight import preflight
+    from orchestrator.workflows.run import run_job
 
     for var, value in (("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
         os.environ.setdefault(var, value)
@@ -216,16 +217,12 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
     cpus = num_cpus or os.cpu_count() or 2
     job = prepare_demo_job(store, smoke_test, cpus=cpus, progress=progress)
     preflight(job)
-    quiet_frameworks()
-    connect_ray(None, cpus)
-    try:
+    with ray_session(None, cpus):
         result = run_job(job, progress=progress)
         # The comparison runs every method with the job's own settings (no sweep) on the same tasks.
         compare_job = job.model_copy(update={"sweep": job.sweep.model_copy(update={"enabled": False})})
         methods = DEMO_ALL_METHODS if all_methods else DEMO_COMPARE_METHODS
         compared = run_compare(compare_job, methods=methods, seeds=1 if smoke_test else 3, progress=progress)
-    finally:
-        ray.shutdown()
     if progress:
         print(f"demo finished in {time.perf_counter() - t0:.0f}s; comparison report: {compared.report_uri}",
               flush=True)

@@ -1,10 +1,11 @@
-"""The job pipeline on Ray: preflight -> shared importance -> training or sweeps -> artifacts + catalogue.
+"""`shpeft run`: preflight -> shared importance -> training or sweeps -> artifacts + catalogue.
 
-``run_job`` checks what it can before Ray starts (``preflight``), then runs the stages, each in its own
-module: importance_stage (per-dataset and task-agnostic maps, cached by content), train_stage (every
-task at once, as the cluster holds), sweep (every task's sweep in one Tune run), evaluate (the saved
-artifact on a fresh backbone). It keeps the rows: one per task in the job's catalogue, skipping tasks
-whose artifact already exists and verifies. docs/architecture.md shows the flow.
+``run_job`` checks what it can before Ray starts (``workflows.preflight``), then runs the stages, each in
+its own module of ``orchestrator.stages`` and each given the job's ``StageContext``: importance_maps
+(per-dataset and task-agnostic maps, cached by content), training (every task at once, as the cluster
+holds), sweep (every task's sweep in one Tune run), evaluation (the saved artifact on a fresh backbone).
+It keeps the rows: one per task in the job's catalogue, skipping tasks whose artifact already exists
+and verifies. docs/architecture.md shows the flow.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from shpeft_core.io import atomic_write_bytes, check_writable
-from shpeft_core.options import artifact_kind
+from shpeft_core.options import DEFAULT_METRIC
+from shpeft_core.io import atomic_write_bytes
+from shpeft_core.methods import get_method
 
-from orchestrator.store import layout
-from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
-from orchestrator.runtime.console import error_chain, log, now, print_results_table, quiet_frameworks, say, short_error
-from orchestrator.stages.importance_maps import extra_estimators, run_importance_stage
-from orchestrator.job.spec import JobSpec, job_id as compute_job_id, resolve_task, task_name
-from orchestrator.job.keys import backbone_dict, task_config_hash
-from orchestrator.job.plan import plan_for
-from orchestrator.runtime.resources import connect_ray
-from orchestrator.store.layout import normalise_store
+from orchestrator.job.spec import JobSpec, job_id as compute_job_id, task_name
+from orchestrator.runtime.console import error_chain, log, now, print_results_table, say, short_error
+from orchestrator.runtime.session import ray_session
+from orchestrator.stages import RUN_IMPORTS
+from orchestrator.stages.context import StageContext, plan_task
+from orchestrator.stages.importance_maps import run_importance_stage
 from orchestrator.stages.training import train_all
+from orchestrator.store import layout
+from orchestrator.store.layout import normalise_store
+from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
+from orchestrator.workflows.preflight import preflight, resolve_targets
 
-__all__ = ["JobResult", "run_job", "preflight", "note_input_sizes"]
+__all__ = ["JobResult", "run_job"]
 
 
 @dataclass
@@ -51,41 +54,6 @@ class JobResult:
 
 
 
-def preflight(job: JobSpec):
-    """Checks that need no cluster, run before Ray starts: the store takes writes, and the backbone
-    builds and has weights the job's methods can select. Returns the backbone (the driver needs it)."""
-    from shpeft_core.eligibility import eligible_parameters
-    from shpeft_core.methods import SPARSE_METHODS
-
-    from orchestrator.job.spec import JobSpecError, task_name
-    from orchestrator.stages.task_run import build_backbone
-
-    check_writable(normalise_store(job.store))
-    model = build_backbone(backbone_dict(job), 2)
-    methods = {job.method.for_task(task_name(t)) for t in job.tasks}
-    if methods & set(SPARSE_METHODS) and not eligible_parameters(model, job.selection.rules):
-        layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv2d")][:8]
-        raise JobSpecError(
-            f"selection.rules: no weight of {job.backbone.name} is eligible for sparse training "
-            f"(rules {job.selection.rules or 'built-in ViT/Swin/ConvNeXt rules'}); write rules that full-match "
-            f"module paths of its Linear/Conv2d layers, e.g. {layers}")
-    return model
-
-
-def note_input_sizes(model, targets: list, progress: bool) -> None:
-    """Say when a task's images are resized to another size for the backbone (a choice the user may not know)."""
-    from timm.data import resolve_data_config
-
-    input_px = int(resolve_data_config(model=model)["input_size"][-1])
-    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img is not None:
-        input_px = int(img[-1] if isinstance(img, (tuple, list)) else img)
-    for t in targets:
-        if t.image_size and int(t.image_size) != input_px:
-            say(f"[{t.name}] note: images are {t.image_size} px and the backbone takes {input_px} px; they are "
-                 f"resized to {input_px} px (set backbone.kwargs.img_size to train at another size)", progress)
-
-
 def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = None, force: bool = False,
             progress: bool = True) -> JobResult:
     """Run every stage of ``job`` on Ray; returns the rows written to the catalogue and an exit code.
@@ -93,20 +61,14 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     Starts a local Ray (explicit ``num_cpus``, dashboard on 127.0.0.1) when Ray is not initialised and
     ``address`` is None, joins ``address`` when given, and leaves an initialised Ray alone.
     """
-    import ray
-
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
-    quiet_frameworks()
-    started = connect_ray(address, num_cpus)
-    workers = None
-    try:
+    with ray_session(address, num_cpus):
         workers = early_workers(job)
-        return _run(job, model, workers, force=force, progress=progress)
-    finally:
-        if workers is not None:
-            workers.close()
-        if started:
-            ray.shutdown()
+        try:
+            return _run(job, model, workers, force=force, progress=progress)
+        finally:
+            if workers is not None:
+                workers.close()
 
 
 def early_workers(job: JobSpec):
@@ -122,107 +84,66 @@ def early_workers(job: JobSpec):
     if job.training.workers_per_task != 1 or job.sweep.enabled or importance_gpu(job) != bool(res.get("GPU")):
         return None
     cpus, gpus = cluster_resources()
-    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res)
+    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res,
+                      preload=RUN_IMPORTS)
 
 
 def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobResult:
     import logging
 
+    from shpeft_core.backbone import backbone_fingerprint
+
     from orchestrator.runtime.tasklog import StoreLogs
 
     store = normalise_store(job.store)
     jid = compute_job_id(job)
+    ctx = StageContext(job=job, store=store, job_id=jid, backbone_fp=backbone_fingerprint(model), force=force,
+                       progress=progress, workers=workers,
+                       counters={k: 0 for k in ("importance_computed", "importance_loaded", "tasks_trained",
+                                                "tasks_skipped", "tasks_failed")})
     logs = StoreLogs(store, jid)  # driver.log gets every line the console shows, from the first one
     with logs.attached(logging.getLogger("shpeft")):
-        return _run_logged(job, model, store, jid, logs, workers, force=force, progress=progress)
+        return _run_logged(ctx, model, logs)
 
 
-def _run_logged(job: JobSpec, model, store: str, jid: str, logs, workers, *, force: bool,
-                progress: bool) -> JobResult:
+def _run_logged(ctx: StageContext, model, logs) -> JobResult:
     from orchestrator.tracking.tracker import make_tracker
 
+    job, store, jid = ctx.job, ctx.store, ctx.job_id
     t_job = time.perf_counter()
-    counters = {"importance_computed": 0, "importance_loaded": 0, "tasks_trained": 0, "tasks_skipped": 0,
-                "tasks_failed": 0}
-    say(f"job {jid}: {len(job.tasks)} task(s), store {store}", progress)
+    ctx.say(f"job {jid}: {len(job.tasks)} task(s), store {store}")
     atomic_write_bytes(layout.job_file(store, jid),
                        json.dumps(job.model_dump(mode="json"), indent=1, sort_keys=True).encode())
-    tracker = make_tracker(job, jid, store, progress)  # no backends (and no cost) without a tracking section
-    tracker.start_job(job)
+    ctx.tracker = make_tracker(job, jid, store, ctx.progress)  # no backends (and no cost) without tracking
+    ctx.tracker.start_job(job)
     try:
-        result = _stages(job, model, store, jid, counters, tracker, logs, workers, force=force, progress=progress)
+        result = _stages(ctx, model, logs)
     except Exception:
-        tracker.end_job(ok=False)
+        ctx.tracker.end_job(ok=False)
         raise
-    tracker.end_job(ok=not result.failed, plots=result.plots)
-    if progress:
+    ctx.tracker.end_job(ok=not result.failed, plots=result.plots)
+    if ctx.progress:
         print_results_table(result.rows)
-        say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
-            f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}"
-            + (f"; report {result.report}" if result.report else ""), progress)
+        ctx.say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
+                f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}"
+                + (f"; report {result.report}" if result.report else ""))
     return result
 
 
-def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, logs, workers, *, force: bool,
-            progress: bool) -> JobResult:
-    from shpeft_core.backbone import backbone_fingerprint
-
+def _stages(ctx: StageContext, model, logs) -> JobResult:
     from orchestrator.runtime.progress import ProgressBoard, ProgressPrinter
 
+    job, store, jid, tracker = ctx.job, ctx.store, ctx.job_id, ctx.tracker
     rows: dict[str, dict[str, Any]] = {}
-    targets, target_errors = [], {}
-    for entry in job.tasks:
-        try:
-            targets.append(resolve_task(entry))
-        except Exception as exc:
-            target_errors[task_name(entry)] = short_error(exc)
-    pool_extra = [resolve_task(e) for e in job.importance.pool_datasets]
-
-    note_input_sizes(model, targets, progress)
-    backbone_fp = backbone_fingerprint(model)
-    methods = {t.name: {job.method.for_task(t.name)} for t in targets}
-    board = ProgressBoard.remote()
+    targets = resolve_targets(job, model, ctx.progress)
+    ctx.board = ProgressBoard.remote()
     listeners = [logs, tracker.on_event] if tracker.enabled else [logs]
-    with ProgressPrinter(board, enabled=progress, listeners=listeners) as printer:
+    with ProgressPrinter(ctx.board, enabled=ctx.progress, listeners=listeners) as printer:
         log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())
-        imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
-                                  extra_estimators(job, targets, methods), workers=workers, board=board)
-
-        previous = latest_rows(store, jid)
-        plans = []
-        for spec in targets:
-            method = job.method.for_task(spec.name)
-            d = imaps.specific(spec.name, job.importance.estimator)
-            ag = imaps.agnostic.get(spec.name) or {}
-            base = {"task": spec.name, "metric": spec.metric, "started_at": now(), "method": method,
-                    "seed": job.training.seed, "mix": job.selection.mix,
-                    "importance_key": d.key, "agnostic_key": ag.get("key"),
-                    "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
-                    "importance_s": d.seconds, "granularity": job.selection.granularity}
-            chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method)
-            try:
-                plan = plan_for(job, spec, backbone_fp, imaps, method=method, seed=job.training.seed,
-                                artifact=layout.task_artifact(store, spec.name, jid, chash, method),
-                                epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
-            except Exception as exc:
-                rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
-                tracker.task_finished(rows[spec.name])
-                continue
-            base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
-            announce = {"kind": "plan", "task": spec.name, "method": method, "metric": spec.metric,
-                        "epochs": plan.train["epochs"], "trials": job.sweep.trials_per_task if job.sweep.enabled else 0}
-            if not force and layout.row_verified(previous.get(spec.name), chash):
-                rows[spec.name] = {**previous[spec.name], "trained": False}
-                counters["tasks_skipped"] += 1
-                printer.post({**announce, "state": "skipped"})
-                printer.post({"kind": "task_end", "task": spec.name, "state": "skipped",
-                              "value": rows[spec.name].get(f"val_{spec.metric}")})
-                say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped", progress)
-                continue
-            printer.post(announce)
-            plans.append((plan, base, chash))
-            tracker.planned(plan, chash)
-        for name, err in target_errors.items():
+        imaps = run_importance_stage(ctx, targets.specs, targets.pool_extra,
+                                     {t.name: {job.method.for_task(t.name)} for t in targets.specs})
+        plans = _plans(ctx, imaps, targets.specs, rows, printer.post)
+        for name, err in targets.errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
             tracker.task_finished(rows[name])
         if rows:
@@ -231,20 +152,19 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
         if job.sweep.enabled and plans:
             from orchestrator.stages.sweep import run_sweeps
 
-            swept = run_sweeps(job, store, jid, [(plan, chash) for plan, _, chash in plans], board, force, progress,
-                               tracker=tracker)
+            swept = run_sweeps(ctx, [(plan, chash) for plan, _, chash in plans])
             for plan, base, _ in plans:
                 got = dict(swept[plan.task_name])
                 best = {k: got.pop(k) for k in ("lr", "best_trial") if k in got}  # tracked, not catalogue columns
                 rows[plan.task_name] = _finish_row(base, lambda: got if "error" not in got else _raise(got["error"]),
                                                    printer.post)
-                _after_task(rows[plan.task_name], counters, store, jid, progress, tracker, best, printer.post)
+                _after_task(ctx, rows[plan.task_name], best, printer.post)
         else:
             def on_done(base: dict, get_result) -> None:
                 rows[base["task"]] = _finish_row(base, get_result, printer.post)
-                _after_task(rows[base["task"]], counters, store, jid, progress, tracker, post=printer.post)
+                _after_task(ctx, rows[base["task"]], post=printer.post)
 
-            train_all(job, store, jid, plans, board, force, progress, on_done, workers=workers)
+            train_all(ctx, plans, on_done)
 
     ordered = [rows[task_name(e)] for e in job.tasks if task_name(e) in rows]
     failed = [r["task"] for r in ordered if r.get("status") != "ok"]
@@ -255,7 +175,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
         plots = write_plots(store, jid, ordered, imaps.named_uris(job.importance.estimator),
                             {t: a["uri"] for t, a in imaps.agnostic.items() if a.get("uri")})
     except Exception as exc:  # plots are a convenience; a plotting problem must not fail the job
-        say(f"plots skipped: {short_error(exc)}", progress)
+        ctx.say(f"plots skipped: {short_error(exc)}")
     report = None
     try:
         from orchestrator.reporting.job_report import write_job_report
@@ -263,8 +183,48 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
         report, _ = write_job_report(store, jid)
     except Exception as exc:  # like the plots: a report problem is said in one line and never fails the job
         say(f"report skipped: {short_error(exc)} (retry with: shpeft report {store} {jid})", True)
-    return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
+    return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=ctx.counters,
                      catalogue_uri=catalogue_uri(store, jid), plots=plots, report=report)
+
+
+def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tuple]:
+    """(plan, base row, config hash) of every task to train; a task whose verified artifact exists gets its
+    previous row instead, a task that cannot be planned a failed row."""
+    job, store, jid = ctx.job, ctx.store, ctx.job_id
+    previous = latest_rows(store, jid)
+    epochs = (job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None
+    plans = []
+    for spec in specs:
+        method = job.method.for_task(spec.name)
+        d = imaps.specific(spec.name, job.importance.estimator)
+        ag = imaps.agnostic.get(spec.name) or {}
+        base = {"task": spec.name, "metric": spec.metric, "started_at": now(), "method": method,
+                "seed": job.training.seed, "mix": job.selection.mix,
+                "importance_key": d.key, "agnostic_key": ag.get("key"),
+                "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
+                "importance_s": d.seconds, "granularity": job.selection.granularity}
+        try:
+            plan, chash = plan_task(ctx, imaps, spec, method=method, seed=job.training.seed, epochs=epochs,
+                                    artifact=lambda h: layout.task_artifact(store, spec.name, jid, h, method))
+        except Exception as exc:
+            rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+            ctx.tracker.task_finished(rows[spec.name])
+            continue
+        base.update(config_hash=chash, artifact_kind=get_method(method).artifact, granularity=plan.granularity)
+        announce = {"kind": "plan", "task": spec.name, "method": method, "metric": spec.metric,
+                    "epochs": plan.train["epochs"], "trials": job.sweep.trials_per_task if job.sweep.enabled else 0}
+        if not ctx.force and layout.row_verified(previous.get(spec.name), chash):
+            rows[spec.name] = {**previous[spec.name], "trained": False}
+            ctx.count("tasks_skipped")
+            post({**announce, "state": "skipped"})
+            post({"kind": "task_end", "task": spec.name, "state": "skipped",
+                  "value": rows[spec.name].get(f"val_{spec.metric}")})
+            ctx.say(f"[{spec.name}] artifact verified (sha256 {previous[spec.name]['sha256'][:12]}), skipped")
+            continue
+        post(announce)
+        plans.append((plan, base, chash))
+        ctx.tracker.planned(plan, chash)
+    return plans
 
 
 def _raise(message: str):
@@ -294,22 +254,22 @@ def _ray_logs_dir() -> str:
         return "(unknown)"
 
 
-def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool, tracker,
-                params: dict | None = None, post=None) -> None:
+def _after_task(ctx: StageContext, row: dict, params: dict | None = None, post=None) -> None:
+    store, jid, progress = ctx.store, ctx.job_id, ctx.progress
     if post is not None:
-        metric = row.get("metric") or "macro_f1"
+        metric = row.get("metric") or DEFAULT_METRIC
         post({"kind": "task_end", "task": row["task"], "state": "done" if row["status"] == "ok" else "failed",
               "value": row.get(f"val_{metric}"), "error": row.get("error")})
     if row["status"] == "ok":
         layout.write_latest(store, {**row, "job_id": jid})
-        counters["tasks_trained"] += 1
-        metric = row.get("metric") or "macro_f1"
+        ctx.count("tasks_trained")
+        metric = row.get("metric") or DEFAULT_METRIC
         say(f"[{row['task']}] done: val_{metric} {row.get('val_' + metric, float('nan')):.4f} "
              f"test_{metric} {row.get('test_' + metric, float('nan')):.4f} -> {row.get('delta_uri')}", progress)
     else:
-        counters["tasks_failed"] += 1
+        ctx.count("tasks_failed")
         say(f"[{row['task']}] FAILED: {row.get('error')} (full log: shpeft logs {store} {jid} --task {row['task']})",
             progress)
     write_rows(store, jid, [row])
-    tracker.task_finished(row, params)
+    ctx.tracker.task_finished(row, params)
 

@@ -179,7 +179,7 @@ def test_backbone_without_eligible_weights_exits_2_naming_rules(tmp_path):
     assert not ray.is_initialized()
     job["method"] = {"name": "lora"}  # a method that selects nothing needs no eligible weights
     path.write_text(yaml.safe_dump(job))
-    from orchestrator.job.spec import load_job
+    from orchestrator.job.load import load_job
     from orchestrator.workflows.run import preflight
 
     assert preflight(load_job(path)) is not None
@@ -271,7 +271,8 @@ def test_show_unknown_job(tmp_path):
 
 def test_show_by_job_file(tmp_path):
     from orchestrator.store.results import write_rows
-    from orchestrator.job.spec import job_id, load_job
+    from orchestrator.job.spec import job_id
+    from orchestrator.job.load import load_job
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_good_job(tmp_path)))

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.job.spec import CatalogueTaskRef, JobSpecError, load_job, parse_job
+from orchestrator.job.spec import CatalogueTaskRef, JobSpecError
+
+from orchestrator.job.load import load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

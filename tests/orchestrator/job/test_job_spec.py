@@ -5,7 +5,8 @@ import os
 import pytest
 
 from orchestrator.store.results import SCHEMA, read_catalogue, write_rows
-from orchestrator.job.spec import JobSpecError, job_id, load_job, parse_job
+from orchestrator.job.spec import JobSpecError, job_id
+from orchestrator.job.load import load_job, parse_job
 
 BASE = {
     "backbone": {"name": "test_vit", "kwargs": {"img_size": 32}},
@@ -120,7 +121,7 @@ def test_new_settings_name_their_field(sections, match):
 
 
 def test_learning_rate_per_method_wins_over_training_lr_and_defaults():
-    from shpeft_core.options import DEFAULT_LR
+    from shpeft_core.methods import default_lrs
 
     from orchestrator.job.plan import build_plan
     from tasks.spec import TaskSpec
@@ -133,7 +134,7 @@ def test_learning_rate_per_method_wins_over_training_lr_and_defaults():
                               agnostic_includes_target=False, artifact_uri=None).train["lr"]
                 for m in ("shpeft", "full")}
 
-    assert lr() == {"shpeft": DEFAULT_LR["shpeft"], "full": DEFAULT_LR["full"]}
+    assert lr() == {"shpeft": default_lrs()["shpeft"], "full": default_lrs()["full"]}
     assert lr(training={"lr": 0.5}) == {"shpeft": 0.5, "full": 0.5}
     assert lr(training={"lr": 0.5}, method={"lr": {"full": 2e-3}}) == {"shpeft": 0.5, "full": 2e-3}
     with pytest.raises(JobSpecError, match=r"method\.lr"):

@@ -76,7 +76,7 @@ from shpeft_core.io import sha256_file  # noqa: E402
 from tasks.loaders import build_dataset  # noqa: E402
 
 from orchestrator.stages.evaluation import EvalFileError, read_eval, write_eval  # noqa: E402
-from orchestrator.job.spec import parse_job  # noqa: E402
+from orchestrator.job.load import parse_job  # noqa: E402
 from orchestrator.workflows.run import run_job  # noqa: E402
 from orchestrator.store.layout import eval_file, job_report_file  # noqa: E402
 

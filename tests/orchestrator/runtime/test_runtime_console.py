@@ -155,7 +155,7 @@ def test_job_keeps_worker_logs_in_the_store_and_prints_no_traceback(tmp_path, ca
     from click.testing import CliRunner
 
     from orchestrator.cli.main import main
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
     from tasks.synthetic import write_task_family
 

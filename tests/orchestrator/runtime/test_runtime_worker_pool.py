@@ -111,6 +111,8 @@ def test_one_pool_serves_stage_after_stage_in_the_same_processes(ray_local, tmp_
                  on_done=lambda k, get: first.__setitem__(k, get()))
         pool.run(where, [(k, {"key": k, "dir": str(tmp_path)}) for k in range(4, 8)], max_failures=1,
                  on_done=lambda k, get: second.__setitem__(k, get()), keep=False)
-    pids = {r["pid"] for r in first.values()}
     assert sorted(first) == [0, 1, 2, 3] and sorted(second) == [4, 5, 6, 7]
-    assert {r["pid"] for r in second.values()} <= pids and len(pids) <= 2
+    # Which actor takes which run is up to the scheduler; what holds is that both stages ran in the pool's
+    # two processes only: the second stage started none of its own.
+    pids = {r["pid"] for r in [*first.values(), *second.values()]}
+    assert 1 <= len(pids) <= 2

@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from orchestrator.stages.sweep import asha_stop_points, trial_artifact_at  # noqa: E402
+from orchestrator.stages.sweep_search import asha_stop_points, trial_artifact_at  # noqa: E402
 
 
 @pytest.mark.parametrize("max_t,grace,rf,brackets", [(4, 1, 2.0, 1), (27, 1, 3.0, 3), (30, 2, 2.5, 2), (10, 10, 2.0, 1),

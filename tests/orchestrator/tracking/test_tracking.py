@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboardX")
 
-from orchestrator.job.spec import parse_job  # noqa: E402
+from orchestrator.job.load import parse_job  # noqa: E402
 from orchestrator.tracking.tracker import make_tracker  # noqa: E402
-from orchestrator.job.validate import validate_job  # noqa: E402
+from orchestrator.workflows.validate import validate_job  # noqa: E402
 
 BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 

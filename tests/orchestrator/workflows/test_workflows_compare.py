@@ -9,10 +9,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from shpeft_core.delta import load_delta  # noqa: E402
-from shpeft_core.methods import artifact_sha256  # noqa: E402
+from shpeft_core.artifacts import artifact_sha256  # noqa: E402
 
 from orchestrator.workflows.compare import parse_methods, run_compare  # noqa: E402
-from orchestrator.job.spec import parse_job  # noqa: E402
+from orchestrator.job.load import parse_job  # noqa: E402
 
 from helpers_orch import BACKBONE, backbone_file, colour_task  # noqa: E402,F401
 
@@ -78,7 +78,7 @@ def test_report_and_plots(compared):
     for png in ("metric_vs_trainable.png", "alpha_curve.png", "selection_location.png", "mask_overlap.png"):
         path = os.path.join(os.path.dirname(result.report_uri), png)
         assert os.path.getsize(path) > 1000 and f"({png})" in text
-    assert "SH-PEFT vs full fine-tuning" in text
+    assert "- shpeft (union) vs full: " in text and "- Hybrid rule: shpeft (union)" in text
 
 
 def test_rerun_reuses_verified_runs(compared):

@@ -15,10 +15,11 @@ from tasks.transforms import transform_for  # noqa: E402
 
 from orchestrator.store.results import read_catalogue  # noqa: E402
 from orchestrator.stages.evaluation import read_eval  # noqa: E402
-from orchestrator.job.spec import JobSpecError, job_id, load_job, parse_job  # noqa: E402
+from orchestrator.job.spec import JobSpecError, job_id  # noqa: E402
+from orchestrator.job.load import load_job, parse_job  # noqa: E402
 from orchestrator.workflows.run import run_job  # noqa: E402
 from orchestrator.store.layout import eval_file, latest_artifact  # noqa: E402
-from orchestrator.stages.task_run import build_backbone  # noqa: E402
+from shpeft_core.backbone import build_backbone  # noqa: E402
 
 from helpers_orch import BACKBONE, backbone_file, colour_task, task_specs  # noqa: E402,F401
 

@@ -74,7 +74,7 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
     the store (a client submitting to a cluster may not reach them). ``cpus``/``gpus``: the cluster's size."""
     from shpeft_core.eligibility import eligible_parameters
     from shpeft_core.io import StorageError, check_writable
-    from shpeft_core.options import SPARSE_METHODS
+    from shpeft_core.methods import get_method
 
     from orchestrator.runtime.resources import trainer_slots
     from orchestrator.store.layout import normalise_store
@@ -82,7 +82,8 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
     problems: list[str] = []
     model = _check_backbone(job, problems)
     methods = {job.method.for_task(task_name(t)) for t in job.tasks}
-    if model is not None and methods & set(SPARSE_METHODS) and not eligible_parameters(model, job.selection.rules):
+    if (model is not None and any(get_method(m).uses_mask for m in methods)
+            and not eligible_parameters(model, job.selection.rules)):
         problems.append(f"selection.rules: no weight of {job.backbone.name} is eligible for sparse training")
     _check_tasks(job, problems, data)
     if data:
