@@ -12,7 +12,7 @@ uncompressed C-order .npy:
   the page cache holds the bytes once for all processes on a node, and the kernel can drop them.
 
 A prepared array is used when its sidecar verifies and the array's digest, known by its content key
-(tasks/fingerprint.py: size, modification time, inode) or else recomputed, matches the sidecar;
+(tasks/digests.py: size, modification time, inode) or else recomputed, matches the sidecar;
 otherwise it is prepared again. On storage without local paths, rows are fetched with ranged reads.
 The cache location is passed in (a job's is ``<store>/data-cache``, orchestrator/store/layout.py);
 without one, :func:`default_cache` is a folder on this machine.
@@ -29,7 +29,7 @@ from fsspec.core import url_to_fs
 from shpeft_core import io as sio
 
 from .codecs.images import DatasetError
-from .fingerprint import file_digests, remember_digest
+from .digests import file_digests, remember_digest
 
 __all__ = ["NpyRows", "default_cache", "npz_member_rows", "npz_member_header"]
 

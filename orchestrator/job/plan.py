@@ -16,7 +16,6 @@ from shpeft_core.methods import get_method
 from shpeft_core.options import DEFAULT_METRIC
 
 from orchestrator.job.spec import JobSpec
-from orchestrator.store.layout import data_cache, normalise_store
 
 __all__ = ["TaskPlan", "build_plan", "plan_for"]
 
@@ -42,7 +41,7 @@ class TaskPlan:
     settings: dict[str, Any] | None  # the method's own settings (Method.settings), e.g. LoRA's rank
     artifact_uri: str | None  # where the finished run writes its artifact
     metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
-    data_cache: str | None = None  # the store's data cache (prepared arrays), passed to the loaders
+    data_cache: str | None = None  # the store's data cache (prepared arrays) for the loaders; set by stages
 
     @property
     def task_name(self) -> str:
@@ -131,7 +130,6 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         settings=m.settings(job.method),
         artifact_uri=artifact_uri,
         metadata=metadata,
-        data_cache=data_cache(normalise_store(job.store)),
     )
 
 

@@ -1,6 +1,6 @@
 """Dataset fingerprints of a job: file digests kept in the store's data cache, new files hashed on the cluster.
 
-A fingerprint (tasks/fingerprint.py) needs each data file's sha256. With the store's data cache
+A fingerprint (tasks/fingerprint.py) needs each data file's sha256 (tasks/digests.py). With the store's data cache
 (``layout.data_cache``) a digest is computed once per file content: a launch on unchanged data reads
 only listings. Files not known there are hashed in Ray tasks spread over the cluster, in chunks of
 about ``CHUNK_BYTES``, when there is more than ``LOCAL_BYTES`` to read; a smaller amount is hashed in
@@ -19,7 +19,7 @@ CHUNK_BYTES = 256 << 20
 
 
 def _hash_chunk(urls: list[str]) -> list[str]:
-    from tasks.fingerprint import hash_file
+    from tasks.digests import hash_file
 
     return [hash_file(u) for u in urls]
 
@@ -39,7 +39,7 @@ def hash_on_cluster(items: list[tuple[str, int]]) -> list[str]:
     """sha256 of each (url, size), in order: Ray tasks over the cluster for large amounts, else local threads."""
     import ray
 
-    from tasks.fingerprint import hash_file
+    from tasks.digests import hash_file
 
     if sum(n for _, n in items) < LOCAL_BYTES or not ray.is_initialized():
         from concurrent.futures import ThreadPoolExecutor

@@ -20,7 +20,7 @@
 <store>/data/, data-smoke/, demo-job.yaml          the demo's generated datasets and its job file
 <store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
 <store>/mlruns/, tensorboard/<job_id>/             tracking of a local store without a tracking URI or folder
-<store>/data-cache/digests/<root key>.json         per-file sha256 of a dataset root, by content key (tasks/fingerprint.py)
+<store>/data-cache/digests/<root key>.json         per-file sha256 of a dataset root, by content key (tasks/digests.py)
 <store>/data-cache/arrays/<npz sha256>/*.npy       .npz images decompressed once, read on demand (tasks/datacache.py)
 ```
 

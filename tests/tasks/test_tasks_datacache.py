@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import tasks.datacache as datacache
-import tasks.fingerprint as fingerprint
+import tasks.digests as digests
 from shpeft_core import io as sio
 from tasks.codecs.images import DatasetError
 from tasks.datacache import NpyRows
-from tasks.fingerprint import dataset_fingerprint, file_digests
+from tasks.digests import file_digests
+from tasks.fingerprint import dataset_fingerprint
 from tasks.loaders import build_dataset
 from tasks.spec import TaskSpec
 
@@ -48,7 +49,7 @@ def test_compressed_split_is_prepared_once_in_the_cache_and_read_on_demand(tmp_p
     assert digest == sio.sha256_file(str(tmp_path / "d.npz"))  # content-addressed by the archive's sha256
     assert sorted(os.listdir(os.path.join(cache, "arrays", digest))) == ["train_images.npy", "train_images.npy.json"]
     # another run, task or seed on the same archive: the prepared copy is reused, verified by its content key
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     again = build_dataset(_spec(tmp_path / "d.npz", name="other"), "train", cache=cache)
     np.testing.assert_array_equal(np.asarray(again.load_image(3)), arrays["train_images"][3])
     assert prepared == ["train_images"]
@@ -67,7 +68,7 @@ def test_a_damaged_prepared_copy_is_prepared_again(tmp_path, monkeypatch):
     data[-1] ^= 0xFF
     with open(path, "wb") as f:  # same size, new modification time: the digest is recomputed and differs
         f.write(bytes(data))
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     fresh = build_dataset(_spec(tmp_path / "d.npz"), "val", cache=cache)
     np.testing.assert_array_equal(np.asarray(fresh.load_image(len(fresh) - 1)), arrays["val_images"][-1])
 
@@ -113,15 +114,15 @@ def test_second_fingerprint_reads_no_data_bytes(family, tmp_path, monkeypatch):
     spec = family["imagefolder"]
     cache = str(tmp_path / "digests")
     first = dataset_fingerprint(spec, cache=cache)
-    fingerprint._MEMORY.clear()  # a new process: only the store's record is left
+    digests._MEMORY.clear()  # a new process: only the store's record is left
 
     def no_reads(*_):
         raise AssertionError("a data file was read")
 
-    monkeypatch.setattr(fingerprint, "hash_file", no_reads)
+    monkeypatch.setattr(digests, "hash_file", no_reads)
     assert dataset_fingerprint(spec, cache=cache) == first
     # without the record the bytes must be read again
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     with pytest.raises(AssertionError, match="was read"):
         dataset_fingerprint(spec, cache=str(tmp_path / "empty"))
 
@@ -140,11 +141,11 @@ def test_changed_files_are_hashed_again_and_new_ones_by_the_given_hasher(tmp_pat
 
     def hasher(items):
         seen.append([os.path.basename(u) for u, _ in items])
-        return [fingerprint.hash_file(u) for u, _ in items]
+        return [digests.hash_file(u) for u, _ in items]
 
     first = file_digests(fs, str(root), paths, cache=cache, hash_files=hasher)
     assert seen == [["0.bin", "1.bin", "2.bin"]]
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     (root / "1.bin").write_bytes(b"\x07" * 100)  # same size, new content and modification time
     (root / "3.bin").write_bytes(b"new")
     second = file_digests(fs, str(root), paths + [str(root / "3.bin")], cache=cache, hash_files=hasher)
@@ -153,9 +154,9 @@ def test_changed_files_are_hashed_again_and_new_ones_by_the_given_hasher(tmp_pat
     # a damaged record is ignored (everything hashed again), then rewritten
     record = next((tmp_path / "cache" / "digests").iterdir())
     record.write_text(record.read_text().replace('"files"', '"filez"'))
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     file_digests(fs, str(root), paths, cache=cache, hash_files=hasher)
     assert seen[2] == ["0.bin", "1.bin", "2.bin"]
-    fingerprint._MEMORY.clear()
+    digests._MEMORY.clear()
     file_digests(fs, str(root), paths, cache=cache, hash_files=hasher)
     assert len(seen) == 3
