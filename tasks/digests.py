@@ -55,15 +55,17 @@ def _protocol(fs) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
-def content_key(info: dict) -> tuple | None:
-    """What identifies a file's content without reading it (None when the listing gives nothing usable)."""
+def content_key(info: dict) -> tuple[str, ...] | None:
+    """What identifies a file's content without reading it, as strings (None when the listing gives
+    nothing usable): size, modification time, the store's tag (ETag, MD5, CRC32C, generation) and inode."""
     size = info.get("size")
-    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "crc32c", "generation", "checksum") if info.get(k)), None)
-    mtime = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "created") if info.get(k)),
-                 None)
+    tag = (info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c")
+           or info.get("generation") or info.get("checksum"))
+    mtime = (info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+             or info.get("created"))
     if size is None or (tag is None and mtime is None):
         return None
-    return (int(size), str(mtime), str(tag or ""), str(info.get("ino") or ""))
+    return (str(int(size)), str(mtime), str(tag or ""), str(info.get("ino") or ""))
 
 
 def _infos(fs, root: str, paths: list[str]) -> dict[str, dict]:
@@ -105,34 +107,36 @@ def file_digests(fs, root: str, paths: list[str], *, cache: str | None = None,
     record_uri = _record_uri(cache, fs, root) if cache else None
     record = _read_record(record_uri) if record_uri else {}
     out: dict[str, tuple[int, str]] = {}
-    todo: list[tuple[str, tuple | None, int]] = []
+    todo: list[tuple[str, int]] = []
+    keys: dict[str, tuple[str, ...] | None] = {}
     for p in paths:
-        key = content_key(infos[p])
+        key = keys[p] = content_key(infos[p])
         size = int(infos[p].get("size") or 0)
-        rel = relative(p, root)
         known = _MEMORY.get((proto, p, key)) if key else None
-        if known is None and key is not None and rel in record and tuple(record[rel][:-1]) == tuple(map(str, key)):
-            known = record[rel][-1]
+        if known is None and key is not None:
+            entry = record.get(relative(p, root))
+            if entry is not None and tuple(entry[:-1]) == key:
+                known = entry[-1]
         if known is None:
-            todo.append((p, key, size))
+            todo.append((p, size))
         else:
             out[p] = (size, known)
     if todo:
-        items = [(fs.unstrip_protocol(p) if proto not in ("file", "local") else p, size) for p, _, size in todo]
+        items = [(fs.unstrip_protocol(p) if proto not in ("file", "local") else p, size) for p, size in todo]
         digests = (hash_files or _hash_in_threads)(items)
-        for (p, key, size), digest in zip(todo, digests):
+        for (p, size), digest in zip(todo, digests):
             out[p] = (size, digest)
     changed = False
-    for p in paths:
-        key = content_key(infos[p])
+    for p in (p for p, _ in todo):  # only new digests change the record
+        key = keys[p]
         if key is None:
             continue
         _MEMORY[(proto, p, key)] = out[p][1]
-        entry = [*map(str, key), out[p][1]]
-        rel = relative(p, root)
-        if record.get(rel) != entry:
-            record[rel] = entry
-            changed = True
+        record[relative(p, root)] = [*key, out[p][1]]
+        changed = True
+    for p, key in keys.items():  # digests read from the record are remembered in this process too
+        if key is not None:
+            _MEMORY.setdefault((proto, p, key), out[p][1])
     if record_uri and changed:
         # Read-merge-write: entries another process added meanwhile are kept unless this one changed them.
         merged = {**_read_record(record_uri), **record}
@@ -150,5 +154,5 @@ def remember_digest(fs, root: str, path: str, digest: str, cache: str | None = N
     if cache:
         uri = _record_uri(cache, fs, root)
         record = _read_record(uri)
-        record[relative(path, root)] = [*map(str, key), digest]
+        record[relative(path, root)] = [*key, digest]
         sio.write_sealed_json(uri, {"root": f"{_protocol(fs)}://{root}", "files": record})
