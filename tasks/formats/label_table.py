@@ -25,7 +25,7 @@ import numpy as np
 from tasks.codecs.images import DatasetError
 
 from ..spec import SPLITS, TableLayout, TaskSpec
-from .files import SPLIT_ALIASES, ext, find_files, source_fs
+from .files import SPLIT_ALIASES, ext, find_files, relative, source_fs
 
 __all__ = ["TableIndex", "index_table", "table_location", "TABLE_EXTENSIONS"]
 
@@ -267,11 +267,11 @@ def _name_index(fs, root: str) -> dict[str, str | list[str]]:
     return index
 
 
-def _groups(spec: TaskSpec, cols: dict[str, list], paths: np.ndarray, where) -> np.ndarray:
+def _groups(spec: TaskSpec, cols: dict[str, list], paths: np.ndarray, root: str, where) -> np.ndarray:
     lay = spec.layout
     column = lay.group_column or (lay.path_column if lay.group_pattern else None)
-    if column is None:
-        return paths.copy()  # every image its own group
+    if column is None:  # every image its own group, named by its place in the dataset, not where that lives
+        return np.array([p if "://" in p else relative(p, root) for p in paths.tolist()], dtype=object)
     pattern = re.compile(lay.group_pattern) if lay.group_pattern else None
     out = np.empty(len(paths), dtype=object)
     for i, v in enumerate(cols[column]):
@@ -330,7 +330,7 @@ def index_table(spec: TaskSpec) -> TableIndex:
         where = _where(path)
         targets = (_finding_targets if spec.kind == "multi_label" else _single_targets)(spec, cols, where)
         paths = _resolve_paths(spec, fs, image_root, cols[lay.path_column], where)
-        groups = _groups(spec, cols, paths, where)
+        groups = _groups(spec, cols, paths, src, where)
         given = np.full(n, -1, dtype=np.int8)
         if split is not None:
             given[:] = SPLITS.index(split)

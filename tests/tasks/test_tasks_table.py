@@ -157,6 +157,12 @@ def test_aptos_layout_ordinal_grades_in_a_seeded_stratified_split(tmp_path):
     again = {os.path.basename(p) for p in build_dataset(spec.model_copy(update={"split_seed": 0}), "val").paths}
     other = {os.path.basename(p) for p in build_dataset(spec.model_copy(update={"split_seed": 5}), "val").paths}
     assert again == {k + ".png" for k, (s, _) in seen.items() if s == "val"} and other != again
+    # a copy elsewhere draws the same splits (groups are named inside the dataset, not by where it lives)
+    import shutil
+
+    copy = shutil.copytree(root, str(tmp_path.parent / (tmp_path.name + "-copy")))
+    moved = CATALOGUE["aptos2019"].to_spec(copy)
+    assert {os.path.basename(p) for p in build_dataset(moved, "val").paths} == again
 
 
 def _table(tmp_path, rows, header="path,label", **layout):
