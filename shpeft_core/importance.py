@@ -28,6 +28,7 @@ from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
 from .options import ESTIMATORS, HEAD_WARMUPS, LOSSES, REDUCES
+from .objectives import TaskKindError, check_targets, target_keys, task_loss
 from .selection import normalize_scores
 
 __all__ = [
@@ -209,11 +210,22 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam: float) -> None:
+def _ridge_targets(labels: Tensor, num_classes: int, kind: str) -> Tensor:
+    """One-hot classes, or the findings with each unknown entry set to its finding's known mean."""
+    if kind != "multi_label":
+        return F.one_hot(labels, num_classes).to(torch.float64)
+    y = labels.to(torch.float64)
+    known = ~torch.isnan(y)
+    mean = torch.where(known, y, torch.zeros_like(y)).sum(0) / known.sum(0).clamp(min=1)
+    return torch.where(known, y, mean.expand_as(y))
+
+
+def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam: float,
+           kind: str = "single_label") -> None:
     f = feats.to(torch.float64)
     mu = f.mean(0, keepdim=True)
     fc = f - mu
-    y = F.one_hot(labels, num_classes).to(torch.float64)
+    y = _ridge_targets(labels, num_classes, kind)
     ym = y.mean(0, keepdim=True)
     a = fc.t() @ fc + lam * f.shape[0] * torch.eye(f.shape[1], dtype=torch.float64, device=f.device)
     w = torch.linalg.solve(a, fc.t() @ (y - ym))  # [D, C]
@@ -247,9 +259,12 @@ def _seeded(seed: int | None):
         np.random.set_state(states[2])
 
 
-def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int, *,
-              seed: int | None = None) -> None:
+def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: ImportanceConfig, num_classes: int,
+              kind: str = "single_label", *, seed: int | None = None) -> None:
     """Fit the classifier on frozen features so task gradients are not driven by a random head.
+
+    The linear probe minimises the task kind's loss (``shpeft_core.objectives.task_loss``); ridge regresses
+    one-hot classes, or the findings (unknown entries at their finding's mean) for multi_label.
 
     With ``seed`` the classifier is first re-initialised from it (linear_probe starts from that head;
     ridge is closed-form and does not depend on it).
@@ -264,7 +279,7 @@ def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: Importanc
     if not isinstance(head, nn.Linear):
         raise ImportanceError(f"head warm-up needs a Linear classifier, got {type(head).__name__}")
     if config.head_warmup == "ridge":
-        _ridge(head, feats, labels, num_classes, config.ridge_lambda)
+        _ridge(head, feats, labels, num_classes, config.ridge_lambda, kind)
         return
     params = list(head.parameters())
     saved = [p.requires_grad for p in params]
@@ -274,7 +289,7 @@ def warm_head(model: nn.Module, feats: Tensor, labels: Tensor, config: Importanc
     feats = feats.detach()
     for _ in range(config.head_warmup_steps):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(feats), labels).backward()
+        task_loss(head(feats), labels, kind).backward()
         opt.step()
     for p, s in zip(params, saved):
         p.requires_grad_(s)
@@ -289,15 +304,18 @@ def _views(x) -> tuple[Tensor, int]:
     return x, 1
 
 
-def _draw(loader, n: int | None, device, num_classes: int):
-    """The first ``n`` batches of ``loader`` (all of them when n is None) on ``device``, labels checked."""
+def _draw(loader, n: int | None, device, num_classes: int, kind: str = "single_label"):
+    """The first ``n`` batches of ``loader`` (all of them when n is None) on ``device``, targets checked
+    against the task kind (``shpeft_core.objectives``)."""
     for i, (x, y) in enumerate(loader):
         if n is not None and i >= n:
             break
-        if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-            raise ImportanceError(f"labels must be in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        try:
+            check_targets(y, kind, num_classes)
+        except TaskKindError as exc:
+            raise ImportanceError(str(exc)) from None
         x, views = _views(x)
-        yield x.to(device), y.to(device).repeat(views), views
+        yield x.to(device), y.to(device).repeat(views, *([1] * (y.dim() - 1))), views
 
 
 def _total_batches(loader, n: int | None) -> int:
@@ -319,6 +337,7 @@ def compute_importance(
     backbone_name: str = "",
     on_batch=None,
     seed: int | None = None,
+    kind: str = "single_label",
 ) -> ImportanceMap:
     """Per-weight task importance over the first ``config.num_batches`` batches of ``loader`` (all of
     them, one whole pass, when it is None).
@@ -359,14 +378,14 @@ def compute_importance(
     with _seeded(seed):
         if seed is not None and hasattr(loader, "set_epoch"):
             loader.set_epoch(int(seed))
-        batches = _draw(loader, config.num_batches, device, num_classes)
+        batches = _draw(loader, config.num_batches, device, num_classes, kind)
         if config.loss == "ce" and config.head_warmup != "none":
             # The head is fitted on every batch's features first, so these batches are held in memory.
             batches = list(batches)
             if batches:
                 with torch.no_grad():
                     feats = torch.cat([_features(m, x) for x, _, _ in batches])
-                warm_head(m, feats, torch.cat([y for _, y, _ in batches]), config, num_classes)
+                warm_head(m, feats, torch.cat([y for _, y, _ in batches]), config, num_classes, kind)
                 for p in m.parameters():
                     p.requires_grad_(False)
                 params_by_name = dict(m.named_parameters())
@@ -377,9 +396,9 @@ def compute_importance(
             if on_batch is not None:
                 on_batch(done, total)
             if config.loss == "supcon":
-                loss = supcon_loss(_features(m, x), y, config.supcon_temperature)
+                loss = supcon_loss(_features(m, x), target_keys(y, kind), config.supcon_temperature)
             else:
-                loss = F.cross_entropy(m(x), y)
+                loss = task_loss(m(x), y, kind)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads):
                 if g is None:

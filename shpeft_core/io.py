@@ -24,6 +24,7 @@ from fsspec.core import url_to_fs
 __all__ = [
     "StorageError",
     "atomic_write_bytes",
+    "atomic_write_stream",
     "read_bytes",
     "exists",
     "sha256_bytes",
@@ -133,6 +134,35 @@ def atomic_write_bytes(uri: str, data: bytes) -> str:
                 fs.rm(tmp)
             raise
     return sha256_bytes(data)
+
+
+def atomic_write_stream(uri: str, chunks) -> tuple[str, int]:
+    """Write the byte chunks of an iterable to ``uri`` atomically without holding them all in memory;
+    returns (sha256 hex, size). Same rules as atomic_write_bytes."""
+    fs, path = _fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    direct = _protocol(fs) in _ATOMIC_PUT_PROTOCOLS  # a multipart upload appears only once complete
+    target = path if direct else f"{path}.tmp-{uuid.uuid4().hex}"
+    h, size = hashlib.sha256(), 0
+    try:
+        with fs.open(target, "wb") as f:
+            for chunk in chunks:
+                h.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+            if hasattr(f, "flush"):
+                f.flush()
+            if _protocol(fs) == "file":
+                os.fsync(f.fileno())
+        if not direct:
+            fs.mv(target, path)
+    except BaseException:
+        if not direct and fs.exists(target):
+            fs.rm(target)
+        raise
+    return h.hexdigest(), size
 
 
 def read_bytes(uri: str) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ESTIMATORS", "LOSSES", "HEAD_WARMUPS", "NORMALIZATIONS", "REDUCES", "GRANULARITIES", "MIXES",
     "HEAD_INITS", "HELP", "METRICS", "SUMMARY_METRICS", "DEFAULT_METRIC", "METRIC_LABELS", "SPLITS",
-    "EVAL_SPLITS",
+    "EVAL_SPLITS", "KINDS",
 ]
 
 # Task-specific importance estimators (per-batch gradient g of the task loss, weight w).
@@ -28,12 +28,16 @@ HEAD_INITS = ("warm", "random")
 # A dataset's splits, and the ones every artifact is evaluated on.
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
+# Task kinds (shpeft_core.objectives): one class per image, any number of findings, or ordered grades.
+KINDS = ("single_label", "multi_label", "ordinal")
 # Metrics a task may select models by; every evaluation reports SUMMARY_METRICS per split (result columns
-# "<split>_<metric>"). Macro-F1 is the default, as in SH-PEFT's tables.
-METRICS = ("macro_f1", "accuracy", "auc")
-SUMMARY_METRICS = ("accuracy", "macro_f1", "auc", "loss")
+# "<split>_<metric>"; kappa, quadratic weighted, for ordinal tasks only). Macro-F1 is the default, as in
+# SH-PEFT's tables; for multi_label tasks auc is the mean AUROC over findings.
+METRICS = ("macro_f1", "accuracy", "auc", "kappa")
+SUMMARY_METRICS = ("accuracy", "macro_f1", "auc", "loss", "kappa")
 DEFAULT_METRIC = "macro_f1"
-METRIC_LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "auc": "macro AUC", "loss": "loss"}
+METRIC_LABELS = {"macro_f1": "macro-F1", "accuracy": "accuracy", "auc": "macro AUC", "loss": "loss",
+                 "kappa": "quadratic weighted kappa"}
 
 HELP = {
     "estimator": "Per-weight task importance: grad2 = sum of g^2 (Fisher/SPT), grad1 = |sum g| (GPS), "

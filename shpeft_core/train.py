@@ -9,7 +9,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _st, io
@@ -112,11 +111,15 @@ def _gather(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool = False,
-             predictions: bool = False) -> dict:
+def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool = False, kind: str = "single_label",
+             thresholds: list[float] | None = None, predictions: bool = False) -> dict:
     from .metrics import class_metrics, macro_f1
+    from .objectives import task_loss
 
-    loss = F.cross_entropy(logits, labels).item()
+    loss = task_loss(logits, labels, kind).item()
+    if kind == "multi_label":
+        return _finding_metrics(logits, labels, loss, per_class, thresholds)
+
     y, p = labels.numpy(), logits.argmax(1).numpy()
     probs = torch.softmax(logits.double(), 1).numpy()
     # One-vs-rest AUC per class present with both positives and negatives; classes absent from y_true
@@ -128,6 +131,11 @@ def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool =
         "macro_f1": macro_f1(y, p, num_classes),  # over all num_classes classes (shpeft_core.metrics)
         "auc": float("nan") if classes["macro_auc"] is None else classes["macro_auc"],
     }
+    if kind == "ordinal":
+        from .label_metrics import quadratic_kappa
+
+        kappa = quadratic_kappa(y, p, num_classes)
+        out["kappa"] = float("nan") if kappa is None else kappa
     if per_class:
         out.update(n=int(y.size), per_class=classes)
     if predictions:
@@ -135,18 +143,41 @@ def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool =
     return out
 
 
+def _finding_metrics(logits: Tensor, labels: Tensor, loss: float, per_finding: bool,
+                     thresholds: list[float] | None) -> dict:
+    """Multi-label summary: mean AUROC ("auc"), macro-F1 and mean accuracy at per-finding thresholds
+    (given, else the best ones on this data, i.e. chosen on validation when this is the validation split)."""
+    from .label_metrics import finding_metrics
+
+    nan = float("nan")
+    got = finding_metrics(labels.double().numpy(), torch.sigmoid(logits.double()).numpy(), thresholds,
+                          roc=per_finding)
+    out = {"loss": float(loss),
+           "accuracy": nan if got["mean_accuracy"] is None else got["mean_accuracy"],
+           "macro_f1": nan if got["macro_f1"] is None else got["macro_f1"],
+           "auc": nan if got["macro_auc"] is None else got["macro_auc"]}
+    if per_finding:
+        out.update(n=int(labels.shape[0]), per_finding=got)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu", bf16: bool = True,
-             per_class: bool = False, predictions: bool = False) -> dict:
+             per_class: bool = False, kind: str = "single_label", thresholds: list[float] | None = None,
+             predictions: bool = False) -> dict:
     """loss, accuracy, macro_f1 and macro AUC over ``loader`` (all ranks when distributed).
 
-    macro_f1 averages F1 over all ``num_classes`` classes, a class absent from the split included (it
-    counts 1 when never predicted, 0 when predicted); AUC is the unweighted mean of the one-vs-rest ROC
-    AUCs of the classes with both positives and negatives here (``shpeft_core.metrics``).
-    With ``per_class`` the result also holds ``n`` (samples) and ``per_class``: the confusion matrix
-    and per-class sensitivity, specificity and AUC (``shpeft_core.metrics.class_metrics``).
-    With ``predictions`` it holds ``predictions``: per sample, in loader order, ``labels`` and ``preds``
-    (int64 arrays, preds the logits' arg-max) and ``probs`` (float64 softmax, [N, C]).
+    single_label / ordinal: macro_f1 averages F1 over all ``num_classes`` classes, a class absent from the
+    split included (it counts 1 when never predicted, 0 when predicted); AUC is the unweighted mean of the
+    one-vs-rest ROC AUCs of the classes with both positives and negatives here (``shpeft_core.metrics``);
+    ordinal tasks also get ``kappa`` (quadratic weighted). With ``per_class`` the result also holds ``n``
+    (samples) and ``per_class``: the confusion matrix and per-class sensitivity, specificity and AUC
+    (``shpeft_core.metrics.class_metrics``). With ``predictions`` it holds ``predictions``: per sample, in
+    loader order, ``labels`` and ``preds`` (int64 arrays, preds the logits' arg-max) and ``probs`` (float64
+    softmax, [N, C]).
+    multi_label: mean AUROC over findings, macro-F1 and mean accuracy at per-finding ``thresholds``
+    (default: the best ones on this data); with ``per_class``, ``per_finding`` holds every finding's
+    metrics, thresholds and ROC curve (``shpeft_core.label_metrics.finding_metrics``).
     """
     net = unwrap(model)
     dev = torch.device(device)
@@ -157,13 +188,13 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu",
         with _autocast(dev, bf16):
             out = net(x.to(dev))
         logits.append(out.float().cpu())
-        labels.append(y.cpu().long())
+        labels.append(y.cpu() if kind == "multi_label" else y.cpu().long())
     net.train(was_training)
     if not logits:
         raise ValueError("evaluation loader yielded no batches")
     all_logits = _gather(torch.cat(logits))
     all_labels = _gather(torch.cat(labels))
-    return _metrics(all_logits, all_labels, num_classes, per_class, predictions)
+    return _metrics(all_logits, all_labels, num_classes, per_class, kind, thresholds, predictions)
 
 
 def _param_groups(net: nn.Module, config: TrainConfig) -> tuple[list[dict], list[str]]:
@@ -199,15 +230,21 @@ def fit(
     config: TrainConfig,
     *,
     num_classes: int,
+    kind: str = "single_label",
     start_epoch: int = 0,
     resume_state: TrainState | None = None,
     on_epoch_end: Callable[[int, dict, TrainState], None] | None = None,
 ) -> list[dict]:
     """Train the trainable parameters (values + head) with AdamW; returns per-epoch metrics.
 
-    ``model`` may be wrapped in DDP: the wrapper is used for the forward (gradient sync),
-    the inner module for names. Each epoch's dict holds epoch, train_loss, lr and evaluate()'s keys.
+    The loss is the task ``kind``'s (``shpeft_core.objectives.task_loss``: cross-entropy, or binary
+    cross-entropy per finding for multi_label). ``model`` may be wrapped in DDP: the wrapper is used for
+    the forward (gradient sync), the inner module for names. Each epoch's dict holds epoch, train_loss,
+    lr and evaluate()'s keys.
     """
+    from .objectives import check_kind, task_loss
+
+    check_kind(kind)
     net = unwrap(model)
     device = torch.device(config.device)
     groups, names = _param_groups(net, config)
@@ -256,7 +293,7 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, config.bf16):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = task_loss(logits.float(), y, kind, label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip and config.grad_clip > 0:
@@ -267,7 +304,8 @@ def fit(
             n_seen += y.shape[0]
         if n_seen == 0:
             raise ValueError(f"training loader yielded no batches in epoch {epoch}")
-        metrics = evaluate(model, val_loader, num_classes=num_classes, device=config.device, bf16=config.bf16)
+        metrics = evaluate(model, val_loader, num_classes=num_classes, device=config.device, bf16=config.bf16,
+                           kind=kind)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen),
                    "lr": opt.param_groups[0]["lr"], **metrics}
         history.append(metrics)

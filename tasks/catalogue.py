@@ -1,8 +1,10 @@
 """Built-in catalogue of medical image classification datasets used by medical PEFT papers.
 
-An entry says what the dataset is, under which licence and where to get it; ``entry.to_spec(source)``
-turns it into a TaskSpec once the files are on some storage. Licence notes are pointers, not legal
-advice: MedMNIST v2 is released under CC BY 4.0, but each source dataset keeps its own licence.
+An entry says what the dataset is, of which task kind, under which licence and where to get it;
+``entry.to_spec(source)`` turns it into a TaskSpec once the files are on some storage. Entries of the
+``table`` format read the official download as it unpacks (their label tables and image folders), given
+the download folder as ``source``. Licence notes are pointers, not legal advice: MedMNIST v2 is
+released under CC BY 4.0, but each source dataset keeps its own licence.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class CatalogueEntry:
     medmnist: bool = False
     multilabel: bool = False
     metric: str = DEFAULT_METRIC
+    kind: str = "single_label"
+    table: dict | None = None  # TableLayout fields for the official layout (format "table")
     extra: dict = field(default_factory=dict)
 
     @property
@@ -44,9 +48,12 @@ class CatalogueEntry:
         return len(self.class_names)
 
     def to_spec(self, source: str | None = None, *, name: str | None = None, image_size: int | None = None, **overrides) -> TaskSpec:
-        """A TaskSpec for this dataset at ``source`` (MedMNIST: a folder or .npz; default data root).
+        """A TaskSpec for this dataset at ``source`` (MedMNIST: a folder or .npz; default data root; label
+        tables: the download folder).
 
-        ChestMNIST is multi-label: it becomes a binary 'no finding' / 'any finding' task.
+        ``overrides`` win over the entry's fields; a ``table`` override is merged into the entry's layout
+        (e.g. ``table={"files": "Data_Entry_2017.csv"}``). ChestMNIST is multi-label; with
+        ``multilabel="any"`` it becomes a binary 'no finding' / 'any finding' task.
         """
         if source is None:
             if not self.medmnist:
@@ -64,16 +71,23 @@ class CatalogueEntry:
             channels=self.channels,
             image_size=image_size,
             metric=self.metric,
+            kind=self.kind,
             description=self.title,
         )
+        if self.table is not None:
+            fields["table"] = {**self.table, **(overrides.pop("table", None) or {})}
         if self.medmnist:
             fields.update(medmnist_name=self.key, image_size=image_size or 28)
-            if self.multilabel:
-                fields.update(num_classes=2, class_names=["no finding", "any finding"], multilabel="any")
+            if self.multilabel and overrides.get("multilabel") == "any":
+                fields.update(kind="single_label", num_classes=2, class_names=["no finding", "any finding"],
+                              metric="macro_f1")
         fields.update(overrides)
         return TaskSpec(**fields)
 
 
+_CHEXPERT = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+             "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+             "Fracture", "Support Devices")
 _MEDMNIST_LICENCE = "MedMNIST v2: CC BY 4.0; source data: {src}"
 _MEDMNIST_OBTAIN = "https://zenodo.org/records/10519652 ({key}.npz; {key}_64/_128/_224.npz for MedMNIST+); fetched automatically when a network exists"
 _ORGAN = (
@@ -82,7 +96,8 @@ _ORGAN = (
 )
 
 
-def _mm(key, title, modality, classes, channels, src_licence, size_note, notes="", multilabel=False):
+def _mm(key, title, modality, classes, channels, src_licence, size_note, notes="", multilabel=False,
+        kind="single_label", metric="macro_f1"):
     return CatalogueEntry(
         key=key,
         title=title,
@@ -96,6 +111,8 @@ def _mm(key, title, modality, classes, channels, src_licence, size_note, notes="
         notes=notes,
         medmnist=True,
         multilabel=multilabel,
+        kind=kind,
+        metric=metric,
     )
 
 
@@ -108,8 +125,8 @@ MEDMNIST_2D = (
         ["atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
          "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"], 1,
         "NIH ChestX-ray14, CC0 1.0", "112,120 images (78,468 / 11,219 / 22,433)",
-        "multi-label (14 findings): not supported as single-label; to_spec() binarises it to "
-        "'no finding' vs 'any finding' (multilabel='any')", multilabel=True),
+        "multi-label: one sigmoid output per finding, mean AUROC; overrides {multilabel: any} binarise it to "
+        "'no finding' vs 'any finding'", multilabel=True, kind="multi_label", metric="auc"),
     _mm("dermamnist", "DermaMNIST: dermatoscopy (HAM10000)", "dermoscopy",
         ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
          "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"], 3,
@@ -121,7 +138,8 @@ MEDMNIST_2D = (
         ["normal", "pneumonia"], 1, "Kermany et al., CC BY 4.0", "5,856 images (4,708 / 524 / 624)"),
     _mm("retinamnist", "RetinaMNIST: fundus, diabetic retinopathy grade (DeepDRiD)", "fundus",
         ["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"], 3,
-        "DeepDRiD, CC BY 4.0", "1,600 images (1,080 / 120 / 400)", "ordinal labels, treated as classes"),
+        "DeepDRiD, CC BY 4.0", "1,600 images (1,080 / 120 / 400)",
+        "ordinal grades: quadratic weighted kappa is the metric", kind="ordinal", metric="kappa"),
     _mm("breastmnist", "BreastMNIST: breast ultrasound (BUSI)", "ultrasound",
         ["malignant", "normal, benign"], 1, "BUSI (Al-Dhabyani et al. 2020), CC0 1.0 as released",
         "780 images (546 / 78 / 156)", "BUSI's normal and benign classes are merged"),
@@ -192,9 +210,14 @@ _OTHERS = (
         class_names=("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"),
         channels=3,
         licence="CC BY-NC 4.0 (non-commercial; attribution to ISIC and the contributing archives)",
-        obtain="https://challenge.isic-archive.com/data/#2019 (ISIC_2019_Training_Input + ground-truth CSV)",
+        obtain="https://challenge.isic-archive.com/data/#2019 (ISIC_2019_Training_Input + ISIC_2019_Training_GroundTruth.csv)",
+        format="table",
         size_note="25,331 training images; the test set's labels are not public",
-        notes="labels come as a one-hot CSV: sort images into <root>/<class>/ or into Parquet with a label column",
+        notes="source: the folder holding ISIC_2019_Training_GroundTruth.csv and ISIC_2019_Training_Input/; "
+              "one-hot columns (UNK, always 0, is left out); no official split: a seeded stratified split",
+        table={"files": "ISIC_2019_Training_GroundTruth.csv", "images": "ISIC_2019_Training_Input",
+               "path_column": "image", "path_template": "{}.jpg",
+               "label_columns": ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]},
     ),
     CatalogueEntry(
         key="isic2018",
@@ -204,8 +227,57 @@ _OTHERS = (
         channels=3,
         licence="CC BY-NC 4.0 (non-commercial)",
         obtain="https://challenge.isic-archive.com/data/#2018 (Task 3 training, validation and test inputs + ground truth)",
+        format="table",
         size_note="10,015 train / 193 val / 1,512 test images",
-        notes="one-hot CSV labels, as ISIC 2019",
+        notes="source: the folder holding the six ISIC2018_Task3_{Training,Validation,Test}_{Input,GroundTruth} "
+              "folders as unzipped; the official splits; one-hot ground-truth columns",
+        table={"files": {s: f"ISIC2018_Task3_{n}_GroundTruth/ISIC2018_Task3_{n}_GroundTruth.csv"
+                         for s, n in (("train", "Training"), ("val", "Validation"), ("test", "Test"))},
+               "path_column": "image", "path_template": "{}.jpg", "find_by_name": True,
+               "label_columns": ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]},
+    ),
+    CatalogueEntry(
+        key="chestxray14",
+        title="NIH ChestX-ray14: chest X-ray, 14 findings (Wang et al. 2017)",
+        modality="xray",
+        class_names=("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+                     "Hernia"),
+        channels=1,
+        licence="CC0 1.0 as released by the NIH Clinical Center (cite Wang et al. 2017)",
+        obtain="https://nihcc.app.box.com/v/ChestXray-NIHCC (images_001..012.tar.gz, Data_Entry_2017_v2020.csv, "
+               "train_val_list.txt, test_list.txt; also on Kaggle as 'nih-chest-xrays/data')",
+        format="table",
+        size_note="112,120 frontal X-rays of 30,805 patients (86,524 train+val / 25,596 test, split by patient)",
+        notes="source: the download folder; images are found by file name under it (images/ from the tarballs, or "
+              "Kaggle's images_0NN/images/); the official test list; validation drawn from train by patient. "
+              "An older copy names its table Data_Entry_2017.csv: overrides {table: {files: Data_Entry_2017.csv}}",
+        kind="multi_label",
+        metric="auc",
+        table={"files": "Data_Entry_2017_v2020.csv", "path_column": "Image Index", "find_by_name": True,
+               "label_column": "Finding Labels", "separator": "|", "none_value": "No Finding",
+               "group_column": "Patient ID", "split_lists": {"train": "train_val_list.txt", "test": "test_list.txt"}},
+    ),
+    CatalogueEntry(
+        key="chexpert",
+        title="CheXpert: chest X-ray, 14 observations with uncertain labels (Irvin et al. 2019)",
+        modality="xray",
+        class_names=_CHEXPERT,
+        channels=1,
+        licence="Stanford CheXpert Dataset Research Use Agreement (non-commercial research; register to download)",
+        obtain="https://stanfordmlgroup.github.io/competitions/chexpert/ (CheXpert-v1.0-small.zip; the full-size "
+               "CheXpert-v1.0 on Stanford AIMI)",
+        format="table",
+        size_note="224,316 radiographs of 65,240 patients (223,414 train / 234 valid)",
+        notes="source: the folder the zip was unpacked into (holding CheXpert-v1.0-small/); the official valid.csv "
+              "is the test split and validation is drawn from train by patient; -1 (uncertain) is ignored, blank "
+              "is negative (table.uncertain / uncertain_per_finding: positive or negative). Full size: overrides "
+              "{table: {files: {train: CheXpert-v1.0/train.csv, test: CheXpert-v1.0/valid.csv}}}",
+        kind="multi_label",
+        metric="auc",
+        table={"files": {"train": "CheXpert-v1.0-small/train.csv", "test": "CheXpert-v1.0-small/valid.csv"},
+               "path_column": "Path", "label_columns": list(_CHEXPERT), "group_pattern": r"(patient\d+)",
+               "uncertain": "ignore", "blank": "negative"},
     ),
     CatalogueEntry(
         key="aptos2019",
@@ -215,8 +287,14 @@ _OTHERS = (
         channels=3,
         licence="Kaggle competition rules (non-commercial research; accept them on Kaggle)",
         obtain="https://www.kaggle.com/competitions/aptos2019-blindness-detection (train_images + train.csv)",
+        format="table",
         size_note="3,662 labelled images",
-        notes="ordinal grades treated as classes; accuracy / macro-F1 (quadratic kappa is the competition metric)",
+        notes="source: the competition folder (train.csv, train_images/); ordinal grades, quadratic weighted kappa "
+              "(the competition metric); no patient ids: a seeded split stratified by grade",
+        kind="ordinal",
+        metric="kappa",
+        table={"files": "train.csv", "path_column": "id_code", "path_template": "train_images/{}.png",
+               "label_column": "diagnosis"},
     ),
     CatalogueEntry(
         key="eyepacs",
@@ -226,7 +304,14 @@ _OTHERS = (
         channels=3,
         licence="Kaggle competition rules (non-commercial research)",
         obtain="https://www.kaggle.com/competitions/diabetic-retinopathy-detection (train + trainLabels.csv; test labels released after)",
-        size_note="35,126 train / 53,576 test images, large (up to ~5,000 px): convert to Parquet shards at the working size",
+        format="table",
+        size_note="35,126 train / 53,576 test images, large (up to ~5,000 px): resize once to the working size",
+        notes="source: the competition folder (trainLabels.csv, train/); a patient's two eyes (10_left, 10_right) "
+              "stay in one split; quadratic weighted kappa",
+        kind="ordinal",
+        metric="kappa",
+        table={"files": "trainLabels.csv", "path_column": "image", "path_template": "train/{}.jpeg",
+               "label_column": "level", "group_pattern": r"^(\d+)_"},
     ),
 )
 

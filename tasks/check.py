@@ -1,9 +1,16 @@
-"""Dataset validation: read (and decode) every split, report counts and sizes, fail at the first problem."""
+"""Dataset validation: read (and decode) every split, report counts and sizes, fail at the first problem.
+
+Counts are images per class and split; for a multi_label task, images with each finding present (and with
+it unknown) per split, plus the images per split. Formats with groups (patients) report groups per split
+and groups that cross splits.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tasks.fingerprint import dataset_fingerprint
 from tasks.formats import get_format
@@ -22,8 +29,12 @@ class DatasetReport:
     format: str
     source: str
     class_names: list[str]
-    counts: dict[str, list[int]]  # split -> images per class
+    counts: dict[str, list[int]]  # split -> images per class; multi_label: images with each finding present
     label_range: tuple[int, int]
+    kind: str = "single_label"
+    images: dict[str, int] = field(default_factory=dict)  # split -> images
+    unknown: dict[str, list[int]] = field(default_factory=dict)  # multi_label: split -> images with each finding unknown
+    groups: dict[str, int] = field(default_factory=dict)  # split -> distinct groups (patients), where there are groups
     image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> count (decoded images)
     modes: dict[str, int] = field(default_factory=dict)  # source mode (Pillow mode; DICOM Modality/Photometric) -> count
     fingerprint: str = ""
@@ -31,7 +42,7 @@ class DatasetReport:
 
     @property
     def total(self) -> int:
-        return sum(sum(c) for c in self.counts.values())
+        return sum(self.images.values()) if self.images else sum(sum(c) for c in self.counts.values())
 
     def to_dict(self) -> dict:
         return {
@@ -39,7 +50,11 @@ class DatasetReport:
             "format": self.format,
             "source": self.source,
             "class_names": self.class_names,
+            "kind": self.kind,
             "counts": self.counts,
+            "images": self.images,
+            "unknown": self.unknown,
+            "groups": self.groups,
             "label_range": list(self.label_range),
             "image_sizes": self.image_sizes,
             "modes": self.modes,
@@ -56,6 +71,8 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
     the dataset folder.
     """
     counts: dict[str, list[int]] = {}
+    images: dict[str, int] = {}
+    unknown: dict[str, list[int]] = {}
     sizes: Counter = Counter()
     modes: Counter = Counter()
     survey = get_format(spec.format).survey(spec)
@@ -63,28 +80,36 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
     lo, hi = spec.num_classes, -1
     for split in SPLITS:
         ds = survey.dataset(split)
-        per = [0] * spec.num_classes
-        for lab in ds.labels:
-            per[lab] += 1
+        if spec.kind == "multi_label":
+            targets = np.asarray(ds.labels, dtype=np.float64).reshape(-1, spec.num_classes)
+            per = [int(v) for v in (targets == 1).sum(0)]
+            unknown[split] = [int(v) for v in np.isnan(targets).sum(0)]
+            images[split] = int(targets.shape[0])
+        else:
+            per = [0] * spec.num_classes
+            for lab in ds.labels:
+                per[lab] += 1
+            images[split] = sum(per)
         if decode:
             for img in ds.iter_images():
                 sizes[f"{img.size[0]}x{img.size[1]}"] += 1
                 modes[img.info.get("source_mode", img.mode)] += 1
         counts[split] = per
         present = [k for k, n in enumerate(per) if n]
-        lo, hi = min(lo, min(present)), max(hi, max(present))
+        if present:
+            lo, hi = min(lo, min(present)), max(hi, max(present))
+    what = "finding" if spec.kind == "multi_label" else "class"
+    cases = "positive images" if spec.kind == "multi_label" else "images"
     for k, n in enumerate(counts["train"]):
         if n == 0:
-            raise DatasetError(f"source {spec.source}: class {k} ('{names[k]}') has no images in split 'train'")
-    for k in range(spec.num_classes):
-        if sum(counts[s][k] for s in SPLITS) == 0:
-            raise DatasetError(f"source {spec.source}: class {k} ('{names[k]}') has no images")
+            raise DatasetError(f"source {spec.source}: {what} {k} ('{names[k]}') has no {cases} in split 'train'")
     warnings = [
-        f"class {k} ('{names[k]}') has no images in split '{s}'"
+        f"{what} {k} ('{names[k]}') has no {cases} in split '{s}'"
         for s in ("val", "test")
         for k, n in enumerate(counts[s])
         if n == 0
     ]
+    warnings += survey.warnings
     if survey.ignored:
         warnings.append(f"ignored {len(survey.ignored)} file(s) of other types ({describe_files(survey.ignored)}), e.g. {survey.ignored[0]}")
     return DatasetReport(
@@ -94,6 +119,10 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
         class_names=list(names),
         counts=counts,
         label_range=(lo, hi),
+        kind=spec.kind,
+        images=images,
+        unknown=unknown,
+        groups=dict(survey.groups or {}),
         image_sizes=dict(sizes.most_common()),
         modes=dict(modes.most_common()),
         fingerprint=dataset_fingerprint(spec) if fingerprint else "",

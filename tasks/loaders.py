@@ -1,7 +1,9 @@
 """Loaders: a split's dataset, sharded by rank and reshuffled deterministically every epoch from ``seed``.
 
-All formats yield ``(PIL RGB image, label)`` before the transform, so one transform (from the
-backbone's timm data config) serves them all.
+All formats yield ``(PIL RGB image, target)`` before the transform, so one transform (from the
+backbone's timm data config) serves them all; the target is a class index, or a float vector of
+findings for multi_label tasks. ``cache`` is the data cache folder formats may prepare data in
+(tasks/datacache.py; a job passes ``<store>/data-cache``).
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from .transforms import default_transform
 __all__ = ["ShardSampler", "TaskLoader", "build_dataset", "build_loader"]
 
 
-def build_dataset(spec: TaskSpec, split: str, transform: Callable | None = None):
-    """The split of ``spec`` as its format builds it: a Dataset (npz, folders) or a self-sharding IterableDataset (Parquet).
+def build_dataset(spec: TaskSpec, split: str, transform: Callable | None = None, *, cache: str | None = None):
+    """The split of ``spec`` as its format builds it: a Dataset (npz, folders, tables) or a self-sharding
+    IterableDataset (Parquet).
 
-    Items are ``(transform(PIL RGB image), int label)``; with ``transform=None`` the PIL image itself.
+    Items are ``(transform(PIL RGB image), target)``; with ``transform=None`` the PIL image itself.
     """
     if split not in SPLITS:
         raise DatasetError(f"split={split!r} must be one of {SPLITS}")
-    return get_format(spec.format).build(spec, split, transform)
+    fmt = get_format(spec.format)
+    return fmt.build(spec, split, transform, cache=cache) if fmt.uses_cache else fmt.build(spec, split, transform)
 
 
 class ShardSampler(Sampler[int]):
@@ -103,8 +107,10 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    cache: str | None = None,
 ) -> TaskLoader:
-    """A loader of ``(images float [B,3,H,W], labels long [B])`` for this rank's shard.
+    """A loader of ``(images float [B,3,H,W], targets)`` for this rank's shard: labels long [B], or float
+    [B, findings] (1 / 0 / NaN unknown) for multi_label tasks.
 
     Every rank gets the same number of samples (the shortest ranks repeat a few from the start),
     so DDP ranks stay in step. ``transform=None`` uses :func:`default_transform`.
@@ -112,7 +118,7 @@ def build_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
     transform = transform or default_transform(spec)
-    ds = build_dataset(spec, split, transform)
+    ds = build_dataset(spec, split, transform, cache=cache)
     generator = torch.Generator().manual_seed(seed)
     common = dict(
         batch_size=batch_size,

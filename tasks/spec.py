@@ -1,18 +1,29 @@
-"""TaskSpec: what a classification task is and where its images live."""
+"""TaskSpec: what a classification task is, of which kind, and where its images and labels live.
+
+Invariants: a spec is frozen and forbids unknown fields; ``class_names`` (when given) has
+``num_classes`` entries, which are the findings of a ``multi_label`` task; ``kappa`` is the metric of
+ordinal tasks only; a ``table`` layout goes with the ``table`` format only. Fields added after the
+first release (``kind``, ``table``) are left out of a spec's serialised form while they hold their
+defaults, so a job written before them keeps its id and its finished artifacts.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from shpeft_core.options import DEFAULT_METRIC, METRICS, SPLITS
+from shpeft_core.options import DEFAULT_METRIC, KINDS, METRICS, SPLITS
 
 from .formats import FORMATS
 
-__all__ = ["TaskSpec", "FORMATS", "METRICS", "SPLITS", "check_slug", "check_path_component"]
+__all__ = ["TaskSpec", "TableLayout", "FORMATS", "KINDS", "METRICS", "SPLITS", "LABEL_POLICIES", "check_slug",
+           "check_path_component"]
 
+LABEL_POLICIES = ("ignore", "positive", "negative")
+SplitName = Literal["train", "val", "test"]
+LabelPolicy = Literal["ignore", "positive", "negative"]
 
 _SLUG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -39,6 +50,82 @@ def check_path_component(value: str, field: str) -> str:
     return value
 
 
+class TableLayout(BaseModel):
+    """Where a label table's columns are and how to read them (format ``table``; tasks/formats/table.py).
+
+    Paths (``files``, ``images``, ``split_lists``) are relative to the task's ``source`` folder. Image
+    paths from the table must stay inside the image root; URLs only with ``allow_urls``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: str | dict[SplitName, str] | None = Field(
+        default=None, description="The table (CSV, TSV or Parquet), or one table per split; null = the source "
+        "itself is the table file and the images are relative to its folder.")
+    images: str | None = Field(default=None, description="Image root, relative to the source folder (default: it).")
+    path_column: str = Field(default="path", description="Column holding each image's path (or id, see path_template).")
+    path_template: str = Field(default="{}", description="Turns the path column's value into a path, e.g. "
+                               "'train_images/{}.png' for an id column.")
+    find_by_name: bool = Field(default=False, description="Find each image by its file name anywhere under the "
+                               "image root (one listing), for tables that hold only file names.")
+    label_column: str | None = Field(default=None, description="One column: a class index or class name; for "
+                                     "multi_label, findings joined by `separator`. Default 'label'.")
+    label_columns: list[str] | None = Field(default=None, description="One column per class (one-hot) or per "
+                                            "finding (1 / 0 / -1 uncertain / blank), in class order.")
+    separator: str | None = Field(default=None, description="Separator of the findings in label_column, e.g. '|'.")
+    none_value: str | None = Field(default=None, description="A label_column value meaning no finding, e.g. "
+                                   "'No Finding'.")
+    uncertain: LabelPolicy = Field(default="ignore", description="A finding marked -1 (uncertain): left out of the "
+                                   "loss and metrics (ignore), or counted as positive / negative.")
+    uncertain_per_finding: dict[str, LabelPolicy] = Field(default_factory=dict,
+                                                          description="The uncertain policy for some findings.")
+    blank: Literal["negative", "ignore"] = Field(default="negative", description="An empty finding cell: not "
+                                                 "mentioned, i.e. negative (CheXpert's convention), or unknown.")
+    split_column: str | None = Field(default="split", description="Column naming each row's split (train/val/"
+                                     "test); the default name may be absent (the splits are then drawn by group).")
+    split_lists: dict[SplitName, str] | None = Field(default=None, description="Text files listing each split's "
+                                                     "path-column values, one per line (ChestX-ray14).")
+    group_column: str | None = Field(default=None, description="Patient or study id: splits drawn here keep a "
+                                     "group together.")
+    group_pattern: str | None = Field(default=None, description="Regex taking the group id out of group_column "
+                                      "(default: the path column), e.g. '(patient\\d+)'.")
+    allow_urls: bool = Field(default=False, description="Allow image paths that are URLs (fsspec).")
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"group_pattern {v!r} is not a regular expression: {exc}") from None
+        return v
+
+    @field_validator("path_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if v.count("{}") != 1 or "{" in v.replace("{}", "") or "}" in v.replace("{}", ""):
+            raise ValueError(f"path_template {v!r} must hold '{{}}' exactly once and no other braces")
+        return v
+
+    @model_validator(mode="after")
+    def _labels(self) -> "TableLayout":
+        if self.label_column is not None and self.label_columns is not None:
+            raise ValueError("give label_column or label_columns, not both")
+        if self.label_columns is not None and len(set(self.label_columns)) != len(self.label_columns):
+            raise ValueError(f"label_columns has duplicates: {self.label_columns}")
+        if self.separator is not None and self.label_columns is not None:
+            raise ValueError("separator applies to label_column, not to label_columns")
+        if self.separator == "":
+            raise ValueError("separator must not be empty")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The single label column (default 'label') when label_columns is not given."""
+        return self.label_column or "label"
+
+
 class TaskSpec(BaseModel):
     """One image classification task.
 
@@ -51,7 +138,8 @@ class TaskSpec(BaseModel):
     name: str
     source: str = Field(min_length=1)
     format: Literal[FORMATS]  # the registered formats (tasks.formats), in registry order
-    num_classes: int = Field(ge=2)
+    kind: Literal[KINDS] = "single_label"
+    num_classes: int = Field(ge=2)  # classes, grades, or findings (multi_label)
     class_names: list[str] | None = None
     modality: str = "unknown"
     split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -70,7 +158,19 @@ class TaskSpec(BaseModel):
     multilabel: Literal["error", "any"] = "error"
     # dicom: (center, width) applied to modality values; None -> the file's VOI LUT/window, else min-max
     window: tuple[float, float] | None = None
+    # table: the label table's layout (None = the defaults: source is a CSV with path and label columns)
+    table: TableLayout | None = None
     description: str = ""
+
+    @model_serializer(mode="wrap")
+    def _serialise(self, handler):
+        # Later fields at their defaults are left out: specs (and so job ids) written before them stay the same.
+        out = handler(self)
+        if isinstance(out, dict):
+            for key, default in _LATER_FIELDS.items():
+                if key in out and getattr(self, key) == default:
+                    del out[key]
+        return out
 
     @field_validator("name")
     @classmethod
@@ -129,8 +229,36 @@ class TaskSpec(BaseModel):
             )
         if self.multilabel == "any" and self.num_classes != 2:
             raise ValueError("multilabel='any' binarises labels (no finding / any finding): num_classes must be 2")
+        if self.multilabel == "any" and self.kind == "multi_label":
+            raise ValueError("multilabel='any' makes a single-label task out of a multi-label file; with "
+                             "kind='multi_label' leave multilabel at 'error'")
+        if self.metric == "kappa" and self.kind != "ordinal":
+            raise ValueError(f"metric='kappa' (quadratic weighted kappa) needs kind='ordinal', not {self.kind!r}")
+        if self.kind == "multi_label" and self.format not in ("table", "medmnist"):
+            raise ValueError(f"kind='multi_label' needs a format that holds several findings per image "
+                             f"(table or medmnist), not {self.format!r}")
+        if self.table is not None and self.format != "table":
+            raise ValueError(f"table (a label-table layout) applies to format 'table', not {self.format!r}")
+        cols = self.table.label_columns if self.table is not None else None
+        if cols is not None and len(cols) != self.num_classes:
+            raise ValueError(f"table.label_columns has {len(cols)} columns but num_classes={self.num_classes}")
+        if self.table is not None and self.table.separator is not None and self.kind != "multi_label":
+            raise ValueError("table.separator joins several findings: it needs kind='multi_label'")
+        if self.table is not None:
+            unknown = sorted(set(self.table.uncertain_per_finding) - set(self.names()))
+            if unknown:
+                raise ValueError(f"table.uncertain_per_finding names {unknown}, not findings of this task "
+                                 f"({self.names()})")
         return self
+
+    @property
+    def layout(self) -> TableLayout:
+        """The label-table layout, defaults filled in."""
+        return self.table or TableLayout()
 
     def names(self) -> list[str]:
         """Class names, defaulting to the class indices as strings."""
         return list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
+
+
+_LATER_FIELDS = {"kind": "single_label", "table": None}

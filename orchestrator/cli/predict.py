@@ -20,7 +20,8 @@ __all__ = ["predict", "export"]
 @click.option("--backbone-source", default=None,
               help="Base weights ('hub', a file or URI); default: where the first delta says it was trained from.")
 @click.option("--delta", "deltas", multiple=True, required=True, metavar="URI", help="A task delta (repeat for several tasks).")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image and task.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Classes shown per image and task (multi-label tasks show every finding).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON lines.")
@@ -78,7 +79,7 @@ def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_jso
     if as_json:
         for p in preds:
             click.echo(json.dumps({"task": p.task, "image": p.image, "label": p.label,
-                                   "class_name": p.class_name, "probability": p.probability}))
+                                   "class_name": p.class_name, "probability": p.probability, "kind": p.kind}))
         return
     from orchestrator.reporting.tables import predictions_table
 

@@ -41,6 +41,7 @@ class TaskPlan:
     settings: dict[str, Any] | None  # the method's own settings (Method.settings), e.g. LoRA's rank
     artifact_uri: str | None  # where the finished run writes its artifact
     metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
+    data_cache: str | None = None  # the store's data cache (prepared arrays) for the loaders; set by stages
 
     @property
     def task_name(self) -> str:
@@ -53,6 +54,11 @@ class TaskPlan:
     @property
     def metric(self) -> str:
         return self.task.get("metric") or DEFAULT_METRIC
+
+    @property
+    def kind(self) -> str:
+        """The task kind (shpeft_core.objectives): what the loss and the probabilities are."""
+        return self.task.get("kind") or "single_label"
 
     def with_search_point(self, *, density: float | None = None, alpha: float | None = None,
                           lr: float | None = None, artifact_uri: str | None = None, **meta: str) -> "TaskPlan":
@@ -102,6 +108,8 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         "task": spec.name,
         "metric": spec.metric,
     }
+    if spec.kind != "single_label":  # serving forms probabilities by it (absent: single_label)
+        metadata["task_kind"] = spec.kind
     return TaskPlan(
         task=spec.model_dump(mode="json"),
         backbone=job.backbone.model_dump(mode="json"),

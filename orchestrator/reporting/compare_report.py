@@ -1,4 +1,8 @@
-"""The comparison report: a Markdown table of mean ± std per task and method, and the PNGs beside it."""
+"""The comparison report: a Markdown table of mean ± std per task and method, and the PNGs beside it.
+
+Macro-F1 is the common table; tasks of other kinds add their own: a multi-label task's per-finding test
+AUROC per method (mean over seeds) and ROC curves (each method's first seed), an ordinal task's quadratic
+weighted kappa. Those come from the runs' evaluation files (orchestrator/stages/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shpeft_core.options import DEFAULT_METRIC  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 
-from orchestrator.reporting.plots import plot_selection_location, save_png as _save, selection_location  # noqa: E402
+from orchestrator.reporting.plots import (plot_roc_curves, plot_selection_location, save_png as _save,  # noqa: E402
+                                          selection_location)
 from orchestrator.store.layout import compare_report_file  # noqa: E402
 
 __all__ = ["write_report", "summarise", "mean_over_tasks", "selection_location", "mask_jaccard"]
@@ -40,11 +45,12 @@ def _label(r: dict[str, Any], job_mix: str) -> str:
     return get_method(r["method"]).label(r.get("mix") or job_mix)
 
 
-def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test") -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(task, method label) -> (mean, std, n) of the split's macro-F1 over the ok runs."""
+def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test",
+              metric: str = METRIC) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(task, method label) -> (mean, std, n) of the split's ``metric`` (macro-F1) over the ok runs."""
     groups: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        v = r.get(f"{split}_{METRIC}")
+        v = r.get(f"{split}_{metric}")
         if r.get("status") == "ok" and v is not None and not math.isnan(v):
             groups.setdefault((r["task"], _label(r, job_mix)), []).append(float(v))
     return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
@@ -177,6 +183,64 @@ def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[
     return out
 
 
+def _evals(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
+    """(task, method label, seed) -> the run's evaluation file, for runs whose file verifies."""
+    from orchestrator.stages.evaluation import EvalFileError, read_eval
+    from orchestrator.store.layout import eval_file
+
+    out = {}
+    for r in rows:
+        if r.get("status") != "ok" or not r.get("artifact_uri"):
+            continue
+        try:
+            ev = read_eval(eval_file(r["artifact_uri"]))
+        except (EvalFileError, ValueError):
+            continue
+        if ev is not None and ev.get("artifact_sha256") == r.get("sha256"):
+            out[(r["task"], r["method"], r.get("mix"), r["seed"])] = ev
+    return out
+
+
+def _kind_sections(root: str, rows, tasks: list[str], labels: list[str], job_mix: str, plots: list[str]) -> list[str]:
+    """Per-finding AUROC tables and ROC curves of multi-label tasks, kappa tables of ordinal ones."""
+    evals = _evals(rows)
+    kinds = {k[0]: ev.get("task_kind") or "single_label" for k, ev in evals.items()}
+    lines: list[str] = []
+    ordinal = [t for t in tasks if kinds.get(t) == "ordinal"]
+    if ordinal:
+        test = summarise(rows, job_mix, "test", "kappa")
+        lines += ["", "## Test quadratic weighted kappa (ordinal tasks; mean ± std over seeds)", "",
+                  *_table(test, ordinal, labels)]
+    for t in (t for t in tasks if kinds.get(t) == "multi_label"):
+        per_method: dict[str, list[list[float | None]]] = {}
+        curves: dict[str, dict] = {}
+        names: list[str] = []
+        for (task, method, mix, seed), ev in sorted(evals.items(), key=lambda kv: kv[0][3]):
+            if task != t:
+                continue
+            label = _label({"method": method, "mix": mix}, job_mix)
+            pf = ev["splits"]["test"]["per_finding"]
+            names = ev["class_names"]
+            per_method.setdefault(label, []).append(pf["auc"])
+            curves.setdefault(label, {n: c for n, c in zip(names, pf.get("roc") or []) if c})
+        shown = [lab for lab in labels if lab in per_method]
+        lines += ["", f"## `{t}`: test AUROC per finding (mean over seeds; thresholds, F1 and sensitivity per run "
+                  "are in each run's evaluation file)", "", "| finding | " + " | ".join(shown) + " |",
+                  "|---|" + "---:|" * len(shown)]
+        for i, name in enumerate(names):
+            cells = []
+            for lab in shown:
+                vals = [a[i] for a in per_method[lab] if a[i] is not None]
+                cells.append(f"{statistics.fmean(vals):.3f}" if vals else "n/a")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        png = plot_roc_curves({lab: curves[lab] for lab in shown}, join_uri(root, f"roc_{t}.png"),
+                              title=f"{t}: test ROC per finding (first seed of each method)")
+        if png:
+            plots.append(png)
+            lines += ["", f"![{t}: test ROC curves](roc_{t}.png)"]
+    return lines
+
+
 def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list[str], labels: list[str],
                  agnostic: dict[str, dict[str, Any]] | None = None, seconds: float = 0.0) -> tuple[str, list[str]]:
     """report.md and its PNGs under ``root``; returns (report URI, PNG URIs)."""
@@ -215,6 +279,7 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
             lines.append(f"| {lab} | {statistics.fmean(r['trainable'] or 0 for r in rs):,.0f} | "
                          f"{statistics.fmean(r['artifact_bytes'] or 0 for r in rs):,.0f} | "
                          f"{statistics.fmean(r['train_s'] or 0 for r in rs):.1f} |")
+    lines += _kind_sections(root, rows, tasks, labels, job_mix, plots)
     claims = _claims(test, tasks, labels, job_mix)
     if claims:
         lines += ["", "## Differences (mean test macro-F1 over tasks)", "", *claims]

@@ -2,8 +2,10 @@
 
 ``<store>/plots/<job_id>/report.md`` with its PNGs, and ``report.json`` holding the same numbers for
 machines. Per task: learning curves from the history saved with the artifact, the test split's confusion
-matrix, per-class sensitivity, specificity and one-vs-rest AUC with their macro values, and the sweep's
-trials when the job had one; for the job: where the sparse methods' selected weights sit. Everything
+matrix, per-class sensitivity, specificity and one-vs-rest AUC with their macro values (a multi-label
+task: a per-finding table of AUROC, F1, sensitivity and specificity at thresholds chosen on validation,
+and the test ROC curves; an ordinal task adds quadratic weighted kappa), and the sweep's trials when the
+job had one; for the job: where the sparse methods' selected weights sit. Everything
 comes from files in the store (the catalogue, each artifact's evaluation file, sweep summaries), so a
 job written before evaluation files existed still gets what can be shown, and the report says what
 is missing and why.
@@ -24,7 +26,8 @@ from shpeft_core.options import DEFAULT_METRIC, METRIC_LABELS  # noqa: E402
 from shpeft_core.io import atomic_write_bytes, exists, join_uri, read_bytes  # noqa: E402
 
 from orchestrator.store import layout as layout  # noqa: E402
-from orchestrator.reporting.plots import log_density_axis, plot_selection_location, save_png  # noqa: E402
+from orchestrator.reporting.plots import (log_density_axis, plot_roc_curves, plot_selection_location,  # noqa: E402
+                                          save_png)
 
 __all__ = ["JobReportError", "write_job_report", "fmt"]
 
@@ -34,6 +37,7 @@ class JobReportError(ValueError):
 
 
 _METRIC_LABELS = METRIC_LABELS
+_LOSS_LABELS = {"multi_label": "binary cross-entropy loss (mean over findings)"}
 
 
 def _metric_label(metric: str) -> str:
@@ -85,22 +89,23 @@ def _sweep(store: str, row: dict) -> dict | None:
 # ---------------------------------------------------------------- plots
 
 
-def _plot_curves(task: str, metric: str, history: list[dict], uri: str) -> str:
+def _plot_curves(task: str, metric: str, history: list[dict], uri: str, kind: str = "single_label") -> str:
     epochs = [int(h.get("epoch", i)) + 1 for i, h in enumerate(history)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(epochs, [h.get("train_loss") for h in history], marker="o", label="training loss")
     if any(h.get("loss") is not None for h in history):
         ax1.plot(epochs, [h.get("loss") for h in history], marker="s", label="validation loss")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy loss")
+    ax1.set_ylabel(_LOSS_LABELS.get(kind, "cross-entropy loss"))
     ax1.set_title(f"{task}: loss per epoch")
     ax1.legend(fontsize=8)
     shown = [m for m in dict.fromkeys((metric, "accuracy")) if any(h.get(m) is not None for h in history)]
+    lo = min([0.0] + [h[m] for h in history for m in shown if h.get(m) is not None])  # kappa can be negative
     for m in shown:
         ax2.plot(epochs, [h.get(m) for h in history], marker="o", label=f"validation {_metric_label(m)}")
-    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_ylim(lo - 0.02, 1.02)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation score (0 to 1)")
+    ax2.set_ylabel("validation score (at most 1)")
     ax2.set_title(f"{task}: validation score per epoch")
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
@@ -166,6 +171,19 @@ def _class_table(names: list[str], split: dict) -> list[str]:
     return lines
 
 
+def _finding_table(names: list[str], split: dict) -> list[str]:
+    pf = split["per_finding"]
+    lines = ["| finding | positive / negative / unknown | AUROC | F1 | threshold | sensitivity | specificity |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | {pf['positives'][i]} / {pf['negatives'][i]} / {pf['unknown'][i]} | {fmt(pf['auc'][i])} | "
+                     f"{fmt(pf['f1'][i])} | {fmt(pf['threshold'][i])} | {fmt(pf['sensitivity'][i])} | "
+                     f"{fmt(pf['specificity'][i])} |")
+    lines.append(f"| **macro (mean over findings)** | {split['n']} images | {fmt(pf['macro_auc'])} | {fmt(pf['macro_f1'])} | "
+                 f"| {fmt(pf['macro_sensitivity'])} | {fmt(pf['macro_specificity'])} |")
+    return lines
+
+
 def _trial_table(metric: str, summary: dict) -> list[str]:
     best = summary.get("best") or {}
     trials = sorted(summary["trials"], key=lambda t: (t.get("started_at") or 0, t.get("trial_id") or ""))
@@ -199,7 +217,12 @@ def _intro(job, job_id: str, store: str, tasks: list[str]) -> list[str]:
         "tables: *sensitivity* (recall) is the share of a class's cases the model assigns to that class; "
         "*specificity* is the share of the other cases it does not assign to that class; *AUC* is the area "
         "under the one-vs-rest ROC curve of the class's predicted probability (0.5 = chance, 1 = perfect). "
-        "`n/a` marks a value that is undefined on the split, e.g. the AUC of a class with no case in it.",
+        "`n/a` marks a value that is undefined on the split, e.g. the AUC of a class with no case in it. "
+        "A multi-label task has one probability per finding: its table gives each finding's AUROC and its F1, "
+        "sensitivity and specificity at a threshold chosen on the validation split (the best F1 there); "
+        "*unknown* counts images whose label for the finding was uncertain and ignored. An ordinal task "
+        "(grades) also reports quadratic weighted kappa: agreement beyond chance, with far-off grades weighing "
+        "more (1 = perfect, 0 = chance).",
         "",
     ]
 
@@ -241,9 +264,7 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
         + (f", {row['trainable']:,} trainable parameters" if row.get("trainable") else "")
         + f"; model selection metric: validation {_metric_label(metric)}"
         + (f"; chosen by a sweep of {row['sweep_trials']} trial(s)" if row.get("sweep_trials") else "") + ".",
-        f"Test accuracy {fmt(row.get('test_accuracy'))}, macro-F1 {fmt(row.get('test_macro_f1'))}, "
-        f"macro AUC {fmt(row.get('test_auc'))} (validation: {fmt(row.get('val_accuracy'))}, "
-        f"{fmt(row.get('val_macro_f1'))}, {fmt(row.get('val_auc'))}).",
+        _headline(row, ev),
         # Paths carry content hashes; people get the check, report.json and `shpeft show` the path.
         ("The saved model is the one the catalogue recorded (sha256 verified)." if verified else
          "**The saved model is missing, or its sha256 does not match the catalogue's.**"),
@@ -259,7 +280,8 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
         source = "the run's last checkpoint"
     lines += ["### Learning curves", ""]
     if history:
-        pngs.append(_plot_curves(task, metric, history, join_uri(root, f"{task}_curves.png")))
+        pngs.append(_plot_curves(task, metric, history, join_uri(root, f"{task}_curves.png"),
+                                 (ev or {}).get("task_kind") or "single_label"))
         lines += [f"![{task}: learning curves]({task}_curves.png)", "",
                   f"{len(history)} epoch(s), from the history saved in {source}. The validation score is measured "
                   "after each epoch on the validation split.", ""]
@@ -268,7 +290,19 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
         missing.append(f"`{task}`: no learning curves (no history in an evaluation file or a checkpoint).")
     data["history"] = history
 
-    if ev is not None:
+    if ev is not None and "per_finding" in ev["splits"]["test"]:
+        names = ev["class_names"]
+        test, val = ev["splits"]["test"], ev["splits"]["val"]
+        curves = {n: c for n, c in zip(names, test["per_finding"].get("roc") or []) if c}
+        lines += [f"### Test split (n = {test['n']} images)", "", *_finding_table(names, test), ""]
+        if curves:
+            pngs.append(plot_roc_curves({task: curves}, join_uri(root, f"{task}_roc.png"),
+                                        title=f"{task}: test ROC curve per finding"))
+            lines += [f"![{task}: test ROC curves]({task}_roc.png)", ""]
+        lines += [f"Validation split (n = {val['n']} images, where the thresholds were chosen): mean AUROC "
+                  f"{fmt(val['per_finding']['macro_auc'])}, macro-F1 {fmt(val['per_finding']['macro_f1'])}.", ""]
+        data.update(class_names=names, test=test, val=val)
+    elif ev is not None:
         names = ev["class_names"]
         test, val = ev["splits"]["test"], ev["splits"]["val"]
         pngs.append(_plot_confusion(task, "test", names, test["per_class"]["confusion"],
@@ -294,6 +328,19 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
     elif row.get("sweep_trials"):
         missing.append(f"`{task}`: the sweep's trial summary (trials.json) is gone from the store or damaged.")
     return lines, data
+
+
+def _headline(row: dict, ev: dict | None) -> str:
+    if (ev or {}).get("task_kind") == "multi_label":
+        return (f"Test mean AUROC {fmt(row.get('test_auc'))}, macro-F1 {fmt(row.get('test_macro_f1'))} and mean "
+                f"accuracy {fmt(row.get('test_accuracy'))} over findings at thresholds chosen on validation "
+                f"(validation: {fmt(row.get('val_auc'))}, {fmt(row.get('val_macro_f1'))}, "
+                f"{fmt(row.get('val_accuracy'))}).")
+    kappa = (f"; quadratic weighted kappa {fmt(row.get('test_kappa'))} (validation {fmt(row.get('val_kappa'))})"
+             if row.get("test_kappa") is not None or row.get("val_kappa") is not None else "")
+    return (f"Test accuracy {fmt(row.get('test_accuracy'))}, macro-F1 {fmt(row.get('test_macro_f1'))}, "
+            f"macro AUC {fmt(row.get('test_auc'))} (validation: {fmt(row.get('val_accuracy'))}, "
+            f"{fmt(row.get('val_macro_f1'))}, {fmt(row.get('val_auc'))}){kappa}.")
 
 
 def _masks(rows: list[dict]) -> dict[str, Any]:
@@ -353,16 +400,19 @@ def write_job_report(store: str, job_id: str) -> tuple[str, list[str]]:
         sections += lines
         per_task[r["task"]] = data
 
+    kappa = any(r.get("test_kappa") is not None for r in rows)
     summary = ["## Summary (test split)", "",
-               "| task | status | method | cases | accuracy | macro-F1 | macro sensitivity | macro specificity | macro AUC |",
-               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+               "| task | status | method | cases | accuracy | macro-F1 | macro sensitivity | macro specificity | macro AUC |"
+               + (" kappa |" if kappa else ""),
+               "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if kappa else "")]
     for r in rows:
-        pc = (per_task[r["task"]].get("test") or {}).get("per_class") or {}
-        n = (per_task[r["task"]].get("test") or {}).get("n")
+        test = per_task[r["task"]].get("test") or {}
+        pc = test.get("per_class") or test.get("per_finding") or {}  # findings: per-finding means
+        n = test.get("n")
         summary.append(f"| {r['task']} | {r.get('status')} | {r.get('method') or 'n/a'} | {n if n is not None else 'n/a'} | "
                        f"{fmt(r.get('test_accuracy'))} | {fmt(r.get('test_macro_f1'))} | "
                        f"{fmt(pc.get('macro_sensitivity'))} | {fmt(pc.get('macro_specificity'))} | "
-                       f"{fmt(r.get('test_auc'))} |")
+                       f"{fmt(r.get('test_auc'))} |" + (f" {fmt(r.get('test_kappa'))} |" if kappa else ""))
 
     lines = [*_intro(job, job_id, store, tasks), *summary, "", *sections]
     masks = _masks(rows)

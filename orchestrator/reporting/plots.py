@@ -17,7 +17,7 @@ from shpeft_core.io import atomic_write_bytes, exists, join_uri  # noqa: E402
 from orchestrator.store.layout import plots_dir, read_sweep_summary, sweep_root  # noqa: E402
 
 __all__ = ["write_plots", "save_png", "pareto_front", "layer_of", "importance_mass_per_layer", "selection_location",
-           "plot_selection_location"]
+           "plot_selection_location", "plot_roc_curves"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -208,4 +208,36 @@ def plot_selection_location(masks: dict[str, dict[str, Any]], uri: str,
     ax2.set_xlabel("module type")
     ax2.set_ylabel("share of selected weights")
     ax2.set_title("per module type")
+    return save_png(fig, uri)
+
+
+def plot_roc_curves(curves: dict[str, dict[str, dict]], uri: str, title: str) -> str | None:
+    """ROC curves, one panel per finding: ``curves`` maps a legend label (a method, or the task) to
+    {finding: {"fpr": [...], "tpr": [...]}} as the evaluation files keep them."""
+    import math
+
+    findings = list(dict.fromkeys(f for per in curves.values() for f in per))
+    if not findings:
+        return None
+    cols = min(4, len(findings))
+    rows = math.ceil(len(findings) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
+    for k, finding in enumerate(findings):
+        ax = axes[k // cols][k % cols]
+        for i, (label, per) in enumerate(curves.items()):
+            c = per.get(finding)
+            if c:
+                ax.plot(c["fpr"], c["tpr"], color=f"C{i % 10}", label=label, linewidth=1.4)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(finding, fontsize=9)
+        ax.set_xlabel("1 - specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        if k == 0 and len(curves) > 1:
+            ax.legend(fontsize=7, loc="lower right")
+    for k in range(len(findings), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
     return save_png(fig, uri)

@@ -18,7 +18,8 @@ from orchestrator.serving.predict import PredictError
 
 __all__ = ["OUTPUT_COLUMNS", "DatasetInput", "needs_dataset", "resolve_input", "predict_dataset"]
 
-OUTPUT_COLUMNS = ("source", "task", "class_index", "class_name", "probabilities", "delta", "delta_sha256", "error")
+OUTPUT_COLUMNS = ("source", "task", "class_index", "class_name", "probabilities", "findings", "delta", "delta_sha256",
+                  "error")  # findings: multi_label tasks (probability >= 0.5), else null
 _ID_CANDIDATES = ("id", "path", "name", "filename", "file")
 
 
@@ -169,7 +170,8 @@ class _Predictor:
         import pyarrow as pa
         import torch
 
-        from orchestrator.serving.predict import PredictError, decode_image_bytes, task_logits
+        from orchestrator.serving.predict import (PredictError, decode_image_bytes, present_findings, task_kind,
+                                                  task_logits, task_probabilities)
 
         src = self.src
         n = batch.num_rows
@@ -199,18 +201,20 @@ class _Predictor:
         if good:
             logits = task_logits(self.model, self.deltas, torch.stack([tensors[i] for i in good]),
                                  batch_size=self.batch_size, device=self.device, verified=True)
-            probs = [lg.double().softmax(dim=-1) for lg in logits]
+            probs = [task_probabilities(lg, d) for lg, d in zip(logits, self.deltas)]
         row_of = {i: r for r, i in enumerate(good)}
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
             for t, name in enumerate(self.names):
                 p = probs[t][row_of[i]] if i in row_of else None
-                k = int(p.argmax()) if p is not None else None
+                multi = task_kind(self.deltas[t]) == "multi_label"
+                k = int(p.argmax()) if p is not None and not multi else None  # no single class for findings
                 out["source"].append(sources[i])
                 out["task"].append(name)
                 out["class_index"].append(k)
                 out["class_name"].append(self.labels[t][k] if k is not None else None)
                 out["probabilities"].append(p.tolist() if p is not None else None)
+                out["findings"].append(present_findings(p.tolist(), self.labels[t]) if multi and p is not None else None)
                 out["delta"].append(self.uris[t])
                 out["delta_sha256"].append(self.shas[t])
                 out["error"].append(errors[i])
@@ -222,6 +226,7 @@ def output_schema():
 
     return pa.schema([("source", pa.string()), ("task", pa.string()), ("class_index", pa.int64()),
                       ("class_name", pa.string()), ("probabilities", pa.list_(pa.float64())),
+                      ("findings", pa.list_(pa.string())),
                       ("delta", pa.string()), ("delta_sha256", pa.string()), ("error", pa.string())])
 
 

@@ -3,6 +3,10 @@
 The backbone is built once; each task's delta is applied in place, the images go through in
 batches (one forward per batch per task), and the delta is removed again (bit-exact), so switching
 tasks costs only the scatter of a few thousand values and a head swap.
+
+Probabilities follow the task kind the delta records (``task_kind`` in its metadata; absent means
+single_label): a softmax over classes, or for multi_label one sigmoid per finding, with the findings
+at probability >= ``FINDING_THRESHOLD`` named as present.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from shpeft_core.delta import DeltaError, TaskDelta, apply_delta, create_model_f
 __all__ = [
     "PredictError",
     "TaskPrediction",
+    "FINDING_THRESHOLD",
+    "task_kind",
+    "task_probabilities",
+    "present_findings",
     "task_name",
     "class_names",
     "check_same_backbone",
@@ -40,13 +48,38 @@ class PredictError(ValueError):
     """Inputs that cannot be predicted on; the message names the delta, option or image."""
 
 
+FINDING_THRESHOLD = 0.5  # a finding is named present at this sigmoid probability (thresholds chosen on
+# validation are in the artifact's evaluation file)
+
+
 @dataclass(frozen=True)
 class TaskPrediction:
+    """One class of a task's top-k for an image; for a multi_label task, one finding (every finding is
+    returned, each with its own probability)."""
+
     task: str
     image: str
     label: int
     class_name: str
     probability: float
+    kind: str = "single_label"
+
+
+def task_kind(delta: TaskDelta) -> str:
+    """The kind of task the delta was trained for (shpeft_core.objectives.KINDS)."""
+    return delta.metadata.get("task_kind") or "single_label"
+
+
+def task_probabilities(logits: torch.Tensor, delta: TaskDelta) -> torch.Tensor:
+    """Class probabilities (softmax) or, for a multi_label delta, per-finding probabilities (sigmoid), float64."""
+    from shpeft_core.objectives import probabilities
+
+    return probabilities(logits.double(), task_kind(delta))
+
+
+def present_findings(probs, names: list[str]) -> list[str]:
+    """The findings of one image at probability >= FINDING_THRESHOLD."""
+    return [n for n, p in zip(names, probs) if float(p) >= FINDING_THRESHOLD]
 
 
 def task_name(delta: TaskDelta, uri: str = "") -> str:
@@ -236,7 +269,8 @@ def predict_files(
     device: str = "cpu",
     top_k: int = 1,
 ) -> list[TaskPrediction]:
-    """Top-``top_k`` predictions per task and image; the backbone is built once from the first delta."""
+    """Top-``top_k`` predictions per task and image (multi_label tasks: every finding's probability);
+    the backbone is built once from the first delta."""
     from tasks.transforms import transform_for
 
     deltas, names = load_deltas(delta_uris, backbone)
@@ -246,7 +280,12 @@ def predict_files(
     preds: list[TaskPrediction] = []
     for delta, name, lg in zip(deltas, names, logits):
         labels = class_names(delta)
-        probs = lg.softmax(dim=-1)
+        probs = task_probabilities(lg, delta)
+        if task_kind(delta) == "multi_label":
+            for row, path in enumerate(image_paths):
+                preds += [TaskPrediction(name, path, i, labels[i], float(p), "multi_label")
+                          for i, p in enumerate(probs[row].tolist())]
+            continue
         k = min(top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=-1)
         for row, path in enumerate(image_paths):

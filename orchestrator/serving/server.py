@@ -8,7 +8,8 @@ each delta's group, under one lock, the delta is applied in place (its values at
 its head), the group goes through one forward, and the delta is removed bit-exactly.
 
 Routes under the application's prefix: ``POST`` with image bytes (PNG/JPEG/... or DICOM) in the
-body returns the task, class index and name and every class's probability; ``GET .../-/backbone``
+body returns the task, class index and name and every class's probability (a multi_label task: every
+finding's sigmoid probability and the findings present, ``task_kind`` saying which); ``GET .../-/backbone``
 returns the base weights' fingerprints (to check that nothing stays applied).
 
 ``serve_until_stopped`` is `shpeft serve` from Ray's start to its clean-up: it leaves no embedded Ray
@@ -29,6 +30,9 @@ from torch import nn
 
 from orchestrator.serving.predict import (
     PredictError,
+    present_findings,
+    task_kind,
+    task_probabilities,
     backbone_identity,
     check_same_backbone,
     class_names,
@@ -170,12 +174,16 @@ class DeltaServer:
                 # bit-exact, so no batch hashes the backbone again.
                 (logits,) = task_logits(self.model, [ld.delta], x, batch_size=len(rows), device=self.device,
                                         verified=True)
-                probs = logits.double().softmax(dim=-1)
+                probs = task_probabilities(logits, ld.delta)
+                kind = task_kind(ld.delta)
                 for r, p in zip(rows, probs):
-                    k = int(p.argmax())
-                    out[r] = {"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "class_index": k,
-                              "class_name": ld.class_names[k], "class_names": ld.class_names,
-                              "probabilities": p.tolist()}
+                    out[r] = {"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "task_kind": kind,
+                              "class_names": ld.class_names, "probabilities": p.tolist()}
+                    if kind == "multi_label":
+                        out[r]["findings"] = present_findings(p.tolist(), ld.class_names)
+                    else:
+                        k = int(p.argmax())
+                        out[r].update(class_index=k, class_name=ld.class_names[k])
         return out
 
     def info(self) -> dict:

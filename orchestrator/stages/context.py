@@ -10,6 +10,7 @@ a run the same run (its config hash) or where its maps come from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from orchestrator.job.keys import task_config_hash
 from orchestrator.job.plan import TaskPlan, plan_for
 from orchestrator.job.spec import JobSpec
 from orchestrator.runtime.console import say
+from orchestrator.store import layout
 
 __all__ = ["StageContext", "plan_task"]
 
@@ -54,4 +56,4 @@ def plan_task(ctx: StageContext, imaps, spec, *, method: str, seed: int, artifac
     chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method, seed=seed)
     plan = plan_for(job, spec, ctx.backbone_fp, imaps, method=method, seed=seed, artifact=artifact(chash),
                     epochs=epochs)
-    return plan, chash
+    return dataclasses.replace(plan, data_cache=layout.data_cache(ctx.store)), chash

@@ -2,10 +2,13 @@
 
 Besides the row's summary metrics it writes the artifact's evaluation file (``store.eval_file``): the
 training history saved inside the artifact, each split's confusion matrix and per-class sensitivity,
-specificity and one-vs-rest AUC, the class names, the sha256 of the artifact the numbers belong to, the
-catalogue fields (``row``), every image's label, prediction and class probabilities per split
-(``predictions``, so reports can resample images), and a sha256 of its own content, checked by
-``read_eval``.
+specificity and one-vs-rest AUC (multi_label tasks: ``per_finding`` instead, each finding's AUROC, F1,
+sensitivity and specificity at its threshold, and ROC curve), the class names, the task kind, the sha256
+of the artifact the numbers belong to, the catalogue fields (``row``), every image's label, prediction and
+class probabilities per split (``predictions``, so reports can resample images; single_label and ordinal
+tasks), and a sha256 of its own content, checked by ``read_eval``. A multi_label task's thresholds are
+chosen on validation (best F1 per finding) and applied unchanged to test; an ordinal task's rows hold
+quadratic weighted kappa.
 
 ``predictions[split]``: ``labels`` and ``preds`` (the arg-max the split's metrics were computed from)
 as integer lists in the split's loader order (unshuffled: the same order for every method and seed),
@@ -62,13 +65,20 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     splits: dict[str, dict] = {}
     predictions: dict[str, dict] = {}
+    thresholds = None  # multi_label: chosen on val (the first split), applied to test
     for split in EVAL_SPLITS:
-        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size)
-        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, predictions=True)
-        p = got.pop("predictions")
-        predictions[split] = encode_predictions(p["labels"], p["preds"], p["probs"])
+        loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size,
+                              cache=getattr(plan, "data_cache", None))
+        per_image = spec.kind != "multi_label"  # per-image predictions: single_label and ordinal tasks
+        got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, kind=spec.kind,
+                       thresholds=thresholds, predictions=per_image)
+        if per_image:
+            p = got.pop("predictions")
+            predictions[split] = encode_predictions(p["labels"], p["preds"], p["probs"])
+        if spec.kind == "multi_label":
+            thresholds = got["per_finding"]["threshold"]
         splits[split] = got
-        for k in SUMMARY_METRICS:
+        for k in (m for m in SUMMARY_METRICS if m in got):  # kappa: ordinal tasks only
             out[f"{split}_{k}"] = float(got[k])
     kind = get_method(plan.method).artifact
     if kind == "delta":
@@ -85,6 +95,7 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
         "method": plan.method,
         "metric": plan.metric,
         "class_names": spec.names(),
+        "task_kind": spec.kind,
         "artifact_uri": plan.artifact_uri,
         "artifact_kind": kind,
         "artifact_sha256": sha,

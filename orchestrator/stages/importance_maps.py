@@ -43,7 +43,8 @@ def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict,
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = build_backbone(backbone, spec.num_classes)
     loader = build_loader(spec, "train", transform=transform_for(model, train=False),
-                          batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"])
+                          batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"],
+                          cache=settings.get("data_cache"))
     config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
                               head_warmup=settings["head_warmup"], loss=settings["loss"],
                               rules=tuple(settings["rules"]) if settings["rules"] else None)
@@ -54,7 +55,7 @@ def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict,
             board.push.remote({"kind": "importance", "name": label, "done": done, "total": total})
 
     imap = compute_importance(model, loader, config, num_classes=spec.num_classes, dataset_fingerprint=dataset_fp,
-                              device=device, backbone_name=backbone["name"], on_batch=on_batch)
+                              device=device, backbone_name=backbone["name"], on_batch=on_batch, kind=spec.kind)
     sha = imap.save(uri)
     return {"uri": uri, "sha256": sha, "seconds": time.perf_counter() - t0}
 
@@ -127,7 +128,7 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
     """
     import ray
 
-    from tasks.fingerprint import dataset_fingerprint
+    from orchestrator.stages.fingerprints import fingerprint_for_job
 
     job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
     workers, board = ctx.workers, ctx.board
@@ -137,6 +138,7 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
     settings = {
         "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
         "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed, "rules": job.selection.rules,
+        "data_cache": layout.data_cache(store),
     }
     members = {t.name: pool_members(job, t.name, targets, pool_extra) for t in targets}
     wanted = {n for names in members.values() for n in names} | {t.name for t in targets}
@@ -149,7 +151,7 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
             d = DatasetMap(spec.name, spec, estimator=est)
             try:
                 if spec.name not in fingerprints:
-                    fingerprints[spec.name] = dataset_fingerprint(spec)
+                    fingerprints[spec.name] = fingerprint_for_job(spec, store)
                 d.fingerprint = fingerprints[spec.name]
                 d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, est)
                 d.uri = layout.importance_map(store, d.key)

@@ -154,9 +154,10 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
     model = wrap(model) if wrap is not None else model
     train_cfg = TrainConfig(**{**plan.train, "device": str(device)})
     train_loader = build_loader(spec, "train", transform=train_tf, batch_size=plan.batch_size, shuffle=True,
-                                seed=train_cfg.seed, num_workers=plan.data_workers, rank=rank, world_size=world)
+                                seed=train_cfg.seed, num_workers=plan.data_workers, rank=rank, world_size=world,
+                                cache=plan.data_cache)
     val_loader = build_loader(spec, "val", transform=eval_tf, batch_size=plan.batch_size,
-                              num_workers=plan.data_workers)
+                              num_workers=plan.data_workers, cache=plan.data_cache)
     epochs = int(train_cfg.epochs)
     last: dict[str, Any] = {}
 
@@ -186,7 +187,7 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
         if report is not None:
             report(epoch, out, state)
 
-    history = fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes,
+    history = fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes, kind=plan.kind,
                   start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end)
 
     if rank == 0 and plan.artifact_uri:

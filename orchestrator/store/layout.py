@@ -20,6 +20,8 @@
 <store>/data/, data-smoke/, demo-job.yaml          the demo's generated datasets and its job file
 <store>/logs/<job_id>/driver.log, <task>.log      a job's console lines and each task's worker output
 <store>/mlruns/, tensorboard/<job_id>/             tracking of a local store without a tracking URI or folder
+<store>/data-cache/digests/<root key>.json         per-file sha256 of a dataset root, by content key (tasks/digests.py)
+<store>/data-cache/arrays/<npz sha256>/*.npy       .npz images decompressed once, read on demand (tasks/datacache.py)
 ```
 
 Nothing else in shpeft joins a path under a store (a test checks the source tree); what a module writes
@@ -47,7 +49,7 @@ __all__ = [
     "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "sweep_ledger", "tune_root", "tune_train_root", "train_runs_root",
     "run_checkpoints", "checkpoint_dir", "checkpoint_epochs", "fault_marker", "logs_dir", "log_file",
     "compare_results", "compare_artifacts_dir", "compare_report_file", "job_report_json", "backbone_file",
-    "demo_data_dir", "demo_job_file", "mlflow_default_dir", "tensorboard_dir",
+    "demo_data_dir", "demo_job_file", "mlflow_default_dir", "tensorboard_dir", "data_cache",
 ]
 
 def normalise_store(store: str) -> str:
@@ -275,3 +277,8 @@ def demo_data_dir(store: str, smoke_test: bool = False) -> str:
 
 def demo_job_file(store: str, smoke_test: bool = False) -> str:
     return join_uri(store, "demo-smoke-job.yaml" if smoke_test else "demo-job.yaml")
+
+
+def data_cache(store: str) -> str:
+    """Derived data shared by every job, run and seed of the store: file digests and prepared arrays."""
+    return join_uri(store, "data-cache")

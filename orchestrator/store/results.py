@@ -21,7 +21,7 @@ from orchestrator.store.layout import catalogue_dir, catalogue_file
 
 __all__ = ["SCHEMA", "METRIC_NAMES", "catalogue_uri", "read_catalogue", "write_rows", "latest_rows"]
 
-METRIC_NAMES = SUMMARY_METRICS
+METRIC_NAMES = SUMMARY_METRICS  # kappa: ordinal tasks only
 
 SCHEMA = pa.schema(
     [
@@ -83,7 +83,12 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
 
 def _read_job_table(uri: str) -> pa.Table:
     table = pq.read_table(io.BytesIO(read_bytes(uri)))
-    return table.cast(SCHEMA) if table.schema != SCHEMA else table
+    if table.schema == SCHEMA:
+        return table
+    # A catalogue written before a column existed (e.g. kappa) reads with that column empty.
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in SCHEMA]
+    return pa.Table.from_arrays(columns, schema=SCHEMA) if table.column_names != SCHEMA.names else table.cast(SCHEMA)
 
 
 def write_rows(store: str, job_id: str, rows: Iterable[dict[str, Any]]) -> str:

@@ -182,10 +182,13 @@ def prepare_demo_job(store: str, smoke_test: bool = False, *, cpus: int = 2, pro
     corpus, targets = write_demo_data(data, smoke_test)
     if smoke_test:
         # The smoke test also runs on real images: patches of the CT, MR, ultrasound, X-ray and histology
-        # images that pydicom-data and scikit-image install (the `samples` extra).
+        # images that pydicom-data and scikit-image install (the `samples` extra); and on a multi-label
+        # task read from a CheXpert-like label table (findings with uncertain and blank labels, patients).
         from tasks.samples import write_real_sample_task
+        from tasks.synthetic_findings import write_findings_task
 
-        targets = [*targets, write_real_sample_task(data, patch_size=DEMO_DATA["image_size"])]
+        targets = [*targets, write_real_sample_task(data, patch_size=DEMO_DATA["image_size"]),
+                   write_findings_task(data, num_images=160, image_size=DEMO_DATA["image_size"])]
     if progress:
         print(f"data: source corpus {corpus.name} + targets {[t.name for t in targets]} under {data}", flush=True)
     backbone_uri = install_demo_backbone(store, progress=progress)

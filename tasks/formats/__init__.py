@@ -25,6 +25,7 @@ _REGISTRY = {
     "imagefolder": "imagefolder",
     "parquet": "parquet",
     "dicom": "dicom",
+    "table": "table",
 }
 FORMATS: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -1,7 +1,9 @@
 """The interface every dataset format implements (see ``tasks/formats/__init__.py`` for the registry).
 
-A format's datasets yield ``(transform(PIL RGB image), int label)`` (the PIL image itself when the
-transform is None), have ``labels`` (the split's labels; a sorted multiset for streams) and
+A format's datasets yield ``(transform(PIL RGB image), target)`` (the PIL image itself when the
+transform is None); the target is an int class for single_label and ordinal tasks and a float32 vector
+(1 / 0 / NaN unknown) per image for multi_label ones (shpeft_core.objectives). They have ``labels`` (the
+split's class indices, a sorted multiset for streams; the [N, findings] target matrix for multi_label) and
 ``iter_images()`` (every image decoded, for validation). Map-style datasets also have ``load_image(i)`` and
 ``where(i)`` and are sharded by the loader's sampler; an ``IterableDataset`` shards itself and has
 ``configure(shuffle=, seed=, rank=, world_size=)``, ``set_epoch(epoch)`` and a per-rank ``__len__``.
@@ -33,6 +35,8 @@ class Survey:
     class_names: list[str]
     dataset: Callable[[str], object]  # split -> the split's dataset, without transform
     ignored: list[str] = field(default_factory=list)  # files of other types under the source
+    warnings: list[str] = field(default_factory=list)  # what the format noticed (e.g. groups crossing splits)
+    groups: dict[str, int] | None = None  # split -> distinct groups (patients), where the format has groups
 
 
 class DatasetFormat:
@@ -42,6 +46,7 @@ class DatasetFormat:
     aliases: ClassVar[tuple[str, ...]] = ()  # other names write_task accepts (e.g. 'npz')
     hint_rank: ClassVar[int] = 100  # order among "try --format X" hints: the most specific file type first
     keeps_splits: ClassVar[bool] = True  # write() keeps the given splits (else the loader's seeded split applies)
+    uses_cache: ClassVar[bool] = False  # build() takes cache= (the data cache folder, tasks/datacache.py)
 
     def claims_extension(self, ext: str) -> bool:
         """Whether files with this extension (e.g. '.png') look like this format, for error hints."""

@@ -1,4 +1,11 @@
-"""MedMNIST .npz: one archive with train/val/test_images and _labels arrays, held in memory."""
+"""MedMNIST .npz: one archive with train/val/test_images and _labels arrays.
+
+A split's labels are held in memory (small); its images never are: they are rows of an uncompressed
+array read on demand (tasks/datacache.py), mapped from the archive itself when it stores them
+uncompressed, else from a copy decompressed once into the data cache, which every process shares.
+Multi-label files (ChestMNIST's 14 findings) are native multi_label tasks; ``multilabel='any'`` still
+binarises them into no finding / any finding.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from torch.utils.data import Dataset
 from shpeft_core import io as sio
 
 from tasks.codecs.images import DatasetError, array_to_rgb
+from tasks.datacache import npz_member_header, npz_member_rows
 from tasks.download import fetch_medmnist, medmnist_filename
 from ..spec import TaskSpec
 from . import format_hint
@@ -49,7 +57,8 @@ def ensure_npz(spec: TaskSpec) -> str:
     return uri
 
 
-def _load_npz_split(spec: TaskSpec, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+def _load_npz_split(spec: TaskSpec, split: str) -> tuple[tuple[int, ...], np.ndarray, str, str]:
+    """(image array shape, labels, where, archive URI) of a split; its images are only looked at, not read."""
     uri = ensure_npz(spec)
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
@@ -68,31 +77,43 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[np.ndarray, np.ndarray,
                     raise DatasetError(
                         f"{uri}: key '{k}' missing; the MedMNIST layout has train/val/test_images and _labels, found {sorted(keys)}"
                     )
-            images, labels = npz[ik], npz[lk]
+            labels = npz[lk]
         except DatasetError:
             raise
         except Exception as e:
             raise DatasetError(f"{uri}: unreadable .npz ({type(e).__name__}: {e})") from None
     where = f"{uri}:{split}"
-    if len(images) != len(labels):
-        raise DatasetError(f"{uri}: '{ik}' has {len(images)} rows but '{lk}' has {len(labels)}")
-    if len(images) == 0:
+    try:
+        shape, dtype = npz_member_header(uri, ik)
+    except Exception as e:
+        raise DatasetError(f"{uri}: '{ik}' unreadable ({type(e).__name__}: {e})") from None
+    if shape[0] != len(labels):
+        raise DatasetError(f"{uri}: '{ik}' has {shape[0]} rows but '{lk}' has {len(labels)}")
+    if shape[0] == 0:
         raise DatasetError(f"{uri}: split '{split}' is empty ('{ik}' has 0 rows)")
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise DatasetError(f"{uri}: '{ik}' has shape {images.shape}; expected (N,H,W) grey or (N,H,W,3) RGB")
-    if images.dtype != np.uint8:
-        raise DatasetError(f"{uri}: '{ik}' has dtype {images.dtype}; MedMNIST images are uint8")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise DatasetError(f"{uri}: '{ik}' has shape {shape}; expected (N,H,W) grey or (N,H,W,3) RGB")
+    if dtype != np.uint8:
+        raise DatasetError(f"{uri}: '{ik}' has dtype {dtype}; MedMNIST images are uint8")
     labels = _npz_labels(spec, labels, uri, lk)
-    return images, labels, where
+    return shape, labels, where, uri
 
 
 def _npz_labels(spec: TaskSpec, labels: np.ndarray, uri: str, key: str) -> np.ndarray:
+    if spec.kind == "multi_label":
+        if labels.ndim != 2 or labels.shape[1] != spec.num_classes:
+            raise DatasetError(f"{uri}: '{key}' has shape {labels.shape}; a multi_label task with {spec.num_classes} "
+                               f"findings needs (N, {spec.num_classes})")
+        bad = np.flatnonzero(~np.isin(labels, (0, 1)).all(1))
+        if bad.size:
+            raise DatasetError(f"{uri}: '{key}' row {int(bad[0])} holds {labels[bad[0]].tolist()}; findings are 0 or 1")
+        return labels.astype(np.float32)
     if labels.ndim == 2 and labels.shape[1] > 1:
         if spec.multilabel == "any":
             return (labels.astype(np.int64).sum(axis=1) > 0).astype(np.int64)
         raise DatasetError(
-            f"{uri}: '{key}' is multi-label (shape {labels.shape}); single-label tasks only. "
-            "Set multilabel='any' to binarise into no finding / any finding"
+            f"{uri}: '{key}' is multi-label (shape {labels.shape}); set kind='multi_label' (one output per finding), "
+            "or multilabel='any' to binarise into no finding / any finding"
         )
     if labels.ndim == 2:
         labels = labels[:, 0]
@@ -111,21 +132,35 @@ def _npz_labels(spec: TaskSpec, labels: np.ndarray, uri: str, key: str) -> np.nd
 
 
 class ArrayDataset(Dataset):
-    """Map-style dataset over one split of a MedMNIST .npz (held in memory)."""
+    """Map-style dataset over one split of a MedMNIST .npz; images read per item (see the module doc)."""
 
-    def __init__(self, spec: TaskSpec, split: str, transform: Callable | None):
+    def __init__(self, spec: TaskSpec, split: str, transform: Callable | None, cache: str | None = None):
         self.spec = spec
         self.split = split
-        self.images, labels, self._where = _load_npz_split(spec, split)
-        self._labels = labels
+        self.shape, self._labels, self._where, self._uri = _load_npz_split(spec, split)
+        self._cache = cache
+        self._images = None
         self.transform = transform
+
+    @property
+    def images(self):
+        """The split's image rows, read on demand (prepared in the data cache on first use)."""
+        if self._images is None:
+            try:
+                self._images = npz_member_rows(self._uri, f"{self.split}_images", self._cache)
+            except DatasetError:
+                raise
+            except Exception as e:
+                raise DatasetError(f"{self._uri}: '{self.split}_images' unreadable ({type(e).__name__}: {e})") from None
+        return self._images
 
     def __len__(self) -> int:
         return len(self._labels)
 
     @property
-    def labels(self) -> list[int]:
-        return self._labels.tolist()
+    def labels(self):
+        """Class indices, or the [N, findings] target matrix of a multi_label task."""
+        return self._labels if self.spec.kind == "multi_label" else self._labels.tolist()
 
     def where(self, i: int) -> str:
         return f"{self._where} row {i}"
@@ -138,19 +173,21 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
-        return (self.transform(img) if self.transform else img), int(self._labels[i])
+        target = self._labels[i] if self.spec.kind == "multi_label" else int(self._labels[i])
+        return (self.transform(img) if self.transform else img), target
 
 
 class MedMNISTFormat(DatasetFormat):
     name = "medmnist"
     aliases = ("npz",)
     hint_rank = 1
+    uses_cache = True
 
     def claims_extension(self, ext: str) -> bool:
         return ext == ".npz"
 
-    def build(self, spec: TaskSpec, split: str, transform: Callable | None) -> ArrayDataset:
-        return ArrayDataset(spec, split, transform)
+    def build(self, spec: TaskSpec, split: str, transform: Callable | None, cache: str | None = None) -> ArrayDataset:
+        return ArrayDataset(spec, split, transform, cache)
 
     def fingerprint_fields(self, spec: TaskSpec) -> dict:
         return {"multilabel": spec.multilabel}

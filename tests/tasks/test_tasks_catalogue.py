@@ -31,7 +31,11 @@ def test_other_entries_and_specs():
     with pytest.raises(ValueError, match="needs a source"):
         CATALOGUE["busi"].to_spec()
     chest = CATALOGUE["chestmnist"].to_spec("/data")
-    assert chest.num_classes == 2 and chest.multilabel == "any"
+    assert chest.kind == "multi_label" and chest.num_classes == 14 and chest.metric == "auc"
+    binary = CATALOGUE["chestmnist"].to_spec("/data", multilabel="any")
+    assert binary.kind == "single_label" and binary.num_classes == 2 and binary.multilabel == "any"
+    retina = CATALOGUE["retinamnist"].to_spec("/data")
+    assert retina.kind == "ordinal" and retina.metric == "kappa"
     for e in CATALOGUE.values():
         assert e.licence and e.obtain and e.modality
 

@@ -10,7 +10,7 @@ from tasks.spec import TaskSpec
 
 
 def test_spec_and_cli_take_their_formats_from_the_registry():
-    assert SPEC_FORMATS == FORMATS == ("medmnist", "imagefolder", "parquet", "dicom")
+    assert SPEC_FORMATS == FORMATS == ("medmnist", "imagefolder", "parquet", "dicom", "table")
     assert typing.get_args(TaskSpec.model_fields["format"].annotation) == FORMATS
     check = next(c for c in tasks_cli.commands.values() if c.name == "check")
     fmt_option = next(p for p in check.params if p.name == "fmt")

@@ -10,7 +10,7 @@ LAYOUT = ROOT / "orchestrator" / "store" / "layout.py"
 STORE_NAMES = ("jobs", "importance", "agnostic-", "runs", "checkpoints", "epoch-", "sweeps", "_tune", "trials",
                "ledger.json", "deltas", "latest.json", "catalogue", "plots", "report.md", "report.json", "reports",
                "results.parquet", "artifacts", "backbones", "logs", "data", "data-smoke", "demo-job.yaml",
-               "demo-smoke-job.yaml", "fault-injected.json", ".eval.json", "mlruns", "tensorboard")
+               "demo-smoke-job.yaml", "fault-injected.json", ".eval.json", "mlruns", "tensorboard", "data-cache")
 PATH_BUILDERS = {"join_uri", "join"}  # shpeft_core.io.join_uri, os.path.join
 
 
