@@ -209,7 +209,6 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-@torch.no_grad()
 def _ridge_targets(labels: Tensor, num_classes: int, kind: str) -> Tensor:
     """One-hot classes, or the findings with each unknown entry set to its finding's known mean."""
     if kind != "multi_label":
@@ -220,6 +219,7 @@ def _ridge_targets(labels: Tensor, num_classes: int, kind: str) -> Tensor:
     return torch.where(known, y, mean.expand_as(y))
 
 
+@torch.no_grad()
 def _ridge(head: nn.Linear, feats: Tensor, labels: Tensor, num_classes: int, lam: float,
            kind: str = "single_label") -> None:
     f = feats.to(torch.float64)

@@ -12,7 +12,6 @@ here, or the caller's ``hash_files``, e.g. Ray tasks on the cluster). Records ar
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
