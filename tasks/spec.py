@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from shpeft_core.options import DEFAULT_METRIC, KINDS, METRICS, SPLITS
 
-from .formats import FORMATS
+from .format_registry import FORMATS
 
 __all__ = ["TaskSpec", "TableLayout", "FORMATS", "KINDS", "METRICS", "SPLITS", "LABEL_POLICIES", "check_slug",
            "check_path_component"]
@@ -137,7 +137,7 @@ class TaskSpec(BaseModel):
 
     name: str
     source: str = Field(min_length=1)
-    format: Literal[FORMATS]  # the registered formats (tasks.formats), in registry order
+    format: Literal[FORMATS]  # the registered formats (tasks.format_registry), in registry order
     kind: Literal[KINDS] = "single_label"
     num_classes: int = Field(ge=2)  # classes, grades, or findings (multi_label)
     class_names: list[str] | None = None

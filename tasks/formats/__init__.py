@@ -2,11 +2,11 @@
 
 Each format is one module here with a :class:`~tasks.formats.base.DatasetFormat` subclass that builds a
 split's dataset, names the files its fingerprint covers, lists what validation reads, and writes the
-format for the synthetic generator. ``_REGISTRY`` maps each name to its module; modules (and their
-optional dependencies: pyarrow, pydicom) are imported on first use, so this package needs no torch and
-``tasks.spec`` takes :data:`FORMATS` from here.
+format for the synthetic generator. ``tasks.format_registry`` maps each name to its module; modules (and
+their optional dependencies: pyarrow, pydicom) are imported on first use, so this package needs no torch.
 
-Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, and add its line below.
+Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, and add its line to
+``tasks/format_registry.py``.
 """
 
 from __future__ import annotations
@@ -14,20 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ..format_registry import FORMAT_MODULES as _REGISTRY
+from ..format_registry import FORMATS
+
 if TYPE_CHECKING:
     from .base import DatasetFormat
 
 __all__ = ["FORMATS", "get_format", "format_hint"]
-
-# name -> module under tasks.formats that defines FORMAT (order: CLI choices and error messages)
-_REGISTRY = {
-    "medmnist": "medmnist",
-    "imagefolder": "imagefolder",
-    "parquet": "parquet",
-    "dicom": "dicom",
-    "table": "table",
-}
-FORMATS: tuple[str, ...] = tuple(_REGISTRY)
 
 _LOADED: dict[str, DatasetFormat] = {}
 
