@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ESTIMATORS", "LOSSES", "HEAD_WARMUPS", "NORMALIZATIONS", "REDUCES", "GRANULARITIES", "MIXES",
     "METHODS", "SPARSE_METHODS", "IMPORTANCE_METHODS", "DEFAULT_LR", "LORA_TARGETS", "HEAD_INITS", "HELP",
-    "method_alpha",
+    "AGNOSTIC_SOURCES", "method_alpha",
     "artifact_kind",
 ]
 
@@ -25,6 +25,8 @@ REDUCES = ("mean", "median", "max")
 GRANULARITIES = ("global", "per_tensor", "per_row")
 MIXES = ("union", "rank_sum")
 HEAD_INITS = ("warm", "random")
+# Where a task's task-agnostic map comes from: auto = the pool, or the magnitude map when the pool is empty.
+AGNOSTIC_SOURCES = ("auto", "pool", "magnitude")
 
 METHODS = ("shpeft", "specific", "agnostic", "random", "gps", "linear", "bitfit", "lora", "full")
 # Methods whose trainable set is a mask over eligible weights (written as a task delta).
@@ -71,6 +73,9 @@ HELP = {
     "method": "How each task is fine-tuned: shpeft (hybrid sparse), specific (alpha=1), agnostic (alpha=0), "
               "random (random mask, same size), gps (per-row top |grad|), linear (head only), bitfit (biases + "
               "head), lora (peft LoRA + head) or full (every weight).",
+    "agnostic": "The task-agnostic map: pool = the importance pooled over the other datasets of the job (its "
+                "other tasks and importance.pool_datasets; an empty pool is an error), magnitude = the pre-trained "
+                "weights' |w| (needs no data), auto = the pool, or magnitude when the pool is empty (a lone task).",
     "head_init": "Training head start: warm = the head fitted on frozen features in the importance pass "
                  "(the same for every method), random = a fresh head.",
     "lr": f"Learning rate of the trained backbone entries for every method (method.lr sets it per method); "
