@@ -1,4 +1,8 @@
-"""TaskSpec: what a classification task is and where its images live."""
+"""TaskSpec: what a classification task is and where its images live.
+
+``num_classes`` follows from ``class_names`` when only they are given; formats whose classes show in
+their layout (``tasks.formats.CLASSES_FROM_LAYOUT``: folders) may leave both out, and
+``tasks.classes.resolve_classes`` fills them in from the source before anything trains on the spec."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .formats import FORMATS
+from .formats import CLASSES_FROM_LAYOUT, FORMATS
 
 __all__ = ["TaskSpec", "FORMATS", "METRICS", "SPLITS", "check_slug", "check_path_component"]
 
@@ -51,7 +55,7 @@ class TaskSpec(BaseModel):
     name: str
     source: str = Field(min_length=1)
     format: Literal[FORMATS]  # the registered formats (tasks.formats), in registry order
-    num_classes: int = Field(ge=2)
+    num_classes: int | None = Field(default=None, ge=2)  # None: from the layout (CLASSES_FROM_LAYOUT formats)
     class_names: list[str] | None = None
     modality: str = "unknown"
     split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -121,8 +125,19 @@ class TaskSpec(BaseModel):
             raise ValueError(f"{info.field_name} must not be empty")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classes_from_names(cls, data):
+        if isinstance(data, dict) and data.get("num_classes") is None and isinstance(data.get("class_names"), list):
+            data = {**data, "num_classes": len(data["class_names"])}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TaskSpec":
+        if self.num_classes is None and self.format not in CLASSES_FROM_LAYOUT:
+            raise ValueError(
+                f"num_classes is required for format '{self.format}' (its classes are in the labels); "
+                f"{' and '.join(CLASSES_FROM_LAYOUT)} take them from the class folders when it is left out")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
@@ -133,4 +148,6 @@ class TaskSpec(BaseModel):
 
     def names(self) -> list[str]:
         """Class names, defaulting to the class indices as strings."""
+        if self.num_classes is None:
+            raise ValueError(f"task {self.name}: its classes are not resolved yet (tasks.classes.resolve_classes)")
         return list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]

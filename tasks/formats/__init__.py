@@ -7,6 +7,9 @@ optional dependencies: pyarrow, pydicom) are imported on first use, so this pack
 ``tasks.spec`` takes :data:`FORMATS` from here.
 
 Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, and add its line below.
+A format whose classes show in its layout (folder names, a label table's names), readable without decoding
+an image, implements ``DatasetFormat.layout_classes`` and is listed in ``CLASSES_FROM_LAYOUT``: its task
+specs may leave ``num_classes`` and ``class_names`` out (``tasks.classes.resolve_classes`` fills them in).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .base import DatasetFormat
 
-__all__ = ["FORMATS", "get_format", "format_hint"]
+__all__ = ["FORMATS", "CLASSES_FROM_LAYOUT", "get_format", "format_hint"]
 
 # name -> module under tasks.formats that defines FORMAT (order: CLI choices and error messages)
 _REGISTRY = {
@@ -27,6 +30,8 @@ _REGISTRY = {
     "dicom": "dicom",
 }
 FORMATS: tuple[str, ...] = tuple(_REGISTRY)
+# Formats whose classes are inferred from the layout when a spec leaves them out (as torchvision's ImageFolder).
+CLASSES_FROM_LAYOUT: tuple[str, ...] = ("imagefolder", "dicom")
 
 _LOADED: dict[str, DatasetFormat] = {}
 
