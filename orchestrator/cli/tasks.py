@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tasks.catalogue import CATALOGUE
+from tasks.formats import CLASSES_FROM_LAYOUT
 from tasks.spec import FORMATS, TaskSpec
 
 __all__ = ["tasks_cli"]
@@ -43,7 +44,9 @@ def list_cmd(as_json: bool) -> None:
 @tasks_cli.command("check")
 @click.argument("uri")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Dataset format.")
-@click.option("--num-classes", type=int, default=None, help="Number of classes (default: from --class-names or the catalogue entry).")
+@click.option("--num-classes", type=int, default=None,
+              help="Number of classes, checked against the data (default: from --class-names, the catalogue entry, "
+                   "or the class folders of imagefolder and dicom).")
 @click.option("--class-names", default=None, help="Comma-separated class names in label order.")
 @click.option("--name", default="check", show_default=True, help="Task name (a slug).")
 @click.option("--catalogue", "catalogue_key", default=None, help="Take classes and modality from this catalogue entry.")
@@ -80,8 +83,9 @@ def check_cmd(uri, fmt, num_classes, class_names, name, catalogue_key, image_siz
             if catalogue_key not in CATALOGUE:
                 raise DatasetError(f"--catalogue {catalogue_key!r} is not in the catalogue")
             fields = {**CATALOGUE[catalogue_key].to_spec(uri, name=name).model_dump(exclude_defaults=True), **fields}
-        if "num_classes" not in fields:
-            raise DatasetError("--num-classes (or --class-names / --catalogue) is required")
+        if "num_classes" not in fields and fmt not in CLASSES_FROM_LAYOUT:
+            raise DatasetError(f"--num-classes (or --class-names / --catalogue) is required for --format {fmt}; "
+                               f"{' and '.join(CLASSES_FROM_LAYOUT)} take the classes from the class folders")
         spec = TaskSpec(**fields)
         report = check_dataset(spec, decode=not no_decode)
     except ValidationError as e:
@@ -110,6 +114,10 @@ def check_cmd(uri, fmt, num_classes, class_names, name, catalogue_key, image_siz
     console.print(f"labels {report.label_range[0]}..{report.label_range[1]}; image sizes {report.image_sizes or 'not decoded'}; "
                   f"modes {report.modes or 'not decoded'}", highlight=False)
     console.print(f"fingerprint {report.fingerprint}", highlight=False)
+    if report.classes_inferred:
+        # What to write in a job file to pin these classes (leaving them out gives the same job).
+        console.print(f"classes from the class folders: num_classes: {len(report.class_names)}, "
+                      f"class_names: {json.dumps(report.class_names)}", highlight=False, markup=False, soft_wrap=True)
     for w in report.warnings:
         console.print(f"[yellow]warning[/yellow]: {w}", highlight=False)
     console.print("[green]valid[/green]")

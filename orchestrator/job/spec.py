@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from shpeft_core.options import (ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LORA_TARGETS, LOSSES,
-                                 METHODS, MIXES, NORMALIZATIONS, REDUCES)
+from shpeft_core.options import (AGNOSTIC_SOURCES, ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP,
+                                 LORA_TARGETS, LOSSES, METHODS, MIXES, NORMALIZATIONS, REDUCES)
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -114,6 +114,7 @@ class ImportanceSection(_Section):
     )
     loss: Literal[LOSSES] = Field(default="ce", description=HELP["loss"])
     head_warmup: Literal[HEAD_WARMUPS] = Field(default="linear_probe", description=HELP["head_warmup"])
+    agnostic: Literal[AGNOSTIC_SOURCES] = Field(default="auto", description=HELP["agnostic"])
     pool: list[str] | None = Field(
         default=None,
         description="Names of the datasets forming the shared task-agnostic pool (target tasks and/or "
@@ -509,5 +510,8 @@ def job_id(job: JobSpec) -> str:
     """Short hex id derived from the job's content (canonical JSON of the validated job).
 
     Where a job is tracked is not part of what it computes: the tracking section is left out, so adding
-    it keeps the job's id (and its finished artifacts)."""
-    return content_hash(job.model_dump(mode="json", exclude={"tracking"}), length=12)
+    it keeps the job's id (and its finished artifacts). Classes a task leaves to its folders are resolved
+    first (orchestrator.job.classes): the job has the id of the one with them written out."""
+    from orchestrator.job.classes import with_classes
+
+    return content_hash(with_classes(job).model_dump(mode="json", exclude={"tracking"}), length=12)

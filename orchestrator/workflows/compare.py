@@ -111,6 +111,9 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
     import ray
 
+    from orchestrator.job.classes import with_classes
+
+    job = with_classes(job)  # classes left to a task's folders are written in, as `shpeft run` does
     model = preflight(job)  # before Ray starts
     quiet_frameworks()
     started = connect_ray(address, num_cpus)
