@@ -47,11 +47,12 @@ def _invalid_input_exits():
         _fail(str(exc), EXIT_INVALID)
 
 
-def _validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None) -> None:
+def _validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None,
+                      methods: list[str] | None = None) -> None:
     """Every pre-compute check (orchestrator.job.validate); all problems listed, exit 2 when there are any."""
     from orchestrator.job.validate import validate_job
 
-    problems = validate_job(job, data=data, cpus=cpus, gpus=gpus)
+    problems = validate_job(job, data=data, cpus=cpus, gpus=gpus, methods=methods)
     if problems:
         _fail(f"job file {source} cannot run:\n" + "\n".join(f"  - {p}" for p in problems), EXIT_INVALID)
 
@@ -138,7 +139,6 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     from orchestrator.workflows.compare import DEFAULT_METHODS, parse_methods
 
     job = _load_job_or_exit(job_file)
-    _validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
     try:
         chosen = parse_methods(methods) if methods else list(parse_methods(DEFAULT_METHODS))
     except ValueError as exc:
@@ -148,6 +148,8 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
         seeds = 1
         if not methods:
             chosen = parse_methods("shpeft,linear,full")
+    _validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1),
+                      methods=[m for m, _ in chosen])
     from orchestrator.workflows.compare import run_compare
 
     with _invalid_input_exits():
@@ -169,9 +171,13 @@ def validate(job_file: str, num_cpus: float | None, num_gpus: float, no_data: bo
 
     Example: shpeft validate job.yaml --num-cpus 64 --num-gpus 8
     """
+    from orchestrator.job.agnostic import agnostic_notes
+
     job = _load_job_or_exit(job_file)
     _validate_or_exit(job, job_file, data=not no_data, cpus=num_cpus or os.cpu_count() or 1, gpus=num_gpus)
     click.echo(f"{job_file}: ok ({len(job.tasks)} task(s), backbone {job.backbone.name}, store {job.store})")
+    for note in agnostic_notes(job):
+        click.echo(f"note: {note}")
 
 
 @main.command(short_help="Print the JSON schema of the job file (for editors).")
