@@ -23,6 +23,7 @@ from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
 from orchestrator.runtime.console import error_chain, log, now, print_results_table, quiet_frameworks, say, short_error
 from orchestrator.stages.importance_maps import extra_estimators, run_importance_stage
 from orchestrator.job.spec import JobSpec, job_id as compute_job_id, resolve_task, task_name
+from orchestrator.job.agnostic import uses_agnostic
 from orchestrator.job.keys import backbone_dict, task_config_hash
 from orchestrator.job.plan import plan_for
 from orchestrator.runtime.resources import connect_ray
@@ -95,6 +96,9 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     """
     import ray
 
+    from orchestrator.job.classes import with_classes
+
+    job = with_classes(job)  # classes left to a task's folders are written in: the job its id names
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
     quiet_frameworks()
     started = connect_ray(address, num_cpus)
@@ -122,7 +126,11 @@ def early_workers(job: JobSpec):
     if job.training.workers_per_task != 1 or job.sweep.enabled or importance_gpu(job) != bool(res.get("GPU")):
         return None
     cpus, gpus = cluster_resources()
-    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res)
+    slots = trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks)
+    # No more warm processes than the job has runs for: its tasks' maps (two each at most: gps adds grad1),
+    # its pool datasets' and its tasks' trainings; one task on a big machine starts one, not one per CPU.
+    useful = 2 * len(job.tasks) + len(job.importance.pool_datasets)
+    return WorkerPool(min(slots, useful), res)
 
 
 def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobResult:
@@ -156,7 +164,7 @@ def _run_logged(job: JobSpec, model, store: str, jid: str, logs, workers, *, for
         raise
     tracker.end_job(ok=not result.failed, plots=result.plots)
     if progress:
-        print_results_table(result.rows)
+        print_results_table(result.rows, store, jid)
         say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
             f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}"
             + (f"; report {result.report}" if result.report else ""), progress)
@@ -194,9 +202,12 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
             method = job.method.for_task(spec.name)
             d = imaps.specific(spec.name, job.importance.estimator)
             ag = imaps.agnostic.get(spec.name) or {}
+            used = uses_agnostic(job, method)  # which agnostic map the run reads, if any, for the catalogue
             base = {"task": spec.name, "metric": spec.metric, "started_at": now(), "method": method,
                     "seed": job.training.seed, "mix": job.selection.mix,
                     "importance_key": d.key, "agnostic_key": ag.get("key"),
+                    "agnostic_source": ag.get("source") if used else None,
+                    "agnostic_pool": ", ".join(ag.get("datasets") or []) if used and ag.get("datasets") else None,
                     "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
                     "importance_s": d.seconds, "granularity": job.selection.granularity}
             chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method)
@@ -206,6 +217,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
                                 epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
             except Exception as exc:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+                _failed_before_training(rows[spec.name], store, jid, progress, printer.post)
                 tracker.task_finished(rows[spec.name])
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
@@ -224,6 +236,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
             tracker.planned(plan, chash)
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
+            _failed_before_training(rows[name], store, jid, progress, printer.post)
             tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
@@ -265,6 +278,13 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
         say(f"report skipped: {short_error(exc)} (retry with: shpeft report {store} {jid})", True)
     return JobResult(job_id=jid, store=store, rows=ordered, failed=failed, counters=counters,
                      catalogue_uri=catalogue_uri(store, jid), plots=plots, report=report)
+
+
+def _failed_before_training(row: dict, store: str, jid: str, progress: bool, post) -> None:
+    """A task that could not be planned: its whole message in its log and on the console, as a failed run's."""
+    post({"kind": "log", "task": row["task"], "lines": [f"{now()} failed before training: {row['error']}"]})
+    say(f"[{row['task']}] FAILED: {row['error']} (full log: shpeft logs {store} {jid} --task {row['task']})",
+        progress)
 
 
 def _raise(message: str):
