@@ -1,4 +1,7 @@
-"""Task-specific importance from gradients, and task-agnostic importance pooled over datasets.
+"""Task-specific importance from gradients, and task-agnostic importance pooled over datasets or taken
+from the pre-trained weights' magnitude (the data-free map of a task that has no other dataset beside it).
+
+Every map holds one float32 score per eligible weight entry, under the weight's parameter name.
 
 Invariants: ``compute_importance`` never changes the model it is given (it works on a copy); with a
 ``seed`` the map, and the warmed head stored with it, are a function of (model, data, config, seed)
@@ -38,6 +41,7 @@ __all__ = [
     "ImportanceError",
     "compute_importance",
     "combine_importance",
+    "magnitude_importance",
     "warm_head",
     "load_warm_head",
     "supcon_loss",
@@ -503,3 +507,26 @@ def combine_importance(
         "kind": "agnostic",
     }
     return ImportanceMap(scores={n: t.to(torch.float32) for n, t in combined.items()}, metadata=metadata)
+
+
+def magnitude_importance(model: nn.Module, rules: tuple[str, ...] | list[str] | None = None) -> ImportanceMap:
+    """The pre-trained weights' magnitude |w| as a task-agnostic map: needs no data, one score per eligible entry.
+
+    Ranked like any agnostic map (rank percentile), it equals ``combine_importance(..., magnitude_blend=1)``
+    of any pool, so a task with no other dataset beside it can still be selected by the hybrid rules.
+    """
+    net = unwrap(model)
+    params = eligible_parameters(net, rules)
+    if not params:
+        raise ImportanceError(f"no eligible parameters in {model_backbone_name(net) or type(net).__name__}")
+    metadata = {
+        "backbone": model_backbone_name(net),
+        "backbone_fingerprint": backbone_fingerprint(net),
+        "estimator": "magnitude",
+        "batches": "0",
+        "dataset_fingerprint": hashlib.sha256(json.dumps([]).encode()).hexdigest(),
+        "datasets": json.dumps([]),
+        "kind": "agnostic",
+    }
+    return ImportanceMap(scores={n: p.detach().abs().to(torch.float32).cpu() for n, p in params.items()},
+                         metadata=metadata)

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ESTIMATORS", "LOSSES", "HEAD_WARMUPS", "NORMALIZATIONS", "REDUCES", "GRANULARITIES", "MIXES",
     "HEAD_INITS", "HELP", "METRICS", "SUMMARY_METRICS", "DEFAULT_METRIC", "METRIC_LABELS", "SPLITS",
-    "EVAL_SPLITS", "KINDS",
+    "EVAL_SPLITS", "KINDS", "AGNOSTIC_SOURCES",
 ]
 
 # Task-specific importance estimators (per-batch gradient g of the task loss, weight w).
@@ -24,6 +24,8 @@ REDUCES = ("mean", "median", "max")
 GRANULARITIES = ("global", "per_tensor", "per_row")
 MIXES = ("union", "rank_sum")
 HEAD_INITS = ("warm", "random")
+# Where a task's task-agnostic map comes from: auto = the pool, or the magnitude map when the pool is empty.
+AGNOSTIC_SOURCES = ("auto", "pool", "magnitude")
 
 # A dataset's splits, and the ones every artifact is evaluated on.
 SPLITS = ("train", "val", "test")
@@ -50,6 +52,9 @@ HELP = {
     "granularity": "global top-k, per-tensor budget, or per-row (GPS) top-k.",
     "mix": "Hybrid rule: union = round(alpha*k) entries from the task-specific ranking plus the rest from the "
            "task-agnostic ranking; rank_sum = top-k of alpha*N(specific) + (1-alpha)*N(agnostic).",
+    "agnostic": "The task-agnostic map: pool = the importance pooled over the other datasets of the job (its "
+                "other tasks and importance.pool_datasets; an empty pool is an error), magnitude = the pre-trained "
+                "weights' |w| (needs no data), auto = the pool, or magnitude when the pool is empty (a lone task).",
     "head_init": "Training head start: warm = the head fitted on frozen features in the importance pass "
                  "(the same for every method), random = a fresh head.",
 }

@@ -39,6 +39,7 @@ class DatasetReport:
     modes: dict[str, int] = field(default_factory=dict)  # source mode (Pillow mode; DICOM Modality/Photometric) -> count
     fingerprint: str = ""
     warnings: list[str] = field(default_factory=list)
+    classes_inferred: bool = False  # num_classes and class_names came from the layout, not the spec
 
     @property
     def total(self) -> int:
@@ -60,6 +61,8 @@ class DatasetReport:
             "modes": self.modes,
             "fingerprint": self.fingerprint,
             "warnings": self.warnings,
+            "num_classes": len(self.class_names),
+            "classes_inferred": self.classes_inferred,
         }
 
 
@@ -68,8 +71,14 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
 
     Checks: unreadable/truncated images, labels outside 0..num_classes-1, classes without images,
     empty splits, mismatched npz arrays, a format that does not match the files, paths that escape
-    the dataset folder.
+    the dataset folder. A spec that leaves its classes to the layout (ImageFolder, DICOM folders) gets
+    them from there (``tasks.classes``), and the report says so.
     """
+    from tasks.classes import resolve_classes
+    from tasks.formats import CLASSES_FROM_LAYOUT
+
+    inferred = spec.class_names is None and spec.format in CLASSES_FROM_LAYOUT  # names from the folders
+    spec = resolve_classes(spec)
     counts: dict[str, list[int]] = {}
     images: dict[str, int] = {}
     unknown: dict[str, list[int]] = {}
@@ -127,4 +136,5 @@ def check_dataset(spec: TaskSpec, *, decode: bool = True, fingerprint: bool = Tr
         modes=dict(modes.most_common()),
         fingerprint=dataset_fingerprint(spec) if fingerprint else "",
         warnings=warnings,
+        classes_inferred=inferred,
     )

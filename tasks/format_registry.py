@@ -7,7 +7,7 @@ Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, a
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_MODULES", "FORMATS"]
+__all__ = ["FORMAT_MODULES", "FORMATS", "CLASSES_FROM_LAYOUT"]
 
 # name -> module under tasks.formats that defines FORMAT (order: CLI choices and error messages)
 FORMAT_MODULES = {
@@ -18,3 +18,6 @@ FORMAT_MODULES = {
     "table": "table",
 }
 FORMATS: tuple[str, ...] = tuple(FORMAT_MODULES)
+# Formats whose classes show in their layout, readable without decoding an image (folder names, as
+# torchvision's ImageFolder): a spec of one may leave num_classes and class_names out.
+CLASSES_FROM_LAYOUT: tuple[str, ...] = ("imagefolder", "dicom")

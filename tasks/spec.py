@@ -5,6 +5,10 @@ Invariants: a spec is frozen and forbids unknown fields; ``class_names`` (when g
 ordinal tasks only; a ``table`` layout goes with the ``table`` format only. Fields added after the
 first release (``kind``, ``table``) are left out of a spec's serialised form while they hold their
 defaults, so a job written before them keeps its id and its finished artifacts.
+
+``num_classes`` follows from ``class_names`` when only they are given; formats whose classes show in
+their layout (``tasks.format_registry.CLASSES_FROM_LAYOUT``: folders) may leave both out, and
+``tasks.classes.resolve_classes`` fills them in from the source before anything trains on the spec.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from shpeft_core.options import DEFAULT_METRIC, KINDS, METRICS, SPLITS
 
-from .format_registry import FORMATS
+from .format_registry import CLASSES_FROM_LAYOUT, FORMATS
 
 __all__ = ["TaskSpec", "TableLayout", "FORMATS", "KINDS", "METRICS", "SPLITS", "LABEL_POLICIES", "check_slug",
            "check_path_component"]
@@ -139,7 +143,8 @@ class TaskSpec(BaseModel):
     source: str = Field(min_length=1)
     format: Literal[FORMATS]  # the registered formats (tasks.format_registry), in registry order
     kind: Literal[KINDS] = "single_label"
-    num_classes: int = Field(ge=2)  # classes, grades, or findings (multi_label)
+    # classes, grades, or findings (multi_label); None: from the layout (CLASSES_FROM_LAYOUT formats)
+    num_classes: int | None = Field(default=None, ge=2)
     class_names: list[str] | None = None
     modality: str = "unknown"
     split_ratio: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -221,8 +226,19 @@ class TaskSpec(BaseModel):
             raise ValueError(f"{info.field_name} must not be empty")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classes_from_names(cls, data):
+        if isinstance(data, dict) and data.get("num_classes") is None and isinstance(data.get("class_names"), list):
+            data = {**data, "num_classes": len(data["class_names"])}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TaskSpec":
+        if self.num_classes is None and self.format not in CLASSES_FROM_LAYOUT:
+            raise ValueError(
+                f"num_classes is required for format '{self.format}' (its classes are in the labels); "
+                f"{' and '.join(CLASSES_FROM_LAYOUT)} take them from the class folders when it is left out")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
@@ -258,6 +274,8 @@ class TaskSpec(BaseModel):
 
     def names(self) -> list[str]:
         """Class names, defaulting to the class indices as strings."""
+        if self.num_classes is None:
+            raise ValueError(f"task {self.name}: its classes are not resolved yet (tasks.classes.resolve_classes)")
         return list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
 
 

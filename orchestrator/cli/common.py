@@ -47,11 +47,13 @@ def invalid_input_exits():
         fail(str(exc), EXIT_INVALID)
 
 
-def validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None) -> None:
-    """Every pre-compute check (orchestrator.workflows.validate); all problems listed, exit 2 when there are any."""
+def validate_or_exit(job, source: str, *, data: bool, cpus: float | None, gpus: float | None = None,
+                     methods: list[str] | None = None) -> None:
+    """Every pre-compute check (orchestrator.workflows.validate); all problems listed, exit 2 when there are any.
+    ``methods``: the methods that will run when they are not the job's own (a comparison's)."""
     from orchestrator.workflows.validate import validate_job
 
-    problems = validate_job(job, data=data, cpus=cpus, gpus=gpus)
+    problems = validate_job(job, data=data, cpus=cpus, gpus=gpus, methods=methods)
     if problems:
         fail(f"job file {source} cannot run:\n" + "\n".join(f"  - {p}" for p in problems), EXIT_INVALID)
 

@@ -77,13 +77,14 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     Example: shpeft compare examples/compare_medmnist224_vitb16_gpu.yaml --seeds 3
     """
     job = load_job_or_exit(job_file)
-    validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1))
     from orchestrator.workflows.compare import compare_settings, run_compare
 
     try:
         job, chosen, seeds = compare_settings(job, methods, seeds, smoke_test=smoke_test)
     except ValueError as exc:
         fail(str(exc), EXIT_INVALID)
+    validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1),
+                     methods=[m.partition(":")[0] for m in chosen])
     with invalid_input_exits():
         result = run_compare(job, methods=chosen, seeds=seeds, address=address, num_cpus=num_cpus, force=force,
                              progress=not no_progress)
@@ -103,9 +104,13 @@ def validate(job_file: str, num_cpus: float | None, num_gpus: float, no_data: bo
 
     Example: shpeft validate job.yaml --num-cpus 64 --num-gpus 8
     """
+    from orchestrator.job.agnostic import agnostic_notes
+
     job = load_job_or_exit(job_file)
     validate_or_exit(job, job_file, data=not no_data, cpus=num_cpus or os.cpu_count() or 1, gpus=num_gpus)
     click.echo(f"{job_file}: ok ({len(job.tasks)} task(s), backbone {job.backbone.name}, store {job.store})")
+    for note in agnostic_notes(job):
+        click.echo(f"note: {note}")
 
 
 @click.command(short_help="Print the JSON schema of the job file (for editors).")

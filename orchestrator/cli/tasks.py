@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tasks.catalogue import CATALOGUE
+from tasks.format_registry import CLASSES_FROM_LAYOUT
 from tasks.spec import FORMATS, KINDS, LABEL_POLICIES, TaskSpec
 
 __all__ = ["tasks_cli"]
@@ -48,7 +49,9 @@ def list_cmd(as_json: bool) -> None:
               help="Dataset format (default: the --catalogue entry's; else required).")
 @click.option("--kind", type=click.Choice(KINDS), default=None,
               help="single_label (default), multi_label (findings) or ordinal (grades).")
-@click.option("--num-classes", type=int, default=None, help="Number of classes (default: from --class-names or the catalogue entry).")
+@click.option("--num-classes", type=int, default=None,
+              help="Number of classes, checked against the data (default: from --class-names, the catalogue entry, "
+                   "or the class folders of imagefolder and dicom).")
 @click.option("--class-names", default=None, help="Comma-separated class names in label order.")
 @click.option("--name", default="check", show_default=True, help="Task name (a slug).")
 @click.option("--catalogue", "catalogue_key", default=None,
@@ -117,8 +120,10 @@ def check_cmd(uri, fmt, kind, num_classes, class_names, name, catalogue_key, ima
                       .model_dump(exclude_defaults=True), **fields}
         if "format" not in fields:
             raise DatasetError("--format (or --catalogue) is required")
-        if "num_classes" not in fields:
-            raise DatasetError("--num-classes (or --class-names / --catalogue) is required")
+        if "num_classes" not in fields and fields["format"] not in CLASSES_FROM_LAYOUT:
+            raise DatasetError(f"--num-classes (or --class-names / --catalogue) is required for --format "
+                               f"{fields['format']}; {' and '.join(CLASSES_FROM_LAYOUT)} take the classes from the "
+                               f"class folders")
         spec = TaskSpec(**fields)
         report = check_dataset(spec, decode=not no_decode)
     except ValidationError as e:
@@ -137,6 +142,10 @@ def check_cmd(uri, fmt, kind, num_classes, class_names, name, catalogue_key, ima
     console.print(f"labels {report.label_range[0]}..{report.label_range[1]}; image sizes {report.image_sizes or 'not decoded'}; "
                   f"modes {report.modes or 'not decoded'}", highlight=False)
     console.print(f"fingerprint {report.fingerprint}", highlight=False)
+    if report.classes_inferred:
+        # What to write in a job file to pin these classes (leaving them out gives the same job).
+        console.print(f"classes from the class folders: num_classes: {len(report.class_names)}, "
+                      f"class_names: {json.dumps(report.class_names)}", highlight=False, markup=False, soft_wrap=True)
     for w in report.warnings:
         console.print(f"[yellow]warning[/yellow]: {w}", highlight=False)
     console.print("[green]valid[/green]")

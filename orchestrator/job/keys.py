@@ -8,7 +8,7 @@ from shpeft_core.methods import get_method
 
 from orchestrator.job.spec import JobSpec, TrainingSection, affects_results, content_hash
 
-__all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'task_config_hash']
+__all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'magnitude_key', 'task_config_hash']
 
 
 def backbone_dict(job: JobSpec) -> dict[str, Any]:
@@ -52,6 +52,14 @@ def agnostic_key(backbone_fp: str, dataset_keys: list[str], job: JobSpec) -> str
             "reduce": imp.reduce,
             "magnitude_blend": imp.magnitude_blend,
         },
+        length=24,
+    )
+
+
+def magnitude_key(backbone_fp: str, job: JobSpec) -> str:
+    """Content key of the magnitude map: the weights and which of them are eligible, nothing else."""
+    return content_hash(
+        {"kind": "magnitude-importance", "backbone_fingerprint": backbone_fp, "rules": job.selection.rules},
         length=24,
     )
 

@@ -73,8 +73,9 @@ class TaskPlan:
 
 def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific: tuple[str, str] | None,
                agnostic: tuple[str, str] | None, agnostic_includes_target: bool, artifact_uri: str | None,
-               epochs: int | None = None) -> TaskPlan:
-    """The plan of one (task, method, seed). ``specific``/``agnostic`` are (key, uri) of the maps."""
+               epochs: int | None = None, agnostic_source: str = "") -> TaskPlan:
+    """The plan of one (task, method, seed). ``specific``/``agnostic`` are (key, uri) of the maps;
+    ``agnostic_source`` says what the agnostic map is (pool, pool+magnitude or magnitude)."""
     from shpeft_core.backbone import source_label
 
     tr = job.training
@@ -101,6 +102,7 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         "importance_key": (specific[0] if specific and m.uses_importance else ""),
         "agnostic_importance_key": (agnostic[0] if agnostic and m.needs_agnostic(job.selection.alpha) else ""),
         "agnostic_includes_target": json.dumps(bool(agnostic_includes_target)),
+        "agnostic_source": agnostic_source if agnostic and m.needs_agnostic(job.selection.alpha) else "",
         "granularity": m.granularity(job.selection.granularity),
         "head_init": tr.head_init,
         "seed": str(seed),
@@ -147,4 +149,4 @@ def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: 
                       specific=(d.key, d.uri),
                       agnostic=(ag["key"], ag["uri"]) if ag.get("key") and needs_agnostic else None,
                       agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
-                      epochs=epochs)
+                      epochs=epochs, agnostic_source=ag.get("source") or "")

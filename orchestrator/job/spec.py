@@ -21,13 +21,14 @@ from pydantic import (
     Tag,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from shpeft_core.methods import default_lrs, get_method, method_names, methods_help
 from shpeft_core.methods.lora import LORA_TARGETS
-from shpeft_core.options import (ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LOSSES, MIXES,
-                                 NORMALIZATIONS, REDUCES)
+from shpeft_core.options import (AGNOSTIC_SOURCES, ESTIMATORS, GRANULARITIES, HEAD_INITS, HEAD_WARMUPS, HELP, LOSSES,
+                                 MIXES, NORMALIZATIONS, REDUCES)
 from tasks.spec import TaskSpec
 
 __all__ = [
@@ -84,8 +85,24 @@ MethodName = Annotated[str, AfterValidator(_known_method),
                        WithJsonSchema({"type": "string", "enum": list(method_names())})]
 
 
+# Marks a field added after jobs were first written: at its default it is left out of the section's
+# serialised form, so jobs written before it keep their id (and their finished artifacts).
+ADDED_LATER = {"omit_at_default": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_serializer(mode="wrap")
+    def _serialise(self, handler):
+        out = handler(self)
+        if isinstance(out, dict):
+            for name, field in type(self).model_fields.items():
+                extra = field.json_schema_extra
+                if (isinstance(extra, dict) and extra.get("omit_at_default") and name in out
+                        and getattr(self, name) == field.get_default(call_default_factory=True)):
+                    del out[name]
+        return out
 
 
 class BackboneSection(_Section):
@@ -129,6 +146,8 @@ class ImportanceSection(_Section):
     )
     loss: Literal[LOSSES] = Field(default="ce", description=HELP["loss"])
     head_warmup: Literal[HEAD_WARMUPS] = Field(default="linear_probe", description=HELP["head_warmup"])
+    agnostic: Literal[AGNOSTIC_SOURCES] = Field(default="auto", description=HELP["agnostic"],
+                                                json_schema_extra=ADDED_LATER)
     pool: list[str] | None = Field(
         default=None,
         description="Names of the datasets forming the shared task-agnostic pool (target tasks and/or "
@@ -436,5 +455,8 @@ def job_id(job: JobSpec) -> str:
     """Short hex id derived from the job's content (canonical JSON of the validated job).
 
     Where a job is tracked is not part of what it computes: the tracking section is left out, so adding
-    it keeps the job's id (and its finished artifacts)."""
-    return content_hash(job.model_dump(mode="json", exclude={"tracking"}), length=12)
+    it keeps the job's id (and its finished artifacts). Classes a task leaves to its folders are resolved
+    first (orchestrator.job.classes): the job has the id of the one with them written out."""
+    from orchestrator.job.classes import with_classes
+
+    return content_hash(with_classes(job).model_dump(mode="json", exclude={"tracking"}), length=12)

@@ -239,6 +239,22 @@ def _kind_sections(root: str, rows, tasks: list[str], labels: list[str], job_mix
             plots.append(png)
             lines += ["", f"![{t}: test ROC curves](roc_{t}.png)"]
     return lines
+def _agnostic_sentence(agnostic: dict[str, dict[str, Any]] | None, tasks: list[str], job) -> str:
+    """Which task-agnostic map each task's hybrid and agnostic runs used: the pool (naming its datasets) or
+    the pre-trained weights' magnitude."""
+    parts = []
+    for t in tasks:
+        a = (agnostic or {}).get(t) or {}
+        if a.get("source") == "magnitude":
+            parts.append(f"`{t}` the pre-trained weights' magnitude |w| (no dataset to pool)")
+        elif a.get("datasets"):
+            blend = (f", blended with |w| at {job.importance.magnitude_blend:g}"
+                     if a.get("source") == "pool+magnitude" else "")
+            parts.append(f"`{t}` the pool of {', '.join(a['datasets'])}{blend}")
+        elif a.get("error"):
+            parts.append(f"`{t}` none ({a['error']})")
+    where = "; ".join(parts) or "none"
+    return where + (", the task itself included" if job.importance.include_target else "")
 
 
 def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list[str], labels: list[str],
@@ -255,8 +271,7 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
         f"Backbone `{job.backbone.name}`; {len(tasks)} task(s); seeds per method: "
         f"{max((n for *_, n in test.values()), default=0)}; epochs {job.training.epochs}; density "
         f"{job.selection.density:g}, alpha {job.selection.alpha:g}, rule `{job_mix}`; "
-        f"head start `{job.training.head_init}`; task-agnostic map "
-        f"{'includes' if job.importance.include_target else 'leaves out'} the task itself. "
+        f"head start `{job.training.head_init}`; task-agnostic map: {_agnostic_sentence(agnostic, tasks, job)}. "
         f"Every method uses the same data, transforms, schedule, epochs and evaluation of its saved artifact; "
         f"models are selected on nothing (last epoch), test metrics are reported. Wall time {seconds:.0f} s.",
         "",

@@ -230,6 +230,17 @@ def _intro(job, job_id: str, store: str, tasks: list[str]) -> list[str]:
 # ---------------------------------------------------------------- the report
 
 
+def _agnostic_line(row: dict) -> list[str]:
+    """Which task-agnostic map the task's selection mixed in (none for methods that use none)."""
+    source, pool = row.get("agnostic_source"), row.get("agnostic_pool")
+    if source == "magnitude":
+        return ["Task-agnostic map: the pre-trained weights' magnitude |w| (no other dataset to pool)."]
+    if source in ("pool", "pool+magnitude"):
+        blend = ", blended with |w|" if source == "pool+magnitude" else ""
+        return [f"Task-agnostic map: the importance pooled over {pool or 'the other datasets'}{blend}."]
+    return []
+
+
 def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str], missing: list[str]) -> tuple[list[str], dict]:
     from orchestrator.stages.evaluation import EvalFileError, read_eval
 
@@ -264,13 +275,15 @@ def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str]
         + (f", {row['trainable']:,} trainable parameters" if row.get("trainable") else "")
         + f"; model selection metric: validation {_metric_label(metric)}"
         + (f"; chosen by a sweep of {row['sweep_trials']} trial(s)" if row.get("sweep_trials") else "") + ".",
+        *_agnostic_line(row),
         _headline(row, ev),
         # Paths carry content hashes; people get the check, report.json and `shpeft show` the path.
         ("The saved model is the one the catalogue recorded (sha256 verified)." if verified else
          "**The saved model is missing, or its sha256 does not match the catalogue's.**"),
         "",
     ]
-    data.update(artifact_uri=row.get("delta_uri"), artifact_sha256=row.get("sha256"), artifact_verified=verified,
+    data.update(agnostic_source=row.get("agnostic_source"), agnostic_pool=row.get("agnostic_pool"),
+                artifact_uri=row.get("delta_uri"), artifact_sha256=row.get("sha256"), artifact_verified=verified,
                 eval_uri=ev_uri if ev is not None else None)
 
     history = ev.get("history") if ev else None

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from shpeft_core.options import DEFAULT_METRIC
 
-__all__ = ["print_results_table", "print_compare_table", "catalogue_table", "job_row_tables", "predictions_table"]
+__all__ = ["short_cause", "print_results_table", "print_compare_table", "catalogue_table", "job_row_tables", "predictions_table"]
 
 _CATALOGUE_COLUMNS = ("job_id", "task", "status", "metric", "val", "test", "density", "alpha", "trainable", "bytes",
                      "finished_at")
@@ -28,11 +28,43 @@ def _wide_console() -> Console:
     return Console(width=max(120, Console().width))
 
 
-def print_results_table(rows: list[dict[str, Any]]) -> None:
-    """A job's rows as `shpeft run` ends: each task's status, metrics, selection and its delta or error."""
+def short_cause(error: str, limit: int = 72) -> str:
+    """The gist of an error for a table cell: its first clause without the exception's class name, cut at a
+    word boundary (never inside a word) with '…' when longer than ``limit``. The full text stays in the log."""
+    import re
+
+    text = " ".join(error.split())
+    text = re.sub(r"^[A-Za-z_][\w.]*(?:Error|Exception): ", "", text)
+    first, depth = text, 0
+    for i, ch in enumerate(text):  # the first clause: up to '; ' or '. X' outside parentheses
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and (text.startswith("; ", i) or re.match(r"\. [A-Z]", text[i:i + 3])):
+            first = text[:i]
+            break
+    first = first.rstrip(".")
+    if len(first) > limit:  # asides in parentheses go first
+        first = re.sub(r" ?\([^()]*\)", "", first).strip()
+    if len(first) <= limit:
+        return first + ("…" if first != text.rstrip(".") else "")
+    cut = first.rfind(" ", 0, limit)
+    if cut <= 0:  # one word longer than the limit (a path): kept whole
+        cut = first.find(" ") if " " in first else len(first)
+    return first[:cut].rstrip(" ,:;(") + "…"
+
+
+def print_results_table(rows: list[dict[str, Any]], store: str | None = None, job_id: str | None = None) -> None:
+    """A job's rows as `shpeft run` ends: each task's status, metrics, selection and its delta, or for a failed
+    task the short cause and the command that prints its whole log (``store`` and ``job_id`` given)."""
     table = Table(title="shpeft results")
-    for col in ("task", "status", "metric", "val", "test", "density", "alpha", "trainable", "trained", "delta / error"):
+    for col in ("task", "status", "metric", "val", "test", "density", "alpha", "trainable", "trained"):
         table.add_column(col)
+    table.add_column("delta / error", overflow="fold")  # long paths fold onto the next line, never cut
+
+    def failure(r) -> str:
+        cause = short_cause(r.get("error") or "no error recorded")
+        if store and job_id:
+            return f"{cause}\nfull log: shpeft logs {store} {job_id} --task {r['task']}"
+        return cause
 
     def fmt(v, spec="{:.4f}"):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
@@ -43,9 +75,12 @@ def print_results_table(rows: list[dict[str, Any]]) -> None:
             r["task"], r.get("status", "?"), m, fmt(r.get(f"val_{m}")), fmt(r.get(f"test_{m}")),
             fmt(r.get("density"), "{:.2e}"), fmt(r.get("alpha"), "{:.2f}"), fmt(r.get("trainable"), "{:d}"),
             "yes" if r.get("trained") else "no",
-            (r.get("delta_uri") or "") if r.get("status") == "ok" else (r.get("error") or "")[:120],
+            (r.get("delta_uri") or "") if r.get("status") == "ok" else failure(r),
         )
-    _wide_console().print(table)
+    console = Console()
+    # A terminal's width; piped or logged, wide enough that a path or command in a cell stays on one line
+    # (the table takes only the width its cells need).
+    Console(width=max(120, console.width) if console.is_terminal else 400).print(table)
 
 
 def print_compare_table(rows: list[dict[str, Any]], tasks: list[str], labels: list[str], job_mix: str) -> None:

@@ -1,6 +1,8 @@
 """Stage 1: every dataset's importance map (a Ray task each, cached by content), then one task-agnostic
-map per distinct pool (leave-one-out by default), cached too. A cache entry counts only when its bytes
-match the checksum recorded when it was written; a damaged one is reported and recomputed.
+map per distinct pool (leave-one-out by default), cached too; a task whose agnostic map is the pre-trained
+weights' magnitude (``importance.agnostic``, orchestrator/job/agnostic.py) gets that one, computed once
+and cached by the backbone's fingerprint. A cache entry counts only when its bytes match the checksum
+recorded when it was written; a damaged one is reported and recomputed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 from orchestrator.store import layout
 from orchestrator.runtime.console import say, short_error
 from orchestrator.job.spec import JobSpec
-from orchestrator.job.keys import agnostic_key, backbone_dict, importance_key
+from orchestrator.job.agnostic import agnostic_source
+from orchestrator.job.agnostic import pool_members as _pool_members
+from orchestrator.job.keys import agnostic_key, backbone_dict, importance_key, magnitude_key
 
 __all__ = ['DatasetMap', 'ImportanceMaps', 'run_importance_stage', 'extra_estimators', 'pool_members']
 
@@ -78,7 +82,7 @@ class ImportanceMaps:
     """What stage 1 produced: per-dataset maps by (name, estimator), and each target's agnostic map."""
 
     maps: dict[tuple[str, str], DatasetMap]
-    agnostic: dict[str, dict[str, Any]]  # target name -> {key, uri, cache, error, includes_target}
+    agnostic: dict[str, dict[str, Any]]  # target -> {key, uri, cache, error, includes_target, source, datasets}
 
     def specific(self, name: str, estimator: str) -> DatasetMap:
         return self.maps[(name, estimator)]
@@ -103,10 +107,10 @@ def cache_hit(uri: str, what: str, progress: bool) -> bool:
 
 
 def pool_members(job: JobSpec, target: str, targets: list, pool_extra: list) -> list[str]:
-    """The datasets whose maps form ``target``'s task-agnostic map (leave-one-out unless asked)."""
-    imp = job.importance
-    names = imp.pool if imp.pool is not None else [s.name for s in targets] + [s.name for s in pool_extra]
-    return [n for n in names if imp.include_target or n != target]
+    """The datasets whose maps form ``target``'s task-agnostic map: its pool (leave-one-out unless asked),
+    or none when its agnostic map is the magnitude map."""
+    members = _pool_members(job, target, [s.name for s in targets], [s.name for s in pool_extra])
+    return members if agnostic_source(job, members) == "pool" else []
 
 
 def importance_gpu(job: JobSpec) -> bool:
@@ -205,27 +209,59 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
     combined: dict[str, dict[str, Any]] = {}
     agnostic: dict[str, dict[str, Any]] = {}
     for t in targets:
+        if not members[t.name] and agnostic_source(job, []) == "magnitude":
+            agnostic[t.name] = magnitude_map(ctx, t.name, combined)
+            continue
         pool = [maps[(n, imp.estimator)] for n in members[t.name] if (n, imp.estimator) in maps]
         agnostic[t.name] = agnostic_map(ctx, t.name, pool, combined)
     return ImportanceMaps(maps=maps, agnostic=agnostic)
+
+
+def magnitude_map(ctx, target: str, combined: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pre-trained weights' |w| as ``target``'s agnostic map (computed once per job, cached by content)."""
+    job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
+    key = magnitude_key(backbone_fp, job)
+    why = "importance.agnostic: magnitude" if job.importance.agnostic == "magnitude" else "no other dataset to pool"
+    if key in combined:
+        say(f"task-agnostic importance for {target}: the pre-trained weights' magnitude |w| ({why})", progress)
+        return {**combined[key], "includes_target": False}
+    uri = layout.agnostic_map(store, key)
+    out = {"key": key, "uri": uri, "cache": "", "error": None, "includes_target": False, "source": "magnitude",
+           "datasets": []}
+    if not force and cache_hit(uri, f"task-agnostic importance for {target}", progress):
+        out["cache"] = "hit"
+        ctx.count("importance_loaded")
+    else:
+        from shpeft_core.backbone import build_backbone
+        from shpeft_core.importance import magnitude_importance
+
+        model = build_backbone(backbone_dict(job), 2)
+        magnitude_importance(model, job.selection.rules).save(uri)
+        ctx.count("importance_computed")
+        out["cache"] = "miss"
+    say(f"task-agnostic importance for {target}: the pre-trained weights' magnitude |w| ({why})", progress)
+    combined[key] = out
+    return out
 
 
 def agnostic_map(ctx, target: str, pool: list[DatasetMap], combined: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The combined map of ``pool`` (computed once per distinct pool and cached by content)."""
     job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
     imp = job.importance
-    out = {"key": None, "uri": None, "cache": "", "error": None, "includes_target": imp.include_target}
+    out = {"key": None, "uri": None, "cache": "", "error": None, "includes_target": imp.include_target,
+           "source": "pool+magnitude" if imp.magnitude_blend > 0 else "pool", "datasets": [d.name for d in pool]}
     broken = [d.name for d in pool if d.error]
     if broken:
         out["error"] = f"task-agnostic pool dataset(s) {broken} failed: " + "; ".join(d.error for d in pool if d.error)
         return out
     if not pool:
         out["error"] = (f"the task-agnostic pool of {target} is empty (it leaves the task itself out); add "
-                        "importance.pool_datasets or set importance.include_target: true")
+                        "importance.pool_datasets, or set importance.agnostic: magnitude or auto (the pre-trained "
+                        "weights' |w|), or importance.include_target: true")
         return out
     key = agnostic_key(backbone_fp, [d.key for d in pool], job)
     if key in combined:
-        return {**combined[key], "includes_target": imp.include_target}
+        return {**combined[key], "includes_target": imp.include_target, "datasets": [d.name for d in pool]}
     uri = layout.agnostic_map(store, key)
     out.update(key=key, uri=uri)
     names = ", ".join(d.name for d in pool)

@@ -47,6 +47,8 @@ SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("importance_key", pa.string()),  # the task's own map
         pa.field("agnostic_key", pa.string()),  # the shared pool map
+        pa.field("agnostic_source", pa.string()),  # pool | pool+magnitude | magnitude; null when the run used none
+        pa.field("agnostic_pool", pa.string()),  # the pooled datasets, comma-separated
         pa.field("importance_cache", pa.string()),  # hit | miss
         pa.field("sweep_trials", pa.int64()),
         pa.field("resumed_from_epoch", pa.int64()),  # set when training restarted from a checkpoint
@@ -85,10 +87,11 @@ def _read_job_table(uri: str) -> pa.Table:
     table = pq.read_table(io.BytesIO(read_bytes(uri)))
     if table.schema == SCHEMA:
         return table
-    # A catalogue written before a column existed (e.g. kappa) reads with that column empty.
-    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in SCHEMA]
-    return pa.Table.from_arrays(columns, schema=SCHEMA) if table.column_names != SCHEMA.names else table.cast(SCHEMA)
+    # A catalogue written before a column existed reads that column as null.
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def write_rows(store: str, job_id: str, rows: Iterable[dict[str, Any]]) -> str:

@@ -142,6 +142,9 @@ def _run_one(plan) -> dict[str, Any]:
 def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, address: str | None = None,
                 num_cpus: int | None = None, force: bool = False, progress: bool = True) -> CompareResult:
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc."""
+    from orchestrator.job.classes import with_classes
+
+    job = with_classes(job)  # classes left to a task's folders are written in, as `shpeft run` does
     model = preflight(job)  # before Ray starts
     with ray_session(address, num_cpus):
         return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress)

@@ -20,6 +20,7 @@ from shpeft_core.io import atomic_write_bytes
 from shpeft_core.methods import get_method
 from shpeft_core.options import DEFAULT_METRIC
 
+from orchestrator.job.agnostic import uses_agnostic
 from orchestrator.job.spec import JobSpec, job_id as compute_job_id, task_name
 from orchestrator.reporting.tables import print_results_table
 from orchestrator.runtime.console import error_chain, log, now, say, short_error
@@ -62,6 +63,9 @@ def run_job(job: JobSpec, *, address: str | None = None, num_cpus: int | None = 
     Starts a local Ray (explicit ``num_cpus``, dashboard on 127.0.0.1) when Ray is not initialised and
     ``address`` is None, joins ``address`` when given, and leaves an initialised Ray alone.
     """
+    from orchestrator.job.classes import with_classes
+
+    job = with_classes(job)  # classes left to a task's folders are written in: the job its id names
     model = preflight(job)  # before Ray starts: an unusable store or backbone fails now
     with ray_session(address, num_cpus):
         workers = early_workers(job)
@@ -85,8 +89,11 @@ def early_workers(job: JobSpec):
     if job.training.workers_per_task != 1 or job.sweep.enabled or importance_gpu(job) != bool(res.get("GPU")):
         return None
     cpus, gpus = cluster_resources()
-    return WorkerPool(trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks), res,
-                      preload=RUN_IMPORTS)
+    slots = trainer_slots(cpus, gpus, job, user_limit=job.training.max_concurrent_tasks)
+    # No more warm processes than the job has runs for: its tasks' maps (two each at most: gps adds grad1),
+    # its pool datasets' and its tasks' trainings; one task on a big machine starts one, not one per CPU.
+    useful = 2 * len(job.tasks) + len(job.importance.pool_datasets)
+    return WorkerPool(min(slots, useful), res, preload=RUN_IMPORTS)
 
 
 def _run(job: JobSpec, model, workers, *, force: bool, progress: bool) -> JobResult:
@@ -124,7 +131,7 @@ def _run_logged(ctx: StageContext, model, logs) -> JobResult:
         raise
     ctx.tracker.end_job(ok=not result.failed, plots=result.plots)
     if ctx.progress:
-        print_results_table(result.rows)
+        print_results_table(result.rows, store, jid)
         ctx.say(f"job {jid}: {len(result.rows) - len(result.failed)} ok, {len(result.failed)} failed in "
                 f"{time.perf_counter() - t_job:.1f}s; catalogue {result.catalogue_uri}"
                 + (f"; report {result.report}" if result.report else ""))
@@ -146,6 +153,7 @@ def _stages(ctx: StageContext, model, logs) -> JobResult:
         plans = _plans(ctx, imaps, targets.specs, rows, printer.post)
         for name, err in targets.errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
+            _failed_before_training(rows[name], store, jid, ctx.progress, printer.post)
             tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
@@ -199,9 +207,12 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
         method = job.method.for_task(spec.name)
         d = imaps.specific(spec.name, job.importance.estimator)
         ag = imaps.agnostic.get(spec.name) or {}
+        used = uses_agnostic(job, method)  # which agnostic map the run reads, if any, for the catalogue
         base = {"task": spec.name, "metric": spec.metric, "started_at": now(), "method": method,
                 "seed": job.training.seed, "mix": job.selection.mix,
                 "importance_key": d.key, "agnostic_key": ag.get("key"),
+                "agnostic_source": ag.get("source") if used else None,
+                "agnostic_pool": ", ".join(ag.get("datasets") or []) if used and ag.get("datasets") else None,
                 "importance_cache": "hit" if d.cache == "hit" and ag.get("cache") in ("hit", "") else "miss",
                 "importance_s": d.seconds, "granularity": job.selection.granularity}
         try:
@@ -209,6 +220,7 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
                                     artifact=lambda h: layout.task_artifact(store, spec.name, jid, h, method))
         except Exception as exc:
             rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+            _failed_before_training(rows[spec.name], store, jid, ctx.progress, post)
             ctx.tracker.task_finished(rows[spec.name])
             continue
         base.update(config_hash=chash, artifact_kind=get_method(method).artifact, granularity=plan.granularity)
@@ -226,6 +238,13 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
         plans.append((plan, base, chash))
         ctx.tracker.planned(plan, chash)
     return plans
+
+
+def _failed_before_training(row: dict, store: str, jid: str, progress: bool, post) -> None:
+    """A task that could not be planned: its whole message in its log and on the console, as a failed run's."""
+    post({"kind": "log", "task": row["task"], "lines": [f"{now()} failed before training: {row['error']}"]})
+    say(f"[{row['task']}] FAILED: {row['error']} (full log: shpeft logs {store} {jid} --task {row['task']})",
+        progress)
 
 
 def _raise(message: str):

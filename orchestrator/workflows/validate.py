@@ -3,8 +3,8 @@
 The schema is checked when the job file is loaded; this adds what needs the outside world: the timm model
 and its keyword arguments, local weight files, catalogue names and their overrides, each dataset's files
 (listed and counted, not decoded), the store (writable, backend installed), eligible weights, whether
-one task's workers fit the cluster, and the tracking section (backends installed, local folders writable).
-Each problem names its field.
+one task's workers fit the cluster, the tracking section (backends installed, local folders writable), and
+that every task that runs a hybrid has a task-agnostic map to mix in. Each problem names its field.
 """
 
 from __future__ import annotations
@@ -69,9 +69,19 @@ def _check_tasks(job: JobSpec, problems: list[str], data: bool) -> None:
             problems.append(f"{where} ({task_name(entry)}): {_first_line(exc)}")
 
 
-def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, gpus: float | None = None) -> list[str]:
+def _check_agnostic_pool(job: JobSpec, problems: list[str], methods: list[str] | None) -> None:
+    """A hybrid whose pooled task-agnostic map would be empty (one task, no pool datasets) fails here, not
+    on the cluster after its importance pass."""
+    from orchestrator.job.agnostic import empty_pool_problems
+
+    problems.extend(empty_pool_problems(job, methods))
+
+
+def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, gpus: float | None = None,
+                 methods: list[str] | None = None) -> list[str]:
     """Problems found in ``job`` (empty when it can run). ``data=False`` skips what needs the data and
-    the store (a client submitting to a cluster may not reach them). ``cpus``/``gpus``: the cluster's size."""
+    the store (a client submitting to a cluster may not reach them). ``cpus``/``gpus``: the cluster's size.
+    ``methods``: the methods that will run (``shpeft compare``'s), default the job's own."""
     from shpeft_core.eligibility import eligible_parameters
     from shpeft_core.io import StorageError, check_writable
     from shpeft_core.methods import get_method
@@ -86,6 +96,7 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
             and not eligible_parameters(model, job.selection.rules)):
         problems.append(f"selection.rules: no weight of {job.backbone.name} is eligible for sparse training")
     _check_tasks(job, problems, data)
+    _check_agnostic_pool(job, problems, methods)
     if data:
         try:
             check_writable(normalise_store(job.store))

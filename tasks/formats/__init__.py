@@ -6,7 +6,10 @@ format for the synthetic generator. ``tasks.format_registry`` maps each name to 
 their optional dependencies: pyarrow, pydicom) are imported on first use, so this package needs no torch.
 
 Adding a format: write ``tasks/formats/<name>.py`` with a ``FORMAT`` instance, and add its line to
-``tasks/format_registry.py``.
+``tasks/format_registry.py``. A format whose classes show in its layout (folder names, a label table's
+names), readable without decoding an image, implements ``DatasetFormat.layout_classes`` and is listed in
+``tasks.format_registry.CLASSES_FROM_LAYOUT``: its task specs may leave ``num_classes`` and ``class_names`` out
+(``tasks.classes.resolve_classes`` fills them in).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ..format_registry import FORMAT_MODULES as _REGISTRY
-from ..format_registry import FORMATS
+from ..format_registry import CLASSES_FROM_LAYOUT, FORMATS
 
 if TYPE_CHECKING:
     from .base import DatasetFormat
 
-__all__ = ["FORMATS", "get_format", "format_hint"]
+__all__ = ["FORMATS", "CLASSES_FROM_LAYOUT", "get_format", "format_hint"]
 
 _LOADED: dict[str, DatasetFormat] = {}
 

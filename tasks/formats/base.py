@@ -64,6 +64,11 @@ class DatasetFormat:
         """(filesystem, root, files) whose bytes and paths relative to root the fingerprint covers."""
         raise NotImplementedError
 
+    def layout_classes(self, spec: TaskSpec) -> list[str]:
+        """The class names the source's layout shows (in label order), checked against the spec's
+        ``num_classes`` / ``class_names`` where given; only formats in ``CLASSES_FROM_LAYOUT`` have them."""
+        raise NotImplementedError(f"format {self.name!r} does not show its classes without reading the labels")
+
     def survey(self, spec: TaskSpec) -> Survey:
         """What check_dataset reads; formats that list their source once for all splits override it."""
         return Survey(class_names=spec.names(), dataset=lambda split: self.build(spec, split, None))

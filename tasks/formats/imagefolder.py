@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from shpeft_core import io as sio
 
 from tasks.codecs.images import IMAGE_EXTENSIONS, DatasetError, decode_image, encode_png
-from ..spec import SPLITS, TaskSpec
+from ..spec import SPLITS, TaskSpec, check_path_component
 from . import format_hint
 from .base import DatasetFormat, SplitArrays, Survey
 from .files import SPLIT_ALIASES, check_inside, ext, find_files, source_fs
@@ -105,6 +105,9 @@ class ImageFolderFormat(DatasetFormat):
         tree = self.list_tree(spec)
         return source_fs(spec)[0], tree.root, sorted(p for s in SPLITS for p, _ in tree.items[s])
 
+    def layout_classes(self, spec: TaskSpec) -> list[str]:
+        return self.list_tree(spec).class_names
+
     def survey(self, spec: TaskSpec) -> Survey:
         tree = self.list_tree(spec)
         return Survey(class_names=tree.class_names, ignored=tree.ignored,
@@ -156,10 +159,19 @@ class ImageFolderFormat(DatasetFormat):
                 raise DatasetError(f"source {spec.source}: class folder(s) {unknown} are not in class_names {spec.class_names}")
             names = list(spec.class_names)
         else:
-            if len(folders) != spec.num_classes:
+            # No class_names: the class folders, sorted, are the classes (as torchvision's ImageFolder).
+            if spec.num_classes is not None and len(folders) != spec.num_classes:
                 raise DatasetError(
-                    f"source {spec.source}: found {len(folders)} class folders {folders} but num_classes={spec.num_classes}"
-                )
+                    f"source {spec.source}: found {len(folders)} class folders {folders} but num_classes="
+                    f"{spec.num_classes}; leave num_classes out to use the folders as they are")
+            if len(folders) < 2:
+                raise DatasetError(f"source {spec.source}: found {len(folders)} class folder {folders}; a "
+                                   "classification task needs at least 2")
+            for i, c in enumerate(folders):
+                try:
+                    check_path_component(c, f"class folder {i}")
+                except ValueError as exc:
+                    raise DatasetError(f"source {spec.source}: {exc}") from None
             names = folders
         index = {c: i for i, c in enumerate(names)}
         per_class = Counter(c for _, _, c in entries)

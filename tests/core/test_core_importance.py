@@ -11,10 +11,11 @@ from shpeft_core import (
     backbone_fingerprint,
     combine_importance,
     compute_importance,
+    magnitude_importance,
     eligible_parameters,
 )
 from shpeft_core.importance import ImportanceError, supcon_loss, warm_head
-from shpeft_core.selection import rank_normalize
+from shpeft_core.selection import normalize_scores, rank_normalize
 
 from helpers_core import separable_batches, tiny_model
 
@@ -165,6 +166,41 @@ def test_combine_importance_rank_mean_and_magnitude():
         combine_importance([a, ImportanceMap({"p.weight": torch.rand(5, 4)}, {})])
     with pytest.raises(ImportanceError, match="model"):
         combine_importance([a], magnitude_blend=0.5)
+
+
+def test_magnitude_importance_is_the_weights_abs_over_eligible_entries(tmp_path):
+    """The data-free agnostic map: |w| of exactly the eligible weights, float64 reference; ranked, it is what
+    combine_importance gives at magnitude_blend=1, and a hybrid mask can use it like a pooled map."""
+    from shpeft_core.selection import hybrid_mask
+
+    model = tiny_model("vit")
+    mag = magnitude_importance(model)
+    params = eligible_parameters(model)
+    assert set(mag.scores) == set(params) == EXPECTED_ELIGIBLE["vit"]
+    for n, p in params.items():
+        ref = p.detach().to(torch.float64).abs()
+        assert mag.scores[n].dtype == torch.float32
+        torch.testing.assert_close(mag.scores[n].to(torch.float64), ref, rtol=0, atol=0)
+    assert mag.metadata["kind"] == "agnostic" and mag.metadata["estimator"] == "magnitude"
+    assert mag.metadata["backbone_fingerprint"] == backbone_fingerprint(model)
+    assert json.loads(mag.metadata["datasets"]) == [] and mag.head is None
+    any_pool = ImportanceMap({n: torch.rand_like(t) for n, t in mag.scores.items()}, {})
+    blended = combine_importance([any_pool], magnitude_blend=1.0, model=model)
+    ranked = normalize_scores(mag.scores, "rank")  # one rank percentile over every eligible entry
+    for n in mag.scores:
+        torch.testing.assert_close(ranked[n].float(), blended.scores[n])
+    mag.save(str(tmp_path / "mag.safetensors"))
+    loaded = ImportanceMap.load(str(tmp_path / "mag.safetensors"))
+    assert all(torch.equal(loaded.scores[n], mag.scores[n]) for n in mag.scores)
+    # alpha 0 keeps the largest-magnitude entries of the budget
+    mask = hybrid_mask(any_pool.scores, loaded.scores, alpha=0.0, density=0.01, granularity="global", mix="union")
+    flat = torch.cat([mag.scores[n].flatten() for n in sorted(mag.scores)])
+    k = sum(len(ix) for ix in mask.values())
+    chosen = torch.cat([mag.scores[n].flatten()[ix.long()] for n, ix in sorted(mask.items())])
+    assert chosen.min() >= flat.topk(k).values.min()
+    assert set(magnitude_importance(model, rules=[r"blocks\.0\.mlp\.fc1"]).scores) == {"blocks.0.mlp.fc1.weight"}
+    with pytest.raises(ImportanceError, match="no eligible"):
+        magnitude_importance(model, rules=[r"nothing"])
 
 
 def test_bad_importance_config():

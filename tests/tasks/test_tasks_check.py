@@ -82,6 +82,50 @@ def test_class_folder_count_mismatch(tmp_path):
         check_dataset(_folder_spec(tmp_path))
 
 
+def test_classes_left_out_come_from_the_folders_as_torchvision_finds_them(tmp_path):
+    """ImageFolder without num_classes / class_names: the sorted class folders, as torchvision's ImageFolder,
+    and the resolved spec is the one written out by hand (same fingerprint)."""
+    from torchvision.datasets import ImageFolder
+
+    from tasks.classes import resolve_classes
+    from tasks.fingerprint import dataset_fingerprint
+
+    folders = ["very-coarse", "fine", "medium", "coarse"]
+    _tree(tmp_path, {f"{c}/{i}.png": _png(i) for c in folders for i in range(7)})
+    spec = TaskSpec(name="t", source=str(tmp_path), format="imagefolder")
+    report = check_dataset(spec)
+    assert report.classes_inferred and report.class_names == ImageFolder(str(tmp_path)).classes
+    assert report.class_names == sorted(folders) and report.to_dict()["num_classes"] == 4
+    assert [sum(report.counts[s][k] for s in report.counts) for k in range(4)] == [7, 7, 7, 7]
+    written = TaskSpec(name="t", source=str(tmp_path), format="imagefolder", num_classes=4, class_names=sorted(folders))
+    assert resolve_classes(spec) == written == resolve_classes(written)
+    count_only = _folder_spec(tmp_path, num_classes=4)  # as before: checked against the folders, names '0'...
+    assert resolve_classes(count_only) == count_only and check_dataset(count_only).class_names == sorted(folders)
+    assert dataset_fingerprint(resolve_classes(spec)) == dataset_fingerprint(written)
+    assert not check_dataset(written).classes_inferred
+    # an explicit count is still checked against the folders
+    with pytest.raises(DatasetError, match=r"found 4 class folders .* but num_classes=5; leave num_classes out"):
+        check_dataset(_folder_spec(tmp_path, num_classes=5))
+
+
+def test_one_class_folder_is_not_a_task(tmp_path):
+    from tasks.classes import resolve_classes
+
+    _tree(tmp_path, {f"only/{i}.png": _png(i) for i in range(6)})
+    with pytest.raises(DatasetError, match=r"found 1 class folder \['only'\]; a classification task needs at least 2"):
+        resolve_classes(TaskSpec(name="t", source=str(tmp_path), format="imagefolder"))
+
+
+def test_dicom_folders_give_their_classes_too(family):
+    from tasks.classes import resolve_classes
+
+    written = family["dicom"]
+    bare = TaskSpec.model_validate({**written.model_dump(), "num_classes": None, "class_names": None})
+    got = resolve_classes(bare)
+    assert got.class_names == sorted(written.class_names) and got.num_classes == written.num_classes
+    assert check_dataset(bare, decode=False).total == check_dataset(written, decode=False).total
+
+
 def test_empty_split_is_named(tmp_path):
     _tree(tmp_path, {f"train/{c}/{i}.png": _png(i) for c in "ab" for i in range(3)} | {
         f"test/{c}/0.png": _png() for c in "ab"})

@@ -46,3 +46,24 @@ def test_split_ratio_and_classes_validated():
 def test_json_round_trip():
     s = TaskSpec(**BASE, class_names=["a", "b", "c"], window=(40.0, 400.0))
     assert TaskSpec.model_validate_json(s.model_dump_json()) == s
+
+
+def test_num_classes_may_be_left_to_the_folders_of_layout_formats_only():
+    from tasks.formats import CLASSES_FROM_LAYOUT, FORMATS, get_format
+
+    for fmt in CLASSES_FROM_LAYOUT:
+        s = TaskSpec(name="t", source="/d", format=fmt)
+        assert s.num_classes is None and s.class_names is None
+        with pytest.raises(ValueError, match="not resolved"):
+            s.names()
+    for fmt in set(FORMATS) - set(CLASSES_FROM_LAYOUT):
+        with pytest.raises(ValidationError, match=f"num_classes is required for format '{fmt}'"):
+            TaskSpec(name="t", source="/d", format=fmt)
+        with pytest.raises(NotImplementedError, match=fmt):
+            get_format(fmt).layout_classes(TaskSpec(name="t", source="/d", format=fmt, num_classes=2))
+    # class names alone give the count, and the spec equals the one with both written out
+    named = TaskSpec(name="t", source="/d", format="parquet", class_names=["a", "b"])
+    assert named.num_classes == 2 and named == TaskSpec(name="t", source="/d", format="parquet", class_names=["a", "b"],
+                                                         num_classes=2)
+    with pytest.raises(ValidationError, match="class_names has 2 entries but num_classes=3"):
+        TaskSpec(name="t", source="/d", format="parquet", class_names=["a", "b"], num_classes=3)

@@ -202,3 +202,31 @@ def test_compare_bad_methods_exit_2_before_running(tmp_path, monkeypatch, method
     code, out, calls = _compare_call(tmp_path, monkeypatch, "--methods", methods)
     assert code == 2 and out.startswith("error: --methods") and message in out, out
     assert calls == []
+
+
+@pytest.mark.parametrize("cmd", ["validate", "run", "compare"])
+def test_an_empty_task_agnostic_pool_exits_2_naming_the_task_before_ray_starts(tmp_path, cmd):
+    """One task, no pool datasets, and a pooled agnostic map asked for: one problem naming the task and the
+    ways out, exit 2, no Ray. Left at auto the same job validates, with a note on the magnitude map."""
+    import ray
+
+    from tasks.synthetic import write_colour_task
+
+    write_colour_task(str(tmp_path), "my-texture", 0, n_train=6, n_eval=3)
+    job = good_job(tmp_path)
+    job["tasks"] = [{"name": "my-texture", "source": str(tmp_path / "my-texture"), "format": "imagefolder"}]
+    job["importance"] = {"agnostic": "pool"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = invoke(cmd, path)
+    assert res.exit_code == 2 and not ray.is_initialized()
+    (problem,) = [ln for ln in res.output.splitlines() if ln.startswith("  - ")]
+    assert problem.startswith("  - tasks[0] (my-texture): its task-agnostic pool is empty")
+    assert "importance.pool_datasets" in problem and "importance.agnostic: magnitude" in problem
+    if cmd == "validate":
+        del job["importance"]
+        path.write_text(yaml.safe_dump(job))
+        res = invoke("validate", path)
+        assert res.exit_code == 0, res.output
+        note = res.output.splitlines()[-1]
+        assert note.startswith("note: my-texture: no other dataset to pool") and "magnitude |w|" in note

@@ -141,3 +141,105 @@ def test_learning_rate_per_method_wins_over_training_lr_and_defaults():
         parse_job(_with(method={"lr": {"full": 0}}))
     with pytest.raises(JobSpecError, match=r"method\.lr"):
         parse_job(_with(method={"lr": {"adapter": 1e-3}}))
+
+
+def _folders(root, names, n=4):
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    for c in names:
+        os.makedirs(root / c)
+        for i in range(n):
+            buf = _io.BytesIO()
+            Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(buf, format="PNG")
+            (root / c / f"{i}.png").write_bytes(buf.getvalue())
+
+
+def test_a_job_whose_classes_come_from_folders_has_the_id_of_the_one_written_out(tmp_path):
+    """Inferred classes are written into the job before its id is taken: the same id, the same stored job."""
+    from orchestrator.job.classes import with_classes
+
+    names = ["coarse", "fine", "medium", "very-coarse"]
+    _folders(tmp_path / "tex", names)
+    task = {"name": "t1", "source": str(tmp_path / "tex"), "format": "imagefolder"}
+    left_out = parse_job(_with(tasks=[task]))
+    written = parse_job(_with(tasks=[{**task, "num_classes": 4, "class_names": names}]))
+    names_only = parse_job(_with(tasks=[{**task, "class_names": names}]))
+    assert left_out.tasks[0].num_classes is None
+    assert job_id(left_out) == job_id(written) == job_id(names_only)
+    assert with_classes(left_out) == written and with_classes(written) is written  # nothing listed when written
+    # a pool dataset is resolved the same way, and its entry is named when it cannot be
+    pooled = parse_job(_with(importance={"pool_datasets": [{**task, "name": "p1"}]}))
+    assert with_classes(pooled).importance.pool_datasets[0].class_names == names
+    broken = parse_job(_with(importance={"pool_datasets": [{**task, "name": "p1", "source": str(tmp_path / "nope")}]}))
+    with pytest.raises(JobSpecError, match=r"importance\.pool_datasets\[0\] \(p1\): .*nope: does not exist"):
+        job_id(broken)
+    _folders(tmp_path / "one", ["only"])
+    with pytest.raises(JobSpecError, match=r"tasks\[0\] \(t1\): .*found 1 class folder"):
+        with_classes(parse_job(_with(tasks=[{**task, "source": str(tmp_path / "one")}])))
+
+
+def test_formats_that_read_labels_still_need_num_classes_in_the_job():
+    with pytest.raises(JobSpecError, match=r"tasks\[0\]: num_classes is required for format 'parquet'"):
+        parse_job(_with(tasks=[{"name": "t1", "source": "/d", "format": "parquet"}]), "job.yaml")
+
+
+def test_an_empty_task_agnostic_pool_is_found_before_any_compute():
+    """One task, no pool datasets: auto takes the magnitude map (and says so), pool is a problem naming the task
+    and every way out, unless no run of the job mixes in an agnostic map."""
+    from orchestrator.job.agnostic import agnostic_notes, agnostic_source, empty_pool_problems, pool_members
+    from orchestrator.workflows.validate import validate_job
+
+    lone = parse_job(_with())
+    assert lone.importance.agnostic == "auto" and empty_pool_problems(lone) == []
+    (note,) = agnostic_notes(lone)
+    assert note.startswith("t1: no other dataset to pool") and "magnitude |w|" in note
+    assert agnostic_source(lone, pool_members(lone, "t1", ["t1"], [])) == "magnitude"
+
+    strict = parse_job(_with(importance={"agnostic": "pool"}))
+    (problem,) = empty_pool_problems(strict)
+    assert problem.startswith("tasks[0] (t1): its task-agnostic pool is empty")
+    for way_out in ("importance.pool_datasets", "importance.agnostic: magnitude", "importance.include_target: true",
+                    "selection.alpha: 1"):
+        assert way_out in problem
+    assert problem in validate_job(strict, data=False) and agnostic_notes(strict) == []
+    # ... and each way out is one
+    pool_ds = {"name": "p1", "source": "/data/p1", "format": "imagefolder", "num_classes": 2}
+    for sections in ({"importance": {"agnostic": "pool", "pool_datasets": [pool_ds]}},
+                     {"importance": {"agnostic": "pool", "include_target": True}},
+                     {"importance": {"agnostic": "magnitude"}},
+                     {"importance": {"agnostic": "pool"}, "selection": {"alpha": 1.0}},
+                     {"importance": {"agnostic": "pool"}, "method": {"name": "specific"}}):
+        assert empty_pool_problems(parse_job(_with(**sections))) == [], sections
+    # a sweep that may try alpha < 1 needs the map; compare's methods are what count there
+    assert empty_pool_problems(parse_job(_with(importance={"agnostic": "pool"}, selection={"alpha": 1.0},
+                                               sweep={"enabled": True})))
+    assert empty_pool_problems(strict, methods=["linear", "specific", "full"]) == []
+    assert empty_pool_problems(strict, methods=["linear", "agnostic"])
+    # two tasks pool each other
+    two = parse_job(_with(importance={"agnostic": "pool"},
+                          tasks=[BASE["tasks"][0], {**BASE["tasks"][0], "name": "t2"}]))
+    assert empty_pool_problems(two) == [] and agnostic_notes(parse_job(_with(tasks=two.model_dump()["tasks"]))) == []
+
+
+def test_a_catalogue_written_before_a_column_existed_still_reads(tmp_path):
+    import io as _io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.store.layout import catalogue_file
+
+    old = pa.table({"job_id": ["j"], "task": ["a"], "status": ["ok"], "val_macro_f1": [0.5]})
+    buf = _io.BytesIO()
+    pq.write_table(old, buf)
+    path = catalogue_file(str(tmp_path), "j")
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").write(buf.getvalue())
+    (row,) = read_catalogue(str(tmp_path), "j").to_pylist()
+    assert row["val_macro_f1"] == 0.5 and row["agnostic_source"] is None and set(row) == set(SCHEMA.names)
+    write_rows(str(tmp_path), "j", [{"task": "b", "status": "ok", "agnostic_source": "magnitude"}])
+    assert {r["task"]: r["agnostic_source"] for r in read_catalogue(str(tmp_path)).to_pylist()} == {
+        "a": None, "b": "magnitude"}

@@ -177,6 +177,8 @@ def test_run_and_the_report_command_write_a_readable_report(job_run, task_specs,
     text = open(result.report).read()
     for spec in task_specs:
         assert f"## Task `{spec.name}`" in text
+        other = ({s.name for s in task_specs} - {spec.name}).pop()
+        assert f"Task-agnostic map: the importance pooled over {other}." in text
         for name in spec.names():
             assert f"| {name} |" in text  # one per-class row per class
     for row in result.rows:  # no content keys in what people read

@@ -230,3 +230,71 @@ def test_the_driver_logs_a_traceback_only_when_the_worker_could_not():
             self.cause = cause
 
     assert run(Wrapped(logged)) == []
+
+
+POOL_ERROR = ("RuntimeError: the task-agnostic pool of my-texture is empty (it leaves the task itself out); add "
+              "importance.pool_datasets, or set importance.agnostic: magnitude or auto (the pre-trained weights' "
+              "|w|), or importance.include_target: true")
+
+
+@pytest.mark.parametrize("error, cause", [
+    (POOL_ERROR, "the task-agnostic pool of my-texture is empty…"),
+    ("DatasetError: /data/ct/val/b/0.png: unreadable image (not in a format Pillow decodes; 6 bytes)",
+     "/data/ct/val/b/0.png: unreadable image…"),
+    ("ValueError: boom", "boom"),
+    ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA out of memory…"),
+    ("KeyError: " + "/a-very/long/path/without/any/space/" * 4 + "x.png is missing from the table of images",
+     "/a-very/long/path/without/any/space/" * 4 + "x.png…"),
+])
+def test_short_cause_is_the_gist_cut_between_words(error, cause):
+    from orchestrator.reporting.tables import short_cause
+
+    got = short_cause(error)
+    assert got == cause
+    words = set(" ".join(error.split()).split())
+    # every word shown is a whole word of the message (no word cut in two)
+    assert all(w.strip("…,.:;()") in {x.strip(",.:;()") for x in words} for w in got.split()), got
+
+
+def test_a_failed_task_row_shows_its_cause_and_the_log_command_in_full(capsys):
+    from orchestrator.reporting.tables import print_results_table
+
+    store = "/home/someone/projects/my-study/store"
+    print_results_table([{"task": "my-texture", "status": "failed", "metric": "macro_f1", "error": POOL_ERROR,
+                          "trained": False}], store, "0123456789ab")
+    out = capsys.readouterr().out
+    lines = [ln.strip("│ ") for ln in out.splitlines()]
+    assert any(ln.endswith("the task-agnostic pool of my-texture is empty…") for ln in lines), out
+    assert f"full log: shpeft logs {store} 0123456789ab --task my-texture" in out  # on one line, whole
+    assert "importance.pool_datasets" not in out  # the rest is in the log, not half in the table
+
+
+@pytest.mark.ray
+def test_a_task_that_cannot_be_planned_has_its_whole_error_in_its_log_and_a_short_one_in_the_table(tmp_path, capsys):
+    """The first-run failure as it was met: one task, a pooled agnostic map asked for and nothing to pool
+    (`shpeft validate` stops this before Ray; run_job called directly still reports it well)."""
+    from orchestrator.job.spec import parse_job
+    from orchestrator.workflows.run import run_job
+    from tasks.synthetic import write_colour_task
+
+    spec = write_colour_task(str(tmp_path / "data"), "my-texture", 0, n_train=12, n_eval=6)
+    job = parse_job({"backbone": BACKBONE, "store": str(tmp_path / "store"), "tasks": [spec.model_dump(mode="json")],
+                     "importance": {"batches": 1, "batch_size": 8, "agnostic": "pool"},
+                     "training": {"epochs": 1, "batch_size": 8}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_job(job, progress=True)
+    finally:
+        ray.shutdown()
+    console = capsys.readouterr().out
+    assert result.failed == ["my-texture"] and "Traceback" not in console
+    (row,) = result.rows
+    assert row["error"].startswith("RuntimeError: the task-agnostic pool of my-texture is empty")
+    assert row["error"].endswith("importance.include_target: true")
+    log = dict(read_logs(result.store, result.job_id))["my-texture"]
+    assert f"failed before training: {row['error']}" in log
+    assert f"[my-texture] FAILED: {row['error']} (full log: shpeft logs" in console  # the whole line, once
+    table = console[console.index("shpeft results"):]
+    assert "the task-agnostic pool of my-texture is empty…" in table
+    assert f"full log: shpeft logs {result.store} {result.job_id} --task my-texture" in table
+    assert "include_target" not in table

@@ -79,6 +79,7 @@ def test_report_and_plots(compared):
         path = os.path.join(os.path.dirname(result.report_uri), png)
         assert os.path.getsize(path) > 1000 and f"({png})" in text
     assert "- shpeft (union) vs full: " in text and "- Hybrid rule: shpeft (union)" in text
+    assert "task-agnostic map: `colour-a` the pool of colour-b; `colour-b` the pool of colour-a." in text
 
 
 def test_rerun_reuses_verified_runs(compared):

@@ -70,6 +70,10 @@ def test_end_to_end_deltas_and_catalogue(first_run, task_specs):
         assert 0.0 <= row["val_macro_f1"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
         assert row["trainable"] > row["sparse_values"] > 0
         assert row["importance_key"] and row["agnostic_key"] and row["importance_cache"] == "miss"
+        # each task's agnostic map pools the other task (leave-one-out), and the catalogue and delta say so
+        other = ({s.name for s in task_specs} - {row["task"]}).pop()
+        assert row["agnostic_source"] == "pool" and row["agnostic_pool"] == other
+        assert load_delta(row["delta_uri"]).metadata["agnostic_source"] == "pool"
     assert any(p.endswith("importance_mass_per_layer.png") for p in result.plots)
 
 
