@@ -11,12 +11,12 @@ from torch.utils.data import Dataset
 
 from shpeft_core import io as sio
 
-from tasks.codecs.images import DatasetError, array_to_rgb
-from tasks.download import fetch_medmnist, medmnist_filename
+from tasks.codecs.images import DatasetError, array_to_rgb, check_pixels
+from tasks.download import fetch_medmnist, medmnist_filename, medmnist_url
 from ..spec import TaskSpec
 from . import format_hint
 from .base import DatasetFormat, SplitArrays
-from .files import find_files
+from .files import check_regular, find_files
 
 __all__ = ["ArrayDataset", "MedMNISTFormat", "FORMAT", "ensure_npz"]
 
@@ -45,6 +45,10 @@ def ensure_npz(spec: TaskSpec) -> str:
         stem = uri.rsplit("/", 1)[-1][: -len(".npz")]
         head, _, tail = stem.rpartition("_")
         name = head if head and tail.isdigit() else stem
+    try:
+        medmnist_url(name, spec.image_size)
+    except DatasetError as exc:  # no official file of that size: the missing file is the news
+        raise DatasetError(f"{uri}: no such file (and none to download: {exc})") from None
     fetch_medmnist(name, spec.image_size, uri)
     return uri
 
@@ -54,10 +58,13 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[np.ndarray, np.ndarray,
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
         raise DatasetError(f"{uri}: is a folder, not an .npz file{format_hint(find_files(fs, path))}")
+    check_regular(fs, path)
     with fs.open(path, "rb") as f:
         head = f.read(4)
+        if not head:
+            raise DatasetError(f"{uri}: is empty (0 bytes); expected an .npz (zip) archive")
         if head[:2] != b"PK":
-            raise DatasetError(f"{uri}: not an .npz (zip) archive{format_hint([path])}")
+            raise DatasetError(f"{uri}: not an .npz (zip) archive{format_hint([path], exclude='medmnist')}")
         f.seek(0)
         try:
             npz = np.load(f, allow_pickle=False)
@@ -68,6 +75,7 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[np.ndarray, np.ndarray,
                     raise DatasetError(
                         f"{uri}: key '{k}' missing; the MedMNIST layout has train/val/test_images and _labels, found {sorted(keys)}"
                     )
+            _check_declared_images(npz, ik, uri)
             images, labels = npz[ik], npz[lk]
         except DatasetError:
             raise
@@ -84,6 +92,18 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[np.ndarray, np.ndarray,
         raise DatasetError(f"{uri}: '{ik}' has dtype {images.dtype}; MedMNIST images are uint8")
     labels = _npz_labels(spec, labels, uri, lk)
     return images, labels, where
+
+
+def _check_declared_images(npz, key: str, uri: str) -> None:
+    """The images array's shape from its .npy header, checked against the pixel limit before it is read."""
+    with npz.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+    if dtype != np.uint8:  # refused before the array is read (a float64 array is 8x the bytes)
+        raise DatasetError(f"{uri}: '{key}' has dtype {dtype}; MedMNIST images are uint8")
+    if len(shape) in (3, 4):
+        check_pixels(f"{uri}: '{key}'", int(shape[1]) * int(shape[2]), f"each image is {shape[1]}x{shape[2]}")
 
 
 def _npz_labels(spec: TaskSpec, labels: np.ndarray, uri: str, key: str) -> np.ndarray:
