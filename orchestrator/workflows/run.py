@@ -19,7 +19,7 @@ from shpeft_core.io import atomic_write_bytes, check_writable
 from shpeft_core.options import artifact_kind
 
 from orchestrator.store import layout
-from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
+from orchestrator.store.results import catalogue_uri, heal_catalogue, latest_rows, write_rows
 from orchestrator.runtime.console import error_chain, log, now, print_results_table, quiet_frameworks, say, short_error
 from orchestrator.stages.importance_maps import extra_estimators, run_importance_stage
 from orchestrator.job.spec import JobSpec, job_id as compute_job_id, resolve_task, task_name
@@ -60,8 +60,13 @@ def preflight(job: JobSpec):
     from orchestrator.job.spec import JobSpecError, task_name
     from orchestrator.stages.task_run import build_backbone
 
+    from shpeft_core.backbone import BackboneError
+
     check_writable(normalise_store(job.store))
-    model = build_backbone(backbone_dict(job), 2)
+    try:
+        model = build_backbone(backbone_dict(job), 2)
+    except BackboneError as exc:
+        raise JobSpecError(f"backbone.source: {exc}") from None
     methods = {job.method.for_task(task_name(t)) for t in job.tasks}
     if methods & set(SPARSE_METHODS) and not eligible_parameters(model, job.selection.rules):
         layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv2d")][:8]
@@ -188,6 +193,8 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
         imaps = run_importance_stage(job, store, backbone_fp, targets, pool_extra, force, progress, counters,
                                   extra_estimators(job, targets, methods), workers=workers, board=board)
 
+        for line in heal_catalogue(store, jid):  # a damaged file, or rows a failed write left out
+            say(line, True)
         previous = latest_rows(store, jid)
         plans = []
         for spec in targets:
@@ -206,6 +213,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
                                 epochs=(job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None)
             except Exception as exc:
                 rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
+                say(f"[{spec.name}] FAILED: {rows[spec.name]['error']}", True)
                 tracker.task_finished(rows[spec.name])
                 continue
             base.update(config_hash=chash, artifact_kind=artifact_kind(method), granularity=plan.granularity)
@@ -224,6 +232,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
             tracker.planned(plan, chash)
         for name, err in target_errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
+            say(f"[{name}] FAILED: {err}", True)  # failures are said even with --no-progress
             tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
@@ -309,7 +318,7 @@ def _after_task(row: dict, counters: dict, store: str, jid: str, progress: bool,
     else:
         counters["tasks_failed"] += 1
         say(f"[{row['task']}] FAILED: {row.get('error')} (full log: shpeft logs {store} {jid} --task {row['task']})",
-            progress)
+            True)  # failures are said even with --no-progress
     write_rows(store, jid, [row])
     tracker.task_finished(row, params)
 
