@@ -465,3 +465,21 @@ def test_parquet_inputs_are_all_checked_before_any_work(setup, tmp_path):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "no rows to predict" in lines[0] and ".tmp-" not in res.output
     assert not out.exists()
+
+
+def test_serve_and_run_with_a_pickle_as_backbone_weights_exit_2(setup, tmp_path):
+    d, root, backbone, good, evil, png = setup
+    pickled = tmp_path / "weights.pth"
+    with open(pickled, "wb") as f:
+        pickle.dump({"w": object()}, f)
+    res = CliRunner().invoke(main, ["serve", "--backbone", "test_vit", "--backbone-source", str(pickled)])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "weights.pth" in lines[0], res.output
+    (tmp_path / "data").mkdir()
+    job = {"backbone": {"name": "test_vit", "source": str(pickled), "kwargs": KWARGS}, "store": str(tmp_path / "s"),
+           "tasks": [{"name": "t", "source": str(tmp_path / "data"), "format": "imagefolder", "num_classes": 2}]}
+    from orchestrator.workflows.run import preflight
+    from orchestrator.job.spec import JobSpecError, parse_job
+
+    with pytest.raises(JobSpecError, match=r"backbone\.source: backbone weights .*weights\.pth.* cannot be loaded"):
+        preflight(parse_job(job))
