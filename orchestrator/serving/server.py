@@ -205,7 +205,7 @@ class DeltaServer:
         uri = resolve_delta_uri(uri, self.delta_root)
         try:
             local = local_path(uri)
-            if local is not None:
+            if local is not None and not os.path.isdir(local):  # a folder is said what it is (a LoRA artifact?)
                 check_regular_file(local, uri)
         except FileNotFoundError:
             raise ServeError(f"delta {uri} not found", 404) from None

@@ -158,9 +158,10 @@ def latest_rows(store: str, job_id: str) -> dict[str, dict[str, Any]]:
     return {r["task"]: r for r in read_catalogue(store, job_id).to_pylist()}
 
 
-def recover_rows(store: str, job_id: str) -> dict[str, dict[str, Any]]:
+def recover_rows(store: str, job_id: str, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """Rows of ``job_id`` rebuilt from its artifacts under ``deltas/``: one per task, from the newest
-    evaluation file that verifies and whose artifact still has the sha256 it records."""
+    evaluation file that verifies and whose artifact still has the sha256 it records. Tasks in ``skip``
+    are not looked at (their artifacts are not hashed)."""
     from shpeft_core.methods import artifact_sha256
 
     from orchestrator.stages.evaluation import EvalFileError, read_eval
@@ -169,7 +170,10 @@ def recover_rows(store: str, job_id: str) -> dict[str, dict[str, Any]]:
     if not fs.exists(root):
         return {}
     found: dict[str, tuple[str, dict]] = {}
+    skip = set(skip)
     for path in sorted(fs.glob(f"{root.rstrip('/')}/*/{job_id}-*.eval.json")):
+        if path.rsplit("/", 2)[-2] in skip:  # deltas/<task>/...
+            continue
         uri = fs.unstrip_protocol(path) if "://" in store else path
         try:
             doc = read_eval(uri)
@@ -193,8 +197,9 @@ def recover_rows(store: str, job_id: str) -> dict[str, dict[str, Any]]:
 def heal_catalogue(store: str, job_id: str) -> list[str]:
     """Make the job's catalogue readable and complete; returns what was done, one line each (none: nothing).
 
-    A damaged file is moved aside (``.damaged-<utc time>`` beside it) and the rows rebuilt; rows missing
-    for tasks whose artifact and evaluation verify (a write that failed on a full disk) are added."""
+    A damaged file is moved aside (``.damaged-<utc time>`` beside it) and the rows rebuilt; a task without
+    an ``ok`` row whose artifact and evaluation verify (its row's write failed, e.g. on a full disk) gets
+    its row back."""
     uri = catalogue_uri(store, job_id)
     fs, path = url_to_fs(uri)
     said: list[str] = []
@@ -206,7 +211,7 @@ def heal_catalogue(store: str, job_id: str) -> list[str]:
             aside = f"{path}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
             fs.mv(path, aside)
             said.append(f"catalogue file {uri} was damaged: set aside as {aside}, its rows rebuilt from the store")
-    recovered = {t: r for t, r in recover_rows(store, job_id).items() if t not in rows}
+    recovered = recover_rows(store, job_id, skip={t for t, r in rows.items() if r.get("status") == "ok"})
     if recovered:
         table = pa.Table.from_pylist([_normalise(r) for r in
                                       sorted({**rows, **recovered}.values(), key=lambda r: r["task"])], schema=SCHEMA)

@@ -96,3 +96,13 @@ def test_a_full_disk_at_the_catalogue_write_leaves_the_old_file_and_no_temp(tmp_
     assert open(uri, "rb").read() == before
     assert os.listdir(os.path.dirname(uri)) == [os.path.basename(uri)]  # no temporary file left
     assert pq.read_table(uri).num_rows == 1
+
+
+def test_an_ok_row_that_was_never_written_replaces_an_older_failed_one(tmp_path):
+    store = str(tmp_path / "store")
+    write_rows(store, JOB, [{"task": "busi", "status": "failed", "error": "first attempt"}])
+    done = _finished_task(store, "busi", "aaaa", 1)  # the rerun trained it; its row's write then failed
+    assert heal_catalogue(store, JOB) == [f"catalogue {catalogue_file(store, JOB)}: 1 row(s) rebuilt from "
+                                          "verified deltas (busi)"]
+    (row,) = read_catalogue(store, JOB).to_pylist()
+    assert row["status"] == "ok" and row["sha256"] == done["sha256"] and row["error"] is None
