@@ -82,9 +82,14 @@ def _crafted(path: Path, good, **changes) -> str:
 
 
 def _server(backbone, **kw):
+    import inspect
+
     from orchestrator.serving.server import DeltaServer
 
-    return DeltaServer.func_or_class(backbone, max_deltas=4, backbone_check_s=0, **kw)
+    cls = DeltaServer.func_or_class
+    accepted = inspect.signature(cls.__init__).parameters  # (so these tests also run against older replicas)
+    kw = {k: v for k, v in {"backbone_check_s": 0, **kw}.items() if k in accepted}
+    return cls(backbone, max_deltas=4, **kw)
 
 
 def _dense(uri: str, backbone: dict, data: bytes) -> np.ndarray:
