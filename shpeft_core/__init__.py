@@ -10,7 +10,7 @@ from ._lazy import lazy_exports
 
 _EXPORTS = {
     "backbone": ["BackboneSpec", "create_backbone", "backbone_fingerprint", "head_parameter_names"],
-    "delta": ["FORMAT_VERSION", "DeltaError", "TaskDelta", "DeltaHandle", "extract_delta", "save_delta",
+    "delta": ["FORMAT_VERSION", "DeltaError", "TaskDelta", "DeltaHandle", "extract_delta", "save_delta", "validate_delta",
               "load_delta", "apply_delta", "merge_delta", "create_model_for_delta"],
     "eligibility": ["DEFAULT_RULES", "eligible_parameters"],
     "importance": ["ImportanceConfig", "ImportanceMap", "compute_importance", "combine_importance",

@@ -82,7 +82,7 @@ def write(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
     return io.atomic_write_bytes(uri, data), len(data)
 
 
-def read(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not io.exists(uri):
-        raise FileNotFoundError(f"{uri}: no such file")
-    return loads(io.read_bytes(uri), where=uri)
+def read(uri: str, *, max_bytes: int | None = None,
+         timeout_s: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the file at ``uri``: a regular file only, bounded as io.read_regular_bytes."""
+    return loads(io.read_regular_bytes(uri, max_bytes=max_bytes, timeout_s=timeout_s), where=uri)

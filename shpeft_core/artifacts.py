@@ -70,16 +70,20 @@ def strip_suffix(uri: str) -> str:
 
 
 def _header_metadata(uri: str) -> dict[str, str]:
-    """A safetensors file's header metadata, read without loading tensors; {} when it is none."""
+    """A safetensors file's header metadata, read without loading tensors; {} when it is none (or not a
+    regular file: a FIFO or device is never opened to sniff it)."""
     import fsspec
 
     try:
+        local = io.local_path(uri)
+        if local is not None:
+            io.check_regular_file(local)
         with fsspec.open(uri, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < (100 << 20):
                 return {}
             return json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, io.StorageError):
         return {}
 
 

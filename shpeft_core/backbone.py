@@ -15,6 +15,7 @@ from . import io
 from ._st import tensor_bytes
 
 __all__ = [
+    "BackboneError",
     "BackboneSpec",
     "RANDOM_INIT_SEED",
     "create_backbone",
@@ -31,6 +32,10 @@ __all__ = [
 # a delta trained on one can be re-applied later (tests, demos, synthetic studies).
 RANDOM_INIT_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class BackboneError(ValueError):
+    """Backbone weights that exist but cannot be loaded (not weights, a pickle timm refuses, another model)."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,20 @@ def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
         # The new head is seeded too, so the whole model is reproducible from the spec.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(
-                spec.name,
-                pretrained=True,
-                pretrained_cfg_overlay=dict(file=local),
-                num_classes=num_classes,
-                **kwargs,
-            )
+            try:
+                model = timm.create_model(
+                    spec.name,
+                    pretrained=True,
+                    pretrained_cfg_overlay=dict(file=local),
+                    num_classes=num_classes,
+                    **kwargs,
+                )
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # timm/torch/safetensors raise many types; one line naming the file
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise BackboneError(f"backbone weights {spec.source!r} cannot be loaded into {spec.name!r}: "
+                                    f"{type(exc).__name__}: {first}") from exc
     model.shpeft_spec = {"name": spec.name, "source": source_label(spec.source), "kwargs": kwargs}
     return model
 

@@ -1,8 +1,24 @@
-"""The task delta: one safetensors file per task (sparse values + dense head + metadata)."""
+"""The task delta: one safetensors file per task (sparse values + dense head + metadata).
+
+Invariants, for any file (a delta is data from outside: its self-checksum only proves it was not damaged,
+anyone can recompute it):
+
+- ``load_delta`` refuses a file whose structure is wrong (``check_delta``): sorted, unique int32 indices,
+  finite values, 1 <= num_classes <= MAX_NUM_CLASSES with as many class names, a head whose first dimension
+  is num_classes. It reads only a regular file.
+- ``validate_delta(model, delta)`` runs before anything is applied (``apply_delta`` calls it, and so must
+  any other forward that uses a delta): sparse values only at weights a sparse delta may change (Linear /
+  groups=1 Conv2d weights outside the head), indices inside them, head tensors exactly the model's head
+  parameters with their shapes for num_classes. Nothing else of the backbone can be named.
+- ``apply_delta`` keeps an undo record of every tensor it writes and a fingerprint of what it touches (the
+  entries at the delta's indices and the head); ``DeltaHandle.remove()`` restores them bit-exactly and
+  recomputes the fingerprint, raising DeltaError if anything it touched is not as before.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -10,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _st
+from ._st import tensor_bytes
 from .backbone import (
     BackboneSpec,
     backbone_fingerprint,
@@ -28,6 +45,9 @@ __all__ = [
     "DeltaError",
     "TaskDelta",
     "DeltaHandle",
+    "MAX_NUM_CLASSES",
+    "check_delta",
+    "validate_delta",
     "extract_delta",
     "save_delta",
     "load_delta",
@@ -42,6 +62,12 @@ REQUIRED_METADATA = (
     "num_classes", "class_names", "density", "alpha", "estimator", "importance_key", "task",
 )
 _CALLER_KEYS = ("alpha", "estimator", "importance_key", "task")
+# ImageNet-21k has 21,843 classes; a head past this is a crafted file, not a task (and would make a
+# server build that many class names and logits per request).
+MAX_NUM_CLASSES = 100_000
+# Every Linear / groups=1 Conv2d weight outside the head: what a sparse delta may change, whatever
+# selection rules it was trained with.
+_ANY_MODULE = (r".+",)
 
 
 class DeltaError(ValueError):
@@ -126,42 +152,115 @@ def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
     return TaskDelta(indices=indices, values=values, head=head, metadata=meta)
 
 
-def _validate(delta: TaskDelta, where: str) -> None:
-    missing = [k for k in REQUIRED_METADATA if k not in delta.metadata]
+def check_delta(delta: TaskDelta, where: str = "delta") -> None:
+    """The delta's structure, without a model: DeltaError naming ``where`` and the tensor or field."""
+    meta = delta.metadata
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise DeltaError(f"{where}: metadata lacks {missing}")
-    if delta.metadata["shpeft_format"] != FORMAT_VERSION:
-        raise DeltaError(f"{where}: shpeft_format {delta.metadata['shpeft_format']!r}, this reader knows {FORMAT_VERSION!r}")
+    if meta["shpeft_format"] != FORMAT_VERSION:
+        raise DeltaError(f"{where}: shpeft_format {meta['shpeft_format']!r}, this reader knows {FORMAT_VERSION!r}")
+    try:
+        num_classes = int(meta["num_classes"])
+        names = json.loads(meta["class_names"])
+        kwargs = json.loads(meta["backbone_kwargs"])
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise DeltaError(f"{where}: malformed metadata (num_classes, class_names or backbone_kwargs): {exc}") from exc
+    if not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise DeltaError(f"{where}: num_classes={num_classes} is outside 1..{MAX_NUM_CLASSES}")
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise DeltaError(f"{where}: class_names must be a JSON list of num_classes={num_classes} strings")
+    if not isinstance(kwargs, dict):
+        raise DeltaError(f"{where}: backbone_kwargs must be a JSON object")
     for n, idx in delta.indices.items():
         if n not in delta.values:
             raise DeltaError(f"{where}: {n}.indices without {n}.values")
         if idx.dtype != torch.int32 or idx.dim() != 1:
             raise DeltaError(f"{where}: {n}.indices must be 1-D int32, got {idx.dtype} {tuple(idx.shape)}")
-        if delta.values[n].shape != idx.shape:
-            raise DeltaError(f"{where}: {n}.values has {tuple(delta.values[n].shape)} entries, indices {tuple(idx.shape)}")
+        vals = delta.values[n]
+        if vals.shape != idx.shape:
+            raise DeltaError(f"{where}: {n}.values has {tuple(vals.shape)} entries, indices {tuple(idx.shape)}")
+        if vals.dtype not in (torch.float32, torch.float64):
+            raise DeltaError(f"{where}: {n}.values must be float32 (or float64), got {vals.dtype}")
+        if idx.numel() and (int(idx[0]) < 0 or not bool((idx[1:] > idx[:-1]).all())):
+            raise DeltaError(f"{where}: {n}.indices must be non-negative, sorted and unique")
+        if not bool(torch.isfinite(vals).all()):
+            raise DeltaError(f"{where}: {n}.values holds NaN or infinite values")
     extra = set(delta.values) - set(delta.indices)
     if extra:
         raise DeltaError(f"{where}: values without indices: {sorted(extra)[:5]}")
-    try:
-        int(delta.metadata["num_classes"])
-        json.loads(delta.metadata["class_names"])
-        json.loads(delta.metadata["backbone_kwargs"])
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise DeltaError(f"{where}: malformed metadata (num_classes, class_names or backbone_kwargs): {exc}") from exc
+    if not delta.head:
+        raise DeltaError(f"{where}: no head tensors")
+    for n, t in delta.head.items():
+        if n in delta.indices:
+            raise DeltaError(f"{where}: {n!r} is both a sparse parameter and a head tensor")
+        if not t.is_floating_point():
+            raise DeltaError(f"{where}: head tensor {n!r} has dtype {t.dtype}, expected a float")
+        if t.dim() < 1 or t.shape[0] != num_classes:
+            raise DeltaError(f"{where}: head tensor {n!r} has shape {tuple(t.shape)}; its first dimension must be "
+                             f"num_classes={num_classes}")
+        if not bool(torch.isfinite(t).all()):
+            raise DeltaError(f"{where}: head tensor {n!r} holds NaN or infinite values")
+
+
+def validate_delta(model: nn.Module, delta: TaskDelta, *, where: str = "delta") -> None:
+    """Refuse, before anything is applied, a delta that would touch more of ``model`` than its kind may.
+
+    Sparse values only at weights a sparse delta may change (Linear / groups=1 Conv2d weights outside
+    the head), with indices inside them; head tensors exactly the model's head parameters, shaped for
+    the delta's num_classes (the head may be rebuilt to that size, nothing else). DeltaError naming
+    ``where`` and the tensor otherwise. Does not hash the backbone (``apply_delta`` checks the fingerprint).
+    """
+    check_delta(delta, where)
+    m = unwrap(model)
+    targets = eligible_parameters(m, _ANY_MODULE)
+    shapes = json.loads(delta.metadata.get("parameter_shapes") or "{}")
+    if not isinstance(shapes, dict):
+        raise DeltaError(f"{where}: parameter_shapes must be a JSON object")
+    for n, idx in delta.indices.items():
+        p = targets.get(n)
+        if p is None:
+            raise DeltaError(f"{where}: sparse parameter {n!r} is not a weight a delta may change in the "
+                             f"{backbone_name(m) or 'given'} model (Linear / Conv2d weights outside the head)")
+        if n in shapes and list(p.shape) != list(shapes[n]):
+            raise DeltaError(f"{where}: parameter {n!r}: shape {tuple(shapes[n])} vs model {tuple(p.shape)}")
+        if idx.numel() and int(idx[-1]) >= p.numel():
+            raise DeltaError(f"{where}: parameter {n!r}: indices out of range for shape {tuple(p.shape)}")
+        if not p.is_contiguous():
+            raise DeltaError(f"model parameter {n!r} is not contiguous")
+    params = dict(m.named_parameters())
+    head_names = head_parameter_names(m)
+    if not head_names:
+        raise DeltaError("model has no classifier head")
+    if set(delta.head) != set(head_names):
+        unknown, absent = sorted(set(delta.head) - set(head_names)), sorted(set(head_names) - set(delta.head))
+        raise DeltaError(f"{where}: head tensors must be exactly the model's head parameters {sorted(head_names)}"
+                         + (f"; not head parameters: {unknown[:5]}" if unknown else "")
+                         + (f"; missing: {absent[:5]}" if absent else ""))
+    for n in head_names:
+        want = (delta.num_classes, *params[n].shape[1:])
+        if tuple(delta.head[n].shape) != want:
+            raise DeltaError(f"{where}: head tensor {n!r}: shape {tuple(delta.head[n].shape)}, the model's head "
+                             f"for {delta.num_classes} classes has {want}")
 
 
 def save_delta(delta: TaskDelta, uri: str) -> dict:
     """Atomic write through fsspec; returns {"sha256", "bytes"}."""
-    _validate(delta, uri)
+    check_delta(delta, uri)
     sha, size = _st.write(uri, delta.tensors(), delta.metadata)
     return {"sha256": sha, "bytes": size}
 
 
-def load_delta(uri: str) -> TaskDelta:
-    """Read a delta (safetensors only; nothing is unpickled)."""
+def load_delta(uri: str, *, max_bytes: int | None = None, timeout_s: float | None = None) -> TaskDelta:
+    """Read a delta (safetensors only; nothing is unpickled) and check its structure (``check_delta``).
+
+    Only a regular file is read (a FIFO, device or socket is refused), at most ``max_bytes``, within
+    ``timeout_s`` seconds (TimeoutError after); DeltaError for anything that is not a valid delta."""
+    from .io import StorageError
+
     try:
-        tensors, meta = _st.read(uri)
-    except _st.SafetensorsError as exc:
+        tensors, meta = _st.read(uri, max_bytes=max_bytes, timeout_s=timeout_s)
+    except (_st.SafetensorsError, StorageError) as exc:
         raise DeltaError(str(exc)) from exc
     if "shpeft_format" not in meta:
         raise DeltaError(f"{uri}: not an shpeft task delta (metadata shpeft_format missing)")
@@ -174,28 +273,52 @@ def load_delta(uri: str) -> TaskDelta:
         else:
             head[key] = t
     delta = TaskDelta(indices=indices, values=values, head=head, metadata=meta)
-    _validate(delta, uri)
+    check_delta(delta, uri)
     return delta
 
 
 class DeltaHandle:
-    """Undo record of apply_delta: ``remove()`` restores the model bit-exactly."""
+    """Undo record of apply_delta: ``remove()`` restores the model bit-exactly, then checks it.
 
-    def __init__(self, model: nn.Module):
+    Every tensor apply_delta writes has an entry (the entries at the delta's indices; every head parameter,
+    and the replaced classifier modules when the head was rebuilt). ``fingerprint`` is a sha256 of what
+    the delta touches (those entries and the head), taken before applying; ``remove()`` recomputes it
+    after restoring and raises DeltaError when it differs (cost: the k entries and the head, not the model).
+    """
+
+    def __init__(self, model: nn.Module, where: str = "delta"):
         self._model = model
-        self._entries: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._head: list[tuple[Tensor, Tensor]] = []
+        self._where = where
+        self._sparse: list[tuple[str, Tensor, Tensor]] = []  # (name, flat weight view, int64 indices)
+        self._entries: list[tuple[Tensor, Tensor, Tensor]] = []  # (flat, indices, original values)
+        self._dense: list[tuple[Tensor, Tensor]] = []  # (parameter, original copy)
         self._old_classifier: tuple[list[tuple[str, nn.Module]], int | None] | None = None
+        self.fingerprint: str | None = None
         self.active = True
+
+    def touched_fingerprint(self) -> str:
+        """sha256 over the entries at the delta's indices and the model's head parameters, as they are now."""
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for name, flat, idx in self._sparse:
+                h.update(f"{name}|{flat.dtype}|{idx.numel()}\n".encode())
+                h.update(tensor_bytes(flat[idx]))
+            params = dict(self._model.named_parameters())
+            for name in head_parameter_names(self._model):
+                t = params[name]
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+                h.update(tensor_bytes(t))
+        return h.hexdigest()
 
     def remove(self) -> None:
         if not self.active:
             return
+        self.active = False
         with torch.no_grad():
+            for param, orig in reversed(self._dense):
+                param.copy_(orig)
             for flat, idx, orig in reversed(self._entries):
                 flat[idx] = orig
-            for param, orig in self._head:
-                param.copy_(orig)
         if self._old_classifier is not None:
             modules, num_classes = self._old_classifier
             for path, mod in modules:
@@ -203,7 +326,9 @@ class DeltaHandle:
                 setattr(self._model.get_submodule(parent) if parent else self._model, leaf, mod)
             if num_classes is not None:
                 self._model.num_classes = num_classes
-        self.active = False
+        if self.fingerprint is not None and self.touched_fingerprint() != self.fingerprint:
+            raise DeltaError(f"{self._where}: after removing it, the weights it touched differ from before "
+                             "(the model is no longer its base; rebuild it)")
 
     def __enter__(self) -> "DeltaHandle":
         return self
@@ -212,49 +337,55 @@ class DeltaHandle:
         self.remove()
 
 
-def _check_fit(m: nn.Module, delta: TaskDelta, check_fingerprint: bool) -> None:
-    want = delta.metadata["backbone"]
+def _check_name(m: nn.Module, delta: TaskDelta) -> None:
+    want = delta.metadata.get("backbone", "")
     have = backbone_name(m)
     if want and have and want != have:
         raise DeltaError(f"delta is for backbone {want!r}, model is {have!r}")
-    params = dict(m.named_parameters())
-    shapes = json.loads(delta.metadata.get("parameter_shapes", "{}"))
-    for n, idx in delta.indices.items():
-        if n not in params:
-            raise DeltaError(f"delta parameter {n!r} does not exist in the {have or 'given'} model")
-        p = params[n]
-        if n in shapes and list(p.shape) != list(shapes[n]):
-            raise DeltaError(f"delta parameter {n!r}: shape {tuple(shapes[n])} vs model {tuple(p.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):
-            raise DeltaError(f"delta parameter {n!r}: indices out of range for shape {tuple(p.shape)}")
-        if not p.is_contiguous():
-            raise DeltaError(f"model parameter {n!r} is not contiguous")
-    if check_fingerprint:
-        fp = backbone_fingerprint(m)
-        if fp != delta.metadata["backbone_fingerprint"]:
-            raise DeltaError(
-                f"backbone weights differ from the delta's base (fingerprint {fp[:12]} vs "
-                f"{delta.metadata['backbone_fingerprint'][:12]}); is another delta still applied?"
-            )
 
 
-def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool = True) -> DeltaHandle:
+def _check_fingerprint(m: nn.Module, delta: TaskDelta) -> None:
+    fp = backbone_fingerprint(m)
+    if fp != delta.metadata["backbone_fingerprint"]:
+        raise DeltaError(
+            f"backbone weights differ from the delta's base (fingerprint {fp[:12]} vs "
+            f"{delta.metadata['backbone_fingerprint'][:12]}); is another delta still applied?"
+        )
+
+
+def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool = True,
+                where: str = "delta") -> DeltaHandle:
     """Add the delta's values into the weights and install its head, in place.
 
-    The classifier is rebuilt when its size differs from the delta's. Returns a handle whose
-    ``remove()`` (or ``with`` exit) restores the original weights and head bit-exactly.
+    ``validate_delta`` runs first: nothing is written for a delta that names more than its kind may
+    touch. The classifier is rebuilt when its size differs from the delta's. Returns a handle whose
+    ``remove()`` (or ``with`` exit) restores the original weights and head bit-exactly and checks that
+    they are (see DeltaHandle).
     """
     m = unwrap(model)
-    _validate(delta, "delta")
     if sparse_modules(m):
         raise DeltaError("model is under sparse training: apply deltas to a plain model (or use merge_delta)")
-    _check_fit(m, delta, check_fingerprint)
-    handle = DeltaHandle(m)
-    head_paths = head_module_paths(m)
-    if not head_paths:
-        raise DeltaError("model has no classifier head")
+    _check_name(m, delta)
+    validate_delta(m, delta, where=where)
+    if check_fingerprint:
+        _check_fingerprint(m, delta)
+    handle = DeltaHandle(m, where)
     params = dict(m.named_parameters())
-    if any(n in params and tuple(params[n].shape) != tuple(t.shape) for n, t in delta.head.items()):
+    for n in sorted(delta.indices):
+        p = params[n]
+        handle._sparse.append((n, p.data.view(-1), delta.indices[n].to(device=p.device, dtype=torch.int64)))
+    handle.fingerprint = handle.touched_fingerprint()
+    try:
+        _write_delta(m, delta, handle, params)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _write_delta(m: nn.Module, delta: TaskDelta, handle: DeltaHandle, params: dict) -> None:
+    head_paths = head_module_paths(m)
+    if any(tuple(params[n].shape) != tuple(t.shape) for n, t in delta.head.items()):
         # Another head size: build the delta's, keep the old modules for remove().
         old = [(p, m.get_submodule(p)) for p in head_paths]
         ref = next(iter(old[0][1].parameters()))
@@ -262,35 +393,27 @@ def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool =
         m.reset_classifier(delta.num_classes)
         for p in head_module_paths(m):
             m.get_submodule(p).to(device=ref.device, dtype=ref.dtype)
-    params = dict(m.named_parameters())
-    for n, t in delta.head.items():
-        if n not in params:
-            handle.remove()
-            raise DeltaError(f"delta head tensor {n!r} does not exist in the model")
-        if tuple(params[n].shape) != tuple(t.shape):
-            handle.remove()
-            raise DeltaError(f"delta head tensor {n!r}: shape {tuple(t.shape)} vs model {tuple(params[n].shape)}")
+        params = dict(m.named_parameters())
+        if set(head_parameter_names(m)) != set(delta.head) or any(
+                tuple(params[n].shape) != tuple(t.shape) for n, t in delta.head.items()):
+            raise DeltaError(f"{handle._where}: the rebuilt classifier of {backbone_name(m)!r} does not take the "
+                             "delta's head tensors")
     with torch.no_grad():
-        for n, idx in delta.indices.items():
-            p = params[n]
-            flat = p.data.view(-1)
-            i = idx.to(device=p.device, dtype=torch.int64)
+        for name, flat, i in handle._sparse:
             orig = flat[i].clone()
             handle._entries.append((flat, i, orig))
             # Same arithmetic as the sparse forward (base + float32 value cast to the weight dtype):
             # bit-identical logits.
-            flat[i] = orig + delta.values[n].to(device=p.device, dtype=p.dtype)
+            flat[i] = orig + delta.values[name].to(device=flat.device, dtype=flat.dtype)
         for n, t in delta.head.items():
             p = params[n]
-            if handle._old_classifier is None:
-                handle._head.append((p, p.detach().clone()))
+            handle._dense.append((p, p.detach().clone()))
             p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return handle
 
 
 def create_model_for_delta(delta: TaskDelta, backbone_source: str | None = None) -> nn.Module:
     """The delta's backbone (from its metadata, or ``backbone_source``) with a head of its size."""
-    _validate(delta, "delta")
+    check_delta(delta, "delta")
     source = backbone_source if backbone_source is not None else delta.metadata["backbone_source"]
     if source in ("", "random"):
         source = None

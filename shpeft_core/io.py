@@ -10,13 +10,21 @@ Object stores need their fsspec backend (s3fs, gcsfs, ...), installed with the p
 
 Small JSON state files (evaluations, sweep ledgers, checkpoint state) carry the sha256 of their own
 content (``write_sealed_json``) and are checked when read (``read_sealed_json``).
+
+Files that arrive from outside (deltas named by a request or a command line) are read with
+``read_regular_bytes``: only a regular file (never a FIFO, device or socket, which could block the reader
+or never end), at most ``max_bytes``, within ``timeout_s`` seconds. A write that fails (a full disk,
+a permission) raises `StorageError` naming the URI, and leaves nothing under the final name or beside it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
+import threading
 import uuid
 
 from fsspec.core import url_to_fs
@@ -26,6 +34,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_stream",
     "read_bytes",
+    "read_regular_bytes",
+    "check_regular_file",
     "exists",
     "sha256_bytes",
     "sha256_file",
@@ -38,6 +48,7 @@ __all__ = [
     "DamagedFileError",
     "write_sealed_json",
     "read_sealed_json",
+    "check_store_usable",
 ]
 
 # Filesystems whose single-object put is atomic: a temp + rename would only double the cost.
@@ -111,28 +122,46 @@ def join_uri(base: str, *parts: str) -> str:
     return out
 
 
+def _write_failed(uri: str, exc: OSError) -> StorageError:
+    """One line for a write the filesystem refused (ENOSPC, EACCES, EROFS, ...)."""
+    reason = os.strerror(exc.errno) if exc.errno else (str(exc) or type(exc).__name__)
+    hint = "; free some space and run the command again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return StorageError(f"cannot write {uri}: {reason}{hint}")
+
+
 def atomic_write_bytes(uri: str, data: bytes) -> str:
-    """Write ``data`` to ``uri`` atomically; returns its sha256 hex digest."""
+    """Write ``data`` to ``uri`` atomically; returns its sha256 hex digest.
+
+    A failed write (full disk, no permission) raises `StorageError` naming ``uri``; the temporary file
+    is removed and the previous content under ``uri`` (if any) is left as it was."""
     fs, path = _fs(uri)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if _protocol(fs) in _ATOMIC_PUT_PROTOCOLS:
-        fs.pipe_file(path, data)
-    else:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        if _protocol(fs) in _ATOMIC_PUT_PROTOCOLS:
+            fs.pipe_file(path, data)
+            return sha256_bytes(data)
+    except OSError as exc:
+        raise _write_failed(uri, exc) from exc
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            if hasattr(f, "flush"):
+                f.flush()
+            if _protocol(fs) == "file":
+                os.fsync(f.fileno())
+        fs.mv(tmp, path)
+    except BaseException as exc:
         try:
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-                if hasattr(f, "flush"):
-                    f.flush()
-                if _protocol(fs) == "file":
-                    os.fsync(f.fileno())
-            fs.mv(tmp, path)
-        except BaseException:
             if fs.exists(tmp):
                 fs.rm(tmp)
-            raise
+        except OSError:  # pragma: no cover - the store went away under us; the write error is what matters
+            pass
+        if isinstance(exc, OSError):
+            raise _write_failed(uri, exc) from exc
+        raise
     return sha256_bytes(data)
 
 
@@ -169,6 +198,103 @@ def read_bytes(uri: str) -> bytes:
     fs, path = _fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str, where: str | None = None) -> int:
+    """The size of the local file ``path`` once it is a regular file (symlinks followed); `StorageError`
+    naming ``where`` (default ``path``) for a FIFO, device, socket or folder, FileNotFoundError when missing."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise StorageError(f"{where or path}: is {_kind(st.st_mode)}, not a regular file; only regular files are read")
+    return st.st_size
+
+
+def _too_large(where: str, size: int, max_bytes: int) -> StorageError:
+    return StorageError(f"{where}: {size:,} bytes, over the limit of {max_bytes:,} bytes")
+
+
+def _read_local(path: str, where: str, max_bytes: int | None) -> bytes:
+    # Opened non-blocking and checked on the open descriptor: a FIFO swapped in after a stat cannot block us.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(f"{where}: is {_kind(st.st_mode)}, not a regular file; only regular files are read")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(where, st.st_size, max_bytes)
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:  # grew while being read
+                raise _too_large(where, total, max_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_remote(fs, path: str, where: str, max_bytes: int | None) -> bytes:
+    if max_bytes is not None:
+        size = fs.info(path).get("size")
+        if size is not None and int(size) > max_bytes:
+            raise _too_large(where, int(size), max_bytes)
+    with fs.open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(where, len(data), max_bytes)
+    return data
+
+
+def _within(timeout_s: float | None, where: str, work):
+    """``work()``, or TimeoutError naming ``where`` when it has not returned after ``timeout_s`` seconds.
+
+    The work runs in a daemon thread of its own: a read that never returns (a stalled server) is left
+    behind without holding any pool, lock or caller (the thread ends when the read does)."""
+    if timeout_s is None:
+        return work()
+    box: dict = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="shpeft-bounded-read", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"{where}: not read within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def read_regular_bytes(uri: str, *, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """The bytes of the regular file at ``uri``: `StorageError` for a FIFO, device, socket or folder (never
+    opened for reading) or a file over ``max_bytes``; TimeoutError when the read takes over ``timeout_s``;
+    FileNotFoundError when there is no such file."""
+    fs, path = _fs(uri)
+    local = _protocol(fs) == "file"
+
+    def work() -> bytes:
+        try:
+            return _read_local(path, uri, max_bytes) if local else _read_remote(fs, path, uri, max_bytes)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{uri}: is a folder, not a regular file; only regular files are read") from None
+
+    return _within(timeout_s, uri, work)
 
 
 def exists(uri: str) -> bool:
@@ -223,6 +349,27 @@ def check_writable(uri: str) -> None:
     except (OSError, ValueError) as exc:  # PermissionError, NotADirectoryError, backend errors
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise StorageError(f"store {uri} is not writable: cannot {step} ({reason})") from exc
+
+
+def check_store_usable(uri: str) -> None:
+    """What can be known about the store at ``uri`` without writing anything (``shpeft validate``).
+
+    Local: the store, or the nearest existing folder above it, is a folder this user may write into.
+    Remote: the filesystem backend loads (writing is checked by ``check_writable`` when a job starts).
+    Raises `StorageError` with one line naming the path."""
+    fs, path = _fs(uri)
+    if _protocol(fs) != "file":
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise StorageError(f"store {uri} is not writable: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"store {uri} is not writable: {probe} does not allow this user to write")
 
 
 def _checksum_uri(uri: str) -> str:

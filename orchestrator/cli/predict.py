@@ -34,9 +34,12 @@ __all__ = ["predict", "export"]
               help="Ray Data: predictor actors (each holds one backbone and every delta).")
 @click.option("--address", default=None, help="Ray Data: cluster to join; default: a local embedded Ray.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="Ray Data: CPUs for the local embedded Ray.")
+@click.option("--data-root", default=None, metavar="DIR",
+              help="Parquet path column: paths must resolve under DIR [default: the Parquet file's folder].")
+@click.option("--allow-urls", is_flag=True, help="Parquet path column: also read URLs (http://, s3://, ...) in the data.")
 @click.argument("images", nargs=-1, required=True, metavar="INPUTS...")
 def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_json, output, column, id_column,
-            concurrency, address, num_cpus, images) -> None:
+            concurrency, address, num_cpus, data_root, allow_urls, images) -> None:
     """Predict INPUTS with several task deltas on one backbone instance.
 
     Each delta is applied in turn (one forward per batch per task) and removed again. A few local
@@ -65,7 +68,7 @@ def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_jso
             res = predict_dataset(list(deltas), list(images), output, backbone=backbone,
                                   backbone_source=backbone_source, column=column, id_column=id_column,
                                   batch_size=batch_size, concurrency=concurrency, device=device,
-                                  address=address, num_cpus=num_cpus)
+                                  address=address, num_cpus=num_cpus, data_root=data_root, allow_urls=allow_urls)
         except (PredictError, DeltaError, StorageError, FileNotFoundError) as exc:
             fail(str(exc), EXIT_INVALID)
         click.echo(f"wrote {res['output']}: {res['rows']} rows ({res['images']} images x {len(deltas)} task(s)), "
@@ -99,6 +102,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
     Example: shpeft export store/deltas/busi.safetensors --merged busi_vitb16.safetensors
     """
     from orchestrator.serving.export import export_merged
+    from orchestrator.serving.predict import PredictError
     from shpeft_core.delta import DeltaError
     from shpeft_core.io import StorageError
 
@@ -108,7 +112,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
         res = export_merged(delta, out, backbone_source=backbone_source)
     except FileNotFoundError as exc:  # the delta, or the backbone weights it names
         fail(str(exc), EXIT_INVALID)
-    except (DeltaError, StorageError) as exc:
+    except (DeltaError, StorageError, PredictError) as exc:
         fail(str(exc), EXIT_INVALID)
     click.echo(
         f"wrote {res['uri']} ({res['bytes']} bytes, {res['tensors']} tensors, sha256 {res['sha256']}); "

@@ -17,12 +17,14 @@ __all__ = ["list_", "show", "report"]
 
 
 def _catalogue_rows(store: str, job: str | None) -> list[dict]:
-    from orchestrator.store.results import read_catalogue
+    from orchestrator.store.results import CatalogueError, read_catalogue
 
     try:
-        return read_catalogue(store, job).to_pylist()
+        return read_catalogue(store, job, on_damaged=lambda msg: click.echo(f"warning: {msg}", err=True)).to_pylist()
     except FileNotFoundError as exc:
         fail(f"store {store} cannot be read: {exc}")
+    except CatalogueError as exc:
+        fail(str(exc), EXIT_INVALID)
 
 
 def _json_default(value):

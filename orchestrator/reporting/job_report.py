@@ -394,7 +394,7 @@ def write_job_report(store: str, job_id: str) -> tuple[str, list[str]]:
     store = layout.normalise_store(store)
     rows = read_catalogue(store, job_id).to_pylist()
     if not rows:
-        known = sorted({r["job_id"] for r in read_catalogue(store).to_pylist()})
+        known = sorted({r["job_id"] for r in read_catalogue(store, on_damaged=lambda _: None).to_pylist()})
         raise JobReportError(f"no job {job_id!r} in the catalogue of {store}; known jobs: {', '.join(known) or 'none'}")
     job = _job_doc(store, job_id)
     order = [task_name(e) for e in job.tasks] if job is not None else []

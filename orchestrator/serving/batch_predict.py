@@ -4,7 +4,12 @@ Each actor of the ``map_batches`` stage builds the backbone once and holds every
 batch it decodes the images, and for each delta applies it, runs the batch, and removes it again
 (bit-exact), as ``shpeft predict`` does for a few local files. The result is a Parquet dataset with
 one row per (image, task); an image that cannot be decoded gets its message in ``error`` instead of
-stopping the job. Deltas and base weights are checked in the driver before any image is read.
+stopping the job. Deltas and base weights are checked in the driver before any image is read, and so is
+every Parquet file's schema (a damaged or different file is named before Ray starts).
+
+A path in a Parquet path column names data, not hosts: it resolves inside the data root (the Parquet
+file's folder, or ``data_root``), symlinks resolved; URLs are refused unless ``allow_urls``, and then read
+with a timeout. Only regular files are read, images within the pixel limit.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ class DatasetInput:
     column: str = ""  # parquet: the image column
     column_kind: str = ""  # parquet: "bytes", "path" or "struct" (a {bytes, path} image struct)
     id_column: str | None = None
-    root: str = ""  # parquet: folder that relative path values are resolved against
+    root: str = ""  # parquet: folder that path values must resolve inside (relative ones against it)
     columns: list[str] = field(default_factory=list)
+    allow_urls: bool = False  # parquet paths: whether URLs in the data are read
+    rows: int = -1  # parquet: rows in every file's footer (-1: not counted)
 
     def source(self, path: str) -> str:
         return self.fs.unstrip_protocol(path) if self.protocol else path
@@ -58,8 +65,10 @@ def _list(fs, root: str, where: str) -> list[str]:
 
     try:
         return find_files(fs, root.rstrip("/") or root)
-    except DatasetError:
-        raise PredictError(f"input {where} does not exist") from None
+    except DatasetError as exc:
+        if str(exc).endswith("does not exist"):
+            raise PredictError(f"input {where} does not exist") from None
+        raise PredictError(str(exc)) from None
 
 
 def _column_kind(schema, column: str) -> str:
@@ -75,8 +84,13 @@ def _column_kind(schema, column: str) -> str:
     return ""
 
 
-def resolve_input(inputs: Sequence[str], *, column: str = "image", id_column: str | None = None) -> DatasetInput:
-    """What the inputs are: image files under folders/prefixes, or Parquet files with an image column."""
+def resolve_input(inputs: Sequence[str], *, column: str = "image", id_column: str | None = None,
+                  data_root: str | None = None, allow_urls: bool = False) -> DatasetInput:
+    """What the inputs are: image files under folders/prefixes, or Parquet files with an image column.
+
+    Every Parquet file's footer is read here: each must be readable and have the columns, so a damaged or
+    different file is named now, not after minutes of work. Path columns resolve inside ``data_root``
+    (default: the input folder, or the Parquet file's folder)."""
     from fsspec.core import url_to_fs
 
     from tasks.formats.files import ext
@@ -105,13 +119,8 @@ def resolve_input(inputs: Sequence[str], *, column: str = "image", id_column: st
     if not parquet:
         raise PredictError(f"no images ({', '.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)}) or .parquet files "
                            f"under {', '.join(inputs)}")
-    import pyarrow.parquet as pq
-
-    try:
-        with fs.open(parquet[0], "rb") as f:
-            schema = pq.read_schema(f)
-    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise PredictError(f"{parquet[0]}: unreadable Parquet ({type(exc).__name__}: {exc})") from None
+    schemas, rows = _parquet_footers(fs, parquet)
+    schema = schemas[0]
     names = list(schema.names)
     if column not in names:
         raise PredictError(f"{parquet[0]}: no column {column!r} (--column); columns are {names}")
@@ -123,31 +132,75 @@ def resolve_input(inputs: Sequence[str], *, column: str = "image", id_column: st
         raise PredictError(f"{parquet[0]}: no column {id_column!r} (--id-column); columns are {names}")
     if id_column is None and kind != "path":
         id_column = next((c for c in _ID_CANDIDATES if c in names and c != column), None)
-    root = resolved[0][2]
-    if not fs.isdir(root):
-        root = root.rsplit("/", 1)[0]
-    return DatasetInput("parquet", parquet, fs, remote, protocol, column, kind, id_column, root, names)
+    for path, other in zip(parquet[1:], schemas[1:]):
+        have = list(other.names)
+        for flag, col in (("--column", column), ("--id-column", id_column)):
+            if col is not None and col not in have:
+                raise PredictError(f"{path}: no column {col!r} ({flag}); columns are {have} "
+                                   f"(the first file, {parquet[0]}, has it)")
+        if _column_kind(other, column) != kind:
+            raise PredictError(f"{path}: column {column!r} is {other.field(column).type}, but "
+                               f"{schema.field(column).type} in {parquet[0]}")
+    if rows == 0:
+        raise PredictError(f"no rows to predict: the Parquet input ({len(parquet)} file(s) under "
+                           f"{', '.join(inputs)}) is empty")
+    if data_root is not None:
+        try:
+            root_fs, root = url_to_fs(data_root)
+        except (ImportError, ValueError) as exc:
+            raise PredictError(f"--data-root {data_root}: no filesystem for it ({exc})") from None
+        if type(root_fs) is not type(fs) or not root_fs.isdir(root):
+            raise PredictError(f"--data-root {data_root} is not a folder on the inputs' filesystem")
+    else:
+        root = resolved[0][2]
+        if not fs.isdir(root):
+            root = root.rsplit("/", 1)[0]
+    return DatasetInput("parquet", parquet, fs, remote, protocol, column, kind, id_column, root, names,
+                        allow_urls=allow_urls, rows=rows)
+
+
+def _parquet_footers(fs, files: list[str]):
+    """Every file's schema and the total row count, from the footers; PredictError naming a bad file."""
+    import pyarrow.parquet as pq
+
+    schemas, rows = [], 0
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.read_metadata(f)
+            schemas.append(meta.schema.to_arrow_schema())
+            rows += meta.num_rows
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            raise PredictError(f"{path}: unreadable Parquet ({type(exc).__name__}: {exc})") from None
+    return schemas, rows
 
 
 class _Predictor:
     """A Ray Data actor: the backbone built once, every delta held; one output row per (image, task)."""
 
     def __init__(self, delta_uris: list[str], shas: list[str], backbone_source: str | None, device: str,
-                 source: DatasetInput, batch_size: int):
-        from orchestrator.serving.predict import check_base_weights, class_names, load_deltas, model_for_delta
+                 source: DatasetInput, batch_size: int, max_image_pixels: int | None = None):
+        from orchestrator.serving.predict import (check_base_weights, class_names, load_deltas, model_for_delta,
+                                                  validate_deltas)
+        from tasks.codecs.images import set_max_image_pixels
         from tasks.transforms import transform_for
 
+        set_max_image_pixels(max_image_pixels)  # the driver's limit, wherever this actor runs
         self.deltas, self.names = load_deltas(delta_uris)
         self.uris, self.shas = list(delta_uris), list(shas)
         self.labels = [class_names(d) for d in self.deltas]
-        self.model = model_for_delta(self.deltas[0], backbone_source, device).eval()
+        self.model = model_for_delta(self.deltas[0], backbone_source, device, delta_uris[0]).eval()
         check_base_weights(self.model, self.deltas[0], delta_uris[0])  # once per actor, not per batch
+        validate_deltas(self.model, self.deltas, self.uris)
         self.transform = transform_for(self.model, train=False)
         self.device, self.batch_size, self.src = device, batch_size, source
 
     def _image(self, value, path: str | None):
         """(source id, image bytes) of one row; bytes None with the message when it cannot be read."""
-        from shpeft_core.io import join_uri, read_bytes
+        from orchestrator.serving.predict import DELTA_READ_TIMEOUT_S
+        from shpeft_core.io import StorageError, read_regular_bytes
+        from tasks.codecs.images import DatasetError
+        from tasks.formats.files import printable, resolve_data_path
 
         src = self.src
         if src.kind == "images":
@@ -157,11 +210,15 @@ class _Predictor:
         if src.column_kind == "path":
             if not value:
                 return "", None, f"empty {src.column!r} value"
-            uri = value if ("://" in value or value.startswith("/")) else join_uri(src.source(src.root), value)
             try:
-                return value, read_bytes(uri), None
-            except (OSError, ValueError) as exc:
-                return value, None, f"image {uri} cannot be read: {exc}"
+                uri = resolve_data_path(src.fs, src.root, value, where=f"column {src.column!r}",
+                                        allow_urls=src.allow_urls)
+            except DatasetError as exc:  # says only that the path is not allowed, never whether it exists
+                return value, None, str(exc)
+            try:
+                return value, read_regular_bytes(uri, timeout_s=DELTA_READ_TIMEOUT_S), None
+            except (OSError, StorageError) as exc:  # inside the allowed root (or an allowed URL)
+                return value, None, f"image {printable(value)!r} cannot be read: {exc}"
         if value is None:
             return "", None, f"empty {src.column!r} value"
         return "", value, None
@@ -253,26 +310,37 @@ def predict_dataset(
     device: str = "cpu",
     address: str | None = None,
     num_cpus: int | None = None,
+    data_root: str | None = None,
+    allow_urls: bool = False,
 ) -> dict:
     """Predict every image of ``inputs`` with every delta; write ``output`` (a Parquet dataset folder).
 
     Returns {"output", "images", "rows", "errors"}. Everything that can be checked without reading
-    images (deltas, base weights, inputs, output) is checked first and raises PredictError.
+    images (deltas, base weights, device, inputs and every Parquet footer, output) is checked first and
+    raises PredictError. ``data_root``/``allow_urls``: where paths in a Parquet path column may point.
     """
     import uuid
 
     import ray
 
-    from orchestrator.serving.predict import check_base_weights, load_deltas, model_for_delta
     from orchestrator.runtime.session import ray_session
+    from orchestrator.serving.predict import (check_base_weights, check_device, load_deltas, model_for_delta,
+                                              validate_deltas)
     from shpeft_core.io import sha256_file
+    from tasks.codecs.images import max_image_pixels
 
+    check_device(device, local=address is None)
     deltas, _ = load_deltas(delta_uris, backbone)
     shas = [sha256_file(u) for u in delta_uris]
     # The base weights once in the driver: a wrong --backbone-source fails here, not in every actor.
-    check_base_weights(model_for_delta(deltas[0], backbone_source), deltas[0], delta_uris[0])
+    model = model_for_delta(deltas[0], backbone_source, uri=delta_uris[0])
+    check_base_weights(model, deltas[0], delta_uris[0])
+    validate_deltas(model, deltas, delta_uris)
+    del model
     out_fs, out_path = _check_output(output)
-    src = resolve_input(inputs, column=column, id_column=id_column)
+    src = resolve_input(inputs, column=column, id_column=id_column, data_root=data_root, allow_urls=allow_urls)
+
+    import ray.data  # noqa: F401  (its import configures its loggers: ray_session quietens them after it)
 
     with ray_session(address, num_cpus):
         ctx = ray.data.DataContext.get_current()
@@ -289,7 +357,8 @@ def predict_dataset(
             _Predictor, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
             num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"delta_uris": list(delta_uris), "shas": shas, "backbone_source": backbone_source,
-                                   "device": device, "source": src, "batch_size": batch_size},
+                                   "device": device, "source": src, "batch_size": batch_size,
+                                   "max_image_pixels": max_image_pixels()},
         )
         # Written next to the target, then moved: a reader never sees a half-written result.
         tmp = f"{out_path.rstrip('/')}.tmp-{uuid.uuid4().hex}"

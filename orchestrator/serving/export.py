@@ -24,12 +24,18 @@ __all__ = ["EXPORT_FORMAT", "merged_state_dict", "export_metadata", "export_merg
 EXPORT_FORMAT = "timm-merged-1"
 
 
-def merged_state_dict(delta: TaskDelta, *, backbone_source: str | None = None) -> dict[str, torch.Tensor]:
-    """The full timm state_dict of the backbone with ``delta`` merged in and its head installed."""
+def merged_state_dict(delta: TaskDelta, *, backbone_source: str | None = None, uri: str = "") -> dict[str, torch.Tensor]:
+    """The full timm state_dict of the backbone with ``delta`` merged in and its head installed.
+
+    The weights come from ``backbone_source``; the delta's own ``backbone_source`` only when it names no
+    file or URL (``orchestrator.serving.predict.configured_source``): a delta never chooses which file is read.
+    """
+    from orchestrator.serving.predict import configured_source
+
+    source = configured_source(delta, backbone_source, uri)
     try:
-        base = create_model_for_delta(delta, backbone_source=backbone_source)
+        base = create_model_for_delta(delta, backbone_source=source)
     except OSError as exc:  # missing file, hub unreachable or offline
-        source = backbone_source if backbone_source is not None else delta.metadata.get("backbone_source")
         raise FileNotFoundError(
             f"weights of backbone {delta.metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
         ) from None
@@ -67,7 +73,7 @@ def export_merged(delta_uri: str, out_uri: str, *, backbone_source: str | None =
         delta = load_delta(delta_uri)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"delta {delta_uri} cannot be read: {exc}") from None
-    state = merged_state_dict(delta, backbone_source=backbone_source)
+    state = merged_state_dict(delta, backbone_source=backbone_source, uri=delta_uri)
     meta = export_metadata(delta, delta_uri=delta_uri, sha256=sha256_file(delta_uri))
     if backbone_source is not None:
         meta["backbone_source"] = backbone_source

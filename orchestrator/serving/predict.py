@@ -7,6 +7,11 @@ tasks costs only the scatter of a few thousand values and a head swap.
 Probabilities follow the task kind the delta records (``task_kind`` in its metadata; absent means
 single_label): a softmax over classes, or for multi_label one sigmoid per finding, with the findings
 at probability >= ``FINDING_THRESHOLD`` named as present.
+
+A delta is data from outside. Every delta is validated against the built backbone
+(``shpeft_core.delta.validate_delta``) before any is applied, and the backbone a delta names is only a hint:
+its weights come from what the user configures (``--backbone-source``); a delta's ``backbone_source``
+is used only when it names no file or URL ("hub", "random"), so a delta never chooses which file is read.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from shpeft_core.delta import DeltaError, TaskDelta, apply_delta, create_model_for_delta, load_delta
+from shpeft_core.delta import DeltaError, TaskDelta, apply_delta, create_model_for_delta, load_delta, validate_delta
 
 __all__ = [
     "PredictError",
@@ -39,6 +44,9 @@ __all__ = [
     "task_logits",
     "load_deltas",
     "check_base_weights",
+    "check_device",
+    "configured_source",
+    "validate_deltas",
     "model_for_delta",
     "predict_files",
 ]
@@ -100,6 +108,8 @@ def class_names(delta: TaskDelta) -> list[str]:
 
 
 _IDENTITY_KEYS = ("backbone", "backbone_fingerprint", "backbone_kwargs")
+# A delta is a few MB; a stalled remote read must not hold a command (or a replica) forever.
+DELTA_READ_TIMEOUT_S = 120.0
 
 
 def check_same_backbone(deltas: Sequence[TaskDelta], uris: Sequence[str], backbone: str | None = None) -> None:
@@ -137,23 +147,24 @@ def decode_image_bytes(data: bytes, where: str):
 
 def decode_image(path: str):
     """A PIL RGB image from a PNG/JPEG/... file or a DICOM file (windowed to 8 bits); path or URI."""
-    from shpeft_core.io import read_bytes
+    from shpeft_core.io import StorageError, read_regular_bytes
 
     try:
-        data = read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError) as exc:
+        data = read_regular_bytes(path, timeout_s=DELTA_READ_TIMEOUT_S)
+    except (OSError, StorageError) as exc:
         raise PredictError(f"image {path} cannot be read: {exc}") from None
     return decode_image_bytes(data, path)
 
 
-def load_task_delta(uri: str) -> TaskDelta:
-    """A verified task delta (tensor digests checked), or PredictError naming ``uri``.
+def load_task_delta(uri: str, *, max_bytes: int | None = None, timeout_s: float | None = None) -> TaskDelta:
+    """A verified task delta (tensor digests and structure checked), or PredictError naming ``uri``.
 
     LoRA folders and full/bitfit checkpoints from ``shpeft compare`` are refused with what they are:
-    they change every layer, so they cannot share a backbone instance the way sparse deltas do.
+    they change every layer, so they cannot share a backbone instance the way sparse deltas do. Only a
+    regular file is read, at most ``max_bytes``; TimeoutError after ``timeout_s`` seconds.
     """
     try:
-        return load_delta(uri)
+        return load_delta(uri, max_bytes=max_bytes, timeout_s=timeout_s)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, DeltaError) as exc:
         from shpeft_core.artifacts import kind_of
         from shpeft_core.methods import all_methods
@@ -226,7 +237,10 @@ def load_deltas(delta_uris: Sequence[str], backbone: str | None = None) -> tuple
     """Verified deltas of distinct tasks on one backbone, and their task names."""
     if not delta_uris:
         raise PredictError("give at least one --delta")
-    deltas = [load_task_delta(uri) for uri in delta_uris]
+    try:
+        deltas = [load_task_delta(uri, timeout_s=DELTA_READ_TIMEOUT_S) for uri in delta_uris]
+    except TimeoutError as exc:
+        raise PredictError(f"delta {exc}") from None
     check_same_backbone(deltas, delta_uris, backbone)
     names = [task_name(d, u) for d, u in zip(deltas, delta_uris)]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -248,14 +262,62 @@ def check_base_weights(model: nn.Module, delta: TaskDelta, uri: str) -> str:
     return fp
 
 
-def model_for_delta(delta: TaskDelta, backbone_source: str | None = None, device: str = "cpu") -> nn.Module:
-    """The delta's backbone (weights from ``backbone_source`` or its metadata), or PredictError naming them."""
+def configured_source(delta: TaskDelta, backbone_source: str | None, uri: str = "") -> str:
+    """Where the backbone's weights are read from: ``backbone_source`` (what the user configured), else the
+    delta's own ``backbone_source`` only when it names no file or URL ('hub' or 'random'); PredictError
+    otherwise. A delta is a hint for its backbone, never a way to choose which file is read."""
+    if backbone_source is not None:
+        return backbone_source
+    named = delta.metadata.get("backbone_source") or "random"
+    if named in ("random", "hub"):
+        return named
+    where = f"delta {uri}" if uri else "the delta"
+    raise PredictError(
+        f"{where} was trained on backbone weights it names as {named!r}; a delta never chooses which file is "
+        f"read: give --backbone-source with the weights you trust (e.g. --backbone-source {named!r})")
+
+
+def check_device(device: str, *, local: bool = True) -> None:
+    """PredictError naming ``--device`` when it is not a torch device, or (``local``) is not available here."""
     try:
-        return create_model_for_delta(delta, backbone_source=backbone_source).to(device)
-    except OSError as exc:  # missing file, hub unreachable or offline
-        source = backbone_source if backbone_source is not None else delta.metadata.get("backbone_source")
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PredictError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if not local or dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise PredictError(f"--device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise PredictError(f"--device {device!r}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PredictError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
+    else:
+        raise PredictError(f"--device {device!r}: only cpu, cuda and mps are supported")
+
+
+def validate_deltas(model: nn.Module, deltas: Sequence[TaskDelta], uris: Sequence[str]) -> None:
+    """Every delta against the built backbone before any is applied; PredictError naming the delta."""
+    for delta, uri in zip(deltas, uris):
+        try:
+            validate_delta(model, delta, where=f"delta {uri}")
+        except DeltaError as exc:
+            raise PredictError(str(exc)) from None
+
+
+def model_for_delta(delta: TaskDelta, backbone_source: str | None = None, device: str = "cpu",
+                    uri: str = "") -> nn.Module:
+    """The delta's backbone (weights from ``configured_source``), or PredictError naming them."""
+    source = configured_source(delta, backbone_source, uri)
+    try:
+        return create_model_for_delta(delta, backbone_source=source).to(device)
+    except Exception as exc:  # missing file, hub offline, a pickle timm refuses, not weights at all: one line
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise PredictError(
-            f"weights of backbone {delta.metadata['backbone']!r} from {source!r} cannot be loaded: {exc}"
+            f"weights of backbone {delta.metadata['backbone']!r} from {source!r} cannot be loaded: "
+            f"{type(exc).__name__}: {first}"
         ) from None
 
 
@@ -273,8 +335,10 @@ def predict_files(
     the backbone is built once from the first delta."""
     from tasks.transforms import transform_for
 
+    check_device(device)
     deltas, names = load_deltas(delta_uris, backbone)
-    model = model_for_delta(deltas[0], backbone_source, device)
+    model = model_for_delta(deltas[0], backbone_source, device, delta_uris[0])
+    validate_deltas(model, deltas, delta_uris)
     images = load_images(image_paths, transform_for(model, train=False))  # as in evaluation
     logits = task_logits(model, deltas, images, batch_size=batch_size, device=device)
     preds: list[TaskPrediction] = []

@@ -14,14 +14,31 @@ returns the base weights' fingerprints (to check that nothing stays applied).
 
 ``serve_until_stopped`` is `shpeft serve` from Ray's start to its clean-up: it leaves no embedded Ray
 and, on a shared cluster, no application of its own behind, however it ends.
+
+What a request can make a replica do (docs/threat-model.md): with ``delta_root`` set, only regular files
+whose real path (symlinks resolved) is under it are read, at most ``max_delta_bytes``, within
+``load_timeout_s`` (a load runs in a thread of its own, so a stalled one holds no other); a delta is
+validated against the served backbone when it is loaded (``validate_delta``), before it is ever applied;
+the backbone is the one configured here, a delta's metadata never chooses it. Bodies are at most
+``max_body_bytes`` and images at most the pixel limit, checked before decoding. After every removal the
+delta's touched weights are checked (``DeltaHandle.remove``); a background thread re-hashes the whole
+backbone every ``backbone_check_s`` seconds without holding up requests, and ``GET /-/backbone`` only
+reads its cached result. A replica whose weights ever differ takes itself out of service (one log line,
+503 to every request, and Serve's health check replaces it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
+import os
+import posixpath
 import threading
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import torch
@@ -29,6 +46,7 @@ from ray import serve
 from torch import nn
 
 from orchestrator.serving.predict import (
+    DELTA_READ_TIMEOUT_S,
     PredictError,
     present_findings,
     task_kind,
@@ -41,14 +59,19 @@ from orchestrator.serving.predict import (
     task_logits,
     task_name,
 )
-from shpeft_core.delta import DeltaError, TaskDelta, apply_delta
+from shpeft_core.delta import DeltaError, TaskDelta, validate_delta
 
 __all__ = ["APP_NAME", "MODEL_ID_HEADER", "INFO_ROUTE", "ServeError", "DeltaServer", "build_app", "start", "state_sha256",
-           "serve_until_stopped"]
+           "resolve_delta_uri", "serve_until_stopped"]
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 INFO_ROUTE = "/-/backbone"
 APP_NAME = "shpeft"
+MAX_DELTA_BYTES = 512 << 20  # a ViT-B/16 delta at 1% density is ~7 MB
+MAX_BODY_BYTES = 64 << 20
+BACKBONE_CHECK_S = 300.0
+
+logger = logging.getLogger("shpeft.serve")
 
 
 class ServeError(ValueError):
@@ -78,9 +101,41 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _under(uri: str, root: str) -> bool:
-    root = root.rstrip("/") + "/"
-    return uri.startswith(root) and ".." not in uri[len(root):].split("/")
+def _strip_file(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def resolve_delta_uri(uri: str, root: str | None) -> str:
+    """The URI a request's delta id names, or ServeError 403 when it is not under ``root``.
+
+    Relative ids resolve against ``root``. A local root is compared on real paths (symlinks resolved), so a
+    link under the root cannot reach other files; a remote root on the normalised path. Nothing is read or
+    checked for existence before the id is known to be inside the root: a client cannot probe other files.
+    """
+    if not root:
+        return uri
+    local_root = "://" not in root or root.startswith("file://")
+    if local_root:
+        base = _strip_file(root)
+        if "://" in uri and not uri.startswith("file://"):
+            raise ServeError(f"delta {uri} is outside the served delta root {root}", 403)
+        path = _strip_file(uri)
+        path = path if os.path.isabs(path) else os.path.join(base, path)
+        real_root, real = os.path.realpath(base), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ServeError(f"delta {uri} is outside the served delta root {root}", 403)
+        return real
+    proto, _, base = root.partition("://")
+    if "://" in uri:
+        uproto, _, rest = uri.partition("://")
+        if uproto != proto:
+            raise ServeError(f"delta {uri} is outside the served delta root {root}", 403)
+    else:
+        rest = uri if uri.startswith("/") else posixpath.join(base, uri)
+    norm, base_norm = posixpath.normpath(rest), posixpath.normpath(base)
+    if not norm.startswith(base_norm.rstrip("/") + "/"):
+        raise ServeError(f"delta {uri} is outside the served delta root {root}", 403)
+    return f"{proto}://{norm}"
 
 
 @serve.deployment(name="shpeft", ray_actor_options={"num_cpus": 1})
@@ -88,12 +143,19 @@ class DeltaServer:
     """One backbone, many deltas. ``backbone``: the job file's section (name, source, kwargs)."""
 
     def __init__(self, backbone: dict[str, Any], *, max_deltas: int = 16, delta_root: str | None = None,
-                 device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005):
+                 device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005,
+                 load_timeout_s: float = DELTA_READ_TIMEOUT_S, max_delta_bytes: int = MAX_DELTA_BYTES,
+                 max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
+                 backbone_check_s: float = BACKBONE_CHECK_S):
         from shpeft_core.backbone import build_backbone
+        from tasks.codecs.images import set_max_image_pixels
         from tasks.transforms import transform_for
 
         self.device = device
         self.delta_root = delta_root
+        self.load_timeout_s, self.max_delta_bytes, self.max_body_bytes = load_timeout_s, max_delta_bytes, max_body_bytes
+        if max_image_pixels is not None:  # the driver's limit, wherever this replica runs
+            set_max_image_pixels(max_image_pixels)
         # The head is the delta's; this one only stands in between requests.
         self.model = build_backbone(backbone, 1).to(device).eval()
         self.base = backbone_identity(self.model)
@@ -101,37 +163,122 @@ class DeltaServer:
         self.transform = transform_for(self.model, train=False)  # as in evaluation and `shpeft predict`
         # One lock: a delta is applied to the shared weights only while nothing else reads them.
         self.lock = threading.Lock()
+        self._seq = 0  # odd while a batch holds the weights (the background check reads without the lock)
+        self.out_of_service: str | None = None
+        self._backbone_state = {"fingerprint": self.base.metadata["backbone_fingerprint"],
+                                "state_sha256": self.base_state, "checked_at": _now()}
 
         async def load(uri: str) -> LoadedDelta:
-            return await asyncio.to_thread(self._load, uri)
+            return await self._load_with_timeout(uri)
 
         # Wired here (not as a decorator) so the cache size is a deployment argument.
         self.get_delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load)
         self._predict_batch.set_max_batch_size(max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        if backbone_check_s and backbone_check_s > 0:
+            threading.Thread(target=self._check_backbone_every, args=(backbone_check_s,), daemon=True,
+                             name="shpeft-backbone-check").start()
+
+    async def _load_with_timeout(self, uri: str) -> LoadedDelta:
+        """``_load`` in a thread of its own, given up after ``load_timeout_s``: Serve loads one delta at a
+        time per replica, so a load that never ends must not hold the next one (nor a shared pool)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(fn, value):
+            if not done.done():
+                fn(value)
+
+        def work():
+            try:
+                outcome = (done.set_result, self._load(uri))
+            except BaseException as exc:  # handed to the awaiting request
+                outcome = (done.set_exception, exc)
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:  # the loop is gone: the request gave up long ago
+                pass
+
+        threading.Thread(target=work, daemon=True, name="shpeft-delta-load").start()
+        try:
+            return await asyncio.wait_for(done, self.load_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServeError(f"delta {uri} was not loaded within {self.load_timeout_s:g} s", 504) from None
 
     def _load(self, uri: str) -> LoadedDelta:
-        from shpeft_core.io import StorageError, exists, join_uri, sha256_file
+        from shpeft_core.io import StorageError, check_regular_file, local_path, read_regular_bytes, sha256_bytes
 
-        if self.delta_root and "://" not in uri and not uri.startswith("/"):
-            uri = join_uri(self.delta_root, uri)
-        if self.delta_root and not _under(uri, self.delta_root):
-            raise ServeError(f"delta {uri} is outside the served delta root {self.delta_root}", 403)
+        uri = resolve_delta_uri(uri, self.delta_root)
         try:
-            found = exists(uri)
+            local = local_path(uri)
+            if local is not None and not os.path.isdir(local):  # a folder is said what it is (a LoRA artifact?)
+                check_regular_file(local, uri)
+        except FileNotFoundError:
+            raise ServeError(f"delta {uri} not found", 404) from None
         except StorageError as exc:
             raise ServeError(str(exc), 422) from None
-        if not found:
-            raise ServeError(f"delta {uri} not found", 404)
         try:
-            delta = load_task_delta(uri)
+            delta = load_task_delta(uri, max_bytes=self.max_delta_bytes, timeout_s=self.load_timeout_s)
             check_same_backbone([self.base, delta], ["the served backbone", uri])
-            with self.lock:  # refuse now what would fail mid-batch (parameter names, shapes, indices)
-                apply_delta(self.model, delta, check_fingerprint=False).remove()
+            with self.lock:  # the head's shape may be mid-swap during a batch
+                validate_delta(self.model, delta, where=f"delta {uri}")
+        except TimeoutError as exc:
+            raise ServeError(f"delta {exc}", 504) from None
         except (PredictError, DeltaError) as exc:
+            if str(exc).endswith(": no such file"):  # a remote delta (a local one was checked above)
+                raise ServeError(f"delta {uri} not found", 404) from None
             raise ServeError(f"delta {uri}: {exc}" if uri not in str(exc) else str(exc), 422) from None
-        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha256_file(uri))
+        try:  # the sha256 of the file's bytes, for the answers (read once more, bounded the same way)
+            sha = sha256_bytes(read_regular_bytes(uri, max_bytes=self.max_delta_bytes, timeout_s=self.load_timeout_s))
+        except (OSError, StorageError) as exc:
+            raise ServeError(f"delta {uri}: {exc}", 422) from None
+        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha)
+
+    def _take_out_of_service(self, reason: str) -> None:
+        if self.out_of_service is None:
+            self.out_of_service = reason
+            logger.error("shpeft replica out of service: %s", reason)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose weights changed is replaced."""
+        if self.out_of_service is not None:
+            raise RuntimeError(f"out of service: {self.out_of_service}")
+
+    def check_backbone(self) -> dict:
+        """Hash the whole backbone now (fingerprint and state digest) and cache it; out of service if it changed.
+
+        Read without the lock while no batch holds the weights (a sequence count tells whether one started
+        meanwhile, and the result is then discarded); after three tries, under the lock."""
+        from shpeft_core.backbone import backbone_fingerprint
+
+        got = None
+        for _ in range(3):
+            seq = self._seq
+            if seq % 2:
+                time.sleep(0.05)
+                continue
+            fp, state = backbone_fingerprint(self.model), state_sha256(self.model)
+            if self._seq == seq:
+                got = fp, state
+                break
+        if got is None:
+            with self.lock:
+                got = backbone_fingerprint(self.model), state_sha256(self.model)
+        fp, state = got
+        self._backbone_state = {"fingerprint": fp, "state_sha256": state, "checked_at": _now()}
+        if fp != self.base.metadata["backbone_fingerprint"] or state != self.base_state:
+            self._take_out_of_service(f"backbone weights changed since start-up (fingerprint {fp[:12]}, "
+                                      f"was {self.base.metadata['backbone_fingerprint'][:12]})")
+        return self._backbone_state
+
+    def _check_backbone_every(self, seconds: float) -> None:
+        while self.out_of_service is None:
+            time.sleep(seconds)
+            try:
+                self.check_backbone()
+            except Exception as exc:  # pragma: no cover - keep checking; say why once per failure
+                logger.warning("backbone check failed: %s", exc)
 
     def _decode(self, data: bytes) -> torch.Tensor:
         if not data:
@@ -143,6 +290,10 @@ class DeltaServer:
 
     async def predict(self, image: bytes) -> dict:
         """One image's prediction with the delta named by the caller's multiplexed model id."""
+        if self.out_of_service is not None:
+            raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
+        if len(image) > self.max_body_bytes:
+            raise ServeError(f"request body is {len(image):,} bytes, over the limit of {self.max_body_bytes:,}", 413)
         uri = serve.get_multiplexed_model_id()
         if not uri:
             raise ServeError(f"no delta given: pass its URI as the {MODEL_ID_HEADER} header "
@@ -162,7 +313,7 @@ class DeltaServer:
         for i, ld in enumerate(loaded):
             groups.setdefault(id(ld), []).append(i)
         out: list[dict] = [{}] * len(loaded)
-        with self.lock:
+        with self._holding_weights():
             st = self.stats
             st["requests"] += len(loaded)
             st["batches"] += 1
@@ -172,8 +323,12 @@ class DeltaServer:
                 x = torch.stack([images[i] for i in rows])
                 # The fingerprint was checked once at start-up and each delta's at load; removal is
                 # bit-exact, so no batch hashes the backbone again.
-                (logits,) = task_logits(self.model, [ld.delta], x, batch_size=len(rows), device=self.device,
-                                        verified=True)
+                try:
+                    (logits,) = task_logits(self.model, [ld.delta], x, batch_size=len(rows), device=self.device,
+                                            verified=True)
+                except DeltaError as exc:  # validated at load: only the check after removal can say this
+                    self._take_out_of_service(str(exc))
+                    raise ServeError(f"this replica is out of service ({exc}); retry", 503) from None
                 probs = task_probabilities(logits, ld.delta)
                 kind = task_kind(ld.delta)
                 for r, p in zip(rows, probs):
@@ -186,41 +341,79 @@ class DeltaServer:
                         out[r].update(class_index=k, class_name=ld.class_names[k])
         return out
 
-    def info(self) -> dict:
-        from shpeft_core.backbone import backbone_fingerprint
-
+    @contextlib.contextmanager
+    def _holding_weights(self):
+        """The lock on the shared weights, with the sequence count the background check reads; refuses work
+        once the replica is out of service."""
         with self.lock:
-            fp, state = backbone_fingerprint(self.model), state_sha256(self.model)
-        return {"backbone": self.base.metadata["backbone"], "fingerprint": fp,
+            if self.out_of_service is not None:
+                raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
+            self._seq += 1
+            try:
+                yield
+            finally:
+                self._seq += 1
+
+    def info(self) -> dict:
+        """The last backbone check (cached: nothing is hashed for the caller) and what this replica answered."""
+        st = self._backbone_state
+        return {"backbone": self.base.metadata["backbone"], "fingerprint": st["fingerprint"],
                 "fingerprint_at_start": self.base.metadata["backbone_fingerprint"],
-                "state_sha256": state, "state_sha256_at_start": self.base_state,
-                "unchanged": fp == self.base.metadata["backbone_fingerprint"] and state == self.base_state,
-                **self.stats}
+                "state_sha256": st["state_sha256"], "state_sha256_at_start": self.base_state,
+                "checked_at": st["checked_at"],
+                "unchanged": st["fingerprint"] == self.base.metadata["backbone_fingerprint"]
+                and st["state_sha256"] == self.base_state,
+                "in_service": self.out_of_service is None, "out_of_service": self.out_of_service, **self.stats}
+
+    async def _body(self, request) -> bytes:
+        """The request body, refused (413) past ``max_body_bytes`` without reading the rest."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ServeError(f"request body is {int(declared):,} bytes, over the limit of {self.max_body_bytes:,}", 413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise ServeError(f"request body is over the limit of {self.max_body_bytes:,} bytes", 413)
+        return bytes(body)
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
         if request.method == "GET" and request.url.path.rstrip("/").endswith(INFO_ROUTE):
-            return JSONResponse(await asyncio.to_thread(self.info))
+            return JSONResponse(self.info())
         if request.method != "POST":
             return JSONResponse({"error": f"POST image bytes to predict, or GET {INFO_ROUTE}"}, status_code=405)
         try:
-            return JSONResponse(await self.predict(await request.body()))
+            return JSONResponse(await self.predict(await self._body(request)))
         except ServeError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except Exception as exc:  # never a bare 500: one line for the client, the traceback in the replica's log
+            logger.exception("request failed")
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
 def build_app(backbone: dict[str, Any], *, replicas: int = 1, max_deltas: int = 16, delta_root: str | None = None,
               device: str = "cpu", max_batch_size: int = 16, batch_wait_s: float = 0.005,
-              cpus_per_replica: float = 1.0):
-    """The Serve application: ``replicas`` copies of the backbone, each multiplexing up to ``max_deltas`` deltas."""
+              cpus_per_replica: float = 1.0, **limits):
+    """The Serve application: ``replicas`` copies of the backbone, each multiplexing up to ``max_deltas`` deltas.
+
+    ``limits``: DeltaServer's load_timeout_s, max_delta_bytes, max_body_bytes, max_image_pixels (default: this
+    process's pixel limit, so every replica enforces the same) and backbone_check_s."""
+    from tasks.codecs.images import max_image_pixels
+
+    limits.setdefault("max_image_pixels", max_image_pixels())
     gpus = 1 if str(device).startswith("cuda") else 0
     return DeltaServer.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus},
         # Serve's default (5 in flight per replica) would cap every batch at 5 requests.
         max_ongoing_requests=2 * max_batch_size,
     ).bind(dict(backbone), max_deltas=max_deltas, delta_root=delta_root, device=device, max_batch_size=max_batch_size,
-                                                       batch_wait_s=batch_wait_s)
+           batch_wait_s=batch_wait_s, **limits)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def start(app, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/") -> str:

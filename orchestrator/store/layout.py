@@ -49,7 +49,7 @@ __all__ = [
     "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "sweep_ledger", "tune_root", "tune_train_root", "train_runs_root",
     "run_checkpoints", "checkpoint_dir", "checkpoint_epochs", "fault_marker", "logs_dir", "log_file",
     "compare_results", "compare_artifacts_dir", "compare_report_file", "job_report_json", "backbone_file",
-    "demo_data_dir", "demo_job_file", "mlflow_default_dir", "tensorboard_dir", "data_cache",
+    "demo_data_dir", "demo_job_file", "deltas_dir", "job_evaluation_files", "damaged_copy", "mlflow_default_dir", "tensorboard_dir", "data_cache",
 ]
 
 def normalise_store(store: str) -> str:
@@ -167,8 +167,33 @@ def artifact_uri(folder: str, name: str, method: str) -> str:
     return join_uri(folder, artifact_name(name, get_method(method).artifact))
 
 
+def deltas_dir(store: str) -> str:
+    return join_uri(store, "deltas")
+
+
 def task_artifact(store: str, task: str, job_id: str, config_hash: str, method: str) -> str:
-    return artifact_uri(join_uri(store, "deltas", task), f"{job_id}-{config_hash}", method)
+    return artifact_uri(join_uri(deltas_dir(store), task), f"{job_id}-{config_hash}", method)
+
+
+def job_evaluation_files(store: str, job_id: str) -> list[tuple[str, str, str]]:
+    """(task, config hash, evaluation file URI) of every task artifact of ``job_id`` in the store, as
+    ``task_artifact`` and ``eval_file`` name them (what rebuilds a damaged catalogue)."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(deltas_dir(store))
+    if not fs.exists(root):
+        return []
+    out = []
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/*/{job_id}-*.eval.json")):
+        task, name = path.rsplit("/", 2)[-2:]
+        uri = fs.unstrip_protocol(path) if "://" in store else path
+        out.append((task, name[len(job_id) + 1:-len(".eval.json")], uri))
+    return out
+
+
+def damaged_copy(path: str) -> str:
+    """Where a damaged file is set aside: beside it, named with the time it was found."""
+    return f"{path}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
 def eval_file(artifact: str) -> str:
@@ -179,7 +204,7 @@ def eval_file(artifact: str) -> str:
 
 
 def latest_pointer(store: str, task: str) -> str:
-    return join_uri(store, "deltas", task, "latest.json")
+    return join_uri(deltas_dir(store), task, "latest.json")
 
 
 def write_latest(store: str, row: dict) -> None:

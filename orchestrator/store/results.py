@@ -2,24 +2,36 @@
 
 One row per (job, task). The driver is the only writer of a job's file and rewrites it atomically
 after every task, so a reader (or a killed driver's rerun) always sees a complete table.
+
+The catalogue is an index, not the record: every finished task's artifact and its sealed evaluation
+file (``deltas/<task>/<job_id>-<hash>.eval.json``, which holds the row's fields and the artifact's sha256)
+are. A catalogue file that cannot be read is a `CatalogueError` naming it (``list`` skips it with a
+warning); ``heal_catalogue`` (run at the start of every ``shpeft run``) sets a damaged file aside as
+``<job_id>.parquet.damaged-<utc time>`` and rebuilds the rows, and adds the rows a failed write (a full
+disk) left out, from the artifacts whose evaluation verifies.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from shpeft_core.io import StorageError, atomic_write_bytes, join_uri, read_bytes
 from shpeft_core.options import SUMMARY_METRICS
-from shpeft_core.io import atomic_write_bytes, join_uri, read_bytes
 
-from orchestrator.store.layout import catalogue_dir, catalogue_file
+from orchestrator.store.layout import catalogue_dir, catalogue_file, damaged_copy, job_evaluation_files
 
-__all__ = ["SCHEMA", "METRIC_NAMES", "catalogue_uri", "read_catalogue", "write_rows", "latest_rows"]
+__all__ = ["SCHEMA", "METRIC_NAMES", "CatalogueError", "catalogue_uri", "read_catalogue", "write_rows", "latest_rows",
+           "heal_catalogue", "recover_rows"]
+
+
+class CatalogueError(StorageError):
+    """A catalogue file that cannot be read; the message names it and how it heals."""
 
 METRIC_NAMES = SUMMARY_METRICS  # kappa: ordinal tasks only
 
@@ -84,23 +96,39 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_job_table(uri: str) -> pa.Table:
-    table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    try:
+        table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    except (pa.ArrowException, ValueError, KeyError, OSError) as exc:  # cut short, overwritten, other columns
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise CatalogueError(f"catalogue file {uri} is damaged ({reason}); the next `shpeft run` of its job sets "
+                             "it aside and rebuilds it from the verified deltas") from None
     if table.schema == SCHEMA:
         return table
     # A catalogue written before a column existed reads that column as null.
     for f in SCHEMA:
         if f.name not in table.column_names:
             table = table.append_column(f, pa.nulls(len(table), f.type))
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    try:
+        return table.select(SCHEMA.names).cast(SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:  # a column of another type: not a catalogue we wrote
+        raise CatalogueError(f"catalogue file {uri} is damaged (its columns: {exc}); the next `shpeft run` of its "
+                             "job sets it aside and rebuilds it from the verified deltas") from None
 
 
 def write_rows(store: str, job_id: str, rows: Iterable[dict[str, Any]]) -> str:
-    """Upsert rows (keyed by task) into the job's catalogue file atomically; returns its URI."""
+    """Upsert rows (keyed by task) into the job's catalogue file atomically; returns its URI.
+
+    A damaged file is set aside and rebuilt first (``heal_catalogue``), so a write never fails on it."""
     uri = catalogue_uri(store, job_id)
     fs, path = url_to_fs(uri)
     existing: dict[str, dict] = {}
     if fs.exists(path):
-        for r in _read_job_table(uri).to_pylist():
+        try:
+            table = _read_job_table(uri)
+        except CatalogueError:
+            heal_catalogue(store, job_id)
+            table = _read_job_table(uri) if fs.exists(path) else SCHEMA.empty_table()
+        for r in table.to_pylist():
             existing[r["task"]] = r
     for r in rows:
         r = _normalise({**r, "job_id": job_id})
@@ -112,8 +140,12 @@ def write_rows(store: str, job_id: str, rows: Iterable[dict[str, Any]]) -> str:
     return uri
 
 
-def read_catalogue(store: str, job_id: str | None = None) -> pa.Table:
-    """The catalogue of one job, or of every job in the store (empty table when none)."""
+def read_catalogue(store: str, job_id: str | None = None, *,
+                   on_damaged: Callable[[str], None] | None = None) -> pa.Table:
+    """The catalogue of one job, or of every job in the store (empty table when none).
+
+    A damaged file is a CatalogueError naming it; when reading every job with ``on_damaged``, it is
+    skipped and ``on_damaged`` gets that message instead."""
     if job_id is not None:
         uri = catalogue_uri(store, job_id)
         fs, path = url_to_fs(uri)
@@ -122,10 +154,77 @@ def read_catalogue(store: str, job_id: str | None = None) -> pa.Table:
     if not fs.exists(root):
         return SCHEMA.empty_table()
     files = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
-    tables = [_read_job_table(join_uri(catalogue_dir(store), p.rsplit("/", 1)[-1])) for p in files]
+    tables = []
+    for p in files:
+        try:
+            tables.append(_read_job_table(join_uri(catalogue_dir(store), p.rsplit("/", 1)[-1])))
+        except CatalogueError as exc:
+            if on_damaged is None:
+                raise
+            on_damaged(str(exc))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
 def latest_rows(store: str, job_id: str) -> dict[str, dict[str, Any]]:
     """Rows of one job keyed by task name."""
     return {r["task"]: r for r in read_catalogue(store, job_id).to_pylist()}
+
+
+def recover_rows(store: str, job_id: str, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Rows of ``job_id`` rebuilt from its artifacts under ``deltas/``: one per task, from the newest
+    evaluation file that verifies and whose artifact still has the sha256 it records. Tasks in ``skip``
+    are not looked at (their artifacts are not hashed)."""
+    from shpeft_core.artifacts import artifact_sha256
+
+    from orchestrator.stages.evaluation import EvalFileError, read_eval
+
+    found: dict[str, tuple[str, dict]] = {}
+    skip = set(skip)
+    for task, config_hash, uri in job_evaluation_files(store, job_id):
+        if task in skip:
+            continue
+        try:
+            doc = read_eval(uri)
+            artifact, kind = doc["artifact_uri"], doc.get("artifact_kind") or "delta"
+            if artifact_sha256(artifact, kind) != doc["artifact_sha256"]:
+                continue
+        except (EvalFileError, FileNotFoundError, OSError, KeyError, TypeError, ValueError):
+            continue  # not evidence of a finished task: it reruns
+        if doc["task"] in found and found[doc["task"]][0] >= (doc.get("written_at") or ""):
+            continue
+        row = {k: v for k, v in (doc.get("row") or {}).items() if k in SCHEMA.names}
+        row.update(job_id=job_id, task=doc["task"], config_hash=config_hash, status="ok", trained=False,
+                   metric=doc.get("metric"), method=doc.get("method"), density=doc.get("density"),
+                   alpha=doc.get("alpha"), delta_uri=artifact, artifact_kind=kind, sha256=doc["artifact_sha256"],
+                   finished_at=doc.get("written_at"), error=None)
+        found[doc["task"]] = (doc.get("written_at") or "", row)
+    return {task: row for task, (_, row) in found.items()}
+
+
+def heal_catalogue(store: str, job_id: str) -> list[str]:
+    """Make the job's catalogue readable and complete; returns what was done, one line each (none: nothing).
+
+    A damaged file is moved aside (``.damaged-<utc time>`` beside it) and the rows rebuilt; a task without
+    an ``ok`` row whose artifact and evaluation verify (its row's write failed, e.g. on a full disk) gets
+    its row back."""
+    uri = catalogue_uri(store, job_id)
+    fs, path = url_to_fs(uri)
+    said: list[str] = []
+    rows: dict[str, dict] = {}
+    if fs.exists(path):
+        try:
+            rows = {r["task"]: r for r in _read_job_table(uri).to_pylist()}
+        except CatalogueError:
+            aside = damaged_copy(path)
+            fs.mv(path, aside)
+            said.append(f"catalogue file {uri} was damaged: set aside as {aside}, its rows rebuilt from the store")
+    recovered = recover_rows(store, job_id, skip={t for t, r in rows.items() if r.get("status") == "ok"})
+    if recovered:
+        table = pa.Table.from_pylist([_normalise(r) for r in
+                                      sorted({**rows, **recovered}.values(), key=lambda r: r["task"])], schema=SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic_write_bytes(uri, buf.getvalue())
+        said.append(f"catalogue {uri}: {len(recovered)} row(s) rebuilt from verified deltas "
+                    f"({', '.join(sorted(recovered))})")
+    return said

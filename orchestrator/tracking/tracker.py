@@ -76,10 +76,11 @@ def _installed(module: str) -> bool:
 def check_tracking(job, data: bool = True) -> list[str]:
     """Problems of the job's tracking section, each naming its field (for `shpeft validate`).
 
-    Checks the backends are installed and, with ``data``, that local tracking folders take writes.
-    Nothing is contacted: a tracking server that is down only costs a warning at run time.
+    Checks the backends are installed and, with ``data``, that local tracking folders can be written
+    (without writing: validate writes nothing). Nothing is contacted: a tracking server that is down only
+    costs a warning at run time.
     """
-    from shpeft_core.io import StorageError, check_writable
+    from shpeft_core.io import StorageError, check_store_usable
 
     from orchestrator.job.spec import job_id
     from orchestrator.store.layout import normalise_store
@@ -104,7 +105,7 @@ def check_tracking(job, data: bool = True) -> list[str]:
     if data:
         for field, folder in folders:
             try:
-                check_writable(folder)
+                check_store_usable(folder)
             except StorageError as exc:
                 problems.append(f"{field}: {exc}".replace("store ", "folder ", 1))
     return problems

@@ -20,12 +20,14 @@ __all__ = ["preflight", "note_input_sizes", "Targets", "resolve_targets"]
 def preflight(job: JobSpec):
     """Checks that need no cluster, run before Ray starts: the store takes writes, and the backbone
     builds and has weights the job's methods can select. Returns the backbone (the driver needs it)."""
+    from shpeft_core.backbone import BackboneError, build_backbone
     from shpeft_core.eligibility import eligible_parameters
 
-    from shpeft_core.backbone import build_backbone
-
     check_writable(normalise_store(job.store))
-    model = build_backbone(backbone_dict(job), 2)
+    try:
+        model = build_backbone(backbone_dict(job), 2)
+    except BackboneError as exc:
+        raise JobSpecError(f"backbone.source: {exc}") from None
     methods = {job.method.for_task(task_name(t)) for t in job.tasks}
     if any(get_method(m).uses_mask for m in methods) and not eligible_parameters(model, job.selection.rules):
         layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv2d")][:8]

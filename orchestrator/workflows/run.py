@@ -31,7 +31,7 @@ from orchestrator.stages.importance_maps import run_importance_stage
 from orchestrator.stages.training import train_all
 from orchestrator.store import layout
 from orchestrator.store.layout import normalise_store
-from orchestrator.store.results import catalogue_uri, latest_rows, write_rows
+from orchestrator.store.results import catalogue_uri, heal_catalogue, latest_rows, write_rows
 from orchestrator.workflows.preflight import preflight, resolve_targets
 
 __all__ = ["JobResult", "run_job"]
@@ -153,7 +153,7 @@ def _stages(ctx: StageContext, model, logs) -> JobResult:
         plans = _plans(ctx, imaps, targets.specs, rows, printer.post)
         for name, err in targets.errors.items():
             rows[name] = {"task": name, "status": "failed", "error": err, "started_at": now(), "finished_at": now()}
-            _failed_before_training(rows[name], store, jid, ctx.progress, printer.post)
+            _failed_before_training(rows[name], store, jid, printer.post)
             tracker.task_finished(rows[name])
         if rows:
             write_rows(store, jid, rows.values())
@@ -200,6 +200,8 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
     """(plan, base row, config hash) of every task to train; a task whose verified artifact exists gets its
     previous row instead, a task that cannot be planned a failed row."""
     job, store, jid = ctx.job, ctx.store, ctx.job_id
+    for line in heal_catalogue(store, jid):  # a damaged file, or rows a failed write left out
+        say(line, True)
     previous = latest_rows(store, jid)
     epochs = (job.sweep.epochs or job.training.epochs) if job.sweep.enabled else None
     plans = []
@@ -220,7 +222,7 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
                                     artifact=lambda h: layout.task_artifact(store, spec.name, jid, h, method))
         except Exception as exc:
             rows[spec.name] = {**base, "status": "failed", "error": short_error(exc), "finished_at": now()}
-            _failed_before_training(rows[spec.name], store, jid, ctx.progress, post)
+            _failed_before_training(rows[spec.name], store, jid, post)
             ctx.tracker.task_finished(rows[spec.name])
             continue
         base.update(config_hash=chash, artifact_kind=get_method(method).artifact, granularity=plan.granularity)
@@ -240,11 +242,11 @@ def _plans(ctx: StageContext, imaps, specs: list, rows: dict, post) -> list[tupl
     return plans
 
 
-def _failed_before_training(row: dict, store: str, jid: str, progress: bool, post) -> None:
+def _failed_before_training(row: dict, store: str, jid: str, post) -> None:
     """A task that could not be planned: its whole message in its log and on the console, as a failed run's."""
     post({"kind": "log", "task": row["task"], "lines": [f"{now()} failed before training: {row['error']}"]})
     say(f"[{row['task']}] FAILED: {row['error']} (full log: shpeft logs {store} {jid} --task {row['task']})",
-        progress)
+        True)  # failures are said even with --no-progress
 
 
 def _raise(message: str):
@@ -289,7 +291,7 @@ def _after_task(ctx: StageContext, row: dict, params: dict | None = None, post=N
     else:
         ctx.count("tasks_failed")
         say(f"[{row['task']}] FAILED: {row.get('error')} (full log: shpeft logs {store} {jid} --task {row['task']})",
-            progress)
+            True)  # failures are said even with --no-progress
     write_rows(store, jid, [row])
     ctx.tracker.task_finished(row, params)
 

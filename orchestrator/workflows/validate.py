@@ -4,7 +4,9 @@ The schema is checked when the job file is loaded; this adds what needs the outs
 and its keyword arguments, local weight files, catalogue names and their overrides, each dataset's files
 (listed and counted, not decoded), the store (writable, backend installed), eligible weights, whether
 one task's workers fit the cluster, the tracking section (backends installed, local folders writable), and
-that every task that runs a hybrid has a task-agnostic map to mix in. Each problem names its field.
+that every task that runs a hybrid has a task-agnostic map to mix in. Each problem names its field. Nothing
+is written: the store and tracking folders are checked for what can be known without writing
+(``shpeft_core.io.check_store_usable``); ``shpeft run`` writes a probe when it starts.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
     the store (a client submitting to a cluster may not reach them). ``cpus``/``gpus``: the cluster's size.
     ``methods``: the methods that will run (``shpeft compare``'s), default the job's own."""
     from shpeft_core.eligibility import eligible_parameters
-    from shpeft_core.io import StorageError, check_writable
+    from shpeft_core.io import StorageError, check_store_usable
     from shpeft_core.methods import get_method
 
     from orchestrator.runtime.resources import trainer_slots
@@ -99,7 +101,7 @@ def validate_job(job: JobSpec, *, data: bool = True, cpus: float | None = None, 
     _check_agnostic_pool(job, problems, methods)
     if data:
         try:
-            check_writable(normalise_store(job.store))
+            check_store_usable(normalise_store(job.store))
         except StorageError as exc:
             problems.append(f"store: {exc}")
     if job.tracking.enabled:

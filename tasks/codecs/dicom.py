@@ -1,16 +1,19 @@
 """DICOM codec: decoding (modality LUT -> VOI window -> 8-bit, grey repeated to 3 channels) and a minimal writer.
 
-pydicom is an optional extra (``pip install 'shpeft[dicom]'``); it is imported on first use.
+pydicom is an optional extra (``pip install 'shpeft[dicom]'``); it is imported on first use. The pixel data
+is decoded only after its declared size (rows x columns x frames x bytes per pixel) passed the pixel limit
+of ``tasks.codecs.images``; non-finite values are refused.
 """
 
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image
 
-from tasks.codecs.images import DatasetError, array_to_rgb, to_uint8
+from tasks.codecs.images import DatasetError, array_to_rgb, check_finite, check_pixels, max_image_pixels, to_uint8
 
 __all__ = ["require_pydicom", "decode_dicom", "frame_to_rgb", "window_to_uint8", "is_dicom_bytes", "dicom_bytes"]
 
@@ -79,6 +82,7 @@ def frame_to_rgb(ds, frame: np.ndarray, where: str, window: tuple[float, float] 
             # pydicom converts YBR to RGB by default when decoding.
             return _tagged(array_to_rgb(to_uint8(frame), where), ds, photometric)
         values = apply_modality_lut(frame, ds)
+        check_finite(np.asarray(values), where)
         if window is not None:
             out = window_to_uint8(values, *window)
         elif "WindowCenter" in ds and "WindowWidth" in ds:
@@ -100,10 +104,12 @@ def decode_dicom(data: bytes, where: str, window: tuple[float, float] | None = N
     """One DICOM file -> RGB image (see :func:`frame_to_rgb`). Multi-frame files give their middle frame."""
     pydicom = require_pydicom()
 
+    _check_deflated_size(data, where)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        if "PixelData" not in ds:
+        if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise DatasetError(f"{where}: DICOM file has no pixel data (truncated, or not an image; SOP class {ds.get('SOPClassUID', '?')})")
+        _check_declared_size(ds, where)
         arr = ds.pixel_array
     except DatasetError:
         raise
@@ -114,6 +120,61 @@ def decode_dicom(data: bytes, where: str, window: tuple[float, float] | None = N
     if frames > 1:
         arr = arr[frames // 2]
     return frame_to_rgb(ds, arr, where, window)
+
+
+# Room for the elements besides the pixel data in a deflated dataset (overlays, private tags, ...).
+_DEFLATED_SLACK = 16 << 20
+
+
+def _check_deflated_size(data: bytes, where: str) -> None:
+    """A deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) is inflated whole by pydicom before its
+    header can be read: count what it inflates to, streaming, and refuse it above the pixel limit."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # no public reader of in-memory meta
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        if read_preamble(fp, False) is None:
+            return
+        meta = _read_file_meta_info(fp)
+    except Exception:  # not a Part 10 file: dcmread says what is wrong with it
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    budget = max_image_pixels() + _DEFLATED_SLACK
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while chunk := fp.read(1 << 16):
+            while chunk:
+                total += len(inflate.decompress(chunk, 1 << 20))
+                chunk = inflate.unconsumed_tail
+                if total > budget:
+                    raise DatasetError(f"{where}: deflated DICOM dataset inflates to over {budget:,} bytes, over "
+                                       f"the pixel limit of {max_image_pixels():,} (set SHPEFT_MAX_IMAGE_PIXELS to "
+                                       "allow larger images); not decoded")
+    except zlib.error as exc:
+        raise DatasetError(f"{where}: unreadable DICOM (deflated dataset: {exc})") from None
+
+
+def _declared(ds, keyword: str, default: int, where: str) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: DICOM {keyword} is not a number") from None
+
+
+def _check_declared_size(ds, where: str) -> None:
+    """What decoding would allocate, from the header alone: rows x columns x frames x bytes per pixel."""
+    rows, cols = _declared(ds, "Rows", 0, where), _declared(ds, "Columns", 0, where)
+    frames, samples = _declared(ds, "NumberOfFrames", 1, where), _declared(ds, "SamplesPerPixel", 1, where)
+    bits = _declared(ds, "BitsAllocated", 8, where)
+    if min(rows, cols, frames, samples, bits) < 1:
+        raise DatasetError(f"{where}: DICOM header declares {rows}x{cols} pixels, {frames} frame(s), {samples} "
+                           f"sample(s) of {bits} bits; not an image")
+    per_pixel = samples * -(-bits // 8)
+    check_pixels(where, rows * cols * frames * per_pixel,
+                 f"DICOM pixel data of {rows}x{cols} x {frames} frame(s) x {per_pixel} byte(s) per pixel")
 
 
 def _tagged(img: Image.Image, ds, photometric: str) -> Image.Image:

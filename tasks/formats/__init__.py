@@ -43,12 +43,13 @@ def get_format(name: str) -> DatasetFormat:
     return _LOADED[name]
 
 
-def format_hint(paths: list[str]) -> str:
-    """'; it holds 3 x .png: try --format imagefolder' for error messages about a source of the wrong kind."""
+def format_hint(paths: list[str], exclude: str | None = None) -> str:
+    """'; it holds 3 x .png: try --format imagefolder' for error messages about a source of the wrong kind.
+    ``exclude``: the format already given, never suggested."""
     from .files import describe_files, ext
 
     exts = {ext(p) for p in paths}
     for fmt in sorted(map(get_format, FORMATS), key=lambda f: f.hint_rank):
-        if any(fmt.claims_extension(e) for e in exts):
+        if fmt.name != exclude and any(fmt.claims_extension(e) for e in exts):
             return f"; it holds {describe_files(paths)}: try --format {fmt.name}"
     return f"; it holds {describe_files(paths)}"

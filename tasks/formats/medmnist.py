@@ -18,13 +18,13 @@ from torch.utils.data import Dataset
 
 from shpeft_core import io as sio
 
-from tasks.codecs.images import DatasetError, array_to_rgb
+from tasks.codecs.images import DatasetError, array_to_rgb, check_pixels
 from tasks.datacache import npz_member_header, npz_member_rows
-from tasks.download import fetch_medmnist, medmnist_filename
+from tasks.download import fetch_medmnist, medmnist_filename, medmnist_url
 from ..spec import TaskSpec
 from . import format_hint
 from .base import DatasetFormat, SplitArrays
-from .files import find_files
+from .files import check_regular, find_files
 
 __all__ = ["ArrayDataset", "MedMNISTFormat", "FORMAT", "ensure_npz"]
 
@@ -53,6 +53,10 @@ def ensure_npz(spec: TaskSpec) -> str:
         stem = uri.rsplit("/", 1)[-1][: -len(".npz")]
         head, _, tail = stem.rpartition("_")
         name = head if head and tail.isdigit() else stem
+    try:
+        medmnist_url(name, spec.image_size)
+    except DatasetError as exc:  # no official file of that size: the missing file is the news
+        raise DatasetError(f"{uri}: no such file (and none to download: {exc})") from None
     fetch_medmnist(name, spec.image_size, uri)
     return uri
 
@@ -63,10 +67,13 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[tuple[int, ...], np.nda
     fs, path = url_to_fs(uri)
     if fs.isdir(path):
         raise DatasetError(f"{uri}: is a folder, not an .npz file{format_hint(find_files(fs, path))}")
+    check_regular(fs, path)
     with fs.open(path, "rb") as f:
         head = f.read(4)
+        if not head:
+            raise DatasetError(f"{uri}: is empty (0 bytes); expected an .npz (zip) archive")
         if head[:2] != b"PK":
-            raise DatasetError(f"{uri}: not an .npz (zip) archive{format_hint([path])}")
+            raise DatasetError(f"{uri}: not an .npz (zip) archive{format_hint([path], exclude='medmnist')}")
         f.seek(0)
         try:
             npz = np.load(f, allow_pickle=False)
@@ -95,6 +102,8 @@ def _load_npz_split(spec: TaskSpec, split: str) -> tuple[tuple[int, ...], np.nda
         raise DatasetError(f"{uri}: '{ik}' has shape {shape}; expected (N,H,W) grey or (N,H,W,3) RGB")
     if dtype != np.uint8:
         raise DatasetError(f"{uri}: '{ik}' has dtype {dtype}; MedMNIST images are uint8")
+    # from the .npy header, before any image is read
+    check_pixels(f"{uri}: '{ik}'", int(shape[1]) * int(shape[2]), f"each image is {shape[1]}x{shape[2]}")
     labels = _npz_labels(spec, labels, uri, lk)
     return shape, labels, where, uri
 

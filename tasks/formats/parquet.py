@@ -83,8 +83,12 @@ def _index_parquet(spec: TaskSpec, split: str) -> tuple[list[_Unit], Counter]:
         rel = relative(path, root)
         try:
             n_groups = frag.metadata.num_row_groups
+            have = set(frag.physical_schema.names)
         except Exception as e:
             raise DatasetError(f"{path}: unreadable Parquet footer ({type(e).__name__}: {e})") from None
+        for field_name, col in (("image_column", spec.image_column), ("label_column", spec.label_column)):
+            if col not in have:  # the dataset's schema is the first file's: check every file's own
+                raise DatasetError(f"{path}: column '{col}' ({field_name}) missing; columns are {sorted(have)}")
         for g in range(n_groups):
             try:
                 table = _row_group_fragment(pa_fs, path, g).to_table(columns=cols)
@@ -211,11 +215,12 @@ class ParquetStream(IterableDataset):
                 labels = _parquet_labels(self.spec, table.column(self.spec.label_column).to_pylist(), unit.path, unit.row_group, rows)
                 for r, data, lab in zip(rows.tolist(), images, labels):
                     where = f"{unit.path}: row group {unit.row_group} row {r}"
+                    if isinstance(data, dict) and "bytes" in data:  # HF datasets' Image feature
+                        data = data["bytes"]
                     if not isinstance(data, (bytes, bytearray)):
-                        if isinstance(data, dict) and "bytes" in data:  # HF datasets' Image feature
-                            data = data["bytes"]
-                        else:
-                            raise DatasetError(f"{where}: column '{self.spec.image_column}' holds {type(data).__name__}, not image bytes")
+                        # A path in the data is never followed: the dataset must hold the image bytes.
+                        what = "no image bytes" if data is None else f"{type(data).__name__}, not image bytes"
+                        raise DatasetError(f"{where}: column '{self.spec.image_column}' holds {what}")
                     yield decode_image(data, where), int(lab), where
                 k += 1
 

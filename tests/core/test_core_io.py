@@ -148,9 +148,10 @@ def test_check_writable_read_only_store(monkeypatch):
     assert "\n" not in msg
     assert msg.startswith("store shpeftro://bucket/store is not writable: cannot write shpeftro://bucket/store/.shpeft-write-probe-")
     assert "PermissionError: Access Denied" in msg
-    # The other helpers fail the same way, with the backend's own error.
-    with pytest.raises(PermissionError):
+    # A write the backend refuses is one StorageError naming the URI, with the backend's own error.
+    with pytest.raises(StorageError, match="cannot write shpeftro://bucket/store/x: Access Denied") as info:
         io.atomic_write_bytes("shpeftro://bucket/store/x", b"x")
+    assert isinstance(info.value.__cause__, PermissionError)
 
 
 def test_sealed_json_round_trips_and_refuses_any_change(tmp_path):

@@ -135,8 +135,8 @@ def test_predict_cli_one_backbone_json(setup, monkeypatch):
     built = []
     real = predict.create_model_for_delta
     monkeypatch.setattr(predict, "create_model_for_delta", lambda *a, **k: built.append(1) or real(*a, **k))
-    args = ["predict", "--delta", str(d / "busi.safetensors"), "--delta", str(d / "chaoyang.safetensors"),
-            "--json", "--top-k", "2", *map(str, images)]
+    args = ["predict", "--backbone-source", str(d / "base.safetensors"), "--delta", str(d / "busi.safetensors"),
+            "--delta", str(d / "chaoyang.safetensors"), "--json", "--top-k", "2", *map(str, images)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert len(built) == 1
@@ -157,9 +157,14 @@ def test_predict_cli_one_backbone_json(setup, monkeypatch):
 
 def test_predict_table_and_errors(setup, tmp_path):
     d, deltas, images, _ = setup
-    res = CliRunner().invoke(main, ["predict", "--delta", str(d / "busi.safetensors"), str(images[0])])
+    base = ["--backbone-source", str(d / "base.safetensors")]
+    res = CliRunner().invoke(main, ["predict", *base, "--delta", str(d / "busi.safetensors"), str(images[0])])
     assert res.exit_code == 0, res.output
     assert "busi" in res.output and "img0.png" in res.output
+
+    # The weights file a delta names is never read on its say-so: the user names the weights.
+    res = CliRunner().invoke(main, ["predict", "--delta", str(d / "busi.safetensors"), str(images[0])])
+    assert res.exit_code == 2 and "--backbone-source" in res.output and "base.safetensors" in res.output
 
     res = CliRunner().invoke(main, ["predict", "--backbone", "vit_base_patch16_224",
                                     "--delta", str(d / "busi.safetensors"), str(images[0])])
@@ -167,7 +172,7 @@ def test_predict_table_and_errors(setup, tmp_path):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    res = CliRunner().invoke(main, ["predict", "--delta", str(d / "busi.safetensors"), str(bad)])
+    res = CliRunner().invoke(main, ["predict", *base, "--delta", str(d / "busi.safetensors"), str(bad)])
     assert res.exit_code == 2 and "broken.png" in res.output
 
     res = CliRunner().invoke(main, ["predict", "--delta", str(d / "busi.safetensors"),
@@ -202,7 +207,8 @@ def test_predict_refuses_other_base_weights(setup, tmp_path):
 def test_export_loads_into_stock_timm(setup, tmp_path):
     d, deltas, images, base_state = setup
     out = tmp_path / "exp" / "chaoyang_merged.safetensors"
-    res = CliRunner().invoke(main, ["export", str(d / "chaoyang.safetensors"), "--merged", str(out)])
+    res = CliRunner().invoke(main, ["export", str(d / "chaoyang.safetensors"), "--merged", str(out),
+                                    "--backbone-source", str(d / "base.safetensors")])
     assert res.exit_code == 0, res.output
     assert str(out) in res.stdout
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # atomic: no temp file left
@@ -227,3 +233,5 @@ def test_export_errors(setup, tmp_path):
     res = CliRunner().invoke(main, ["export", str(tmp_path / "missing.safetensors"), "--merged", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 2 and "missing.safetensors" in res.output
     assert not (tmp_path / "o.safetensors").exists()
+    res = CliRunner().invoke(main, ["export", str(d / "busi.safetensors"), "--merged", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2 and "--backbone-source" in res.output and not (tmp_path / "o.safetensors").exists()

@@ -213,6 +213,11 @@ def test_serve_cli_refuses_bad_backbone(tmp_path):
 # ---------------------------------------------------------------- batch prediction on Ray Data
 
 
+def _base(backbone: dict) -> list[str]:
+    """The weights `shpeft predict` is told to use (a delta never chooses them)."""
+    return ["--backbone-source", backbone["source"]]
+
+
 def _by_key(path: Path) -> dict:
     t = pq.read_table(str(path)).to_pylist()
     return {(r["source"], r["task"]): r for r in t}
@@ -229,7 +234,7 @@ def test_batch_predict_folder_matches_predict_files(setup, ray_local, tmp_path):
         paths.append(str(p))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out.parquet"
-    args = ["predict", "--delta", deltas["busi"], "--delta", deltas["chaoyang"], "--batch-size", "3",
+    args = ["predict", *_base(backbone), "--delta", deltas["busi"], "--delta", deltas["chaoyang"], "--batch-size", "3",
             "--output", str(out), "file://" + str(folder)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -237,7 +242,7 @@ def test_batch_predict_folder_matches_predict_files(setup, ray_local, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.parquet")] == ["out.parquet"]
     rows = _by_key(out)
     assert len(rows) == (len(images) + 1) * 2
-    ref = predict_files(list(deltas.values()), paths, top_k=5)
+    ref = predict_files(list(deltas.values()), paths, top_k=5, backbone_source=backbone["source"])
     for task, uri in deltas.items():
         for p in paths:
             row = rows[("file://" + p, task)]
@@ -263,12 +268,12 @@ def test_batch_predict_parquet_bytes(setup, ray_local, tmp_path):
         (tmp_path / f"f{i}.png").write_bytes(data)
         files.append(str(tmp_path / f"f{i}.png"))
     out = tmp_path / "pred.parquet"
-    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--delta", deltas["chaoyang"],
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", deltas["busi"], "--delta", deltas["chaoyang"],
                                     "--id-column", "name", "--output", str(out), str(src)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rows = _by_key(out)
     assert len(rows) == (len(images) + 1) * 2
-    ref = predict_files(list(deltas.values()), files, top_k=5)
+    ref = predict_files(list(deltas.values()), files, top_k=5, backbone_source=backbone["source"])
     for task in deltas:
         for i, f in enumerate(files):
             mine = sorted((r for r in ref if r.task == task and r.image == f), key=lambda r: r.label)
@@ -284,12 +289,13 @@ def test_batch_predict_parquet_paths(setup, ray_local, tmp_path):
         (tmp_path / "img" / f"s{i}.png").write_bytes(data)
     pq.write_table(pa.table({"file": ["img/s0.png", "img/s1.png", "img/gone.png"]}), str(tmp_path / "index.parquet"))
     out = tmp_path / "pred.parquet"
-    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--column", "file", "--output", str(out),
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", deltas["busi"], "--column", "file", "--output", str(out),
                                     str(tmp_path / "index.parquet")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rows = _by_key(out)
     assert set(rows) == {("img/s0.png", "busi"), ("img/s1.png", "busi"), ("img/gone.png", "busi")}
-    ref = predict_files([deltas["busi"]], [str(tmp_path / "img" / "s1.png")], top_k=3)
+    ref = predict_files([deltas["busi"]], [str(tmp_path / "img" / "s1.png")], top_k=3,
+                         backbone_source=backbone["source"])
     np.testing.assert_allclose(rows[("img/s1.png", "busi")]["probabilities"],
                                [r.probability for r in sorted(ref, key=lambda r: r.label)], atol=1e-6)
     assert "gone.png" in rows[("img/gone.png", "busi")]["error"]
@@ -332,18 +338,18 @@ def test_batch_predict_refuses_before_work(setup, tmp_path):
     raw[-10] ^= 0xFF
     corrupt.write_bytes(bytes(raw))
     out = tmp_path / "o.parquet"
-    res = CliRunner().invoke(main, ["predict", "--delta", str(corrupt), "--output", str(out), str(folder)])
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", str(corrupt), "--output", str(out), str(folder)])
     assert res.exit_code == 2 and "corrupt.safetensors" in res.output and not out.exists()
-    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], str(folder)])
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", deltas["busi"], str(folder)])
     assert res.exit_code == 2 and "--output" in res.output
     lora = tmp_path / "run.lora"  # a LoRA artifact from `shpeft compare`: said what it is, not "unreadable"
     lora.mkdir()
     (lora / "adapter_config.json").write_text("{}")
-    res = CliRunner().invoke(main, ["predict", "--delta", str(lora), "--output", str(out), str(folder)])
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", str(lora), "--output", str(out), str(folder)])
     assert res.exit_code == 2 and "run.lora is a lora artifact" in res.output
-    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--output", str(out), str(tmp_path / "nothing")])
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", deltas["busi"], "--output", str(out), str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "nothing" in res.output
     pq.write_table(pa.table({"x": [1]}), str(tmp_path / "t.parquet"))
-    res = CliRunner().invoke(main, ["predict", "--delta", deltas["busi"], "--output", str(out), str(tmp_path / "t.parquet")])
+    res = CliRunner().invoke(main, ["predict", *_base(backbone), "--delta", deltas["busi"], "--output", str(out), str(tmp_path / "t.parquet")])
     assert res.exit_code == 2 and "'image'" in res.output and "--column" in res.output
     assert not out.exists()

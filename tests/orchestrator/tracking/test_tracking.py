@@ -125,7 +125,7 @@ def test_validate_reports_wandb_not_installed_and_unwritable_folders(tmp_path, m
     problems = validate_job(job, data=True)
     assert any(p.startswith("tracking.mlflow.uri: folder ") and "not writable" in p for p in problems), problems
     assert not any(p.startswith("tracking.tensorboard") for p in problems)
-    assert (tmp_path / "tb").is_dir()
+    assert not (tmp_path / "tb").exists()  # validate writes nothing
 
 
 def test_relative_tracking_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):

@@ -252,8 +252,8 @@ def test_shpeft_predict_matches_stock_timm_model_with_run_deltas(first_run, task
     assert images
     uris = [latest_artifact(result.store, s.name)["uri"] for s in task_specs]
     top_k = max(s.num_classes for s in task_specs)
-    out = CliRunner().invoke(main, ["predict", *sum((["--delta", u] for u in uris), []), "--json",
-                                    "--top-k", str(top_k), *images])
+    out = CliRunner().invoke(main, ["predict", "--backbone-source", BACKBONE["source"],
+                                    *sum((["--delta", u] for u in uris), []), "--json", "--top-k", str(top_k), *images])
     assert out.exit_code == 0, out.output
     got = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
     for spec, uri in zip(task_specs, uris):
