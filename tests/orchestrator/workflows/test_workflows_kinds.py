@@ -104,7 +104,7 @@ def test_delta_serves_per_finding_probabilities_equal_to_the_merged_model(runs):
     tf = transform_for(merged, train=False)
     with torch.no_grad():
         ref = torch.sigmoid(merged(torch.stack([tf(decode_image(p)) for p in images])).double()).numpy()
-    preds = predict_files([uri], images)
+    preds = predict_files([uri], images, backbone_source=job.backbone.source)  # the weights one trusts
     got = np.array([[p.probability for p in preds if p.image == img] for img in images])
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
     assert {p.kind for p in preds} == {"multi_label"} and len(preds) == 4 * findings.num_classes
