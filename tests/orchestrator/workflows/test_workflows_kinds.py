@@ -15,7 +15,7 @@ from shpeft_core.delta import load_delta, merge_delta  # noqa: E402
 from tasks.synthetic_findings import write_findings_task, write_grades_task  # noqa: E402
 
 from orchestrator.job.load import parse_job  # noqa: E402
-from orchestrator.stages.evaluation import read_eval  # noqa: E402
+from orchestrator.store.evaluation_files import read_eval  # noqa: E402
 from orchestrator.store.layout import eval_file  # noqa: E402
 from orchestrator.workflows.compare import run_compare  # noqa: E402
 from orchestrator.workflows.demo import DEMO_BACKBONE, demo_backbone_uri  # noqa: E402
