@@ -1,9 +1,9 @@
 """Batch prediction at scale: folders, object-store prefixes and Parquet datasets on Ray Data.
 
 Each actor of the ``map_batches`` stage builds the backbone once and holds every task's delta; per
-batch it decodes the images, and for each delta applies it, runs the batch, and removes it again
-(bit-exact), as ``shpeft predict`` does for a few local files. The result is a Parquet dataset with
-one row per (image, task); an image that cannot be decoded gets its message in ``error`` instead of
+batch it decodes each image once and runs every task in one mixed-task forward (each image once per
+task; the backbone is never written), as ``shpeft predict`` does for a few local files. The result is a
+Parquet dataset with one row per (image, task); an image that cannot be decoded gets its message in ``error`` instead of
 stopping the job. Deltas and base weights are checked in the driver before any image is read.
 """
 
@@ -134,6 +134,7 @@ class _Predictor:
     def __init__(self, delta_uris: list[str], shas: list[str], backbone_source: str | None, device: str,
                  source: DatasetInput, batch_size: int):
         from orchestrator.serving.predict import check_base_weights, class_names, load_deltas, model_for_delta
+        from shpeft_core.mixed import MixedTaskModel
         from tasks.transforms import transform_for
 
         self.deltas, self.names = load_deltas(delta_uris)
@@ -141,6 +142,9 @@ class _Predictor:
         self.labels = [class_names(d) for d in self.deltas]
         self.model = model_for_delta(self.deltas[0], backbone_source, device).eval()
         check_base_weights(self.model, self.deltas[0], delta_uris[0])  # once per actor, not per batch
+        self.mixed = MixedTaskModel(self.model)
+        self.prepared = [self.mixed.prepare(d, where=u, check_fingerprint=False)
+                         for d, u in zip(self.deltas, delta_uris)]
         self.transform = transform_for(self.model, train=False)
         self.device, self.batch_size, self.src = device, batch_size, source
 
@@ -169,7 +173,7 @@ class _Predictor:
         import pyarrow as pa
         import torch
 
-        from orchestrator.serving.predict import PredictError, decode_image_bytes, task_logits
+        from orchestrator.serving.predict import PredictError, decode_image_bytes, mixed_logits
 
         src = self.src
         n = batch.num_rows
@@ -197,8 +201,8 @@ class _Predictor:
         good = [i for i in range(n) if tensors[i] is not None]
         probs = []
         if good:
-            logits = task_logits(self.model, self.deltas, torch.stack([tensors[i] for i in good]),
-                                 batch_size=self.batch_size, device=self.device, verified=True)
+            logits = mixed_logits(self.mixed, self.prepared, torch.stack([tensors[i] for i in good]),
+                                  batch_size=self.batch_size, device=self.device)
             probs = [lg.double().softmax(dim=-1) for lg in logits]
         row_of = {i: r for r, i in enumerate(good)}
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}

@@ -3,9 +3,10 @@
 A replica builds the backbone once. Each request names its task delta (the delta's URI as the
 Serve multiplexed model id, header ``serve_multiplexed_model_id``); the replica loads and verifies
 the delta on first use and keeps the most recent ``max_deltas`` of them (a few MB each; never a
-copy of the backbone). Requests are batched (``@serve.batch``, which splits a batch by delta); for
-each delta's group, under one lock, the delta is applied in place (its values at its indices plus
-its head), the group goes through one forward, and the delta is removed bit-exactly.
+copy of the backbone). Requests are batched whatever delta they name (``RequestBatcher``), and each
+batch is one mixed-task forward (shpeft_core.mixed): the frozen backbone's output plus each
+request's own sparse correction and head. Nothing is ever written to the served weights, so batches
+need no lock and a bad delta cannot touch them.
 
 Routes under the application's prefix: ``POST`` with image bytes (PNG/JPEG/... or DICOM) in the
 body returns the task, class index and name and every class's probability; ``GET .../-/backbone``
@@ -31,10 +32,11 @@ from orchestrator.serving.predict import (
     class_names,
     decode_image_bytes,
     load_task_delta,
-    task_logits,
     task_name,
 )
-from shpeft_core.delta import DeltaError, TaskDelta, apply_delta
+from orchestrator.serving.batching import RequestBatcher
+from shpeft_core.delta import DeltaError, TaskDelta
+from shpeft_core.mixed import MixedTaskModel, PreparedDelta
 
 __all__ = ["APP_NAME", "MODEL_ID_HEADER", "INFO_ROUTE", "ServeError", "DeltaServer", "build_app", "start", "state_sha256"]
 
@@ -58,6 +60,7 @@ class LoadedDelta:
     task: str
     class_names: list[str]
     sha256: str
+    prepared: PreparedDelta  # the delta checked against the served model, as its mixed forward reads it
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -91,7 +94,9 @@ class DeltaServer:
         self.base = backbone_identity(self.model)
         self.base_state = state_sha256(self.model)
         self.transform = transform_for(self.model, train=False)  # as in evaluation and `shpeft predict`
-        # One lock: a delta is applied to the shared weights only while nothing else reads them.
+        # Hooks on the layers, installed once; the weights are never written (see the module docstring).
+        self.mixed = MixedTaskModel(self.model)
+        # Only the backbone check's hashing takes it: nothing else writes or needs the weights exclusively.
         self.lock = threading.Lock()
 
         async def load(uri: str) -> LoadedDelta:
@@ -99,9 +104,8 @@ class DeltaServer:
 
         # Wired here (not as a decorator) so the cache size is a deployment argument.
         self.get_delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load)
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self.batcher = RequestBatcher(self._run_batch, max_batch_size=max_batch_size, wait_s=batch_wait_s)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "most_deltas_in_a_batch": 0}
 
     def _load(self, uri: str) -> LoadedDelta:
         from shpeft_core.io import StorageError, exists, join_uri, sha256_file
@@ -119,11 +123,11 @@ class DeltaServer:
         try:
             delta = load_task_delta(uri)
             check_same_backbone([self.base, delta], ["the served backbone", uri])
-            with self.lock:  # refuse now what would fail mid-batch (parameter names, shapes, indices)
-                apply_delta(self.model, delta, check_fingerprint=False).remove()
+            # Refuses now what would fail mid-batch (parameter names, shapes, indices, head); writes nothing.
+            prepared = self.mixed.prepare(delta, where=uri, check_fingerprint=False, name=task_name(delta, uri))
         except (PredictError, DeltaError) as exc:
             raise ServeError(f"delta {uri}: {exc}" if uri not in str(exc) else str(exc), 422) from None
-        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha256_file(uri))
+        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha256_file(uri), prepared)
 
     def _decode(self, data: bytes) -> torch.Tensor:
         if not data:
@@ -143,35 +147,33 @@ class DeltaServer:
         x = await asyncio.to_thread(self._decode, image)
         return await self._predict_batch(loaded, x)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, loaded: list[LoadedDelta], images: list[torch.Tensor]) -> list[dict]:
-        return await asyncio.to_thread(self._run_groups, loaded, images)
+    async def _predict_batch(self, loaded: LoadedDelta, image: torch.Tensor) -> dict:
+        """This request's answer, computed in a batch with whatever requests arrive with it."""
+        return await self.batcher.submit((loaded, image))
 
-    def _run_groups(self, loaded: list[LoadedDelta], images: list[torch.Tensor]) -> list[dict]:
-        # Serve already splits a batch by multiplexed model id and runs the parts concurrently: the
-        # lock makes them take turns on the shared weights; grouping here keeps a mixed list correct.
-        groups: dict[int, list[int]] = {}
-        for i, ld in enumerate(loaded):
-            groups.setdefault(id(ld), []).append(i)
-        out: list[dict] = [{}] * len(loaded)
-        with self.lock:
-            st = self.stats
-            st["requests"] += len(loaded)
-            st["batches"] += 1
-            st["largest_batch"] = max(st["largest_batch"], len(loaded))
-            for rows in groups.values():
-                ld = loaded[rows[0]]
-                x = torch.stack([images[i] for i in rows])
-                # The fingerprint was checked once at start-up and each delta's at load; removal is
-                # bit-exact, so no batch hashes the backbone again.
-                (logits,) = task_logits(self.model, [ld.delta], x, batch_size=len(rows), device=self.device,
-                                        verified=True)
-                probs = logits.double().softmax(dim=-1)
-                for r, p in zip(rows, probs):
-                    k = int(p.argmax())
-                    out[r] = {"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "class_index": k,
-                              "class_name": ld.class_names[k], "class_names": ld.class_names,
-                              "probabilities": p.tolist()}
+    def _run_batch(self, requests: list[tuple[LoadedDelta, torch.Tensor]]) -> list[dict]:
+        """One mixed-task forward for the whole batch; the answers in request order."""
+        slot: dict[int, int] = {}  # id(LoadedDelta) -> its place among the batch's deltas
+        task_index = [slot.setdefault(id(ld), len(slot)) for ld, _ in requests]
+        deltas = list({id(ld): ld for ld, _ in requests}.values())
+        x = torch.stack([image for _, image in requests])
+        # The fingerprint was checked once at start-up and each delta's at load: no batch hashes the backbone.
+        logits = self.mixed(x, [ld.prepared for ld in deltas], task_index)
+        probs = [lg.double().softmax(dim=-1).cpu() for lg in logits]
+        seen = [0] * len(deltas)
+        out: list[dict] = []
+        for t in task_index:
+            ld, p = deltas[t], probs[t][seen[t]]
+            seen[t] += 1
+            k = int(p.argmax())
+            out.append({"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "class_index": k,
+                        "class_name": ld.class_names[k], "class_names": ld.class_names,
+                        "probabilities": p.tolist()})
+        st = self.stats  # one batch runs at a time (RequestBatcher)
+        st["requests"] += len(requests)
+        st["batches"] += 1
+        st["largest_batch"] = max(st["largest_batch"], len(requests))
+        st["most_deltas_in_a_batch"] = max(st["most_deltas_in_a_batch"], len(deltas))
         return out
 
     def info(self) -> dict:
