@@ -20,5 +20,6 @@ _EXPORTS = {
     "train": ["TrainConfig", "TrainState", "fit", "evaluate", "save_train_state", "load_train_state"],
     "methods": ["prepare_model", "method_mask", "save_artifact", "load_artifact"],
     "metrics": ["class_metrics"],
+    "mixed": ["MixedTaskModel"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
