@@ -497,7 +497,7 @@ def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_jso
             concurrency, address, num_cpus, images) -> None:
     """Predict INPUTS with several task deltas on one backbone instance.
 
-    Each delta is applied in turn (one forward per batch per task) and removed again. A few local
+    Every task runs in one forward per batch of images; the backbone is never written. A few local
     image files are predicted here and printed. Folders, fsspec URIs/prefixes (s3://, gs://,
     file://, ...) and Parquet datasets, or any input with --output, run on Ray Data and write a
     Parquet dataset with one row per image and task (every class's probability, the delta's sha256,
@@ -594,7 +594,7 @@ def export(delta: str, out: str, backbone_source: str | None) -> None:
 @click.option("--max-deltas-per-replica", type=click.IntRange(min=1), default=16, show_default=True,
               help="Deltas each replica keeps loaded (least recently used are dropped).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests batched into one pass (grouped by delta).")
+              help="Requests batched into one pass, whatever deltas they name.")
 @click.option("--delta-root", default=None, metavar="URI",
               help="Serve only deltas under this folder or URI; relative delta ids are resolved against it.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of each replica, e.g. cuda.")
