@@ -195,7 +195,7 @@ class MixedTaskModel:
     def prepare(self, delta: TaskDelta, *, where: str = "delta", check_fingerprint: bool = True,
                 name: str = "") -> PreparedDelta:
         """The delta checked against this model (format, names, shapes, indices, head, base weights)."""
-        _validate(delta, where)
+        _validate(delta, where)  # the format and fit checks apply_delta runs
         try:
             _check_fit(self.model, delta, check_fingerprint=False)
         except DeltaError as exc:
@@ -206,40 +206,16 @@ class MixedTaskModel:
         layers = {}
         for pname, idx in delta.indices.items():
             path = pname[: -len(".weight")] if pname.endswith(".weight") else ""
-            mod = self.layers.get(path)
-            if mod is None:
+            if path not in self.layers:
                 raise MixedError(f"{where}: {pname} is not the weight of a Linear or groups=1 Conv2d layer")
-            flat = idx.to(device=mod.weight.device, dtype=torch.int64)
-            if flat.numel() == 0:
-                continue
-            if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-                raise MixedError(f"{where}: {pname}.indices must be sorted and unique")
-            row_len = mod.weight[0].numel()
-            rows, cols = flat // row_len, flat % row_len
-            values = delta.values[pname].to(device=mod.weight.device, dtype=mod.weight.dtype)
-            csr = None
-            if isinstance(mod, nn.Linear) and linear_path(flat.numel(), mod.in_features, mod.out_features,
-                                                          values.dtype) == "csr":
-                csr = _csr(rows, cols, values, (mod.out_features, mod.in_features))
-            layers[path] = LayerDelta(rows, cols, values, csr)
-        heads = {}
-        known = set()
-        for p in self.head_paths:
-            mod = self.model.get_submodule(p)
-            w = delta.head.get(f"{p}.weight")
-            b = delta.head.get(f"{p}.bias")
-            known |= {f"{p}.weight", f"{p}.bias"}
-            if w is None or tuple(w.shape) != (delta.num_classes, mod.in_features):
-                raise MixedError(f"{where}: head tensor {p}.weight must have shape "
-                                 f"({delta.num_classes}, {mod.in_features}), got {None if w is None else tuple(w.shape)}")
-            if (b is None) != (mod.bias is None) or (b is not None and tuple(b.shape) != (delta.num_classes,)):
-                raise MixedError(f"{where}: head tensor {p}.bias must " + (
-                    f"have shape ({delta.num_classes},)" if mod.bias is not None else "be absent (the head has no bias)"))
-            cast = dict(device=mod.weight.device, dtype=mod.weight.dtype)
-            heads[p] = (w.to(**cast), None if b is None else b.to(**cast))
+            if idx.numel():
+                layers[path] = _layer_delta(self.layers[path], idx, delta.values[pname], f"{where}: {pname}")
+        heads = {p: _head(self.model.get_submodule(p), p, delta, where) for p in self.head_paths}
+        known = {f"{p}.{n}" for p in self.head_paths for n in ("weight", "bias")}
         extra = sorted(set(delta.head) - known)
         if extra:
-            raise MixedError(f"{where}: head tensors {extra[:3]} are not the classifier's ({', '.join(self.head_paths)})")
+            raise MixedError(f"{where}: head tensors {extra[:3]} are not the classifier's "
+                             f"({', '.join(self.head_paths)})")
         return PreparedDelta(name or delta.metadata.get("task", ""), delta.num_classes, layers, heads)
 
     def forward(self, images: Tensor, deltas: Sequence[PreparedDelta], task_index: Sequence[int] | Tensor
@@ -284,6 +260,36 @@ class MixedTaskModel:
         return [logits[s:e, : d.num_classes] for d, (s, e) in zip(deltas, bounds)]
 
     __call__ = forward
+
+
+def _layer_delta(mod: nn.Module, idx: Tensor, values: Tensor, where: str) -> LayerDelta:
+    """One layer's entries as rows, columns and values (the weight's dtype and device), CSR form if chosen."""
+    flat = idx.to(device=mod.weight.device, dtype=torch.int64)
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        raise MixedError(f"{where}.indices must be sorted and unique")
+    row_len = mod.weight[0].numel()
+    rows, cols = flat // row_len, flat % row_len
+    values = values.to(device=mod.weight.device, dtype=mod.weight.dtype)  # the cast apply_delta makes
+    csr = None
+    if isinstance(mod, nn.Linear) and linear_path(flat.numel(), mod.in_features, mod.out_features,
+                                                  values.dtype) == "csr":
+        csr = _csr(rows, cols, values, (mod.out_features, mod.in_features))
+    return LayerDelta(rows, cols, values, csr)
+
+
+def _head(mod: nn.Linear, path: str, delta: TaskDelta, where: str) -> tuple[Tensor, Tensor | None]:
+    """The delta's weight and bias for classifier ``path``, checked against the module and cast to it."""
+    n = delta.num_classes
+    w, b = delta.head.get(f"{path}.weight"), delta.head.get(f"{path}.bias")
+    if w is None or tuple(w.shape) != (n, mod.in_features):
+        got = None if w is None else tuple(w.shape)
+        raise MixedError(f"{where}: head tensor {path}.weight must have shape ({n}, {mod.in_features}), got {got}")
+    if mod.bias is None and b is not None:
+        raise MixedError(f"{where}: head tensor {path}.bias must be absent (the head has no bias)")
+    if mod.bias is not None and (b is None or tuple(b.shape) != (n,)):
+        raise MixedError(f"{where}: head tensor {path}.bias must have shape ({n},)")
+    cast = dict(device=mod.weight.device, dtype=mod.weight.dtype)
+    return w.to(**cast), None if b is None else b.to(**cast)
 
 
 def _rows_per_sample(plan: _Plan, lead: int, path: str) -> int:

@@ -4,7 +4,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shpeft_core import apply_sparse_training, head_parameter_names, count_trainable, eligible_parameters, trainable_parameters
-import shpeft_core.sparse as sp
 import shpeft_core.values_grad as vg
 from shpeft_core.sparse import (
     VALUES_GRAD_PATHS,
