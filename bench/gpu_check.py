@@ -4,6 +4,7 @@
    (shpeft_core.sparse.VALUES_GRAD_PATHS) on the GPU, against a float64 dense reference on the CPU,
    from float32 and from bfloat16 inputs; then a sparse-delta Linear and Conv2d forward + backward
    (TF32 convolutions off from here on, so the figures measure the paths, not TF32).
+   mixed: the mixed-task forward with 8 deltas in one batch, each correction kernel, against float64.
 2. importance: the demo backbone's grad2 map on the GPU and on the CPU from the same batches, with the
    linear-probe and the ridge head warm-up: the largest relative difference and the overlap of the
    masks selected from each.
@@ -48,6 +49,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def values_grad(device: str) -> dict[str, Any]:
     import shpeft_core.sparse as sp
+    import shpeft_core.values_grad as vg
 
     # cuDNN convolutions default to TF32 (about 3e-4 relative on the conv rows here): off, so the
     # comparison measures the sparse paths, not the GPU's reduced-precision convolutions.
@@ -59,16 +61,16 @@ def values_grad(device: str) -> dict[str, Any]:
     a64, b64 = torch.randn(n_tok, rows, generator=g, dtype=torch.float64), torch.randn(n_tok, cols, generator=g,
                                                                                         dtype=torch.float64)
     flat = torch.randperm(rows * cols, generator=g)[:k].sort().values
-    pat64 = sp.sparse_pattern(flat, (rows, cols))
+    pat64 = vg.sparse_pattern(flat, (rows, cols))
     ref = (a64.t() @ b64).view(-1)[flat]
-    pat = sp.sparse_pattern(flat.to(device), (rows, cols))
+    pat = vg.sparse_pattern(flat.to(device), (rows, cols))
     for dtype in (torch.float32, torch.bfloat16):
         a, b = a64.to(device=device, dtype=dtype), b64.to(device=device, dtype=dtype)
         # the reference for bf16 inputs: the same rounded inputs, summed in float64
         want = ref if dtype == torch.float32 else (a.double().cpu().t() @ b.double().cpu()).view(-1)[flat]
-        for name in sp.VALUES_GRAD_PATHS:
+        for name in vg.VALUES_GRAD_PATHS:
             try:
-                got = sp._PATH_FNS[name](a.float(), b.float(), pat)  # as _values_grad hands them over
+                got = vg._PATH_FNS[name](a, b, pat)  # as values_grad hands them over (bf16 kept)
                 out[f"{name}/{str(dtype).split('.')[-1]}"] = _rel(got, want)
             except (RuntimeError, NotImplementedError) as exc:
                 out[f"{name}/{str(dtype).split('.')[-1]}"] = f"unavailable: {str(exc).splitlines()[0][:60]}"
@@ -95,6 +97,56 @@ def values_grad(device: str) -> dict[str, Any]:
         out[f"{kind} forward"] = _rel(y_d, y_c)
         out[f"{kind} values grad"] = _rel(gv_d, gv_c)
         out[f"{kind} input grad"] = _rel(gx_d, gx_c)
+    return out
+
+
+def mixed_forward(device: str) -> dict[str, Any]:
+    """The mixed-task forward on the device (8 deltas in one batch, each kernel path) against float64
+    references on the CPU: each task's delta applied alone to a float64 copy of the backbone."""
+    import copy
+
+    import shpeft_core.mixed as mx
+    from shpeft_core.backbone import BackboneSpec, create_backbone, head_parameter_names
+    from shpeft_core.delta import apply_delta, extract_delta
+    from shpeft_core.eligibility import eligible_parameters
+    from shpeft_core.sparse import apply_sparse_training
+
+    torch.backends.cudnn.allow_tf32 = False  # the patch embedding's convolution in full float32
+    spec = BackboneSpec("vit_small_patch16_224", None, {"img_size": 64, "depth": 4})
+    g = torch.Generator().manual_seed(0)
+    deltas = []
+    for t in range(8):
+        model = create_backbone(spec, 2 + t % 4)
+        mask = {n: torch.randperm(p.numel(), generator=g)[: p.numel() // 200].sort().values.to(torch.int32)
+                for n, p in eligible_parameters(model).items()}
+        apply_sparse_training(model, mask)
+        heads = set(head_parameter_names(model))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".values") or name in heads:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        deltas.append(extract_delta(model, metadata={"alpha": "0.5", "estimator": "grad2", "importance_key": "",
+                                                      "task": f"t{t}"}))
+    x = torch.randn(32, 3, 64, 64, generator=g)
+    tid = torch.arange(32) % 8
+    base = create_backbone(spec, 1).eval()
+    refs = []
+    for t, d in enumerate(deltas):
+        ref = copy.deepcopy(base).double()
+        with torch.no_grad(), apply_delta(ref, d, check_fingerprint=False):
+            refs.append(ref(x[tid == t].double()))
+    out: dict[str, Any] = {}
+    for path in (None, *mx.MIXED_PATHS):
+        mx.MIXED_PATH = path
+        try:
+            mixed = mx.MixedTaskModel(copy.deepcopy(base).to(device))
+            got = mixed(x.to(device), [mixed.prepare(d) for d in deltas], tid)
+            out[f"{path or 'per-layer rule'}: max abs error"] = max(
+                float((g_.double().cpu() - r).abs().max()) for g_, r in zip(got, refs))
+        except Exception as exc:  # report the path that cannot run here and go on
+            out[f"{path or 'per-layer rule'}"] = f"unavailable: {str(exc).splitlines()[0][:80]}"
+        finally:
+            mx.MIXED_PATH = None
     return out
 
 
@@ -239,7 +291,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="training epochs (a sweep trial gets half)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
     ap.add_argument("--only", nargs="*", default=None, metavar="CHECK",
-                    help="some of: values_grad importance plain sweep (default: all)")
+                    help="some of: values_grad mixed importance plain sweep (default: all)")
     ap.add_argument("--work", default=None, help="folder for the data and stores (default: a temporary one)")
     ap.add_argument("--smoke-test", action="store_true", help="2 tasks of 2 epochs (about a minute on 2 CPUs)")
     args = ap.parse_args()
@@ -250,7 +302,7 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     work = args.work or tempfile.mkdtemp(prefix="shpeft-gpu-check-")
     os.makedirs(work, exist_ok=True)
-    want = set(args.only or ("values_grad", "importance", "plain", "sweep"))
+    want = set(args.only or ("values_grad", "mixed", "importance", "plain", "sweep"))
     results: dict[str, Any] = {"env": env}
     data = None
 
@@ -274,6 +326,7 @@ def main() -> None:
         return data
 
     run("values_grad", lambda: values_grad(args.device))
+    run("mixed", lambda: mixed_forward(args.device))
     run("importance", lambda: importance(args.device, work, need_data()[1], need_data()[2]))
     run("plain", lambda: job(args.device, work, *need_data(), epochs=args.epochs, sweep=False, cpus=args.cpus))
     run("sweep", lambda: job(args.device, work, *need_data(), epochs=args.epochs, sweep=True, cpus=args.cpus))

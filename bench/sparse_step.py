@@ -7,8 +7,10 @@ every block still runs its input-gradient backward: the floor any backbone-tunin
 Per method: median step time (forward + backward + AdamW step), its ratio to full fine-tuning,
 to activation_floor and to lora_r8 (same run), peak memory, trainable parameters and
 optimiser-state bytes; for shpeft_<density> (any density, e.g. shpeft_3e-3) also how many layers
-took each values-gradient path (autotuned on the first backward). The last line printed is one
-JSON object {"methods": {NAME: {...}}}.
+took each values-gradient path (autotuned on the first backward). ``--precision bf16`` runs every
+method under bf16 autocast (CPU or CUDA); ``both`` runs the float32 and bf16 sets interleaved in one
+process, ratios taken within each set. The last line printed is one JSON object {"methods": {NAME:
+{...}}} (plus "methods_bf16" with ``both``).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over a training step with only that
 method's model on the device. On CPU (where allocator peaks are not observable), the bytes of
@@ -48,6 +50,7 @@ METHODS = ("full", "head", "gps_mask", "lora_r8", "shpeft_1e-5", "shpeft_1e-4", 
            "activation_floor")
 # Ratio columns: step time relative to these methods when they are in the run.
 BASELINES = {"full": "ratio_to_full", "activation_floor": "ratio_to_floor", "lora_r8": "ratio_to_lora"}
+PRECISIONS = ("fp32", "bf16", "both")
 LORA_TARGETS = r".*blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))"
 
 
@@ -58,12 +61,11 @@ class Method:
         self.trainable = trainable
         self.times: list[float] = []
         self.paths: dict[str, int] = {}  # values-gradient path -> layers (shpeft only)
-
-    amp = False  # bf16 autocast (CUDA only)
+        self.precision = "fp32"  # or "bf16": bf16 autocast on the step's device (CPU or CUDA)
 
     def step(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and x.is_cuda):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
@@ -163,7 +165,9 @@ def cpu_step_bytes(method: Method, x, y) -> int:
 
     method.optimizer.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=method.precision == "bf16"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     params += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -198,7 +202,8 @@ def add_ratios(result: dict) -> None:
             r[col] = round(r["step_ms"] / ref, 3) if ref else None
 
 
-def print_table(result: dict) -> None:
+def print_table(result: dict, precision: str) -> None:
+    print(f"[{precision}]")
     cols = [c for b, c in BASELINES.items() if b in result]
     hdr = f"{'method':<18} {'step_ms':>9}" + "".join(f" {c[len('ratio_'):]:>9}" for c in cols)
     print(hdr + f" {'peak_MB':>9} {'trainable':>10} {'optim_bytes':>12}  values-grad paths")
@@ -219,7 +224,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="float32, bf16 autocast (CPU or CUDA), or both in one run (interleaved)")
+    ap.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--smoke-test", action="store_true", help="tiny model and steps (< 1 min on 2 CPUs)")
     args = ap.parse_args(argv)
@@ -228,7 +235,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    Method.amp = args.bf16
+    precisions = ["fp32", "bf16"] if args.precision == "both" else ["bf16" if args.bf16 else args.precision]
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     spec = BackboneSpec(args.model, None, kwargs)
     probe = create_backbone(spec, args.num_classes)
@@ -245,19 +252,25 @@ def main(argv=None):
     names = [m for m in args.methods.split(",") if m]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    def make(precision, n):
+        m = build(n, spec, args.num_classes, scores, device)
+        m.precision = precision
+        return m
+
     peak, paths = {}, {}
     if device.type == "cuda":
-        for n in names:  # one method at a time on the device
-            m = build(n, spec, args.num_classes, scores, device)
-            peak[n] = first_step(m, lambda: cuda_step_bytes(m, x, y, device))
-            paths[n] = m.paths
-            del m
-            torch.cuda.empty_cache()
-    methods = [build(n, spec, args.num_classes, scores, device) for n in names]
+        for prec in precisions:
+            for n in names:  # one method at a time on the device
+                m = make(prec, n)
+                peak[prec, n] = first_step(m, lambda: cuda_step_bytes(m, x, y, device))
+                paths[prec, n] = m.paths
+                del m
+                torch.cuda.empty_cache()
+    methods = [make(prec, n) for prec in precisions for n in names]
     for m in methods:
         if device.type != "cuda":
-            peak[m.name] = first_step(m, lambda: cpu_step_bytes(m, x, y))
-            paths[m.name] = m.paths
+            peak[m.precision, m.name] = first_step(m, lambda: cpu_step_bytes(m, x, y))
+            paths[m.precision, m.name] = m.paths
 
     for _ in range(args.warmup):
         for m in methods:
@@ -271,20 +284,21 @@ def main(argv=None):
             sync()
             m.times.append(time.perf_counter() - t0)
 
-    result = {}
+    results = {prec: {} for prec in precisions}
     for m in methods:
-        result[m.name] = {
+        results[m.precision][m.name] = {
             "step_ms": round(statistics.median(m.times) * 1e3, 2),
             "trainable": int(m.trainable),
             "optimizer_state_bytes": int(optimizer_state_bytes(m.optimizer)),
-            "peak_mem_mb": round(peak[m.name] / 2**20, 1),
+            "peak_mem_mb": round(peak[m.precision, m.name] / 2**20, 1),
         }
-        if paths.get(m.name):
-            result[m.name]["values_grad_paths"] = paths[m.name]
-    add_ratios(result)
+        if paths.get((m.precision, m.name)):
+            results[m.precision][m.name]["values_grad_paths"] = paths[m.precision, m.name]
+    for result in results.values():  # ratios within one precision
+        add_ratios(result)
     info = {
         "model": args.model, "img_size": size, "batch_size": args.batch_size, "device": str(device),
-        "threads": torch.get_num_threads(), "bf16": bool(args.bf16 and device.type == "cuda"), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "precision": precisions, "torch": torch.__version__,
         "timm": timm.__version__, "peft": _version("peft"), "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "eligible_weights": eligible_total, "steps": args.steps,
         "peak_mem": "cuda max_memory_allocated" if device.type == "cuda" else "params+grads+optimizer state+saved activations",
@@ -292,8 +306,13 @@ def main(argv=None):
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     print("setup " + json.dumps(info))
-    print_table(result)
-    print(json.dumps({"methods": result}))
+    for prec, result in results.items():
+        print_table(result, prec)
+    # "methods": the first precision run (float32 unless only bf16 was asked for); "methods_bf16" beside it.
+    out = {"methods": results[precisions[0]]}
+    if len(precisions) > 1:
+        out["methods_bf16"] = results["bf16"]
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -22,5 +22,6 @@ _EXPORTS = {
     "methods": ["Method", "register_method", "get_method", "method_names", "prepare_model", "method_mask",
                 "save_artifact", "load_artifact"],
     "metrics": ["class_metrics"],
+    "mixed": ["MixedTaskModel"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

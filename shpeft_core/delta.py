@@ -45,6 +45,7 @@ __all__ = [
     "DeltaError",
     "TaskDelta",
     "DeltaHandle",
+    "check_backbone_name",
     "MAX_NUM_CLASSES",
     "check_delta",
     "validate_delta",
@@ -337,11 +338,12 @@ class DeltaHandle:
         self.remove()
 
 
-def _check_name(m: nn.Module, delta: TaskDelta) -> None:
+def check_backbone_name(model: nn.Module, delta: TaskDelta, where: str = "delta") -> None:
+    """DeltaError when the delta names another timm architecture than ``model``'s."""
     want = delta.metadata.get("backbone", "")
-    have = backbone_name(m)
+    have = backbone_name(unwrap(model))
     if want and have and want != have:
-        raise DeltaError(f"delta is for backbone {want!r}, model is {have!r}")
+        raise DeltaError(f"{where} is for backbone {want!r}, model is {have!r}")
 
 
 def _check_fingerprint(m: nn.Module, delta: TaskDelta) -> None:
@@ -365,7 +367,7 @@ def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool =
     m = unwrap(model)
     if sparse_modules(m):
         raise DeltaError("model is under sparse training: apply deltas to a plain model (or use merge_delta)")
-    _check_name(m, delta)
+    check_backbone_name(m, delta, where)
     validate_delta(m, delta, where=where)
     if check_fingerprint:
         _check_fingerprint(m, delta)

@@ -2,29 +2,20 @@
 
 The forward merges the weight once (``W + scatter(values)``) and calls F.linear / F.conv2d, so
 it runs at dense speed. The backward returns the input gradient through the merged weight and
-the values' gradient at the k entries only, ``gv[j] = sum_n grad_out[n, row_j] * x[n, col_j]``.
-Four exact ways to form it are kept (``VALUES_GRAD_PATHS``); which is cheapest depends on k, the
-layer shape, the token count and the device, so each (shape, tokens, k, rows, cols, dtype,
-device) is timed once on its first backward and the winner kept.
-
-The paths differ in float summation order, so the choice must not change between runs that are
-meant to agree to the bit: winners are kept in a small per-machine file (``SHPEFT_CACHE_DIR``,
-default ``~/.cache/shpeft``) that later processes read before timing anything, and ``fit`` saves
-the choices in each checkpoint and restores them on resume (``export_choices`` / ``import_choices``).
+the values' gradient at the k entries only, ``gv[j] = sum_n grad_out[n, row_j] * x[n, col_j]``,
+formed by the autotuned exact paths of ``values_grad`` (its docstring: paths, per-machine choices,
+precision).
 
 ``values`` are a float32 master copy whatever the weight's dtype (float64 stays float64): a bf16
 backbone would round small updates away. They are cast to the weight's dtype only when merged.
+Under autocast the layer casts its input to the autocast dtype once, as the matmul would: the
+forward uses that copy and the backward reads it (half the bytes saved, no cast in the backward),
+and the values' gradient is formed from the bf16 tensors with float32 accumulation.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import time
-import warnings
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +23,15 @@ from torch import Tensor, nn
 
 from .backbone import head_parameter_names, unwrap
 from .eligibility import is_supported_module
+from .values_grad import (
+    VALUES_GRAD_PATHS,
+    SparsePattern,
+    export_choices,
+    import_choices,
+    sparse_pattern,
+    values_grad,
+    values_grad_choices,
+)
 
 __all__ = [
     "SparseDeltaMixin",
@@ -53,25 +53,6 @@ __all__ = [
     "export_choices",
     "import_choices",
 ]
-
-# Bound on elements of each gathered [rows x chunk] block in the values' backward.
-GATHER_CHUNK_ELEMENTS = 1 << 20
-# Block size for the transposed path: two [chunk x rows] blocks stay in cache.
-TRANSPOSED_CHUNK_ELEMENTS = 1 << 16
-
-# Ways to form the values' gradient, all exact (they differ only in float summation order):
-#   gathered: dot products of gathered columns, O(k * N) memory-bound work;
-#   sddmm:    torch.sparse.sampled_addmm at the CSR pattern of the k entries;
-#   compact:  GEMM over the selected rows x selected columns only, then a gather;
-#   dense:    the layer's full weight-gradient GEMM, then a gather.
-VALUES_GRAD_PATHS = ("gathered", "sddmm", "compact", "dense")
-# None: autotune. A name from VALUES_GRAD_PATHS forces that path everywhere (tests, or bit-exact
-# reruns: the autotuned choice may differ between runs, and with it the last bits of the sums).
-VALUES_GRAD_PATH: str | None = os.environ.get("SHPEFT_VALUES_GRAD") or None
-# Timed runs per candidate on a key's first backward; the fastest run decides (a shared CPU
-# stalls single runs, so one sample each is not enough).
-AUTOTUNE_REPEATS = 3
-_chosen: dict[tuple, str] = {}
 
 
 class MaskError(ValueError):
@@ -108,211 +89,23 @@ def _merged_in_place(weight: Tensor, flat_idx: Tensor, values: Tensor):
         flat.index_copy_(0, flat_idx, orig)
 
 
-def _gathered_dot(a: Tensor, a_idx: Tensor, b: Tensor, b_idx: Tensor) -> Tensor:
-    """out[j] = sum_n a[n, a_idx[j]] * b[n, b_idx[j]] in float32 (float64 kept), chunked over j.
-
-    Few indices: gather columns of a and b directly. Many indices (more than the two widths):
-    transpose once so each gathered column is a contiguous row, and work in cache-sized blocks;
-    that is several times faster than strided column gathers on CPU.
-    """
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a = a.to(dtype)
-    b = b.to(dtype)
-    n, k = a.shape[0], a_idx.numel()
-    out = torch.empty(k, dtype=dtype, device=a.device)
-    if k > a.shape[1] + b.shape[1]:
-        at, bt = a.t().contiguous(), b.t().contiguous()
-        step = max(1, min(GATHER_CHUNK_ELEMENTS, TRANSPOSED_CHUNK_ELEMENTS) // max(1, n))
-        for s in range(0, k, step):
-            e = min(k, s + step)
-            out[s:e] = torch.linalg.vecdot(at.index_select(0, a_idx[s:e]), bt.index_select(0, b_idx[s:e]), dim=1)
-        return out
-    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, n))
-    for s in range(0, k, step):
-        e = min(k, s + step)
-        out[s:e] = torch.linalg.vecdot(a.index_select(1, a_idx[s:e]), b.index_select(1, b_idx[s:e]), dim=0)
-    return out
-
-
-class SparsePattern(NamedTuple):
-    """Where the k values sit in a weight viewed as [out, row_len], in the forms the paths use."""
-
-    shape: tuple[int, int]
-    flat_idx: Tensor  # [k] int64, sorted row-major
-    rows: Tensor  # [k] int64
-    cols: Tensor  # [k] int64
-    crow: Tensor  # [out + 1] int64, CSR row pointers
-    urows: Tensor  # [R] selected rows
-    ucols: Tensor  # [C] selected columns
-    local_idx: Tensor  # [k] flat index into the [R, C] compact block
-
-
-def sparse_pattern(flat_idx: Tensor, shape: tuple[int, int]) -> SparsePattern:
-    flat = flat_idx.to(torch.int64)
-    rows, cols = flat // shape[1], flat % shape[1]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    urows, rrank = torch.unique(rows, return_inverse=True)
-    ucols, crank = torch.unique(cols, return_inverse=True)
-    return SparsePattern(shape, flat, rows, cols, crow, urows, ucols, rrank * ucols.numel() + crank)
-
-
-def _grad_gathered(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
-    return _gathered_dot(a, pat.rows, b, pat.cols)
-
-
-def _grad_sddmm(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
-    # beta=0 still reads the pattern's values (0 * NaN = NaN), so they must be zeros.
-    zeros = torch.zeros(pat.cols.numel(), dtype=a.dtype, device=a.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        # check_invariants=False on purpose: sparse_pattern builds the CSR sorted and in range
-        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        csr = torch.sparse_csr_tensor(pat.crow, pat.cols, zeros, pat.shape, check_invariants=False)
-    # CSR order is sorted row-major order, the order of the values.
-    return torch.sparse.sampled_addmm(csr, a.t(), b, beta=0.0).values()
-
-
-def _grad_compact(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
-    block = a.index_select(1, pat.urows).t() @ b.index_select(1, pat.ucols)
-    return block.view(-1)[pat.local_idx]
-
-
-def _grad_dense(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
-    return (a.t() @ b).view(-1)[pat.flat_idx]
-
-
-_PATH_FNS = {"gathered": _grad_gathered, "sddmm": _grad_sddmm, "compact": _grad_compact, "dense": _grad_dense}
-
-
-def _candidates(pat: SparsePattern) -> list[str]:
-    # compact over every row and column is the dense path with two extra copies.
-    full = pat.urows.numel() == pat.shape[0] and pat.ucols.numel() == pat.shape[1]
-    return [p for p in VALUES_GRAD_PATHS if not (full and p == "compact")]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autotune(a: Tensor, b: Tensor, pat: SparsePattern) -> tuple[str, Tensor]:
-    """Time every candidate AUTOTUNE_REPEATS times (round-robin); the fastest and its result."""
-    best: dict[str, float] = {}
-    outs: dict[str, Tensor] = {}
-    failed: set[str] = set()
-    for _ in range(AUTOTUNE_REPEATS):
-        for name in _candidates(pat):
-            if name in failed:
-                continue
-            _sync(a.device)
-            t0 = time.perf_counter()
-            try:
-                outs[name] = _PATH_FNS[name](a, b, pat)
-            except (RuntimeError, NotImplementedError):  # e.g. no sampled_addmm kernel on this backend
-                failed.add(name)
-                continue
-            _sync(a.device)
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    if not best:
-        raise RuntimeError(f"no values-gradient path runs on {a.device} for {a.dtype}")
-    winner = min(best, key=best.get)
-    return winner, outs[winner]
-
-
-def _key_str(key: tuple) -> str:
-    shape, n, k, rows, cols, dtype, device = key
-    return f"{shape[0]}x{shape[1]}|n{n}|k{k}|r{rows}|c{cols}|{dtype}|{torch.device(device).type}"
-
-
-def _choices_file() -> str:
-    root = os.environ.get("SHPEFT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "shpeft")
-    return os.path.join(root, f"values-grad-paths-torch{torch.__version__.split('+')[0]}.json")
-
-
-_persisted: dict[str, str] | None = None
-
-
-def _persisted_choices() -> dict[str, str]:
-    global _persisted
-    if _persisted is None:
-        try:
-            with open(_choices_file()) as f:
-                doc = json.load(f)
-            _persisted = {k: v for k, v in doc.items() if v in VALUES_GRAD_PATHS}
-        except (OSError, ValueError):
-            _persisted = {}
-    return _persisted
-
-
-def _persist(key: str, name: str) -> None:
-    """Add one winner to the machine's file (read, merge, atomic replace; an unwritable home is fine)."""
-    path = _choices_file()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
-            doc = {}
-        doc.setdefault(key, name)  # a concurrent process's earlier winner stays
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".paths-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
-        _persisted_choices()[key] = doc[key]
-    except OSError:
-        pass
-
-
-def export_choices() -> dict[str, str]:
-    """The values-gradient path chosen per layer shape so far (and known from this machine's file)."""
-    return {**_persisted_choices(), **_session}
-
-
-def import_choices(choices: dict[str, str]) -> None:
-    """Use these paths for these shapes from now on (a resumed run repeats the run it continues)."""
-    _session.update({k: v for k, v in choices.items() if v in VALUES_GRAD_PATHS})
-
-
-_session: dict[str, str] = {}
-
-
-def _values_grad(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
-    """gv[j] = sum_n a[n, rows[j]] * b[n, cols[j]] for a [N, out], b [N, row_len]; float32 (float64 kept)."""
-    dtype = _master_dtype(a.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    if VALUES_GRAD_PATH is not None:
-        if VALUES_GRAD_PATH not in _PATH_FNS:
-            raise ValueError(f"VALUES_GRAD_PATH={VALUES_GRAD_PATH!r}: expected one of {VALUES_GRAD_PATHS}")
-        return _PATH_FNS[VALUES_GRAD_PATH](a, b, pat)
-    key = (pat.shape, a.shape[0], pat.cols.numel(), pat.urows.numel(), pat.ucols.numel(), dtype, a.device)
-    skey = _key_str(key)
-    name = _chosen.get(key) or _session.get(skey) or _persisted_choices().get(skey)
-    if name is not None:
-        _chosen[key] = _session[skey] = name
-        return _PATH_FNS[name](a, b, pat)
-    winner, out = _autotune(a, b, pat)
-    _persist(skey, winner)
-    # Another process may have recorded this shape first: follow it, so every run on the machine agrees.
-    name = _persisted_choices().get(skey, winner)
-    _chosen[key] = _session[skey] = name
-    return out if name == winner else _PATH_FNS[name](a, b, pat)
-
-
-def values_grad_choices() -> dict[tuple, str]:
-    """The autotuned path per (shape, tokens, k, rows, cols, dtype, device) so far in this process."""
-    return dict(_chosen)
+def _autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the dtype autocast runs this layer in (the cast the matmul would make), else as it is."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, values):
+        xc = _autocast_input(x)
         with _merged_in_place(weight, pattern.flat_idx, values) as w:
-            out = F.linear(x, w, bias)
+            out = F.linear(xc, w, bias)
         # The frozen weight is kept by reference, not saved: it is modified (and restored) in place.
-        ctx.weight, ctx.pattern = weight, pattern
-        ctx.save_for_backward(x, values)
+        ctx.weight, ctx.pattern, ctx.x_dtype = weight, pattern, x.dtype
+        ctx.save_for_backward(xc, values)
         return out
 
     @staticmethod
@@ -324,11 +117,11 @@ class _SparseLinearFn(torch.autograd.Function):
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
             with torch.no_grad(), _merged_in_place(weight, pat.flat_idx, values) as w:
-                gx = (grad_out @ w.to(grad_out.dtype)).to(x.dtype)
+                gx = (grad_out @ w.to(grad_out.dtype)).to(ctx.x_dtype)
         if need_b:
             gb = go2.sum(0).to(weight.dtype)
         if need_v:
-            gv = _values_grad(go2, x.reshape(-1, x.shape[-1]), pat).to(values.dtype)
+            gv = values_grad(go2, x.reshape(-1, x.shape[-1]), pat).to(values.dtype)
         return gx, None, gb, None, gv
 
 
@@ -351,10 +144,11 @@ def _patches(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, values, stride, padding, dilation):
+        xc = _autocast_input(x)
         with _merged_in_place(weight, pattern.flat_idx, values) as w:
-            out = F.conv2d(x, w, bias, stride, padding, dilation)
-        ctx.weight, ctx.pattern = weight, pattern
-        ctx.save_for_backward(x, values)
+            out = F.conv2d(xc, w, bias, stride, padding, dilation)
+        ctx.weight, ctx.pattern, ctx.x_dtype = weight, pattern, x.dtype
+        ctx.save_for_backward(xc, values)
         ctx.conf = (stride, padding, dilation)
         return out
 
@@ -368,7 +162,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         if need_x:
             with torch.no_grad(), _merged_in_place(weight, pat.flat_idx, values) as w:
                 gx = torch.nn.grad.conv2d_input(x.shape, w.to(grad_out.dtype), grad_out, stride, padding,
-                                                dilation).to(x.dtype)
+                                                dilation).to(ctx.x_dtype)
         if need_b:
             gb = grad_out.sum((0, 2, 3)).to(weight.dtype)
         if need_v:
@@ -377,7 +171,7 @@ class _SparseConv2dFn(torch.autograd.Function):
             b, length = grad_out.shape[0], grad_out.shape[2] * grad_out.shape[3]
             # [B*L, out] view of an [out, B*L] tensor: the rows SDDMM and the gathers read.
             g2 = grad_out.reshape(b, grad_out.shape[1], length).permute(1, 0, 2).reshape(-1, b * length).t()
-            gv = _values_grad(g2, p2, pat).to(values.dtype)
+            gv = values_grad(g2, p2, pat).to(values.dtype)
         return gx, None, gb, None, gv, None, None, None
 
 

@@ -42,7 +42,7 @@ def predict(backbone, backbone_source, deltas, top_k, batch_size, device, as_jso
             concurrency, address, num_cpus, data_root, allow_urls, images) -> None:
     """Predict INPUTS with several task deltas on one backbone instance.
 
-    Each delta is applied in turn (one forward per batch per task) and removed again. A few local
+    Every task runs in one forward per batch of images; the backbone is never written. A few local
     image files are predicted here and printed. Folders, fsspec URIs/prefixes (s3://, gs://,
     file://, ...) and Parquet datasets, or any input with --output, run on Ray Data and write a
     Parquet dataset with one row per image and task (every class's probability, the delta's sha256,

@@ -30,7 +30,7 @@ __all__ = ["serve"]
 @click.option("--max-deltas-per-replica", type=click.IntRange(min=1), default=16, show_default=True,
               help="Deltas each replica keeps loaded (least recently used are dropped).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests batched into one pass (grouped by delta).")
+              help="Requests batched into one pass, whatever deltas they name.")
 @click.option("--delta-root", default=None, metavar="URI",
               help="Serve only deltas under this folder or URI; relative delta ids are resolved against it.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of each replica, e.g. cuda.")

@@ -1,11 +1,11 @@
 """Batch prediction at scale: folders, object-store prefixes and Parquet datasets on Ray Data.
 
 Each actor of the ``map_batches`` stage builds the backbone once and holds every task's delta; per
-batch it decodes the images, and for each delta applies it, runs the batch, and removes it again
-(bit-exact), as ``shpeft predict`` does for a few local files. The result is a Parquet dataset with
-one row per (image, task); an image that cannot be decoded gets its message in ``error`` instead of
-stopping the job. Deltas and base weights are checked in the driver before any image is read, and so is
-every Parquet file's schema (a damaged or different file is named before Ray starts).
+batch it decodes each image once and runs every task in one mixed-task forward (each image once per
+task; the backbone is never written), as ``shpeft predict`` does for a few local files. The result is a
+Parquet dataset with one row per (image, task); an image that cannot be decoded gets its message in
+``error`` instead of stopping the job. Deltas and base weights are checked in the driver before any image
+is read, and so is every Parquet file's schema (a damaged or different file is named before Ray starts).
 
 A path in a Parquet path column names data, not hosts: it resolves inside the data root (the Parquet
 file's folder, or ``data_root``), symlinks resolved; URLs are refused unless ``allow_urls``, and then read
@@ -182,6 +182,7 @@ class _Predictor:
                  source: DatasetInput, batch_size: int, max_image_pixels: int | None = None):
         from orchestrator.serving.predict import (check_base_weights, class_names, load_deltas, model_for_delta,
                                                   validate_deltas)
+        from shpeft_core.mixed import MixedTaskModel
         from tasks.codecs.images import set_max_image_pixels
         from tasks.transforms import transform_for
 
@@ -192,6 +193,9 @@ class _Predictor:
         self.model = model_for_delta(self.deltas[0], backbone_source, device, delta_uris[0]).eval()
         check_base_weights(self.model, self.deltas[0], delta_uris[0])  # once per actor, not per batch
         validate_deltas(self.model, self.deltas, self.uris)
+        self.mixed = MixedTaskModel(self.model)
+        self.prepared = [self.mixed.prepare(d, where=u, check_fingerprint=False)
+                         for d, u in zip(self.deltas, delta_uris)]
         self.transform = transform_for(self.model, train=False)
         self.device, self.batch_size, self.src = device, batch_size, source
 
@@ -227,8 +231,8 @@ class _Predictor:
         import pyarrow as pa
         import torch
 
-        from orchestrator.serving.predict import (PredictError, decode_image_bytes, present_findings, task_kind,
-                                                  task_logits, task_probabilities)
+        from orchestrator.serving.predict import (PredictError, decode_image_bytes, mixed_logits, present_findings,
+                                                  task_kind, task_probabilities)
 
         src = self.src
         n = batch.num_rows
@@ -256,8 +260,8 @@ class _Predictor:
         good = [i for i in range(n) if tensors[i] is not None]
         probs = []
         if good:
-            logits = task_logits(self.model, self.deltas, torch.stack([tensors[i] for i in good]),
-                                 batch_size=self.batch_size, device=self.device, verified=True)
+            logits = mixed_logits(self.mixed, self.prepared, torch.stack([tensors[i] for i in good]),
+                                  batch_size=self.batch_size, device=self.device)
             probs = [task_probabilities(lg, d) for lg, d in zip(logits, self.deltas)]
         row_of = {i: r for r, i in enumerate(good)}
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}

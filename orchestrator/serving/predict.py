@@ -1,15 +1,15 @@
 """Inference with many task deltas on one backbone instance.
 
-The backbone is built once; each task's delta is applied in place, the images go through in
-batches (one forward per batch per task), and the delta is removed again (bit-exact), so switching
-tasks costs only the scatter of a few thousand values and a head swap.
+The backbone is built once and never written: each batch of images runs with every task in one
+mixed-task forward (shpeft_core.mixed), each row the frozen backbone plus one task's sparse
+correction and head, so all tasks share one pass and each image is decoded once.
 
 Probabilities follow the task kind the delta records (``task_kind`` in its metadata; absent means
 single_label): a softmax over classes, or for multi_label one sigmoid per finding, with the findings
 at probability >= ``FINDING_THRESHOLD`` named as present.
 
 A delta is data from outside. Every delta is validated against the built backbone
-(``shpeft_core.delta.validate_delta``) before any is applied, and the backbone a delta names is only a hint:
+(``shpeft_core.delta.validate_delta``) before any is used, and the backbone a delta names is only a hint:
 its weights come from what the user configures (``--backbone-source``); a delta's ``backbone_source``
 is used only when it names no file or URL ("hub", "random"), so a delta never chooses which file is read.
 """
@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from shpeft_core.delta import DeltaError, TaskDelta, apply_delta, create_model_for_delta, load_delta, validate_delta
+from shpeft_core.delta import DeltaError, TaskDelta, create_model_for_delta, load_delta, validate_delta
+from shpeft_core.mixed import MixedTaskModel, PreparedDelta
 
 __all__ = [
     "PredictError",
@@ -42,6 +43,7 @@ __all__ = [
     "load_task_delta",
     "backbone_identity",
     "task_logits",
+    "mixed_logits",
     "load_deltas",
     "check_base_weights",
     "check_device",
@@ -208,29 +210,41 @@ def task_logits(
     device: str | torch.device = "cpu",
     verified: bool = False,
 ) -> list[torch.Tensor]:
-    """Logits [N, num_classes] per delta, each computed with that delta applied to ``model``.
+    """Logits [N, num_classes] per delta, each as if that delta alone were applied to ``model``.
 
-    ``verified``: the caller has already checked the model's fingerprint against the deltas (a
-    long-lived predictor does it once), so no delta hashes the backbone again.
+    ``model`` is left as it was (see mixed_logits). ``verified``: the caller has already checked the
+    model's fingerprint against the deltas (a long-lived predictor does it once), so the backbone is
+    not hashed again.
     """
     fingerprints = {d.metadata.get("backbone_fingerprint") for d in deltas}
     if len(fingerprints) > 1:
         raise PredictError("deltas predicted together must share one backbone (backbone_fingerprint differs)")
-    model.eval()
-    out = []
-    for i, delta in enumerate(deltas):
-        # The base weights are fingerprinted once; remove() restores them bit-exactly, and the
-        # deltas share one fingerprint (check_same_backbone), so later tasks skip the hash.
-        handle = apply_delta(model, delta, check_fingerprint=(i == 0 and not verified))
-        try:
-            chunks = [
-                model(images[j : j + batch_size].to(device)).float().cpu()
-                for j in range(0, images.shape[0], batch_size)
-            ]
-        finally:
-            handle.remove()
-        out.append(torch.cat(chunks))
-    return out
+    mixed = MixedTaskModel(model)
+    try:
+        # The deltas share one fingerprint (checked above), so the model is hashed at most once.
+        prepared = [mixed.prepare(d, check_fingerprint=not verified) for d in deltas]
+        return mixed_logits(mixed, prepared, images, batch_size=batch_size, device=device)
+    finally:
+        mixed.close()
+
+
+@torch.no_grad()
+def mixed_logits(mixed: MixedTaskModel, prepared: Sequence[PreparedDelta], images: torch.Tensor, *,
+                 batch_size: int = 64, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Logits [N, num_classes] per prepared delta: one forward per ``batch_size`` images for every task.
+
+    A forward holds ``batch_size`` x tasks rows (each image once per task, task after task, so the
+    rows are already grouped by task); nothing is written to the backbone.
+    """
+    chunks: list[list[torch.Tensor]] = [[] for _ in prepared]
+    n_tasks = len(prepared)
+    for j in range(0, images.shape[0], batch_size):
+        x = images[j : j + batch_size].to(device)
+        rows = x.repeat(n_tasks, *([1] * (x.dim() - 1)))
+        task_index = torch.arange(n_tasks).repeat_interleave(x.shape[0])
+        for t, lg in enumerate(mixed(rows, prepared, task_index)):
+            chunks[t].append(lg.float().cpu())
+    return [torch.cat(c) if c else torch.zeros(0, p.num_classes) for c, p in zip(chunks, prepared)]
 
 
 def load_deltas(delta_uris: Sequence[str], backbone: str | None = None) -> tuple[list[TaskDelta], list[str]]:

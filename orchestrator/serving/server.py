@@ -3,9 +3,10 @@
 A replica builds the backbone once. Each request names its task delta (the delta's URI as the
 Serve multiplexed model id, header ``serve_multiplexed_model_id``); the replica loads and verifies
 the delta on first use and keeps the most recent ``max_deltas`` of them (a few MB each; never a
-copy of the backbone). Requests are batched (``@serve.batch``, which splits a batch by delta); for
-each delta's group, under one lock, the delta is applied in place (its values at its indices plus
-its head), the group goes through one forward, and the delta is removed bit-exactly.
+copy of the backbone). Requests are batched whatever delta they name (``RequestBatcher``), and each
+batch is one mixed-task forward (shpeft_core.mixed): the frozen backbone's output plus each
+request's own sparse correction and head. Nothing is ever written to the served weights, so batches
+need no lock and a bad delta cannot touch them.
 
 Routes under the application's prefix: ``POST`` with image bytes (PNG/JPEG/... or DICOM) in the
 body returns the task, class index and name and every class's probability (a multi_label task: every
@@ -18,19 +19,17 @@ and, on a shared cluster, no application of its own behind, however it ends.
 What a request can make a replica do (docs/threat-model.md): with ``delta_root`` set, only regular files
 whose real path (symlinks resolved) is under it are read, at most ``max_delta_bytes``, within
 ``load_timeout_s`` (a load runs in a thread of its own, so a stalled one holds no other); a delta is
-validated against the served backbone when it is loaded (``validate_delta``), before it is ever applied;
-the backbone is the one configured here, a delta's metadata never chooses it. Bodies are at most
-``max_body_bytes`` and images at most the pixel limit, checked before decoding. After every removal the
-delta's touched weights are checked (``DeltaHandle.remove``); a background thread re-hashes the whole
-backbone every ``backbone_check_s`` seconds without holding up requests, and ``GET /-/backbone`` only
-reads its cached result. A replica whose weights ever differ takes itself out of service (one log line,
+validated against the served backbone when it is loaded (``validate_delta`` and the mixed forward's own
+checks), before it is ever used; the backbone is the one configured here, a delta's metadata never
+chooses it. Bodies are at most ``max_body_bytes`` and images at most the pixel limit, checked before
+decoding. A background thread re-hashes the whole backbone every ``backbone_check_s`` seconds without
+holding up requests, and ``GET /-/backbone`` only reads its cached result. A replica whose weights ever differ takes itself out of service (one log line,
 503 to every request, and Serve's health check replaces it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -56,10 +55,11 @@ from orchestrator.serving.predict import (
     class_names,
     decode_image_bytes,
     load_task_delta,
-    task_logits,
     task_name,
 )
-from shpeft_core.delta import DeltaError, TaskDelta, validate_delta
+from orchestrator.serving.batching import RequestBatcher
+from shpeft_core.delta import DeltaError, TaskDelta
+from shpeft_core.mixed import MixedTaskModel, PreparedDelta
 
 __all__ = ["APP_NAME", "MODEL_ID_HEADER", "INFO_ROUTE", "ServeError", "DeltaServer", "build_app", "start", "state_sha256",
            "resolve_delta_uri", "serve_until_stopped"]
@@ -89,6 +89,7 @@ class LoadedDelta:
     task: str
     class_names: list[str]
     sha256: str
+    prepared: PreparedDelta  # the delta checked against the served model, as its mixed forward reads it
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -161,9 +162,10 @@ class DeltaServer:
         self.base = backbone_identity(self.model)
         self.base_state = state_sha256(self.model)
         self.transform = transform_for(self.model, train=False)  # as in evaluation and `shpeft predict`
-        # One lock: a delta is applied to the shared weights only while nothing else reads them.
+        # Hooks on the layers, installed once; the weights are never written (see the module docstring).
+        self.mixed = MixedTaskModel(self.model)
+        # Only the backbone check takes it: nothing writes or needs the weights exclusively.
         self.lock = threading.Lock()
-        self._seq = 0  # odd while a batch holds the weights (the background check reads without the lock)
         self.out_of_service: str | None = None
         self._backbone_state = {"fingerprint": self.base.metadata["backbone_fingerprint"],
                                 "state_sha256": self.base_state, "checked_at": _now()}
@@ -173,9 +175,8 @@ class DeltaServer:
 
         # Wired here (not as a decorator) so the cache size is a deployment argument.
         self.get_delta = serve.multiplexed(max_num_models_per_replica=max_deltas)(load)
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self.batcher = RequestBatcher(self._run_batch, max_batch_size=max_batch_size, wait_s=batch_wait_s)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "most_deltas_in_a_batch": 0}
         if backbone_check_s and backbone_check_s > 0:
             threading.Thread(target=self._check_backbone_every, args=(backbone_check_s,), daemon=True,
                              name="shpeft-backbone-check").start()
@@ -221,8 +222,9 @@ class DeltaServer:
         try:
             delta = load_task_delta(uri, max_bytes=self.max_delta_bytes, timeout_s=self.load_timeout_s)
             check_same_backbone([self.base, delta], ["the served backbone", uri])
-            with self.lock:  # the head's shape may be mid-swap during a batch
-                validate_delta(self.model, delta, where=f"delta {uri}")
+            # Refuses now what would reach further or fail mid-batch (what a delta may touch, non-finite
+            # values, parameter names, shapes, indices, head: validate_delta); writes nothing.
+            prepared = self.mixed.prepare(delta, where=uri, check_fingerprint=False, name=task_name(delta, uri))
         except TimeoutError as exc:
             raise ServeError(f"delta {exc}", 504) from None
         except (PredictError, DeltaError) as exc:
@@ -233,7 +235,7 @@ class DeltaServer:
             sha = sha256_bytes(read_regular_bytes(uri, max_bytes=self.max_delta_bytes, timeout_s=self.load_timeout_s))
         except (OSError, StorageError) as exc:
             raise ServeError(f"delta {uri}: {exc}", 422) from None
-        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha)
+        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha, prepared)
 
     def _take_out_of_service(self, reason: str) -> None:
         if self.out_of_service is None:
@@ -247,25 +249,11 @@ class DeltaServer:
 
     def check_backbone(self) -> dict:
         """Hash the whole backbone now (fingerprint and state digest) and cache it; out of service if it changed.
-
-        Read without the lock while no batch holds the weights (a sequence count tells whether one started
-        meanwhile, and the result is then discarded); after three tries, under the lock."""
+        No request writes the weights, so this reads them while batches run."""
         from shpeft_core.backbone import backbone_fingerprint
 
-        got = None
-        for _ in range(3):
-            seq = self._seq
-            if seq % 2:
-                time.sleep(0.05)
-                continue
+        with self.lock:  # one check at a time
             fp, state = backbone_fingerprint(self.model), state_sha256(self.model)
-            if self._seq == seq:
-                got = fp, state
-                break
-        if got is None:
-            with self.lock:
-                got = backbone_fingerprint(self.model), state_sha256(self.model)
-        fp, state = got
         self._backbone_state = {"fingerprint": fp, "state_sha256": state, "checked_at": _now()}
         if fp != self.base.metadata["backbone_fingerprint"] or state != self.base_state:
             self._take_out_of_service(f"backbone weights changed since start-up (fingerprint {fp[:12]}, "
@@ -302,57 +290,41 @@ class DeltaServer:
         x = await asyncio.to_thread(self._decode, image)
         return await self._predict_batch(loaded, x)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, loaded: list[LoadedDelta], images: list[torch.Tensor]) -> list[dict]:
-        return await asyncio.to_thread(self._run_groups, loaded, images)
+    async def _predict_batch(self, loaded: LoadedDelta, image: torch.Tensor) -> dict:
+        """This request's answer, computed in a batch with whatever requests arrive with it."""
+        return await self.batcher.submit((loaded, image))
 
-    def _run_groups(self, loaded: list[LoadedDelta], images: list[torch.Tensor]) -> list[dict]:
-        # Serve already splits a batch by multiplexed model id and runs the parts concurrently: the
-        # lock makes them take turns on the shared weights; grouping here keeps a mixed list correct.
-        groups: dict[int, list[int]] = {}
-        for i, ld in enumerate(loaded):
-            groups.setdefault(id(ld), []).append(i)
-        out: list[dict] = [{}] * len(loaded)
-        with self._holding_weights():
-            st = self.stats
-            st["requests"] += len(loaded)
-            st["batches"] += 1
-            st["largest_batch"] = max(st["largest_batch"], len(loaded))
-            for rows in groups.values():
-                ld = loaded[rows[0]]
-                x = torch.stack([images[i] for i in rows])
-                # The fingerprint was checked once at start-up and each delta's at load; removal is
-                # bit-exact, so no batch hashes the backbone again.
-                try:
-                    (logits,) = task_logits(self.model, [ld.delta], x, batch_size=len(rows), device=self.device,
-                                            verified=True)
-                except DeltaError as exc:  # validated at load: only the check after removal can say this
-                    self._take_out_of_service(str(exc))
-                    raise ServeError(f"this replica is out of service ({exc}); retry", 503) from None
-                probs = task_probabilities(logits, ld.delta)
-                kind = task_kind(ld.delta)
-                for r, p in zip(rows, probs):
-                    out[r] = {"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "task_kind": kind,
-                              "class_names": ld.class_names, "probabilities": p.tolist()}
-                    if kind == "multi_label":
-                        out[r]["findings"] = present_findings(p.tolist(), ld.class_names)
-                    else:
-                        k = int(p.argmax())
-                        out[r].update(class_index=k, class_name=ld.class_names[k])
+    def _run_batch(self, requests: list[tuple[LoadedDelta, torch.Tensor]]) -> list[dict]:
+        """One mixed-task forward for the whole batch; the answers in request order."""
+        slot: dict[int, int] = {}  # id(LoadedDelta) -> its place among the batch's deltas
+        task_index = [slot.setdefault(id(ld), len(slot)) for ld, _ in requests]
+        deltas = list({id(ld): ld for ld, _ in requests}.values())
+        x = torch.stack([image for _, image in requests])
+        if self.out_of_service is not None:
+            raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
+        # The fingerprint was checked once at start-up and each delta's at load: no batch hashes the backbone.
+        logits = self.mixed(x, [ld.prepared for ld in deltas], task_index)
+        probs = [task_probabilities(lg, ld.delta).cpu() for lg, ld in zip(logits, deltas)]
+        seen = [0] * len(deltas)
+        out: list[dict] = []
+        for t in task_index:
+            ld, p = deltas[t], probs[t][seen[t]]
+            seen[t] += 1
+            kind = task_kind(ld.delta)
+            row = {"task": ld.task, "delta": ld.uri, "delta_sha256": ld.sha256, "task_kind": kind,
+                   "class_names": ld.class_names, "probabilities": p.tolist()}
+            if kind == "multi_label":
+                row["findings"] = present_findings(p.tolist(), ld.class_names)
+            else:
+                k = int(p.argmax())
+                row.update(class_index=k, class_name=ld.class_names[k])
+            out.append(row)
+        st = self.stats  # one batch runs at a time (RequestBatcher)
+        st["requests"] += len(requests)
+        st["batches"] += 1
+        st["largest_batch"] = max(st["largest_batch"], len(requests))
+        st["most_deltas_in_a_batch"] = max(st["most_deltas_in_a_batch"], len(deltas))
         return out
-
-    @contextlib.contextmanager
-    def _holding_weights(self):
-        """The lock on the shared weights, with the sequence count the background check reads; refuses work
-        once the replica is out of service."""
-        with self.lock:
-            if self.out_of_service is not None:
-                raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
-            self._seq += 1
-            try:
-                yield
-            finally:
-                self._seq += 1
 
     def info(self) -> dict:
         """The last backbone check (cached: nothing is hashed for the caller) and what this replica answered."""

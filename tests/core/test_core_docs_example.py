@@ -21,6 +21,7 @@ def test_docs_usage_example_runs():
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(ns["images"][:4]), ns["logits"], rtol=1e-5, atol=1e-6)
     assert not any(n.endswith(".values") for n in plain.state_dict())
+    torch.testing.assert_close(ns["per_task"], ns["logits"], rtol=1e-5, atol=1e-5)  # mixed forward = applied delta
     assert ns["history"][-1]["accuracy"] > 0.8
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shpeft_core import apply_sparse_training, head_parameter_names, count_trainable, eligible_parameters, trainable_parameters
-import shpeft_core.sparse as sp
+import shpeft_core.values_grad as vg
 from shpeft_core.sparse import (
     VALUES_GRAD_PATHS,
     MaskError,
@@ -27,7 +27,7 @@ PATHS = [None, *VALUES_GRAD_PATHS]
 
 @pytest.fixture(params=PATHS, ids=lambda p: p or "auto")
 def grad_path(request, monkeypatch):
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", request.param)
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", request.param)
     _fresh_choices(monkeypatch)
     return request.param
 
@@ -66,7 +66,7 @@ def test_linear_values_grad_equals_dense_grad_gathered(grad_path, fin, fout, bia
     torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     assert mod.weight.grad is None
-    assert bool(sp.values_grad_choices()) == (grad_path is None)  # autotuned, or forced without tuning
+    assert bool(vg.values_grad_choices()) == (grad_path is None)  # autotuned, or forced without tuning
 
 
 CONV_CASES = [
@@ -104,18 +104,18 @@ def test_conv_values_grad_equals_dense_grad_gathered(grad_path, cin, cout, kerne
     gx_ref, gw_ref = torch.autograd.grad(((out_ref - target) ** 2).sum(), [x_ref, w])
     torch.testing.assert_close(gv, gw_ref.reshape(-1)[idx.long()], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
-    assert bool(sp.values_grad_choices()) == (grad_path is None)
+    assert bool(vg.values_grad_choices()) == (grad_path is None)
 
 
 @pytest.mark.parametrize("k", [5, 100])  # direct and transposed gather paths
 def test_chunked_gather_matches_unchunked(monkeypatch, k):
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", "gathered")
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", "gathered")
     torch.manual_seed(0)
     base = nn.Linear(12, 10).double()
     mod = SparseDeltaLinear(base, _random_indices(120, k, 3))
     x = torch.randn(6, 12, dtype=torch.float64)
     full = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
-    monkeypatch.setattr(sp, "GATHER_CHUNK_ELEMENTS", 7)  # forces chunks of one index
+    monkeypatch.setattr(vg, "GATHER_CHUNK_ELEMENTS", 7)  # forces chunks of one index
     chunked = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
     torch.testing.assert_close(full, chunked, rtol=1e-12, atol=1e-12)
     w = mod.weight.detach().clone().requires_grad_(True)
@@ -261,9 +261,9 @@ def _fresh_choices(monkeypatch, cache_dir=None):
     """A process that has chosen nothing yet, on a machine with no recorded choices."""
     import tempfile
 
-    monkeypatch.setattr(sp, "_chosen", {})
-    monkeypatch.setattr(sp, "_session", {})
-    monkeypatch.setattr(sp, "_persisted", None)
+    monkeypatch.setattr(vg, "_chosen", {})
+    monkeypatch.setattr(vg, "_session", {})
+    monkeypatch.setattr(vg, "_persisted", None)
     monkeypatch.setenv("SHPEFT_CACHE_DIR", str(cache_dir or tempfile.mkdtemp(prefix="shpeft-choices-")))
 
 
@@ -271,25 +271,25 @@ def test_autotuned_choices_are_kept_for_the_machine_and_restored_on_resume(monke
     """The autotuned path decides the last bits of the values' gradient: a later process on the same
     machine reads the recorded winner instead of timing again, and a resumed run repeats its checkpoint's
     choices even where its own timing would pick another path."""
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", None)
     _fresh_choices(monkeypatch, tmp_path / "machine")
-    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: ("sddmm", sp._grad_sddmm(a, b, pat)))
+    monkeypatch.setattr(vg, "_autotune", lambda a, b, pat: ("sddmm", vg._grad_sddmm(a, b, pat)))
     mod, x, ref = _linear_case()
     torch.autograd.grad(mod(x).square().sum(), mod.values)
-    saved = sp.export_choices()
+    saved = vg.export_choices()
     assert list(saved.values()) == ["sddmm"]
     # a new process on this machine: nothing in memory, the file remembers
     _fresh_choices(monkeypatch, tmp_path / "machine")
-    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: pytest.fail("timed again"))
+    monkeypatch.setattr(vg, "_autotune", lambda a, b, pat: pytest.fail("timed again"))
     gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
     torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
     # another machine whose timing prefers "dense": the checkpoint's choice wins
     _fresh_choices(monkeypatch, tmp_path / "other")
-    monkeypatch.setattr(sp, "_autotune", lambda a, b, pat: ("dense", sp._grad_dense(a, b, pat)))
-    sp.import_choices(saved)
+    monkeypatch.setattr(vg, "_autotune", lambda a, b, pat: ("dense", vg._grad_dense(a, b, pat)))
+    vg.import_choices(saved)
     used = []
-    monkeypatch.setattr(sp, "_PATH_FNS", {n: (lambda f, n: lambda *a: used.append(n) or f(*a))(f, n)
-                                          for n, f in sp._PATH_FNS.items()})
+    monkeypatch.setattr(vg, "_PATH_FNS", {n: (lambda f, n: lambda *a: used.append(n) or f(*a))(f, n)
+                                          for n, f in vg._PATH_FNS.items()})
     torch.autograd.grad(mod(x).square().sum(), mod.values)
     assert used == ["sddmm"]
 
@@ -299,9 +299,9 @@ def test_autotune_keeps_the_fastest_path_and_its_gradient_is_exact(monkeypatch, 
     # A fake clock in which `winner` is the cheapest: every path must be able to win, and the
     # gradient must be exact on the tuning call and on the calls that reuse the choice.
     clock, calls = [0.0], []
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", None)
     _fresh_choices(monkeypatch)
-    monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(vg.time, "perf_counter", lambda: clock[0])
 
     def timed(name, fn):
         def run(a, b, pat):
@@ -310,25 +310,25 @@ def test_autotune_keeps_the_fastest_path_and_its_gradient_is_exact(monkeypatch, 
             return fn(a, b, pat)
         return run
 
-    monkeypatch.setattr(sp, "_PATH_FNS", {n: timed(n, f) for n, f in sp._PATH_FNS.items()})
+    monkeypatch.setattr(vg, "_PATH_FNS", {n: timed(n, f) for n, f in vg._PATH_FNS.items()})
     mod, x, ref = _linear_case()
     for _ in range(2):
         gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
         torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
-    assert calls[:-1] == list(VALUES_GRAD_PATHS) * sp.AUTOTUNE_REPEATS  # tuning call: every candidate
+    assert calls[:-1] == list(VALUES_GRAD_PATHS) * vg.AUTOTUNE_REPEATS  # tuning call: every candidate
     assert calls[-1] == winner  # the next call reuses the choice
-    assert list(sp.values_grad_choices().values()) == [winner]
+    assert list(vg.values_grad_choices().values()) == [winner]
 
 
 def test_compact_is_no_candidate_when_every_row_and_column_is_selected():
-    every = sp.sparse_pattern(torch.tensor([0, 4, 8]), (3, 3))  # the diagonal: all rows, all columns
-    some = sp.sparse_pattern(torch.tensor([0, 4]), (3, 3))
-    assert "compact" not in sp._candidates(every) and "dense" in sp._candidates(every)
-    assert sp._candidates(some) == list(VALUES_GRAD_PATHS)
+    every = vg.sparse_pattern(torch.tensor([0, 4, 8]), (3, 3))  # the diagonal: all rows, all columns
+    some = vg.sparse_pattern(torch.tensor([0, 4]), (3, 3))
+    assert "compact" not in vg._candidates(every) and "dense" in vg._candidates(every)
+    assert vg._candidates(some) == list(VALUES_GRAD_PATHS)
 
 
 def test_forced_unknown_path_is_refused(monkeypatch):
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", "magic")
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", "magic")
     mod, x, _ = _linear_case()
     with pytest.raises(ValueError, match="magic"):
         torch.autograd.grad(mod(x).square().sum(), mod.values)
@@ -341,7 +341,7 @@ def test_paths_agree_in_float32_on_a_vit_sized_layer(monkeypatch):
     x = torch.randn(2, 50, 384)
     ref = None
     for path in VALUES_GRAD_PATHS:
-        monkeypatch.setattr(sp, "VALUES_GRAD_PATH", path)
+        monkeypatch.setattr(vg, "VALUES_GRAD_PATH", path)
         gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
         ref = gv if ref is None else ref
         torch.testing.assert_close(gv, ref, rtol=1e-4, atol=1e-4)
@@ -394,15 +394,15 @@ def test_model_casts_keep_values_float32_and_float64_stays():
 
 
 def test_autotune_skips_a_path_that_cannot_run_here(monkeypatch):
-    monkeypatch.setattr(sp, "VALUES_GRAD_PATH", None)
-    monkeypatch.setattr(sp, "_chosen", {})
+    monkeypatch.setattr(vg, "VALUES_GRAD_PATH", None)
+    monkeypatch.setattr(vg, "_chosen", {})
 
     def no_kernel(a, b, pat):
         raise NotImplementedError("sampled_addmm: no kernel for this backend")
 
-    monkeypatch.setattr(sp, "_PATH_FNS", {**sp._PATH_FNS, "sddmm": no_kernel})
+    monkeypatch.setattr(vg, "_PATH_FNS", {**vg._PATH_FNS, "sddmm": no_kernel})
     mod, x, ref = _linear_case()
     gv = torch.autograd.grad(mod(x).square().sum(), mod.values)[0]
     torch.testing.assert_close(gv, ref, rtol=1e-12, atol=1e-12)
-    chosen = list(sp.values_grad_choices().values())
+    chosen = list(vg.values_grad_choices().values())
     assert len(chosen) == 1 and chosen[0] in set(VALUES_GRAD_PATHS) - {"sddmm"}

@@ -121,7 +121,7 @@ def test_crafted_delta_is_refused_at_load_and_others_keep_their_answers(setup):
     status, msg = _status(lambda: srv._load("evil.safetensors"))
     assert status == 422 and "blocks.0.attn.qkv.weight" in msg and "evil.safetensors" in msg
     busi = srv._load("busi.safetensors")
-    out = srv._run_groups([busi], [srv._decode(png)])
+    out = srv._run_batch([(busi, srv._decode(png))])
     np.testing.assert_allclose(out[0]["probabilities"], _dense(str(root / "busi.safetensors"), backbone, png),
                                atol=1e-6, rtol=0)
     check = srv.check_backbone()
@@ -236,29 +236,23 @@ def test_backbone_info_is_cached_and_a_changed_replica_leaves_service(setup, cap
     assert not srv.info()["unchanged"] and not srv.info()["in_service"]
     with pytest.raises(RuntimeError, match="out of service"):
         srv.check_health()
-    status, msg = _status(lambda: srv._run_groups([busi], [srv._decode(png)]))
+    status, msg = _status(lambda: srv._run_batch([(busi, srv._decode(png))]))
     assert status == 503 and "out of service" in msg
 
 
-def test_a_failed_removal_check_takes_the_replica_out_of_service(setup, monkeypatch):
-    import shpeft_core.delta as delta_mod
+def test_a_batch_of_crafted_and_good_deltas_leaves_the_served_weights_bit_identical(setup):
+    from orchestrator.serving.server import state_sha256
 
     d, root, backbone, good, evil, png = setup
     srv = _server(backbone, delta_root=str(root))
+    before = state_sha256(srv.model)
     busi = srv._load("busi.safetensors")
-    real = delta_mod.DeltaHandle.remove
-
-    def lossy_remove(self):
-        if self._entries:
-            self._entries.pop()  # one entry's undo lost
-        return real(self)
-
-    monkeypatch.setattr(delta_mod.DeltaHandle, "remove", lossy_remove)
-    status, msg = _status(lambda: srv._run_groups([busi], [srv._decode(png)]))
-    assert status == 503 and "differ from before" in msg
-    assert srv.out_of_service
-    with pytest.raises(RuntimeError, match="out of service"):
-        srv.check_health()
+    status, _ = _status(lambda: srv._load("evil.safetensors"))
+    assert status == 422
+    out = srv._run_batch([(busi, srv._decode(png)), (busi, srv._decode(png))])
+    assert out[0]["probabilities"] == out[1]["probabilities"]
+    assert state_sha256(srv.model) == before
+    assert srv.check_backbone()["state_sha256"] == before and srv.info()["in_service"]
 
 
 def _png_bomb(width: int, height: int) -> bytes:
