@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
-__all__ = ["ProgressBoard", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
+__all__ = ["ProgressBoard", "start_board", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
 
 
 @ray.remote(num_cpus=0)
@@ -33,6 +33,16 @@ class ProgressBoard:
     def drain(self) -> list[dict[str, Any]]:
         out, self._events = self._events, []
         return out
+
+
+def start_board():
+    """The job's `ProgressBoard`, on the driver's own node. Left to the scheduler, a zero-CPU actor may land on
+    a worker node and be lost with it, and with it every later progress and log line of the job (the task
+    logs in the store included); the driver's node lives as long as the job."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def format_epoch_line(event: dict[str, Any]) -> str:

@@ -167,7 +167,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
             progress: bool) -> JobResult:
     from shpeft_core.backbone import backbone_fingerprint
 
-    from orchestrator.runtime.progress import ProgressBoard, ProgressPrinter
+    from orchestrator.runtime.progress import ProgressPrinter, start_board
 
     rows: dict[str, dict[str, Any]] = {}
     targets, target_errors = [], {}
@@ -181,7 +181,7 @@ def _stages(job: JobSpec, model, store: str, jid: str, counters: dict, tracker, 
     note_input_sizes(model, targets, progress)
     backbone_fp = backbone_fingerprint(model)
     methods = {t.name: {job.method.for_task(t.name)} for t in targets}
-    board = ProgressBoard.remote()
+    board = start_board()
     listeners = [logs, tracker.on_event] if tracker.enabled else [logs]
     with ProgressPrinter(board, enabled=progress, listeners=listeners) as printer:
         log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())
