@@ -16,6 +16,7 @@ from orchestrator.cli.common import (
     fail,
     load_job_or_exit,
     resolve_job_id,
+    show_logs_option,
     timeout_option,
     validate_or_exit,
 )
@@ -49,14 +50,23 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Folder to upload with the job (must contain JOB.yaml); default: only the job file.")
 @click.option("--submission-id", default=None, help="Your own id for the submission (default: Ray picks one).")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable).")
-@click.option("--force", is_flag=True, help="Pass --force to `shpeft run` on the cluster.")
+@click.option("--force", is_flag=True, help="Pass --force to `shpeft run` (or `compare`) on the cluster.")
+@click.option("--compare", "compare_", is_flag=True, help="Run `shpeft compare` on the cluster instead of `shpeft run`.")
+@click.option("--methods", default=None, metavar="M1,M2,...", help="With --compare: the methods to compare.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="With --compare: seeds per (task, method).")
+@click.option("--smoke-test", is_flag=True, help="With --compare: one seed, one epoch, shpeft/linear/full only.")
+@click.option("--agent-wait", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to keep retrying while a just-started cluster has no job agent yet.")
 @timeout_option
+@show_logs_option
 def submit(job_file: str, address: str, working_dir: str | None, submission_id: str | None,
-           env_pairs: tuple[str, ...], force: bool, timeout: float) -> None:
+           env_pairs: tuple[str, ...], force: bool, compare_: bool, methods: str | None, seeds: int | None,
+           smoke_test: bool, agent_wait: float, timeout: float) -> None:
     """Submit JOB.yaml to a Ray cluster through the Jobs API and print the submission id.
 
-    The cluster runs `shpeft run JOB.yaml --address auto` (shpeft must be installed on its
-    nodes; see cluster/README.md). The job file is validated locally first (exit 2 if invalid).
+    The cluster runs `shpeft run JOB.yaml --address auto` (with --compare, `shpeft compare`);
+    shpeft must be installed on its nodes and on the PATH of their `ray start` (cluster/README.md).
+    The job file is validated locally first (exit 2 if invalid).
 
     Example: shpeft submit examples/medmnist224_vitb16_gpu.yaml --address http://HEAD:8265
     """
@@ -67,6 +77,9 @@ def submit(job_file: str, address: str, working_dir: str | None, submission_id: 
     # The data and the store may be reachable only from the cluster: check what needs neither.
     validate_or_exit(job, job_file, data=False, cpus=None)
     env = _parse_env(env_pairs)
+    extra = _compare_args(methods, seeds, smoke_test) if compare_ else ()
+    if not compare_ and (methods or seeds or smoke_test):
+        fail("--methods, --seeds and --smoke-test go with --compare", EXIT_INVALID)
     try:
         store_is_local = local_path(job.store) is not None
     except StorageError as exc:  # the cluster needs the backend, not this machine; reading results does
@@ -81,12 +94,27 @@ def submit(job_file: str, address: str, working_dir: str | None, submission_id: 
     client = _client(address, timeout)
     try:
         res = submit_job_file(client, job_file, working_dir=working_dir, submission_id=submission_id,
-                              env_vars=env, extra_run_args=("--force",) if force else ())
+                              env_vars=env, extra_run_args=extra + (("--force",) if force else ()),
+                              command="compare" if compare_ else "run", agent_wait=agent_wait,
+                              on_wait=lambda msg: click.echo(f"waiting: {msg}", err=True))
     except JobsApiError as exc:
         fail(str(exc))
     click.echo(f"submitted: {res.entrypoint}", err=True)
     click.echo(f"follow with: shpeft logs {res.submission_id} --address {address} --follow", err=True)
     click.echo(res.submission_id)
+
+
+def _compare_args(methods: str | None, seeds: int | None, smoke_test: bool) -> tuple[str, ...]:
+    """`shpeft compare`'s options for the cluster, checked here first (exit 2)."""
+    from orchestrator.workflows.compare import parse_methods
+
+    if methods:
+        try:
+            parse_methods(methods)
+        except ValueError as exc:
+            fail(str(exc), EXIT_INVALID)
+    return ((("--methods", methods) if methods else ()) + (("--seeds", str(seeds)) if seeds else ())
+            + (("--smoke-test",) if smoke_test else ()))
 
 
 @click.command(short_help="Status of a submitted job.")
@@ -98,23 +126,25 @@ def submit(job_file: str, address: str, working_dir: str | None, submission_id: 
 def status(submission_id: str, address: str, wait: bool, poll: float, timeout: float) -> None:
     """Print the status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED).
 
+    A job whose entrypoint could not start on the cluster (exit 127: `shpeft` not on the PATH of
+    the head's `ray start`, and the like) is named as such, with what to do.
+
     Example: shpeft status raysubmit_abc123 --address http://HEAD:8265
     """
     import time
 
-    from orchestrator.runtime.jobs_api import JobsApiError, job_status
+    from orchestrator.runtime.jobs_api import JobsApiError, describe_job, job_state
 
     client = _client(address, timeout)
-    terminal = {"SUCCEEDED", "FAILED", "STOPPED"}
     try:
-        state, message = job_status(client, submission_id)
-        while wait and state not in terminal:
+        state = job_state(client, submission_id)
+        while wait and not state.terminal:
             time.sleep(poll)
-            state, message = job_status(client, submission_id)
+            state = job_state(client, submission_id)
     except JobsApiError as exc:
         fail(str(exc))
-    click.echo(f"{submission_id}: {state}" + (f" ({message})" if message else ""))
-    if wait and state != "SUCCEEDED":
+    click.echo("\n".join(describe_job(state, address)))
+    if wait and state.status != "SUCCEEDED":
         raise click.exceptions.Exit(EXIT_FAILED)
 
 

@@ -21,7 +21,7 @@ import ray
 
 from shpeft_core.options import DEFAULT_METRIC
 
-__all__ = ["ProgressBoard", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
+__all__ = ["ProgressBoard", "start_board", "ProgressPrinter", "ProgressView", "format_epoch_line", "counting_bar"]
 
 
 @ray.remote(num_cpus=0)
@@ -35,6 +35,16 @@ class ProgressBoard:
     def drain(self) -> list[dict[str, Any]]:
         out, self._events = self._events, []
         return out
+
+
+def start_board():
+    """The job's `ProgressBoard`, on the driver's own node. Left to the scheduler, a zero-CPU actor may land on
+    a worker node and be lost with it, and with it every later progress and log line of the job (the task
+    logs in the store included); the driver's node lives as long as the job."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def format_epoch_line(event: dict[str, Any]) -> str:

@@ -140,12 +140,12 @@ def _run_logged(ctx: StageContext, model, logs) -> JobResult:
 
 
 def _stages(ctx: StageContext, model, logs) -> JobResult:
-    from orchestrator.runtime.progress import ProgressBoard, ProgressPrinter
+    from orchestrator.runtime.progress import ProgressPrinter, start_board
 
     job, store, jid, tracker = ctx.job, ctx.store, ctx.job_id, ctx.tracker
     rows: dict[str, dict[str, Any]] = {}
     targets = resolve_targets(job, model, ctx.progress)
-    ctx.board = ProgressBoard.remote()
+    ctx.board = start_board()
     listeners = [logs, tracker.on_event] if tracker.enabled else [logs]
     with ProgressPrinter(ctx.board, enabled=ctx.progress, listeners=listeners) as printer:
         log.info("job file %s; Ray's own session logs: %s", layout.job_file(store, jid), _ray_logs_dir())

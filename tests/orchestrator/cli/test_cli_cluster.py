@@ -1,19 +1,21 @@
 """`shpeft submit`, `status`, `logs` against the Jobs API.
 
-The tests talk to a small local HTTP server that answers like Ray's dashboard (version, package upload,
-submit, info, logs), so the real `JobSubmissionClient` code runs without a cluster or network.
+`submit`, `status` and `logs` against a working cluster run in tests/cluster/ (a cluster started with
+`ray start`); here only what a real cluster cannot be made to do: a dashboard that cannot be reached,
+never answers, refuses submissions, or answers what is not Ray's Jobs API (a small local HTTP server,
+so the real `JobSubmissionClient` code runs).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,61 +26,50 @@ from orchestrator.cli.main import main
 
 
 class FakeDashboard(BaseHTTPRequestHandler):
-    """Answers the Jobs REST endpoints JobSubmissionClient uses."""
+    """A dashboard that misbehaves as a real cluster cannot be made to on purpose: it refuses submissions
+    ("No available agent", or another error), or answers what is not Ray's Jobs API. ``state`` says how:
+    ``version`` ("ray" or "garbage"), ``submit`` (replies to POST /api/jobs/, in order; the last one
+    repeats) and ``jobs`` ("garbage" for every job query). Every request is recorded in ``requests``."""
 
     state: dict = {}
 
     def log_message(self, *args):  # keep pytest output clean
         pass
 
-    def _reply(self, code: int, body: dict | None = None):
-        data = json.dumps(body or {}).encode()
+    def _reply(self, code: int, body: str, content_type: str = "application/json"):
+        data = body.encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
     def do_GET(self):
         st = self.state
-        if self.path == "/api/version":
-            return self._reply(200, {"version": "x", "ray_version": "2.60.0", "ray_commit": "x"})
+        st["requests"].append(("GET", self.path))
+        if self.path == "/api/version" and st["version"] == "ray":
+            return self._reply(200, json.dumps({"version": "x", "ray_version": "2.60.0", "ray_commit": "x"}))
         if self.path.startswith("/api/packages/"):
-            return self._reply(200 if self.path in st["packages"] else 404)
-        if self.path.startswith("/api/jobs/"):
-            parts = self.path.strip("/").split("/")
-            sid = parts[2]
-            if sid not in st["jobs"]:
-                return self._reply(404, {"error": "no such job"})
-            if parts[-1] == "logs":
-                return self._reply(200, {"logs": st["jobs"][sid]["logs"]})
-            statuses = st["jobs"][sid]["statuses"]
-            status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
-            return self._reply(200, {"type": "SUBMISSION", "submission_id": sid, "status": status,
-                                     "entrypoint": st["jobs"][sid]["entrypoint"], "message": f"job is {status.lower()}"})
-        self._reply(404)
-
-    def do_PUT(self):
-        self.state["packages"][self.path] = self._body()
-        self._reply(200)
+            return self._reply(200, "{}")  # the package is "there": nothing is uploaded
+        self._reply(200, "<html><body>a web server, not a Ray dashboard</body></html>", "text/html")
 
     def do_POST(self):
-        if self.path.rstrip("/") == "/api/jobs":
-            req = json.loads(self._body())
-            sid = req.get("submission_id") or "raysubmit_fake123"
-            self.state["jobs"][sid] = {"entrypoint": req["entrypoint"], "request": req,
-                                       "statuses": ["RUNNING", "SUCCEEDED"], "logs": "epoch 1 ok\n"}
-            return self._reply(200, {"job_id": sid, "submission_id": sid})
-        self._reply(404)
+        st = self.state
+        st["requests"].append(("POST", self.path))
+        if self.path.rstrip("/") == "/api/jobs" and st["version"] == "ray":
+            code, text = st["submit"].pop(0) if len(st["submit"]) > 1 else st["submit"][0]
+            return self._reply(code, text, "application/json" if code == 200 else "text/plain")
+        self._reply(200, "<html>not json</html>", "text/html")
+
+
+NO_AGENT = (500, "No available agent to submit job, please try again later.")
+ACCEPTED = (200, json.dumps({"job_id": "raysubmit_ok", "submission_id": "raysubmit_ok"}))
 
 
 @pytest.fixture
 def dashboard():
     pytest.importorskip("aiohttp", reason="Ray's Jobs SDK needs aiohttp (ray[default])")
-    FakeDashboard.state = {"packages": {}, "jobs": {}}
+    FakeDashboard.state = {"version": "ray", "submit": [ACCEPTED], "requests": []}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeDashboard)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -87,64 +78,88 @@ def dashboard():
     server.server_close()
 
 
-def test_submit_status_logs_roundtrip(tmp_path, dashboard, monkeypatch):
-    address, state = dashboard
-    monkeypatch.setenv("RAY_ADDRESS", "http://198.51.100.1:8265")  # must not override --address
-    job = good_job(tmp_path)
-    job["store"] = "memory://shpeft-submit-test/store"
-    path = tmp_path / "myjob.yaml"
-    path.write_text(yaml.safe_dump(job))
-    res = CliRunner().invoke(main, ["submit", str(path), "--address", address, "--submission-id", "sub-1",
-                                    "--env", "HF_HUB_OFFLINE=1", "--force"])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.strip().splitlines()[-1] == "sub-1"
-    req = state["jobs"]["sub-1"]["request"]
-    assert req["entrypoint"] == "shpeft run myjob.yaml --address auto --force"
-    assert req["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1"}
-    # The working_dir package uploaded holds exactly the job file.
-    (pkg,) = state["packages"].values()
-    with zipfile.ZipFile(io.BytesIO(pkg)) as z:
-        assert z.namelist() == ["myjob.yaml"]
-        assert yaml.safe_load(z.read("myjob.yaml")) == job
-    assert req["runtime_env"]["working_dir"].startswith("gcs://")
-
-    res = invoke("status", "sub-1", "--address", address)
-    assert res.exit_code == 0 and "sub-1: RUNNING" in res.output
-    res = invoke("status", "sub-1", "--address", address, "--wait", "--poll", 0.1)
-    assert res.exit_code == 0 and "SUCCEEDED" in res.output
-    res = invoke("logs", "sub-1", "--address", address)
-    assert res.exit_code == 0 and res.output == "epoch 1 ok\n"
-    res = CliRunner().invoke(main, ["status", "nope", "--address", address])
-    assert res.exit_code == 1 and "nope" in res.output
-
-
-def test_submit_working_dir(tmp_path, dashboard):
-    address, state = dashboard
-    wd = tmp_path / "proj"
-    (wd / "jobs").mkdir(parents=True)
-    (wd / "notes.txt").write_text("x")
-    path = wd / "jobs" / "j.yaml"
-    path.write_text(yaml.safe_dump({**good_job(tmp_path), "store": "memory://x/store"}))
-    res = invoke("submit", path, "--address", address.removeprefix("http://"), "--working-dir", wd)
-    assert res.exit_code == 0, res.output
-    (job,) = state["jobs"].values()
-    assert job["entrypoint"] == "shpeft run jobs/j.yaml --address auto"
-    (pkg,) = state["packages"].values()
-    assert sorted(zipfile.ZipFile(io.BytesIO(pkg)).namelist()) == ["jobs/j.yaml", "notes.txt"]
-
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    res = CliRunner().invoke(main, ["submit", str(path), "--address", address, "--working-dir", str(other)])
-    assert res.exit_code == 1 and "not inside --working-dir" in res.output
-
-
-def test_submit_warns_about_local_store(tmp_path, dashboard):
-    address, _ = dashboard
+def _object_store_job(tmp_path: Path) -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(good_job(tmp_path)))
-    res = CliRunner().invoke(main, ["submit", str(path), "--address", address])
-    assert res.exit_code == 0
-    assert "local path" in res.stderr
+    path.write_text(yaml.safe_dump({**good_job(tmp_path), "store": "memory://shpeft-submit-test/store"}))
+    return path
+
+
+def test_submit_retries_while_the_cluster_has_no_job_agent(tmp_path, dashboard):
+    """Right after `ray start --head` the dashboard answers 500 "No available agent": submit retries."""
+    address, state = dashboard
+    state["submit"] = [NO_AGENT, NO_AGENT, ACCEPTED]
+    res = CliRunner().invoke(main, ["submit", str(_object_store_job(tmp_path)), "--address", address])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "raysubmit_ok\n"
+    assert sum(r == ("POST", "/api/jobs/") for r in state["requests"]) == 3
+    waiting = [ln for ln in res.stderr.splitlines() if ln.startswith("waiting:")]
+    assert waiting == ["waiting: the cluster has no job agent ready yet (Ray: \"No available agent to submit job\"); "
+                       "retrying for up to 60s"]
+
+
+def test_submit_gives_up_on_a_cluster_without_job_agent_with_one_line(tmp_path, dashboard):
+    address, state = dashboard
+    state["submit"] = [NO_AGENT]
+    res = CliRunner().invoke(main, ["submit", str(_object_store_job(tmp_path)), "--address", address,
+                                    "--agent-wait", "1"])
+    assert res.exit_code == 1 and res.stdout == ""
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [res.stderr.splitlines()[-1]] and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"error: the cluster at {address} still had no job agent to take the job after 1s")
+    assert "--agent-wait" in errors[0] and "Traceback" not in res.stderr
+    assert sum(r == ("POST", "/api/jobs/") for r in state["requests"]) >= 2
+
+
+def test_submit_refused_for_another_reason_is_one_line_and_not_retried(tmp_path, dashboard):
+    address, state = dashboard
+    state["submit"] = [(400, "Traceback (most recent call last):\n  File x\nValueError: bad runtime_env")]
+    res = CliRunner().invoke(main, ["submit", str(_object_store_job(tmp_path)), "--address", address])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines()[-1] == (f"error: submission to {address} failed: Request failed with status "
+                                           "code 400: Traceback (most recent call last):")
+    assert sum(r == ("POST", "/api/jobs/") for r in state["requests"]) == 1
+
+
+@pytest.mark.parametrize("version", ["garbage", "ray"])
+@pytest.mark.parametrize("cmd", [["status", "raysubmit_x"], ["logs", "raysubmit_x"], ["submit", None]])
+def test_a_server_that_answers_garbage_is_one_line(tmp_path, dashboard, version, cmd):
+    """Something answers HTTP at the address, but not as Ray's Jobs API: one line, exit 1."""
+    address, state = dashboard
+    state["version"] = version
+    state["submit"] = [(200, "<html>not json</html>")]
+    args = [str(_object_store_job(tmp_path)) if a is None else a for a in cmd]
+    res = CliRunner().invoke(main, [*args, "--address", address])
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    err = [ln for ln in res.stderr.splitlines() if not ln.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and address in err[0], res.stderr
+    if version == "garbage":
+        assert err[0] == (f"error: {address} does not answer like a Ray dashboard (its answer is not JSON, as the "
+                          "Jobs API's would be)")
+
+
+def test_a_dashboard_that_never_answers_times_out(tmp_path):
+    """A port that accepts connections and never replies: bounded by --timeout, one line."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        res = CliRunner().invoke(main, ["status", "raysubmit_x", "--address", f"127.0.0.1:{port}", "--timeout", "1"],
+                                 env={"RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None})
+    assert res.exit_code == 1
+    assert res.stderr == (f"error: cannot reach the Ray dashboard at http://127.0.0.1:{port} within 1s (ReadTimeout); "
+                          "is the cluster up and port 8265 reachable (e.g. `ray dashboard cluster.yaml` or "
+                          "`kubectl port-forward`)?\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--smoke-test"], "--methods, --seeds and --smoke-test go with --compare"),
+    (["--seeds", "2"], "--methods, --seeds and --smoke-test go with --compare"),
+    (["--compare", "--methods", "shpeft,lorra"], "--methods: 'lorra' is not a method"),
+])
+def test_submit_bad_compare_options_exit_2_before_connecting(tmp_path, args, message):
+    res = invoke("submit", _object_store_job(tmp_path), "--address", f"http://127.0.0.1:{free_port()}", *args)
+    assert res.exit_code == 2 and message in res.output and "cannot reach" not in res.output, res.output
 
 
 def test_submit_bad_job_exits_2_before_connecting(tmp_path):

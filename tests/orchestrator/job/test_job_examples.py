@@ -225,7 +225,8 @@ def test_cluster_readme_commands_exist():
     from orchestrator.cli.main import main
 
     text = (CLUSTER / "README.md").read_text()
-    lines = [ln.strip() for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S) for ln in block.splitlines()]
+    blocks = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S) if lang in ("", "bash")]
+    lines = [ln.strip() for block in blocks for ln in block.splitlines()]
     seen = 0
     for line in lines:
         if not line.startswith("shpeft "):
