@@ -110,7 +110,7 @@ def test_delta_serves_per_finding_probabilities_equal_to_the_merged_model(runs):
     assert {p.kind for p in preds} == {"multi_label"} and len(preds) == 4 * findings.num_classes
     srv = DeltaServer.func_or_class(job.backbone.model_dump(mode="json"), max_deltas=1)
     loaded = srv._load(uri)
-    out = srv._run_groups([loaded] * len(images), [srv._decode(open(p, "rb").read()) for p in images])
+    out = srv._run_batch([(loaded, srv._decode(open(p, "rb").read())) for p in images])
     for body, want in zip(out, ref):
         np.testing.assert_allclose(body["probabilities"], want, atol=1e-6, rtol=0)
         assert body["task_kind"] == "multi_label" and "class_index" not in body
