@@ -72,9 +72,15 @@ class Method:
         """The estimator of the task map it ranks by. Most methods take the job's (``importance.estimator``)."""
         return (self.own_importance or {}).get("estimator", job_estimator)
 
+    def importance_variant(self, job_estimator: str) -> str:
+        """The name of the task map it ranks by: the job's estimator, or its own pass's name ("gps")."""
+        own = self.own_importance or {}
+        return own.get("name") or own.get("estimator") or job_estimator
+
     def importance_settings(self, job_settings: dict[str, Any]) -> dict[str, Any]:
         """The settings of the task map it ranks by: the job's, with ``own_importance`` over them."""
-        return {**job_settings, **(self.own_importance or {})}
+        own = {k: v for k, v in (self.own_importance or {}).items() if k != "name"}
+        return {**job_settings, **own}
 
     def alpha(self, job_alpha: float) -> float:
         """The hybrid weight it really uses (1 = task-specific only, 0 = task-agnostic only)."""

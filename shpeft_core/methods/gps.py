@@ -24,7 +24,7 @@ __all__ = ["GPS", "gps_importance_config", "gps_trainable_extras", "GPS_IMPORTAN
 
 # The settings of GPS's own importance pass, as the importance stage takes them (``views: gps`` draws the
 # two augmented views of ``tasks.transforms.gps_views``; ``batches: None`` is one whole pass).
-GPS_IMPORTANCE = {"estimator": "grad1", "batches": None, "loss": "supcon", "head_warmup": "none", "views": "gps"}
+GPS_IMPORTANCE = {"name": "gps", "estimator": "grad1", "batches": None, "loss": "supcon", "head_warmup": "none", "views": "gps"}
 
 
 def gps_importance_config(rules: tuple[str, ...] | None = None):
