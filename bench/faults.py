@@ -394,7 +394,7 @@ def worker_kill(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
     """Two drivers at once on one store, same datasets (so the same importance cache entries)."""
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
     from orchestrator.job.load import parse_job
 
     root = ctx.folder("concurrent")
@@ -436,7 +436,7 @@ def concurrent_cache(ctx: Context, reference: Outcome | None = None) -> Outcome:
 
 def node_removal(ctx: Context) -> Outcome:
     """A worker node is lost while a long task trains on it, after a short task finished on the other one."""
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
     from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 
@@ -494,7 +494,7 @@ def driver_kill(ctx: Context) -> Outcome:
     """`shpeft run` is SIGKILLed after its first task finished; the same job is then run again."""
     import ray
 
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
 
     from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
@@ -553,7 +553,7 @@ def read_all(store: str) -> list[dict]:
 
 def store_write_failure(ctx: Context) -> Outcome:
     """The store fails the first write of one task's delta half-way (in the training worker); rerun after."""
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
     from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
 

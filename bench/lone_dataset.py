@@ -50,10 +50,8 @@ def main() -> int:
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import ray
-
-    from orchestrator.job.spec import parse_job
-    from orchestrator.runtime.resources import connect_ray
+    from orchestrator.job.load import parse_job
+    from orchestrator.runtime.session import ray_session
     from orchestrator.workflows.compare import run_compare
     from orchestrator.workflows.demo import demo_job_dict, install_demo_backbone, write_demo_data
 
@@ -65,8 +63,7 @@ def main() -> int:
     base["sweep"]["enabled"] = False
     t0 = time.perf_counter()
     rows: dict[tuple[str, str], list[dict]] = {}
-    connect_ray(None, args.cpus)
-    try:
+    with ray_session(None, args.cpus):
         for agnostic in ("magnitude", "pool"):
             job = parse_job({**base, "importance": {**base["importance"], "agnostic": agnostic}}, "lone-dataset job")
             methods = [m for _, a, m in VARIANTS if a == agnostic]
@@ -79,8 +76,6 @@ def main() -> int:
                                 print(f"FAILED {label} {r['task']} seed {r['seed']}: {r['error']}")
                                 return 1
                             rows.setdefault((label, r["task"]), []).append(r)
-    finally:
-        ray.shutdown()
 
     tasks = [t.name for t in targets]
     summary: dict[str, dict[str, dict[str, float]]] = {}

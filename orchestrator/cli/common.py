@@ -71,7 +71,7 @@ def load_job_or_exit(path: str):
 def resolve_job_id(store: str, job: str) -> str:
     """JOB may be a job id or the job file it came from."""
     if os.path.isfile(job):
-        from orchestrator.job.spec import job_id
+        from orchestrator.job.keys import job_id
 
         return job_id(load_job_or_exit(job))
     return job

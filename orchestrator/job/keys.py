@@ -8,7 +8,7 @@ from shpeft_core.methods import get_method
 
 from orchestrator.job.spec import JobSpec, TrainingSection, affects_results, content_hash
 
-__all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'magnitude_key', 'task_config_hash']
+__all__ = ['backbone_dict', 'importance_key', 'agnostic_key', 'magnitude_key', 'task_config_hash', 'job_id']
 
 
 def backbone_dict(job: JobSpec) -> dict[str, Any]:
@@ -99,3 +99,14 @@ def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None
             **({"equal_budget": True} if equal_budget else {}),
         }
     )
+
+
+def job_id(job: JobSpec) -> str:
+    """Short hex id derived from the job's content (canonical JSON of the validated job).
+
+    Where a job is tracked is not part of what it computes: the tracking section is left out, so adding
+    it keeps the job's id (and its finished artifacts). Classes a task leaves to its folders are resolved
+    first (orchestrator.job.classes): the job has the id of the one with them written out."""
+    from orchestrator.job.classes import with_classes
+
+    return content_hash(with_classes(job).model_dump(mode="json", exclude={"tracking"}), length=12)

@@ -49,7 +49,6 @@ __all__ = [
     "JobSpec",
     "resolve_task",
     "task_name",
-    "job_id",
     "canonical_json",
     "content_hash",
 ]
@@ -449,14 +448,3 @@ def task_name(entry: CatalogueTaskRef | TaskSpec) -> str:
     if isinstance(entry, CatalogueTaskRef):
         return entry.name or entry.catalogue
     return entry.name
-
-
-def job_id(job: JobSpec) -> str:
-    """Short hex id derived from the job's content (canonical JSON of the validated job).
-
-    Where a job is tracked is not part of what it computes: the tracking section is left out, so adding
-    it keeps the job's id (and its finished artifacts). Classes a task leaves to its folders are resolved
-    first (orchestrator.job.classes): the job has the id of the one with them written out."""
-    from orchestrator.job.classes import with_classes
-
-    return content_hash(with_classes(job).model_dump(mode="json", exclude={"tracking"}), length=12)

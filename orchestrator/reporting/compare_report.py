@@ -185,7 +185,7 @@ def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[
 
 def _evals(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
     """(task, method label, seed) -> the run's evaluation file, for runs whose file verifies."""
-    from orchestrator.stages.evaluation import EvalFileError, read_eval
+    from orchestrator.store.evaluation_files import EvalFileError, read_eval
     from orchestrator.store.layout import eval_file
 
     out = {}

@@ -54,7 +54,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def _job_doc(store: str, job_id: str):
     """The job as run (jobs/<id>.json), or None when it is missing, no longer parses, or is not the job of
     that id (its content hashes to the id: a changed file does not)."""
-    from orchestrator.job.spec import JobSpecError, job_id as id_of
+    from orchestrator.job.spec import JobSpecError
+    from orchestrator.job.keys import job_id as id_of
     from orchestrator.job.load import parse_job
 
     uri = layout.job_file(store, job_id)
@@ -242,7 +243,7 @@ def _agnostic_line(row: dict) -> list[str]:
 
 
 def _task_section(store: str, job_id: str, row: dict, root: str, pngs: list[str], missing: list[str]) -> tuple[list[str], dict]:
-    from orchestrator.stages.evaluation import EvalFileError, read_eval
+    from orchestrator.store.evaluation_files import EvalFileError, read_eval
 
     task, metric = row["task"], row.get("metric") or DEFAULT_METRIC
     lines = [f"## Task `{task}`", ""]

@@ -28,17 +28,10 @@ from typing import Any
 
 from shpeft_core.options import EVAL_SPLITS, SUMMARY_METRICS
 
+from orchestrator.store.evaluation_files import EVAL_FORMAT, EvalFileError, read_eval, write_eval
+
 __all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "write_eval", "encode_predictions",
            "split_predictions"]
-
-EVAL_FORMAT = "shpeft-eval/3"  # /2: the catalogue fields and the file's own checksum; /3: per-image predictions
-READABLE_FORMATS = ("shpeft-eval/2", EVAL_FORMAT)
-
-
-class EvalFileError(ValueError):
-    """An evaluation file that cannot be trusted: unreadable, damaged, or of another format."""
-
-
 
 
 def evaluate_artifact(plan, batch_size: int | None = None, on: tuple[str, ...] = EVAL_SPLITS) -> dict[str, Any]:
@@ -115,30 +108,6 @@ def evaluate_artifact(plan, batch_size: int | None = None, on: tuple[str, ...] =
     out.update(sha256=sha, bytes=artifact_size(plan.artifact_uri, kind), eval_s=time.perf_counter() - t0)
     write_eval(eval_file(plan.artifact_uri), {**doc, "row": out})
     return out
-
-
-def write_eval(uri: str, doc: dict[str, Any]) -> None:
-    """Write an evaluation file atomically, sealed with the sha256 of its content."""
-    from shpeft_core.io import write_sealed_json
-    from shpeft_core.metrics import json_safe
-
-    write_sealed_json(uri, json_safe(doc))
-
-
-def read_eval(uri: str) -> dict[str, Any] | None:
-    """The evaluation file at ``uri`` after checking its checksum, or None when there is none (an artifact
-    of an older version). Raises EvalFileError for a file that is unreadable, of another format, or damaged."""
-    from shpeft_core.io import DamagedFileError, exists, read_sealed_json
-
-    if not exists(uri):
-        return None
-    try:
-        doc = read_sealed_json(uri)
-    except DamagedFileError as exc:
-        raise EvalFileError(f"evaluation file {exc}") from None
-    if doc.get("format") not in READABLE_FORMATS:
-        raise EvalFileError(f"evaluation file {uri}: format {doc.get('format')!r}, expected one of {READABLE_FORMATS}")
-    return doc
 
 
 def encode_predictions(labels, preds, probs) -> dict[str, Any]:

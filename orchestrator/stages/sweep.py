@@ -27,7 +27,8 @@ from shpeft_core.io import DamagedFileError, exists, read_sealed_json, remove, w
 from orchestrator.stages import RUN_IMPORTS
 from orchestrator.store import layout
 from orchestrator.runtime.console import say, short_error
-from orchestrator.stages.evaluation import EvalFileError, evaluate_artifact, read_eval, write_eval
+from orchestrator.stages.evaluation import evaluate_artifact
+from orchestrator.store.evaluation_files import EvalFileError, read_eval, write_eval
 from orchestrator.runtime.resources import TRIAL_CPU, cluster_resources, ray_storage, trainer_slots, worker_resources
 from orchestrator.stages.training import fault_for
 from orchestrator.runtime.worker_pool import run_on_pool

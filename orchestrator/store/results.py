@@ -176,7 +176,7 @@ def recover_rows(store: str, job_id: str, skip: Iterable[str] = ()) -> dict[str,
     are not looked at (their artifacts are not hashed)."""
     from shpeft_core.artifacts import artifact_sha256
 
-    from orchestrator.stages.evaluation import EvalFileError, read_eval
+    from orchestrator.store.evaluation_files import EvalFileError, read_eval
 
     found: dict[str, tuple[str, dict]] = {}
     skip = set(skip)

@@ -82,7 +82,7 @@ def check_tracking(job, data: bool = True) -> list[str]:
     """
     from shpeft_core.io import StorageError, check_store_usable
 
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
     from orchestrator.store.layout import normalise_store
 
     tr, problems = job.tracking, []

@@ -22,7 +22,9 @@ from shpeft_core.io import atomic_write_bytes, exists, read_bytes
 from shpeft_core.methods import get_method, method_names
 from shpeft_core.options import DEFAULT_METRIC, EVAL_SPLITS, MIXES, SUMMARY_METRICS
 
-from orchestrator.job.spec import JobSpec, JobSpecError, content_hash, job_id as compute_job_id, task_name
+from orchestrator.job.spec import JobSpec, JobSpecError, content_hash, task_name
+
+from orchestrator.job.keys import job_id as compute_job_id
 from orchestrator.runtime.console import say, short_error
 from orchestrator.runtime.resources import cluster_resources, trainer_slots, worker_resources
 from orchestrator.runtime.session import ray_session

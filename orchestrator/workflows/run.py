@@ -21,7 +21,8 @@ from shpeft_core.methods import get_method
 from shpeft_core.options import DEFAULT_METRIC
 
 from orchestrator.job.agnostic import uses_agnostic
-from orchestrator.job.spec import JobSpec, job_id as compute_job_id, task_name
+from orchestrator.job.spec import JobSpec, task_name
+from orchestrator.job.keys import job_id as compute_job_id
 from orchestrator.reporting.tables import print_results_table
 from orchestrator.runtime.console import error_chain, log, now, say, short_error
 from orchestrator.runtime.session import ray_session

@@ -25,7 +25,7 @@ import numpy as np
 from tasks.codecs.images import DatasetError
 
 from ..spec import SPLITS, TableLayout, TaskSpec
-from .files import SPLIT_ALIASES, ext, find_files, relative, source_fs
+from .files import SPLIT_ALIASES, check_regular, ext, find_files, relative, source_fs
 
 __all__ = ["TableIndex", "index_table", "table_location", "TABLE_EXTENSIONS"]
 
@@ -98,6 +98,7 @@ def _read_columns(fs, path: str, columns: list[str], optional: tuple[str, ...] =
     that the table lacks are left out of the result."""
     import pyarrow as pa
 
+    check_regular(fs, path)
     try:
         with fs.open(path, "rb") as f:
             if ext(path) == ".parquet":
@@ -293,6 +294,7 @@ def _split_lists(fs, src: str, lay: TableLayout) -> tuple[dict[str, int], list[s
         path = _inside(src, rel, f"table.split_lists.{split}")
         if not fs.exists(path):
             raise DatasetError(f"{path}: split list not found (table.split_lists.{split})")
+        check_regular(fs, path)
         files.append(path)
         with fs.open(path, "rb") as f:
             for line in f.read().decode("utf-8", errors="replace").splitlines():

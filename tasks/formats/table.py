@@ -8,7 +8,7 @@ group column (patient / study) so that drawn splits keep a group together. The l
 
 Invariants: images are decoded only when an item is read (any Pillow format, or DICOM by extension or
 preamble), so a rank holds the index (paths and targets), never pixels; a path resolves inside the image
-root (symlinks checked when the file is opened) unless URLs are allowed; items are ``(image, target)``
+root (symlinks checked when the file is opened) and is a regular file unless URLs are allowed; items are ``(image, target)``
 with an int class for single_label / ordinal and a float32 vector (1 / 0 / NaN unknown) for multi_label.
 """
 
@@ -26,7 +26,7 @@ from tasks.codecs.dicom import decode_dicom, is_dicom_bytes
 from tasks.codecs.images import DICOM_EXTENSIONS, DatasetError, decode_image, encode_png
 from ..spec import SPLITS, TaskSpec
 from .base import DatasetFormat, SplitArrays, Survey
-from .files import check_inside, ext, find_files, source_fs
+from .files import check_inside, check_regular, ext, find_files, source_fs
 from .label_table import TABLE_EXTENSIONS, TableIndex, index_table, table_location
 
 __all__ = ["TableImageDataset", "TableFormat", "FORMAT", "cached_index"]
@@ -88,6 +88,7 @@ class TableImageDataset(Dataset):
             if self._fs is None:  # opened lazily so the dataset pickles into worker processes
                 self._fs = source_fs(self.spec)[0]
             check_inside(self._fs, self.image_root, path)
+            check_regular(self._fs, path)  # a FIFO or device would block the reader
             with self._fs.open(path, "rb") as f:
                 return f.read()
         except FileNotFoundError:

@@ -209,6 +209,16 @@ def test_symlink_out_of_the_root_is_refused_when_opened(tmp_path):
             list(build_dataset(spec, s).iter_images())
 
 
+def test_only_regular_files_are_read(tmp_path):
+    spec = _table(tmp_path, ["img/0.png,0", "img/1.png,1", "img/fifo.png,0"], split_column=None)
+    os.mkfifo(tmp_path / "t" / "img" / "fifo.png")
+    with pytest.raises(DatasetError, match="fifo.png: is a FIFO, not a regular file"):
+        for s in SPLITS:
+            list(build_dataset(spec, s).iter_images())
+    with pytest.raises(DatasetError, match="fifo.png: is a FIFO"):
+        check_dataset(spec, decode=False)  # the listing for missing files finds it without opening it
+
+
 def test_bad_cells_and_columns_name_the_file_line_and_field(tmp_path):
     spec = _table(tmp_path, ["img/0.png,0", "img/1.png,7"])
     with pytest.raises(DatasetError, match=r"labels.csv line 3: label='7' is not an integer in 0..1"):

@@ -54,7 +54,7 @@ def test_show_unknown_job(tmp_path):
 def test_show_by_job_file(tmp_path):
     from orchestrator.store.results import write_rows
     from orchestrator.job.load import load_job
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(good_job(tmp_path)))

@@ -6,7 +6,8 @@ change that moves any of them retrains every task of every existing store, so it
 """
 
 from orchestrator.job.keys import agnostic_key, importance_key, task_config_hash
-from orchestrator.job.spec import TrainingSection, affects_results, job_id, resolve_task
+from orchestrator.job.spec import TrainingSection, affects_results, resolve_task
+from orchestrator.job.keys import job_id
 from orchestrator.job.load import parse_job
 
 JOB = {

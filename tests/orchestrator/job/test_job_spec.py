@@ -5,7 +5,8 @@ import os
 import pytest
 
 from orchestrator.store.results import SCHEMA, read_catalogue, write_rows
-from orchestrator.job.spec import JobSpecError, job_id
+from orchestrator.job.spec import JobSpecError
+from orchestrator.job.keys import job_id
 from orchestrator.job.load import load_job, parse_job
 
 BASE = {

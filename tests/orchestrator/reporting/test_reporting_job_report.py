@@ -75,7 +75,7 @@ def test_report_of_unknown_job_exits_2_in_one_line(tmp_path):
 from shpeft_core.io import sha256_file  # noqa: E402
 from tasks.loaders import build_dataset  # noqa: E402
 
-from orchestrator.stages.evaluation import EvalFileError, read_eval, write_eval  # noqa: E402
+from orchestrator.store.evaluation_files import EvalFileError, read_eval, write_eval  # noqa: E402
 from orchestrator.job.load import parse_job  # noqa: E402
 from orchestrator.workflows.run import run_job  # noqa: E402
 from orchestrator.store.layout import eval_file, job_report_file  # noqa: E402
@@ -164,7 +164,7 @@ def test_each_task_writes_an_evaluation_file_linked_to_its_artifact(job_run, tas
 
 @pytest.mark.ray
 def test_run_and_the_report_command_write_a_readable_report(job_run, task_specs, tmp_path):
-    from orchestrator.job.spec import job_id
+    from orchestrator.job.keys import job_id
 
     job, result = job_run
     assert result.report == job_report_file(result.store, result.job_id) and os.path.exists(result.report)

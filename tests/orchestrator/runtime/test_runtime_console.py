@@ -273,7 +273,7 @@ def test_a_failed_task_row_shows_its_cause_and_the_log_command_in_full(capsys):
 def test_a_task_that_cannot_be_planned_has_its_whole_error_in_its_log_and_a_short_one_in_the_table(tmp_path, capsys):
     """The first-run failure as it was met: one task, a pooled agnostic map asked for and nothing to pool
     (`shpeft validate` stops this before Ray; run_job called directly still reports it well)."""
-    from orchestrator.job.spec import parse_job
+    from orchestrator.job.load import parse_job
     from orchestrator.workflows.run import run_job
     from tasks.synthetic import write_colour_task
 

@@ -486,7 +486,8 @@ def test_serve_and_run_with_a_pickle_as_backbone_weights_exit_2(setup, tmp_path)
     job = {"backbone": {"name": "test_vit", "source": str(pickled), "kwargs": KWARGS}, "store": str(tmp_path / "s"),
            "tasks": [{"name": "t", "source": str(tmp_path / "data"), "format": "imagefolder", "num_classes": 2}]}
     from orchestrator.workflows.run import preflight
-    from orchestrator.job.spec import JobSpecError, parse_job
+    from orchestrator.job.spec import JobSpecError
+    from orchestrator.job.load import parse_job
 
     with pytest.raises(JobSpecError, match=r"backbone\.source: backbone weights .*weights\.pth.* cannot be loaded"):
         preflight(parse_job(job))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers_orch import random_delta
-from orchestrator.stages.evaluation import write_eval
+from orchestrator.store.evaluation_files import write_eval
 from orchestrator.store.layout import catalogue_file, eval_file, task_artifact
 from orchestrator.store.results import CatalogueError, heal_catalogue, read_catalogue, recover_rows, write_rows
 from shpeft_core.backbone import BackboneSpec

@@ -87,7 +87,8 @@ def _job(store, specs=None, **over):
 
 
 def test_job_file_section_defaults_off_and_keeps_the_job_id(tmp_path):
-    from orchestrator.job.spec import JobSpecError, job_id
+    from orchestrator.job.spec import JobSpecError
+    from orchestrator.job.keys import job_id
 
     plain = _job(tmp_path)
     tracked = _job(tmp_path, tracking={"mlflow": {"uri": "file:mlruns"}, "tensorboard": {}})

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from orchestrator.job.spec import parse_job
+from orchestrator.job.load import parse_job
 from orchestrator.tracking.base import TrackingBackend, run_name
 from orchestrator.tracking.tracker import BACKENDS, backend_class, make_tracker
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from helpers_orch import BACKBONE, backbone_file, colour_task  # noqa: F401
 from orchestrator.cli.main import main
-from orchestrator.job.spec import job_id, load_job
+from orchestrator.job.keys import job_id
+from orchestrator.job.load import load_job
 from orchestrator.store.layout import catalogue_file
 
 

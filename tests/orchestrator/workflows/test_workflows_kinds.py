@@ -15,7 +15,7 @@ from shpeft_core.delta import load_delta, merge_delta  # noqa: E402
 from tasks.synthetic_findings import write_findings_task, write_grades_task  # noqa: E402
 
 from orchestrator.job.load import parse_job  # noqa: E402
-from orchestrator.stages.evaluation import read_eval  # noqa: E402
+from orchestrator.store.evaluation_files import read_eval  # noqa: E402
 from orchestrator.store.layout import eval_file  # noqa: E402
 from orchestrator.workflows.compare import run_compare  # noqa: E402
 from orchestrator.workflows.demo import DEMO_BACKBONE, demo_backbone_uri  # noqa: E402
@@ -104,7 +104,7 @@ def test_delta_serves_per_finding_probabilities_equal_to_the_merged_model(runs):
     tf = transform_for(merged, train=False)
     with torch.no_grad():
         ref = torch.sigmoid(merged(torch.stack([tf(decode_image(p)) for p in images])).double()).numpy()
-    preds = predict_files([uri], images)
+    preds = predict_files([uri], images, backbone_source=job.backbone.source)  # the weights one trusts
     got = np.array([[p.probability for p in preds if p.image == img] for img in images])
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
     assert {p.kind for p in preds} == {"multi_label"} and len(preds) == 4 * findings.num_classes

@@ -14,8 +14,9 @@ from tasks.loaders import build_loader  # noqa: E402
 from tasks.transforms import transform_for  # noqa: E402
 
 from orchestrator.store.results import read_catalogue  # noqa: E402
-from orchestrator.stages.evaluation import read_eval  # noqa: E402
-from orchestrator.job.spec import JobSpecError, job_id  # noqa: E402
+from orchestrator.store.evaluation_files import read_eval  # noqa: E402
+from orchestrator.job.spec import JobSpecError  # noqa: E402
+from orchestrator.job.keys import job_id
 from orchestrator.job.load import load_job, parse_job  # noqa: E402
 from orchestrator.workflows.run import run_job  # noqa: E402
 from orchestrator.store.layout import eval_file, latest_artifact  # noqa: E402
