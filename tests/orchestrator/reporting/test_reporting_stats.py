@@ -151,8 +151,6 @@ def test_inputs_that_do_not_pair_up_are_refused(labels, a_shape, b_shape, match)
 def test_multi_label_auc_is_the_mean_finding_auroc_on_known_labels():
     from sklearn.metrics import roc_auc_score
 
-    from orchestrator.reporting.stats import recovery_fraction  # noqa: F401 (the module's public names)
-
     rng = np.random.default_rng(5)
     n, c = 60, 3
     y = (rng.random((n, c)) < 0.4).astype(np.float64)
