@@ -45,7 +45,9 @@ class Method:
             section), e.g. GPS's own pass; the importance stage computes that map beside the job's and keys
             it apart. Its warm head still comes from the job's map, as every method's does.
         on_alpha_axis: whether its results lie on the hybrid's alpha axis (the hybrid and its two ends).
-        head_only: whether it trains the head alone: its learning rate is then the head's.
+        head_only: whether it trains the head alone: its learning rate is then the head's (a report's
+            floor for recovery fractions).
+        trains_all: whether it trains every weight (full fine-tuning: a report's ceiling).
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +63,7 @@ class Method:
     own_importance: ClassVar[dict[str, Any] | None] = None
     on_alpha_axis: ClassVar[bool] = False
     head_only: ClassVar[bool] = False
+    trains_all: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ importance and selection
 
