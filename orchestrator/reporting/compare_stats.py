@@ -167,7 +167,11 @@ def recovery_section(outputs: dict[str, dict], tasks: list[str], labels: list[st
             frac, lo, hi = recovery_fraction(task["labels"], *(_stack(task["runs"][v], seeds, "macro_f1")
                                                                for v in (lab, floor, ceiling)), fn,
                                              n_resamples=RESAMPLES)
-            cells.append("n/a (ceiling not above floor)" if math.isnan(frac) else f"{frac:.2f} [{lo:.2f}, {hi:.2f}]")
+            if math.isnan(frac):
+                cells.append("n/a (ceiling not above floor)")
+            else:
+                cells.append(f"{frac:.2f} " + ("(no interval: the gap vanishes in most resamples)" if math.isnan(lo)
+                                               else f"[{lo:.2f}, {hi:.2f}]"))
         rows.append(f"| {lab} | " + " | ".join(cells) + " |")
     return ["", f"## Recovery of the {floor} to {ceiling} gap (test macro-F1)", "",
             f"(method - {floor}) / ({ceiling} - {floor}) per task, with a 95% percentile interval from the same "

@@ -291,7 +291,7 @@ def recovery_fraction(labels, method, floor, ceiling, metric: Callable, *, confi
     fine-tuning as the ceiling), with a percentile interval from ``scipy.stats.bootstrap`` over seeds and
     images as in ``paired_difference`` (all three scored on the same resampled seeds and images). Outputs as
     in ``paired_difference``. Returns (fraction, low, high); NaN where the ceiling does not exceed the floor
-    (or, for the interval, in some resample)."""
+    (for the interval: in half the resamples or more; otherwise the undefined resamples are left out)."""
     from scipy.stats import bootstrap
 
     y, m, lo, hi = _check(labels, method, floor, ceiling)
@@ -319,4 +319,12 @@ def recovery_fraction(labels, method, floor, ceiling, metric: Callable, *, confi
         boot = bootstrap(samples, fraction, paired=False, vectorized=True, n_resamples=n_resamples,
                          confidence_level=confidence, method="percentile", batch=batch,
                          rng=np.random.default_rng([seed, 2]))
-    return point, float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+    dist = np.asarray(boot.bootstrap_distribution, dtype=np.float64)
+    finite = dist[np.isfinite(dist)]
+    if finite.size < 0.5 * dist.size:  # the gap itself is not there in most resamples: no interval
+        return point, float("nan"), float("nan")
+    # Resamples where the ceiling does not exceed the floor have no fraction; the percentile interval is
+    # taken over the others (SciPy's own would be NaN as soon as one resample is undefined).
+    tail = 50 * (1 - confidence)
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return point, float(low), float(high)

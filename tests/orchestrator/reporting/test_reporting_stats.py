@@ -181,3 +181,17 @@ def test_recovery_fraction_places_a_method_between_floor_and_ceiling(labels):
     means = [np.mean([f1(labels, o[s]) for s in range(3)]) for o in (mid, floor, ceiling)]
     assert frac == pytest.approx((means[0] - means[1]) / (means[2] - means[1]))
     assert 0.2 < lo < frac < hi < 0.8
+
+
+def test_recovery_interval_leaves_out_resamples_where_the_gap_vanishes(labels):
+    from orchestrator.reporting.stats import recovery_fraction
+
+    rng = np.random.default_rng(7)
+    floor, ceiling = _predictions(labels, 0.6, 1, rng), _predictions(labels, 0.75, 1, rng)
+    mid = np.where(rng.random(floor.shape) < 0.5, floor, ceiling)
+    f1 = metric_statistic("macro_f1", C)
+    # 40 images and a small gap: some resamples have no gap (undefined fraction); the rest give the interval
+    frac, lo, hi = recovery_fraction(labels[:40], mid[:, :40], floor[:, :40], ceiling[:, :40], f1, n_resamples=400)
+    assert np.isfinite([frac, lo, hi]).all() and lo <= frac <= hi
+    # no gap at all: no fraction and no interval
+    assert all(np.isnan(v) for v in recovery_fraction(labels, mid, ceiling, ceiling, f1, n_resamples=100))
