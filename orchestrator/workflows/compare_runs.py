@@ -195,42 +195,40 @@ class CompareRuns:
         return ordered
 
 
-def tune_learning_rates(runs: CompareRuns, targets, entries, seed: int, points: int, force: bool):
+def tune_learning_rates(runs: CompareRuns, targets, entries, seed: int, points: int, force: bool,
+                        extensions: int = 2):
     """Each (task, entry)'s learning rate, chosen on validation from ``lr_grid`` around its default.
 
-    Returns ({(task, label): (lr, source)}, the tuning rows). ``points`` 0: no tuning (each method's
-    default, or its pinned method.lr). A (task, entry) whose tries all failed keeps its default."""
+    Where the best value sits at an end of what was tried, one more value a grid step beyond it is tried
+    (at most ``extensions`` times per (task, entry)), so a rate is not chosen at the edge of the grid
+    only because the grid ended there. Returns ({(task, label): (lr, source)}, the tuning rows).
+    ``points`` 0: no tuning (each method's default, or its pinned method.lr). A (task, entry) whose tries
+    all failed keeps its default."""
     job = runs.job
     previous = {} if force else {(r["task"], r["variant"], r["lr"]): r for r in read_tuning(runs.tuning_uri)}
     chosen: dict[tuple[str, str], tuple[float, str]] = {}
+    searched: dict[tuple[str, str], tuple[Any, Any]] = {}  # (task, label) -> (spec, entry)
     rows: dict[tuple, dict[str, Any]] = {}
-    pending: list[tuple[tuple, dict, Any]] = []
-    for spec in targets:
-        for e in entries:
-            m = get_method(e.method)
-            label = e.label(job.selection.mix)
-            lr0, source = starting_lr(job, e.method)
-            chosen[(spec.name, label)] = (lr0, source)
-            if not points or source == "job":
-                continue
-            for lr in lr_grid(lr0, points):
-                key = (spec.name, label, lr)
-                base = {"task": spec.name, "variant": label, "method": e.method, "seed": seed, "lr": lr,
-                        "mix": (e.mix or job.selection.mix) if m.takes_mix else None, "metric": spec.metric,
-                        "artifact_kind": m.artifact}
-                try:
-                    plan, chash = runs.plan(spec, e, seed, {"lr": lr})
-                except Exception as exc:
-                    rows[key] = {**base, "status": "failed", "error": short_error(exc)}
-                    continue
-                base.update(config_hash=chash, artifact_uri=plan.artifact_uri)
-                if row_verified(previous.get(key), chash, "artifact_uri"):
-                    rows[key] = previous[key]
-                    continue
-                pending.append((key, base, plan))
-    bases = {key: base for key, base, _ in pending}
-    if pending:
-        say(f"tuning: {len(pending)} run(s) on validation ({len(rows)} already done)", runs.progress)
+    bases: dict[tuple, dict[str, Any]] = {}
+
+    def add(spec, e, lr: float, pending: list) -> None:
+        m = get_method(e.method)
+        label = e.label(job.selection.mix)
+        key = (spec.name, label, lr)
+        base = {"task": spec.name, "variant": label, "method": e.method, "seed": seed, "lr": lr,
+                "mix": (e.mix or job.selection.mix) if m.takes_mix else None, "metric": spec.metric,
+                "artifact_kind": m.artifact}
+        try:
+            plan, chash = runs.plan(spec, e, seed, {"lr": lr})
+        except Exception as exc:
+            rows[key] = {**base, "status": "failed", "error": short_error(exc)}
+            return
+        base.update(config_hash=chash, artifact_uri=plan.artifact_uri)
+        if row_verified(previous.get(key), chash, "artifact_uri"):
+            rows[key] = previous[key]
+            return
+        bases[key] = base
+        pending.append((key, (plan, "tune")))
 
     def finished(key: tuple, get_result) -> None:
         base = bases[key]
@@ -247,11 +245,42 @@ def tune_learning_rates(runs: CompareRuns, targets, entries, seed: int, points: 
                 runs.progress)
         write_tuning(runs.tuning_uri, list(rows.values()))
 
-    runs.execute([(key, (plan, "tune")) for key, _, plan in pending], finished, "tuning")
-    for (task, label), (lr0, source) in list(chosen.items()):
-        scores = {lr: (r.get("val_score") if r.get("status") == "ok" else None)
-                  for (t, lab, lr), r in rows.items() if t == task and lab == label}
-        best = choose_lr(scores, lr0) if scores else None
+    def scores(task: str, label: str) -> dict[float, float | None]:
+        return {lr: (r.get("val_score") if r.get("status") == "ok" else None)
+                for (t, lab, lr), r in rows.items() if t == task and lab == label}
+
+    pending: list[tuple[tuple, Any]] = []
+    for spec in targets:
+        for e in entries:
+            label = e.label(job.selection.mix)
+            lr0, source = starting_lr(job, e.method)
+            chosen[(spec.name, label)] = (lr0, source)
+            if not points or source == "job":
+                continue
+            searched[(spec.name, label)] = (spec, e)
+            for lr in lr_grid(lr0, points):
+                add(spec, e, lr, pending)
+    if pending:
+        say(f"tuning: {len(pending)} run(s) on validation ({len(rows)} already done)", runs.progress)
+    for round_ in range(extensions + 1):
+        runs.execute(pending, finished, "tuning")
+        pending = []
+        if round_ == extensions:
+            break
+        for (task, label), (spec, e) in searched.items():  # one step beyond an edge that won
+            tried = scores(task, label)
+            best = choose_lr(tried, chosen[(task, label)][0]) if tried else None
+            if best is None or len(tried) < 2:
+                continue
+            step = lr_grid(best, 3)
+            beyond = step[0] if best == min(tried) else step[-1] if best == max(tried) else None
+            if beyond is not None and beyond not in tried:
+                add(spec, e, beyond, pending)
+        if pending:
+            say(f"tuning: {len(pending)} more run(s) beyond the end of the grid that won", runs.progress)
+    for (task, label), (lr0, _) in list(chosen.items()):
+        tried = scores(task, label)
+        best = choose_lr(tried, lr0) if tried else None
         if best is not None:
             chosen[(task, label)] = (best, "tuned")
     ordered = [rows[k] for k in sorted(rows)]
