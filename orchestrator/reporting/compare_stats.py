@@ -193,9 +193,10 @@ def tuning_section(tuning: list[dict[str, Any]], chosen_rows: list[dict[str, Any
     for r in tuning:
         tried.setdefault((r["task"], r["variant"]), []).append(r)
     lines = ["## Learning rates (chosen on validation)", "",
-             "Each (task, method) tried its default learning rate and its neighbours on a x3 log grid, on the first "
-             "seed, for the final runs' epochs; the task's model-selection metric on validation chose (ties: the "
-             "value nearest the default). That run is also the first seed's final run. `job`: pinned by the job's "
+             "Each (task, method) tried its default learning rate and its neighbours on a x3 log grid (and a step "
+             "beyond an end of the grid that won, at most twice), on the first seed, for the final runs' epochs; "
+             "the task's model-selection metric on validation chose (ties: the value nearest the default). That "
+             "run is also the first seed's final run. `job`: pinned by the job's "
              "method.lr, not searched; `default`: the method's own default, not searched.", "",
              "| task | method | tried (validation score) | chosen | source | tuning s |", "|---|---|---|---:|---|---:|"]
     for t in tasks:

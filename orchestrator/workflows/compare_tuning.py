@@ -7,12 +7,14 @@ Invariants:
   ``method.lr`` pins it for that method (never searched), ``tuned`` when the grid below chose it, and
   ``default`` when tuning is off and the method's own ``default_lr`` is used. The job-level
   ``training.lr`` is never used by a comparison: it would give every method one rate.
-- The grid is fixed, not adaptive: the method's default rate times ``factor ** k`` for ``points``
-  values of k centred on 0 (3 points x factor 3 by default: 10x from end to end). Every method gets the
-  same number of tries, on the first seed (its importance batches and warm head included), for the same
-  epochs as the final runs; the task's own model-selection metric on validation decides, and a tie goes
-  to the value nearest the default on the log scale. A fixed grid is reproducible, costs the same for
-  every method and needs no sequential rounds, which a seeded TPE search of three tries would not improve.
+- The grid: the method's default rate times ``factor ** k`` for ``points`` values of k centred on 0
+  (3 points x factor 3 by default: 10x from end to end); where the best value is at an end of what was
+  tried, one more value a step beyond it is tried, at most twice (``compare_runs.tune_learning_rates``).
+  Every method starts with the same number of tries, on the first seed (its importance batches and warm
+  head included), for the same epochs as the final runs; the task's own model-selection metric on
+  validation decides, and a tie goes to the value nearest the default on the log scale. A grid is
+  reproducible, costs every method the same and sends its runs out at once; a seeded TPE search of three
+  to five tries would have nothing to learn a model of the objective from.
 - The tuning run at the chosen rate has the config hash of the first seed's final run, so that run
   reuses its artifact and is then evaluated on validation and test; the other seeds train anew.
 """
