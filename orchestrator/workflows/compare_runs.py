@@ -281,7 +281,7 @@ def tune_learning_rates(runs: CompareRuns, targets, entries, seed: int, points: 
     for (task, label), (lr0, _) in list(chosen.items()):
         tried = scores(task, label)
         best = choose_lr(tried, lr0) if tried else None
-        if best is not None:
+        if best is not None and len(tried) > 1:  # one value tried (--tune-points 1) chose nothing
             chosen[(task, label)] = (best, "tuned")
     ordered = [rows[k] for k in sorted(rows)]
     if ordered:
