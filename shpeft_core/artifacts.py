@@ -3,7 +3,7 @@ recognised, in one place.
 
 | kind         | what it is                                              | name suffix                | sha256 of            |
 |--------------|---------------------------------------------------------|----------------------------|----------------------|
-| `delta`      | a task delta (sparse values + head + metadata)          | `.safetensors`             | the file             |
+| `delta`      | a task delta (sparse values + head + metadata; dense biases) | `.safetensors`             | the file             |
 | `checkpoint` | a plain timm state dict (every weight)                  | `.checkpoint.safetensors`  | the file             |
 | `lora`       | a folder: peft's adapter files + the head               | `.lora` (a folder)         | the files' digests   |
 
@@ -149,8 +149,9 @@ def _head_state(model) -> dict:
 def save_artifact(model, handle, kind: str, uri: str, metadata: dict[str, str]) -> dict:
     """Write the trained model's artifact of ``kind`` at ``uri``; returns {"sha256", "bytes", "kind"}.
 
-    delta: ``extract_delta`` of the model. checkpoint: the plain timm state dict. lora: peft's adapter
-    files (``handle`` is the peft wrapper) plus head.safetensors with the metadata.
+    delta: ``extract_delta`` of the model (``handle``, where not None, is ``{"dense": {name: value before
+    training}}``: whole tensors it trained beside its mask, GPS's biases). checkpoint: the plain timm state dict. lora:
+    peft's adapter files (``handle`` is the peft wrapper) plus head.safetensors with the metadata.
     """
     from . import _st
 
@@ -159,7 +160,8 @@ def save_artifact(model, handle, kind: str, uri: str, metadata: dict[str, str]) 
     if kind == "delta":
         from .delta import extract_delta, save_delta
 
-        return {**save_delta(extract_delta(model, metadata=meta), uri), "kind": kind}
+        dense = (handle or {}).get("dense") if isinstance(handle, dict) else None
+        return {**save_delta(extract_delta(model, metadata=meta, dense=dense), uri), "kind": kind}
     if kind == "checkpoint":
         from .backbone import unwrap
 

@@ -1,17 +1,21 @@
-"""The task delta: one safetensors file per task (sparse values + dense head + metadata).
+"""The task delta: one safetensors file per task (sparse values + dense head + metadata, and for a method
+that trains whole biases beside its mask, such as GPS, those tensors as ``<param>.dense``).
 
 Invariants, for any file (a delta is data from outside: its self-checksum only proves it was not damaged,
 anyone can recompute it):
 
 - ``load_delta`` refuses a file whose structure is wrong (``check_delta``): sorted, unique int32 indices,
   finite values, 1 <= num_classes <= MAX_NUM_CLASSES with as many class names, a head whose first dimension
-  is num_classes. It reads only a regular file.
+  is num_classes, finite dense tensors only in a format-2 file. It reads only a regular file. A delta without
+  dense tensors is written as format 1, byte for byte as before they existed; one with them as format 2,
+  which a reader that knows only format 1 refuses by its version instead of misreading.
 - ``validate_delta(model, delta)`` runs before anything is applied (``apply_delta`` calls it, and so must
   any other forward that uses a delta): sparse values only at weights a sparse delta may change (Linear /
   groups=1 Conv2d weights outside the head), indices inside them, head tensors exactly the model's head
-  parameters with their shapes for num_classes. Nothing else of the backbone can be named.
+  parameters with their shapes for num_classes, dense tensors only at biases and layer-scale gammas
+  (``eligibility.dense_eligible_parameters``) with their shapes. Nothing else of the backbone can be named.
 - ``apply_delta`` keeps an undo record of every tensor it writes and a fingerprint of what it touches (the
-  entries at the delta's indices and the head); ``DeltaHandle.remove()`` restores them bit-exactly and
+  entries at the delta's indices, the dense tensors and the head); ``DeltaHandle.remove()`` restores them bit-exactly and
   recomputes the fingerprint, raising DeltaError if anything it touched is not as before.
 """
 
@@ -36,11 +40,12 @@ from .backbone import (
     head_parameter_names,
     unwrap,
 )
-from .eligibility import eligible_parameters
+from .eligibility import dense_eligible_parameters, eligible_parameters
 from .sparse import remove_sparse_training, sparse_modules
 
 __all__ = [
     "FORMAT_VERSION",
+    "DENSE_FORMAT_VERSION",
     "REQUIRED_METADATA",
     "DeltaError",
     "TaskDelta",
@@ -58,6 +63,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
+DENSE_FORMAT_VERSION = "2"  # the format of a delta with dense tensors; "1" files have none
+READABLE_FORMATS = (FORMAT_VERSION, DENSE_FORMAT_VERSION)
+DENSE_SUFFIX = ".dense"
 REQUIRED_METADATA = (
     "shpeft_format", "backbone", "backbone_source", "backbone_kwargs", "backbone_fingerprint",
     "num_classes", "class_names", "density", "alpha", "estimator", "importance_key", "task",
@@ -81,6 +89,7 @@ class TaskDelta:
     values: dict[str, Tensor]  # param name -> float32 values added at those indices
     head: dict[str, Tensor]  # head tensors under their timm names
     metadata: dict[str, str] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)  # whole trained tensors (biases), by parameter name
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +104,7 @@ class TaskDelta:
         for n in self.indices:
             out[f"{n}.indices"] = self.indices[n]
             out[f"{n}.values"] = self.values[n]
+        out.update({n + DENSE_SUFFIX: t for n, t in self.dense.items()})
         out.update(self.head)
         return out
 
@@ -103,8 +113,10 @@ def _as_str(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
-    """The delta of a model after apply_sparse_training (+ fit).
+def extract_delta(model: nn.Module, *, metadata: dict[str, str], dense: dict[str, Tensor] | None = None) -> TaskDelta:
+    """The delta of a model after apply_sparse_training (+ fit). ``dense`` maps whole parameters (biases)
+    it trained besides to their values before training: they are stored as they are now, and the base
+    fingerprint is taken with the values before.
 
     Derived metadata (format, backbone, source, kwargs, fingerprint, num_classes, class_names
     default, density, parameter_shapes) is filled in; ``metadata`` must give alpha, estimator,
@@ -126,16 +138,23 @@ def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
     head = {n: params[n].detach().cpu().clone() for n in head_names}
     if not head:
         raise DeltaError("extract_delta: model has no classifier head")
+    dense_tensors = {n: params[n].detach().cpu().clone() for n in (dense or {})}
     num_classes = int(head[head_names[0]].shape[0])
+    with torch.no_grad():  # the base's fingerprint: the dense parameters at their values before training
+        for n, before in (dense or {}).items():
+            params[n].copy_(before)
+        fingerprint = backbone_fingerprint(m)
+        for n, t in dense_tensors.items():
+            params[n].copy_(t)
     spec = getattr(m, "shpeft_spec", None) or {}
     eligible_total = sum(p.numel() for p in eligible_parameters(m).values())
     k = sum(v.numel() for v in values.values())
     meta = {
-        "shpeft_format": FORMAT_VERSION,
+        "shpeft_format": DENSE_FORMAT_VERSION if dense_tensors else FORMAT_VERSION,
         "backbone": backbone_name(m),
         "backbone_source": spec.get("source", ""),
         "backbone_kwargs": json.dumps(spec.get("kwargs", {}), sort_keys=True),
-        "backbone_fingerprint": backbone_fingerprint(m),
+        "backbone_fingerprint": fingerprint,
         "num_classes": str(num_classes),
         "class_names": json.dumps([str(i) for i in range(num_classes)]),
         "density": repr(k / eligible_total) if eligible_total else "0",
@@ -150,7 +169,7 @@ def extract_delta(model: nn.Module, *, metadata: dict[str, str]) -> TaskDelta:
     names = json.loads(meta["class_names"])
     if not isinstance(names, list) or len(names) != num_classes:
         raise DeltaError(f"extract_delta: class_names must be a JSON list of {num_classes} names")
-    return TaskDelta(indices=indices, values=values, head=head, metadata=meta)
+    return TaskDelta(indices=indices, values=values, head=head, metadata=meta, dense=dense_tensors)
 
 
 def check_delta(delta: TaskDelta, where: str = "delta") -> None:
@@ -159,8 +178,11 @@ def check_delta(delta: TaskDelta, where: str = "delta") -> None:
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise DeltaError(f"{where}: metadata lacks {missing}")
-    if meta["shpeft_format"] != FORMAT_VERSION:
-        raise DeltaError(f"{where}: shpeft_format {meta['shpeft_format']!r}, this reader knows {FORMAT_VERSION!r}")
+    if meta["shpeft_format"] not in READABLE_FORMATS:
+        raise DeltaError(f"{where}: shpeft_format {meta['shpeft_format']!r}, this reader knows {READABLE_FORMATS}")
+    if delta.dense and meta["shpeft_format"] != DENSE_FORMAT_VERSION:
+        raise DeltaError(f"{where}: dense tensors in a format {meta['shpeft_format']!r} delta (they need format "
+                         f"{DENSE_FORMAT_VERSION!r})")
     try:
         num_classes = int(meta["num_classes"])
         names = json.loads(meta["class_names"])
@@ -190,6 +212,11 @@ def check_delta(delta: TaskDelta, where: str = "delta") -> None:
     extra = set(delta.values) - set(delta.indices)
     if extra:
         raise DeltaError(f"{where}: values without indices: {sorted(extra)[:5]}")
+    for n, t in delta.dense.items():
+        if n in delta.indices or n in delta.head:
+            raise DeltaError(f"{where}: {n!r} is a dense tensor and also a sparse parameter or head tensor")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise DeltaError(f"{where}: dense tensor {n!r} must hold finite floats, got {t.dtype}")
     if not delta.head:
         raise DeltaError(f"{where}: no head tensors")
     for n, t in delta.head.items():
@@ -230,6 +257,13 @@ def validate_delta(model: nn.Module, delta: TaskDelta, *, where: str = "delta") 
         if not p.is_contiguous():
             raise DeltaError(f"model parameter {n!r} is not contiguous")
     params = dict(m.named_parameters())
+    dense_ok = dense_eligible_parameters(m) if delta.dense else {}
+    for n, t in delta.dense.items():
+        if n not in dense_ok:
+            raise DeltaError(f"{where}: dense tensor {n!r} is not a parameter a delta may replace in the "
+                             f"{backbone_name(m) or 'given'} model (biases and layer-scale gammas outside norms and the head)")
+        if tuple(t.shape) != tuple(dense_ok[n].shape):
+            raise DeltaError(f"{where}: dense tensor {n!r}: shape {tuple(t.shape)} vs model {tuple(dense_ok[n].shape)}")
     head_names = head_parameter_names(m)
     if not head_names:
         raise DeltaError("model has no classifier head")
@@ -265,15 +299,17 @@ def load_delta(uri: str, *, max_bytes: int | None = None, timeout_s: float | Non
         raise DeltaError(str(exc)) from exc
     if "shpeft_format" not in meta:
         raise DeltaError(f"{uri}: not an shpeft task delta (metadata shpeft_format missing)")
-    indices, values, head = {}, {}, {}
+    indices, values, head, dense = {}, {}, {}, {}
     for key, t in tensors.items():
-        if key.endswith(".indices"):
+        if key.endswith(DENSE_SUFFIX):
+            dense[key[: -len(DENSE_SUFFIX)]] = t
+        elif key.endswith(".indices"):
             indices[key[: -len(".indices")]] = t
         elif key.endswith(".values"):
             values[key[: -len(".values")]] = t
         else:
             head[key] = t
-    delta = TaskDelta(indices=indices, values=values, head=head, metadata=meta)
+    delta = TaskDelta(indices=indices, values=values, head=head, metadata=meta, dense=dense)
     check_delta(delta, uri)
     return delta
 
@@ -294,6 +330,7 @@ class DeltaHandle:
         self._entries: list[tuple[Tensor, Tensor, Tensor]] = []  # (flat, indices, original values)
         self._dense: list[tuple[Tensor, Tensor]] = []  # (parameter, original copy)
         self._old_classifier: tuple[list[tuple[str, nn.Module]], int | None] | None = None
+        self._dense_names: list[str] = []  # the delta's dense tensors: fingerprinted with the head
         self.fingerprint: str | None = None
         self.active = True
 
@@ -305,7 +342,7 @@ class DeltaHandle:
                 h.update(f"{name}|{flat.dtype}|{idx.numel()}\n".encode())
                 h.update(tensor_bytes(flat[idx]))
             params = dict(self._model.named_parameters())
-            for name in head_parameter_names(self._model):
+            for name in [*self._dense_names, *head_parameter_names(self._model)]:
                 t = params[name]
                 h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
                 h.update(tensor_bytes(t))
@@ -376,6 +413,7 @@ def apply_delta(model: nn.Module, delta: TaskDelta, *, check_fingerprint: bool =
     for n in sorted(delta.indices):
         p = params[n]
         handle._sparse.append((n, p.data.view(-1), delta.indices[n].to(device=p.device, dtype=torch.int64)))
+    handle._dense_names = sorted(delta.dense)
     handle.fingerprint = handle.touched_fingerprint()
     try:
         _write_delta(m, delta, handle, params)
@@ -407,7 +445,7 @@ def _write_delta(m: nn.Module, delta: TaskDelta, handle: DeltaHandle, params: di
             # Same arithmetic as the sparse forward (base + float32 value cast to the weight dtype):
             # bit-identical logits.
             flat[i] = orig + delta.values[name].to(device=flat.device, dtype=flat.dtype)
-        for n, t in delta.head.items():
+        for n, t in [*sorted(delta.dense.items()), *delta.head.items()]:
             p = params[n]
             handle._dense.append((p, p.detach().clone()))
             p.copy_(t.to(device=p.device, dtype=p.dtype))

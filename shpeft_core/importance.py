@@ -31,7 +31,7 @@ from .backbone import backbone_fingerprint, head_parameter_names, unwrap
 from .backbone import backbone_name as model_backbone_name
 from .eligibility import eligible_parameters
 from .options import ESTIMATORS, HEAD_WARMUPS, LOSSES, REDUCES
-from .objectives import TaskKindError, check_targets, target_keys, task_loss
+from .objectives import TaskKindError, check_targets, supcon_loss, target_keys, task_loss
 from .selection import normalize_scores
 
 __all__ = [
@@ -44,9 +44,6 @@ __all__ = [
     "magnitude_importance",
     "warm_head",
     "load_warm_head",
-    "supcon_loss",
-    "gps_importance_config",
-    "gps_trainable_extras",
 ]
 
 IMPORTANCE_FORMAT = "shpeft-importance/1"
@@ -139,74 +136,6 @@ def load_warm_head(model: nn.Module, imap: ImportanceMap) -> bool:
                 raise ImportanceError(f"warmed head {n}: shape {tuple(src.shape)} vs classifier {tuple(params[n].shape)}")
             params[n].copy_(src.to(params[n].dtype))
     return True
-
-
-def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
-    """Supervised contrastive loss (Khosla et al.) on L2-normalised features; no head involved.
-
-    ``features`` [N, D] hold every view of every image (views concatenated, ``labels`` repeated): each
-    anchor's positives are the other rows with its label, its own other views included. This is the
-    reference SupConLoss with contrast_mode 'all' and temperature = base_temperature, as GPS uses it.
-    Float64 features are kept in float64; anything else is computed in float32.
-    """
-    z = F.normalize(features if features.dtype == torch.float64 else features.float(), dim=1)
-    n = z.shape[0]
-    sim = z @ z.t() / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))
-    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    pos = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~self_mask
-    n_pos = pos.sum(1)
-    has_pos = n_pos > 0
-    if not has_pos.any():
-        return (z * 0).sum()  # no positive pair in the batch: zero loss, zero gradient
-    per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1)[has_pos] / n_pos[has_pos]
-    return per_anchor.mean()
-
-
-def gps_importance_config(rules: tuple[str, ...] | None = None) -> ImportanceConfig:
-    """GPS's importance pass: |sum of gradients| of the head-free supervised-contrastive loss over two
-    augmented views, accumulated over one whole pass of the training split (temperature 0.07)."""
-    return ImportanceConfig(estimator="grad1", num_batches=None, head_warmup="none", loss="supcon",
-                            supcon_temperature=0.07, rules=rules)
-
-
-# Reference: github.com/FightingFighting/GPS, utils/pruning.py (prune_by_percentile_gradient_perCell)
-# and utils/cuda.py (NativeScaler.maks_gradient, which zeroes the gradient where the mask is 1): a
-# parameter whose name contains "norm", "pos_embed" or "cls_token" is frozen; one whose name contains
-# "head", "bias" or "gamma" (layer scale) is trained in full; every other weight trains its per-row
-# top-K entries only (K = times_para = 1 in the released scripts), with Adam and weight decay 0.
-# train_gps.py (calculate_gradient) sums the batches' gradients in train mode with drop-path 0 and no
-# dropout in the scripts, i.e. the same network as the eval mode used here for LayerNorm backbones.
-_GPS_FROZEN = ("pos_embed", "cls_token", "dist_token", "reg_token")
-
-
-def gps_trainable_extras(model: nn.Module) -> list[str]:
-    """Names of the parameters GPS trains in full besides the selected weight entries: the classifier,
-    every bias outside normalisation layers (Swin's relative-position bias tables included), and
-    layer-scale gammas. Normalisation layers (by type, as timm's LayerNorm2d has no "norm" in its name,
-    or by name as in the reference), position embeddings and class/distillation tokens stay frozen.
-
-    Call it on the plain timm model (before sparse training replaces modules). The selected weights
-    are the per-row top-K of ``eligible_parameters``: on ViT/DeiT the same weights the reference ranks;
-    on Swin and ConvNeXt the reference also ranks the patch-merging / downsampling and depthwise
-    weights, which the project's sparse modules do not hold.
-    """
-    m = unwrap(model)
-    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-    in_norm = {f"{path}.{n}" if path else n for path, mod in m.named_modules() if isinstance(mod, norm_types)
-               for n, _ in mod.named_parameters(recurse=False)}
-    heads = set(head_parameter_names(m))
-    out = []
-    for name, _ in m.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if name in heads:
-            out.append(name)
-        elif name in in_norm or "norm" in name or any(t in name for t in _GPS_FROZEN):
-            continue
-        elif "bias" in leaf or "gamma" in leaf:
-            out.append(name)
-    return out
 
 
 def _features(model: nn.Module, x: Tensor) -> Tensor:

@@ -24,6 +24,10 @@ Invariants:
   cost per entry, so a layer takes ``csr`` once k exceeds ``out / 2 + in`` (measured crossover on
   CPU, bench/serve.py); the rule depends on shapes only, so repeated runs give the same bits.
   ``MIXED_PATH`` forces one. Conv2d corrections gather the patch entries they need directly.
+- A format-2 delta's dense tensors (methods that train whole biases beside their mask, such as
+  GPS) are corrections too: a Linear / Conv2d bias adds ``b_t - b`` to the task's output rows, a
+  layer-scale gamma adds ``x * (g_t - g)``. Any other dense tensor (e.g. Swin's relative-position
+  bias tables) is refused when the delta is prepared, never silently left out.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class LayerDelta:
     cols: Tensor  # [k] int64
     values: Tensor  # [k], the layer weight's dtype (the cast apply_delta makes)
     csr: Tensor | None = None  # Linear on the csr path: the delta as sparse CSR [out, in]
+    bias: Tensor | None = None  # a dense bias's difference to the frozen one, [out]
     gather_index: dict = field(default_factory=dict, compare=False)  # Conv2d: (H, W) -> [k, L] input offsets
 
 
@@ -89,6 +94,7 @@ class PreparedDelta:
     num_classes: int
     layers: dict[str, LayerDelta]  # module path -> entries
     heads: dict[str, tuple[Tensor, Tensor | None]]  # classifier path -> (weight, bias)
+    gammas: dict[str, Tensor] = field(default_factory=dict)  # layer-scale path -> gamma's difference
 
 
 @dataclass
@@ -97,6 +103,7 @@ class _Plan:
     width: int  # the widest head in the batch
     layers: dict[str, list[tuple[int, int, LayerDelta]]]  # path -> (first sample, end, entries)
     heads: dict[str, list[tuple[int, int, Tensor, Tensor | None]]]
+    gammas: dict[str, list[tuple[int, int, Tensor]]] = field(default_factory=dict)
     fired: set[str] = field(default_factory=set)
 
 
@@ -179,6 +186,11 @@ class MixedTaskModel:
         self._hooks = [m.register_forward_hook(partial(_layer_hook, n)) for n, m in self.layers.items()]
         self._hooks += [self.model.get_submodule(p).register_forward_hook(partial(_head_hook, p))
                         for p in self.head_paths]
+        # Layer scales (timm's LayerScale / LayerScale2d: x * gamma, not in place) for dense gammas.
+        self.scales = {n: m for n, m in self.model.named_modules()
+                       if n and isinstance(getattr(m, "gamma", None), nn.Parameter) and not getattr(m, "inplace", False)
+                       and len(list(m.parameters(recurse=False))) == 1}
+        self._hooks += [m.register_forward_hook(partial(_gamma_hook, n)) for n, m in self.scales.items()]
 
     def close(self) -> None:
         """Remove the hooks; the model is as it was before."""
@@ -210,13 +222,28 @@ class MixedTaskModel:
                 raise MixedError(f"{where}: {pname} is not the weight of a Linear or groups=1 Conv2d layer")
             if idx.numel():
                 layers[path] = _layer_delta(self.layers[path], idx, delta.values[pname], f"{where}: {pname}")
+        gammas = {}
+        for pname, t in sorted(delta.dense.items()):
+            path, _, leaf = pname.rpartition(".")
+            if leaf == "bias" and path in self.layers and self.layers[path].bias is not None:
+                mod = self.layers[path]
+                diff = t.to(device=mod.bias.device, dtype=mod.bias.dtype) - mod.bias.detach()
+                ld = layers.get(path) or _layer_delta(mod, torch.zeros(0, dtype=torch.int32),
+                                                      torch.zeros(0), f"{where}: {pname}")
+                layers[path] = LayerDelta(ld.rows, ld.cols, ld.values, ld.csr, diff)
+            elif leaf == "gamma" and path in self.scales:
+                g = self.scales[path].gamma
+                gammas[path] = t.to(device=g.device, dtype=g.dtype) - g.detach()
+            else:
+                raise MixedError(f"{where}: dense tensor {pname} is not a Linear / Conv2d bias or a layer-scale "
+                                 "gamma, which the mixed forward cannot add; merge the delta instead (shpeft export)")
         heads = {p: _head(self.model.get_submodule(p), p, delta, where) for p in self.head_paths}
         known = {f"{p}.{n}" for p in self.head_paths for n in ("weight", "bias")}
         extra = sorted(set(delta.head) - known)
         if extra:
             raise MixedError(f"{where}: head tensors {extra[:3]} are not the classifier's "
                              f"({', '.join(self.head_paths)})")
-        return PreparedDelta(name or delta.metadata.get("task", ""), delta.num_classes, layers, heads)
+        return PreparedDelta(name or delta.metadata.get("task", ""), delta.num_classes, layers, heads, gammas)
 
     def forward(self, images: Tensor, deltas: Sequence[PreparedDelta], task_index: Sequence[int] | Tensor
                 ) -> list[Tensor]:
@@ -246,6 +273,8 @@ class MixedTaskModel:
                     plan.layers.setdefault(path, []).append((start, start + n, ld))
                 for path, (w, b) in d.heads.items():
                     plan.heads.setdefault(path, []).append((start, start + n, w, b))
+                for path, g in d.gammas.items():
+                    plan.gammas.setdefault(path, []).append((start, start + n, g))
             start += n
         token = _PLAN.set(plan)
         try:
@@ -253,7 +282,7 @@ class MixedTaskModel:
                 logits = self.model(x)
         finally:
             _PLAN.reset(token)
-        missed = sorted(set(plan.layers) - plan.fired)
+        missed = sorted((set(plan.layers) | set(plan.gammas)) - plan.fired)
         if missed:
             raise MixedError(f"layers {missed[:3]} did not run as modules in the forward: their corrections "
                              "cannot be applied")
@@ -313,11 +342,33 @@ def _layer_hook(path: str, module: nn.Module, inputs: tuple, output: Tensor):
     per = _rows_per_sample(plan, x.shape[0], path)
     if isinstance(module, nn.Conv2d):
         for s, e, ld in groups:
-            _conv_correction(module, x[s * per : e * per], output[s * per : e * per], ld)
+            y = output[s * per : e * per]
+            if ld.cols.numel():
+                _conv_correction(module, x[s * per : e * per], y, ld)
+            if ld.bias is not None:
+                y.add_(ld.bias.view(1, -1, 1, 1))
         return output
     for s, e, ld in groups:
-        xs = x[s * per : e * per].reshape(-1, x.shape[-1])
-        _linear_correction(xs, output[s * per : e * per].view(-1, output.shape[-1]), ld)
+        y = output[s * per : e * per].view(-1, output.shape[-1])
+        if ld.cols.numel():
+            _linear_correction(x[s * per : e * per].reshape(-1, x.shape[-1]), y, ld)
+        if ld.bias is not None:
+            y.add_(ld.bias)
+    return output
+
+
+def _gamma_hook(path: str, module: nn.Module, inputs: tuple, output: Tensor):
+    plan = _PLAN.get()
+    if plan is None or not plan.gammas.get(path):
+        return None
+    plan.fired.add(path)
+    x = inputs[0]
+    output = output.clone()
+    per = _rows_per_sample(plan, x.shape[0], path)
+    for s, e, g in plan.gammas[path]:
+        xs = x[s * per : e * per]
+        gb = g.view(1, -1, 1, 1) if xs.dim() == 4 and g.numel() == xs.shape[1] and g.numel() != xs.shape[-1] else g
+        output[s * per : e * per] += xs * gb
     return output
 
 

@@ -12,6 +12,7 @@ decides the loss itself. Invariants: the multi-label loss is the mean over the *
 entries of the batch, unknown entries contribute neither loss nor gradient, and a batch without any
 known entry gives a zero loss with a zero gradient (never NaN). Ordinal tasks keep cross-entropy: their
 order shows in the metric (quadratic weighted kappa, ``shpeft_core.label_metrics``), not the loss.
+``supcon_loss`` is the head-free loss of GPS's importance pass: it compares targets by ``target_keys``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import Tensor
 
 from .options import KINDS
 
-__all__ = ["KINDS", "TaskKindError", "check_kind", "task_loss", "probabilities", "check_targets", "target_keys"]
+__all__ = ["KINDS", "TaskKindError", "check_kind", "task_loss", "supcon_loss", "probabilities", "check_targets",
+           "target_keys"]
 
 
 class TaskKindError(ValueError):
@@ -48,6 +50,29 @@ def task_loss(logits: Tensor, targets: Tensor, kind: str = "single_label", *, la
         y = y * (1 - label_smoothing) + 0.5 * label_smoothing
     per_entry = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return per_entry[known].mean()
+
+
+def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
+    """Supervised contrastive loss (Khosla et al.) on L2-normalised features; no head involved.
+
+    ``features`` [N, D] hold every view of every image (views concatenated, ``labels`` repeated): each
+    anchor's positives are the other rows with its label, its own other views included. This is the
+    reference SupConLoss with contrast_mode 'all' and temperature = base_temperature, as GPS uses it.
+    Float64 features are kept in float64; anything else is computed in float32.
+    """
+    z = F.normalize(features if features.dtype == torch.float64 else features.float(), dim=1)
+    n = z.shape[0]
+    sim = z @ z.t() / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~self_mask
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0
+    if not has_pos.any():
+        return (z * 0).sum()  # no positive pair in the batch: zero loss, zero gradient
+    per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1)[has_pos] / n_pos[has_pos]
+    return per_anchor.mean()
 
 
 def probabilities(logits: Tensor, kind: str = "single_label") -> Tensor:

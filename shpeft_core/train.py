@@ -118,7 +118,10 @@ def _metrics(logits: Tensor, labels: Tensor, num_classes: int, per_class: bool =
 
     loss = task_loss(logits, labels, kind).item()
     if kind == "multi_label":
-        return _finding_metrics(logits, labels, loss, per_class, thresholds)
+        out = _finding_metrics(logits, labels, loss, per_class, thresholds)
+        if predictions:  # findings 1 / 0 / NaN unknown, and each finding's sigmoid
+            out["predictions"] = {"labels": labels.double().numpy(), "probs": torch.sigmoid(logits.double()).numpy()}
+        return out
 
     y, p = labels.numpy(), logits.argmax(1).numpy()
     probs = torch.softmax(logits.double(), 1).numpy()
@@ -177,7 +180,8 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, device: str = "cpu",
     softmax, [N, C]).
     multi_label: mean AUROC over findings, macro-F1 and mean accuracy at per-finding ``thresholds``
     (default: the best ones on this data); with ``per_class``, ``per_finding`` holds every finding's
-    metrics, thresholds and ROC curve (``shpeft_core.label_metrics.finding_metrics``).
+    metrics, thresholds and ROC curve (``shpeft_core.label_metrics.finding_metrics``); ``predictions``
+    holds ``labels`` (float [N, C]: 1 / 0 / NaN unknown) and ``probs`` (each finding's sigmoid).
     """
     net = unwrap(model)
     dev = torch.device(device)

@@ -14,12 +14,13 @@ __all__ = ["demo"]
 @click.option("--smoke-test", is_flag=True, help="Smallest settings (under 2 minutes on 2 CPUs).")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the embedded Ray (default: all visible).")
 @click.option("--all-methods", is_flag=True,
-              help="Compare also the ablations (specific, agnostic, random masks, the other hybrid rule).")
+              help="Compare also the ablations (specific, agnostic, random masks at both densities, the other hybrid rule).")
 @show_logs_option
 def demo(store: str | None, smoke_test: bool, num_cpus: int | None, all_methods: bool) -> None:
     """Run the main job on a local embedded Ray: synthetic medical-like tasks, a small ViT pre-trained
     on a disjoint source corpus (shipped with shpeft), importance, sparse fine-tuning, a short sweep,
-    then SH-PEFT beside head-only and full fine-tuning over 3 seeds (shpeft compare).
+    then SH-PEFT at the job's density and at a paper-like 1e-3 beside head-only and full fine-tuning over
+    3 seeds, each method's learning rate chosen on validation (shpeft compare).
 
     Example: shpeft demo --smoke-test
     """

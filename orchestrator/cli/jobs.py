@@ -64,15 +64,27 @@ def _methods_help() -> str:
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs for the local embedded Ray.")
 @click.option("--force", is_flag=True, help="Redo runs whose verified artifact already exists.")
 @click.option("--smoke-test", is_flag=True, help="One seed, one epoch, shpeft/linear/full only: a quick check.")
+@click.option("--tune-points", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Learning rates tried per (task, method) on validation, on a log grid around the method's "
+              "default (x3 apart); 0: no tuning. A method pinned by the job's method.lr is not tuned.")
+@click.option("--fixed-importance", is_flag=True,
+              help="Every seed uses the importance maps and warm head of training.seed [default: each seed draws its own].")
+@click.option("--equal-budget", is_flag=True, help="Every mask method (gps included) selects the job's k.")
+@click.option("--reference", default="shpeft", show_default=True,
+              help="The method the report's paired statistics compare every other against.")
 @click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
 @show_logs_option
 def compare(job_file: str, methods: str | None, seeds: int, address: str | None, num_cpus: int | None, force: bool,
-            smoke_test: bool, no_progress: bool) -> None:
+            smoke_test: bool, tune_points: int, fixed_importance: bool, equal_budget: bool, reference: str,
+            no_progress: bool) -> None:
     """Run the job's tasks with SH-PEFT and the methods users would pick instead, in one harness.
 
-    Every run uses the same data, transforms, schedule, epochs and evaluation of its saved artifact.
-    Writes <store>/reports/<id>/results.parquet (one row per task, method and seed) and report.md with
-    its plots, and prints the table of mean ± std test macro-F1.
+    Every run uses the same data, transforms, schedule, epochs and evaluation of its saved artifact;
+    each method's learning rate is chosen on validation first (training.lr is not used; method.lr pins
+    one). M@DENSITY runs a mask method at its own density (e.g. shpeft@0.001). Writes
+    <store>/reports/<id>/results.parquet (one row per task, method and seed), tuning.parquet and
+    report.md (paired differences against --reference with 95% intervals and Holm-adjusted p-values)
+    with its plots, and prints the table of mean ± std test macro-F1.
 
     Example: shpeft compare examples/compare_medmnist224_vitb16_gpu.yaml --seeds 3
     """
@@ -84,10 +96,14 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     except ValueError as exc:
         fail(str(exc), EXIT_INVALID)
     validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1),
-                     methods=[m.partition(":")[0] for m in chosen])
+                     methods=[m.partition("@")[0].partition(":")[0] for m in chosen])
+    compared = [m.partition("@")[0].partition(":")[0] for m in chosen]
+    if reference not in compared:
+        fail(f"--reference: {reference!r} is not among the methods compared ({', '.join(chosen)}); name one of them with --reference", EXIT_INVALID)
     with invalid_input_exits():
         result = run_compare(job, methods=chosen, seeds=seeds, address=address, num_cpus=num_cpus, force=force,
-                             progress=not no_progress)
+                             progress=not no_progress, tune=tune_points > 0, tune_points=tune_points,
+                             fixed_importance=fixed_importance, equal_budget=equal_budget, reference=reference)
     raise click.exceptions.Exit(int(result.exit_code))
 
 

@@ -16,28 +16,33 @@ def backbone_dict(job: JobSpec) -> dict[str, Any]:
 
 
 def importance_key(backbone_fp: str, dataset_fp: str, job: JobSpec, num_classes: int,
-                   estimator: str | None = None) -> str:
-    """Content key of one dataset's importance map: the weights, the data and the estimator settings."""
+                   estimator: str | None = None, *, seed: int | None = None, own: dict[str, Any] | None = None) -> str:
+    """Content key of one dataset's importance map: the weights, the data and the estimator settings.
+
+    ``seed`` draws its batches and warm head (default: ``training.seed``, the key ``shpeft run`` uses);
+    ``own`` is a method's own settings over the job's (``Method.own_importance``, e.g. GPS's pass): its
+    fields replace the job's and its ``views`` marks the map apart, so it cannot share a key with a map
+    of the job's settings."""
     imp = job.importance
-    return content_hash(
-        {
-            "kind": "dataset-importance",
-            "backbone": job.backbone.name,
-            "backbone_kwargs": job.backbone.kwargs,
-            "backbone_fingerprint": backbone_fp,
-            "dataset_fingerprint": dataset_fp,
-            "num_classes": num_classes,
-            "estimator": estimator or imp.estimator,
-            "batches": imp.batches,
-            "batch_size": imp.batch_size or job.training.batch_size,
-            "loss": imp.loss,
-            "head_warmup": imp.head_warmup,
-            "rules": job.selection.rules,
-            "seed": job.training.seed,
-            "format": "warm-head",  # maps carry the warmed head since this format
-        },
-        length=24,
-    )
+    own = {k: v for k, v in (own or {}).items() if k != "name"}
+    key = {
+        "kind": "dataset-importance",
+        "backbone": job.backbone.name,
+        "backbone_kwargs": job.backbone.kwargs,
+        "backbone_fingerprint": backbone_fp,
+        "dataset_fingerprint": dataset_fp,
+        "num_classes": num_classes,
+        "estimator": own.get("estimator") or estimator or imp.estimator,
+        "batches": imp.batches,
+        "batch_size": imp.batch_size or job.training.batch_size,
+        "loss": imp.loss,
+        "head_warmup": imp.head_warmup,
+        "rules": job.selection.rules,
+        "seed": job.training.seed if seed is None else int(seed),
+        "format": "warm-head",  # maps carry the warmed head since this format
+    }
+    key.update(own)  # only a method's own settings add keys (views), so the job's maps keep theirs
+    return content_hash(key, length=24)
 
 
 def agnostic_key(backbone_fp: str, dataset_keys: list[str], job: JobSpec) -> str:
@@ -65,8 +70,14 @@ def magnitude_key(backbone_fp: str, job: JobSpec) -> str:
 
 
 def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None, *, method: str | None = None,
-                     seed: int | None = None) -> str:
-    """Everything that changes a task's artifact; the training fields marked resource-only are left out."""
+                     seed: int | None = None, head_key: str | None = None, point: dict[str, Any] | None = None,
+                     equal_budget: bool = False) -> str:
+    """Everything that changes a task's artifact; the training fields marked resource-only are left out.
+
+    ``head_key``: the map the warm head comes from where it is not ``specific_key`` (a method ranking by a
+    map of its own); ``point``: values a comparison chose for this run over the job's (lr, alpha, rank);
+    ``equal_budget``: the mask takes the job's k where its own rule would not. Each enters the hash only
+    when given, so the keys of runs without them hold."""
     tr = {k: v for k, v in job.training.model_dump(mode="json").items() if affects_results(TrainingSection, k)}
     tr["seed"] = job.training.seed if seed is None else seed
     method = method or job.method.for_task(spec.name)
@@ -77,13 +88,15 @@ def task_config_hash(job: JobSpec, spec, specific_key: str, agnostic: str | None
             **({"method_revision": revision} if revision else {}),
             "backbone": backbone_dict(job),
             "task": spec.model_dump(mode="json"),
-            "importance": [specific_key, agnostic],
+            "importance": [specific_key, agnostic] + ([head_key] if head_key and head_key != specific_key else []),
             "method": method,
             # the method's own settings; named "lora" (the first method to have any) so existing keys hold
             "lora": get_method(method).settings(job.method),
             "selection": job.selection.model_dump(mode="json"),
             "training": tr,
             "sweep": job.sweep.model_dump(mode="json") if job.sweep.enabled else None,
+            **({"point": point} if point else {}),
+            **({"equal_budget": True} if equal_budget else {}),
         }
     )
 

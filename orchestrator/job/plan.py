@@ -17,7 +17,7 @@ from shpeft_core.options import DEFAULT_METRIC
 
 from orchestrator.job.spec import JobSpec
 
-__all__ = ["TaskPlan", "build_plan", "plan_for"]
+__all__ = ["TaskPlan", "build_plan", "plan_for", "task_maps"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TaskPlan:
     mix: str
     granularity: str
     rules: tuple[str, ...] | None
-    specific_uri: str | None  # the task's own map (the method's estimator); also holds the warmed head
+    specific_uri: str | None  # the task map the method ranks by; also holds the warmed head unless head_uri
     agnostic_uri: str | None  # the task-agnostic map for this task
     head_init: str  # warm | random
     train: dict[str, Any]  # TrainConfig keyword arguments (without device)
@@ -42,6 +42,9 @@ class TaskPlan:
     artifact_uri: str | None  # where the finished run writes its artifact
     metadata: dict[str, str] = field(default_factory=dict)  # artifact header metadata
     data_cache: str | None = None  # the store's data cache (prepared arrays) for the loaders; set by stages
+    head_uri: str | None = None  # the map whose warmed head the run starts from, where not specific_uri (gps)
+    equal_budget: bool = False  # the mask takes the job's k where its own rule would not (per row)
+    importance_seed: int | None = None  # the seed that drew the maps' batches and warm head
 
     @property
     def task_name(self) -> str:
@@ -60,22 +63,35 @@ class TaskPlan:
         """The task kind (shpeft_core.objectives): what the loss and the probabilities are."""
         return self.task.get("kind") or "single_label"
 
+    @property
+    def head_map_uri(self) -> str | None:
+        """The map holding the warmed head this run starts from."""
+        return self.head_uri or self.specific_uri
+
     def with_search_point(self, *, density: float | None = None, alpha: float | None = None,
-                          lr: float | None = None, artifact_uri: str | None = None, **meta: str) -> "TaskPlan":
-        """The same plan at another (density, alpha, lr): a sweep trial."""
+                          lr: float | None = None, artifact_uri: str | None = None,
+                          settings: dict[str, Any] | None = None, **meta: str) -> "TaskPlan":
+        """The same plan at another (density, alpha, lr, method settings such as LoRA's rank): a sweep
+        trial or a comparison's tuned point. A head-only method's lr is its head's."""
+        m = get_method(self.method)
         density = self.density if density is None else float(density)
-        alpha = get_method(self.method).alpha(self.alpha if alpha is None else float(alpha))
+        alpha = m.alpha(self.alpha if alpha is None else float(alpha))
         train = dict(self.train) if lr is None else {**self.train, "lr": float(lr)}
+        if lr is not None and m.head_only:
+            train["head_lr"] = float(lr)
+        own = self.settings if settings is None else {**(self.settings or {}), **settings}
         metadata = {**self.metadata, "density": repr(density), "alpha": repr(alpha), "lr": repr(train["lr"]), **meta}
-        return dataclasses.replace(self, density=density, alpha=alpha, train=train, metadata=metadata,
+        return dataclasses.replace(self, density=density, alpha=alpha, train=train, metadata=metadata, settings=own,
                                    artifact_uri=artifact_uri if artifact_uri is not None else self.artifact_uri)
 
 
 def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific: tuple[str, str] | None,
                agnostic: tuple[str, str] | None, agnostic_includes_target: bool, artifact_uri: str | None,
-               epochs: int | None = None, agnostic_source: str = "") -> TaskPlan:
-    """The plan of one (task, method, seed). ``specific``/``agnostic`` are (key, uri) of the maps;
-    ``agnostic_source`` says what the agnostic map is (pool, pool+magnitude or magnitude)."""
+               epochs: int | None = None, agnostic_source: str = "", head: tuple[str, str] | None = None,
+               importance_seed: int | None = None, equal_budget: bool = False) -> TaskPlan:
+    """The plan of one (task, method, seed). ``specific``/``agnostic``/``head`` are (key, uri) of the maps
+    (``head``: where the warm head comes from when it is not ``specific``); ``agnostic_source`` says what
+    the agnostic map is (pool, pool+magnitude or magnitude); ``importance_seed`` drew the maps."""
     from shpeft_core.backbone import source_label
 
     tr = job.training
@@ -106,12 +122,15 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         "granularity": m.granularity(job.selection.granularity),
         "head_init": tr.head_init,
         "seed": str(seed),
+        "importance_seed": str(job.training.seed if importance_seed is None else importance_seed),
         "lr": repr(lr),
         "task": spec.name,
         "metric": spec.metric,
     }
     if spec.kind != "single_label":  # serving forms probabilities by it (absent: single_label)
         metadata["task_kind"] = spec.kind
+    if equal_budget:
+        metadata["equal_budget"] = "true"
     return TaskPlan(
         task=spec.model_dump(mode="json"),
         backbone=job.backbone.model_dump(mode="json"),
@@ -132,21 +151,36 @@ def build_plan(job, spec, *, method: str, seed: int, backbone_fp: str, specific:
         settings=m.settings(job.method),
         artifact_uri=artifact_uri,
         metadata=metadata,
+        head_uri=head[1] if head and specific and head[1] != specific[1] else None,
+        equal_budget=bool(equal_budget),
+        importance_seed=importance_seed,
     )
 
 
-def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: int,
-             artifact: str | None, epochs: int | None = None):
-    """The TaskPlan of (task, method, seed) with its importance maps resolved."""
+def task_maps(job: JobSpec, spec, imaps, method: str, importance_seed: int | None = None):
+    """(the map the method ranks by, the map its warm head comes from, the task-agnostic map) of a task at
+    ``importance_seed`` (None: the job's seed)."""
     m = get_method(method)
-    d = imaps.specific(spec.name, m.importance_estimator(job.importance.estimator))
-    ag = imaps.agnostic.get(spec.name) or {}
+    est = job.importance.estimator
+    ranked = imaps.specific(spec.name, m.importance_variant(est) if m.uses_importance else est, importance_seed)
+    head = imaps.specific(spec.name, est, importance_seed)
+    return ranked, head, imaps.agnostic_for(spec.name, importance_seed)
+
+
+def plan_for(job: JobSpec, spec, backbone_fp: str, imaps, *, method: str, seed: int,
+             artifact: str | None, epochs: int | None = None, importance_seed: int | None = None,
+             equal_budget: bool = False):
+    """The TaskPlan of (task, method, seed) with its importance maps resolved (drawn with ``importance_seed``,
+    None: the job's seed)."""
+    m = get_method(method)
+    d, head, ag = task_maps(job, spec, imaps, method, importance_seed)
     needs_agnostic = m.needs_agnostic(job.selection.alpha)
-    error = d.error or (ag.get("error") if needs_agnostic else None)
+    error = d.error or head.error or (ag.get("error") if needs_agnostic else None)
     if error:
         raise RuntimeError(error)
     return build_plan(job, spec, method=method, seed=seed, backbone_fp=backbone_fp,
-                      specific=(d.key, d.uri),
+                      specific=(d.key, d.uri), head=(head.key, head.uri),
                       agnostic=(ag["key"], ag["uri"]) if ag.get("key") and needs_agnostic else None,
                       agnostic_includes_target=job.importance.include_target, artifact_uri=artifact,
-                      epochs=epochs, agnostic_source=ag.get("source") or "")
+                      epochs=epochs, agnostic_source=ag.get("source") or "", importance_seed=importance_seed,
+                      equal_budget=equal_budget)

@@ -40,9 +40,14 @@ def _on_alpha_curve(method: str) -> bool:
 
 
 def _label(r: dict[str, Any], job_mix: str) -> str:
+    """A row's method label: its variant (rule and own density) where recorded."""
     from shpeft_core.methods import get_method
 
-    return get_method(r["method"]).label(r.get("mix") or job_mix)
+    return r.get("variant") or get_method(r["method"]).label(r.get("mix") or job_mix)
+
+
+def _at_job_density(r: dict[str, Any]) -> bool:
+    return " @ " not in (r.get("variant") or "")
 
 
 def summarise(rows: list[dict[str, Any]], job_mix: str, split: str = "test",
@@ -62,12 +67,12 @@ def mean_over_tasks(summary, label: str, tasks: list[str]) -> float | None:
     return statistics.fmean(vals) if len(vals) == len(tasks) and vals else None
 
 
-def _table(summary, tasks: list[str], labels: list[str]) -> list[str]:
-    best = {t: max((summary[(t, lab)][0] for lab in labels if (t, lab) in summary), default=None) for t in tasks}
+def _table(summary, tasks: list[str], labels: list[str], bold: set[tuple[str, str]] | None = None) -> list[str]:
+    """Mean ± std per (method, task) and the mean over tasks; ``bold``: the cells to bold (significantly best)."""
+    bold = bold or set()
     head = "| method | " + " | ".join(tasks) + " | mean |"
     lines = [head, "|---|" + "---:|" * (len(tasks) + 1)]
     means = {lab: mean_over_tasks(summary, lab, tasks) for lab in labels}
-    best_mean = max((m for m in means.values() if m is not None), default=None)
     for lab in labels:
         cells = []
         for t in tasks:
@@ -76,9 +81,9 @@ def _table(summary, tasks: list[str], labels: list[str]) -> list[str]:
                 continue
             m, s, _ = summary[(t, lab)]
             cell = f"{m:.3f} ± {s:.3f}"
-            cells.append(f"**{cell}**" if best[t] is not None and m == best[t] else cell)
+            cells.append(f"**{cell}**" if (t, lab) in bold else cell)
         mean = means[lab]
-        mean_cell = "-" if mean is None else (f"**{mean:.3f}**" if mean == best_mean else f"{mean:.3f}")
+        mean_cell = "-" if mean is None else f"{mean:.3f}"
         lines.append(f"| {lab} | " + " | ".join(cells) + f" | {mean_cell} |")
     return lines
 
@@ -110,7 +115,7 @@ def _plot_alpha_curve(rows, tasks: list[str], job_mix: str, uri: str) -> str | N
     for i, t in enumerate(tasks):
         by_alpha: dict[float, list[float]] = {}
         for r in rows:
-            if (r["task"] == t and r.get("status") == "ok" and _on_alpha_curve(r["method"])
+            if (r["task"] == t and r.get("status") == "ok" and _on_alpha_curve(r["method"]) and _at_job_density(r)
                     and r.get("mix") in (None, job_mix) and r.get("alpha") is not None):
                 by_alpha.setdefault(float(r["alpha"]), []).append(float(r[f"test_{METRIC}"]))
         if len(by_alpha) < 2:
@@ -136,7 +141,7 @@ def _shpeft_masks(rows, tasks: list[str], job_mix: str) -> dict[str, dict[str, A
     masks = {}
     for t in tasks:
         cands = sorted((r for r in rows if r["task"] == t and r["method"] == REFERENCE_METHOD
-                        and r.get("mix") in (None, job_mix)
+                        and r.get("mix") in (None, job_mix) and _at_job_density(r)
                         and r.get("status") == "ok" and r.get("artifact_uri") and exists(r["artifact_uri"])),
                        key=lambda r: r["seed"])
         if cands:
@@ -175,7 +180,8 @@ def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[
             d = means[sh] - means[other]
             out.append(f"- {sh} vs {other}: {means[sh]:.3f} vs {means[other]:.3f} mean test macro-F1 "
                        f"({'+' if d >= 0 else ''}{d:.3f}).")
-    other_mix = next((lab for lab in labels if lab.startswith(f"{ref.name} (") and lab != sh), None)
+    other_mix = next((lab for lab in labels if lab.startswith(f"{ref.name} (") and lab != sh and " @ " not in lab),
+                     None)
     if other_mix and means.get(other_mix) is not None:
         d = means[sh] - means[other_mix]
         out.append(f"- Hybrid rule: {sh} {means[sh]:.3f} vs {other_mix} {means[other_mix]:.3f} "
@@ -183,7 +189,7 @@ def _claims(summary, tasks: list[str], labels: list[str], job_mix: str) -> list[
     return out
 
 
-def _evals(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
+def _evals(rows: list[dict[str, Any]], job_mix: str) -> dict[tuple, dict]:
     """(task, method label, seed) -> the run's evaluation file, for runs whose file verifies."""
     from orchestrator.store.evaluation_files import EvalFileError, read_eval
     from orchestrator.store.layout import eval_file
@@ -197,13 +203,13 @@ def _evals(rows: list[dict[str, Any]]) -> dict[tuple, dict]:
         except (EvalFileError, ValueError):
             continue
         if ev is not None and ev.get("artifact_sha256") == r.get("sha256"):
-            out[(r["task"], r["method"], r.get("mix"), r["seed"])] = ev
+            out[(r["task"], _label(r, job_mix), r["seed"])] = ev
     return out
 
 
 def _kind_sections(root: str, rows, tasks: list[str], labels: list[str], job_mix: str, plots: list[str]) -> list[str]:
     """Per-finding AUROC tables and ROC curves of multi-label tasks, kappa tables of ordinal ones."""
-    evals = _evals(rows)
+    evals = _evals(rows, job_mix)
     kinds = {k[0]: ev.get("task_kind") or "single_label" for k, ev in evals.items()}
     lines: list[str] = []
     ordinal = [t for t in tasks if kinds.get(t) == "ordinal"]
@@ -215,10 +221,9 @@ def _kind_sections(root: str, rows, tasks: list[str], labels: list[str], job_mix
         per_method: dict[str, list[list[float | None]]] = {}
         curves: dict[str, dict] = {}
         names: list[str] = []
-        for (task, method, mix, seed), ev in sorted(evals.items(), key=lambda kv: kv[0][3]):
+        for (task, label, seed), ev in sorted(evals.items(), key=lambda kv: kv[0][2]):
             if task != t:
                 continue
-            label = _label({"method": method, "mix": mix}, job_mix)
             pf = ev["splits"]["test"]["per_finding"]
             names = ev["class_names"]
             per_method.setdefault(label, []).append(pf["auc"])
@@ -257,14 +262,39 @@ def _agnostic_sentence(agnostic: dict[str, dict[str, Any]] | None, tasks: list[s
     return where + (", the task itself included" if job.importance.include_target else "")
 
 
+def _variant_of(rows, labels: list[str], test) -> str | None:
+    """The first label among ``labels`` whose rows satisfy ``test(method)``."""
+    from shpeft_core.methods import get_method
+
+    for lab in labels:
+        if any(r.get("variant") == lab and test(get_method(r["method"])) for r in rows if r.get("status") == "ok"):
+            return lab
+    return None
+
+
 def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list[str], labels: list[str],
-                 agnostic: dict[str, dict[str, Any]] | None = None, seconds: float = 0.0) -> tuple[str, list[str]]:
-    """report.md and its PNGs under ``root``; returns (report URI, PNG URIs)."""
+                 agnostic: dict[str, dict[str, Any]] | None = None, seconds: float = 0.0,
+                 tuning: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None,
+                 ) -> tuple[str, list[str]]:
+    """report.md and its PNGs under ``root``; returns (report URI, PNG URIs). ``tuning``: the tuning runs
+    (compare_tuning); ``settings``: the comparison's options (tune, fixed_importance, equal_budget, reference)."""
+    from orchestrator.reporting import compare_stats as cs
+
+    settings = settings or {}
     job_mix = job.selection.mix
     tasks = [t for t in task_order if any(r["task"] == t for r in rows)]
     test = summarise(rows, job_mix, "test")
     val = summarise(rows, job_mix, "val")
+    outputs = cs.test_outputs(rows)
+    reference_method = settings.get("reference") or REFERENCE_METHOD
+    reference = _variant_of(rows, labels, lambda m: m.name == reference_method)
+    task_metrics = {r["task"]: r.get("metric") for r in rows if r.get("metric")}
     plots: list[str] = []
+    seeds_note = ("every seed uses the importance maps and warm head of training.seed (--fixed-importance)"
+                  if settings.get("fixed_importance") else
+                  "each seed draws its own importance batches and warm head (and data order and augmentation)")
+    tune_note = (f"learning rates chosen per (task, method) on validation from {settings['tune']} values (below)"
+                 if settings.get("tune") else "learning rates: each method's default or its pinned method.lr")
     lines = [
         "# shpeft comparison report",
         "",
@@ -273,31 +303,51 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
         f"{job.selection.density:g}, alpha {job.selection.alpha:g}, rule `{job_mix}`; "
         f"head start `{job.training.head_init}`; task-agnostic map: {_agnostic_sentence(agnostic, tasks, job)}. "
         f"Every method uses the same data, transforms, schedule, epochs and evaluation of its saved artifact; "
-        f"models are selected on nothing (last epoch), test metrics are reported. Wall time {seconds:.0f} s.",
+        f"models are selected on nothing (last epoch), test metrics are reported; {tune_note}; {seeds_note}"
+        f"{'; every mask method selects the job k (--equal-budget)' if settings.get('equal_budget') else ''}. "
+        "Macro-F1 is over each task's full label set (an absent class counts as 0); AUC is macro one-vs-rest "
+        f"(multi-label: the mean over findings of each finding's AUROC). Wall time {seconds:.0f} s.",
         "",
-        "## Test macro-F1 (mean ± std over seeds; best per task in bold)",
+        "## Test macro-F1 (mean ± std over seeds; bold: significantly above every other method of the task)",
         "",
-        *_table(test, tasks, labels),
+        *_table(test, tasks, labels, cs.significant_best(outputs, test, tasks, labels)),
         "",
         "## Validation macro-F1",
         "",
         *_table(val, tasks, labels),
         "",
-        "## Cost",
-        "",
-        "| method | trainable parameters | artifact bytes | train s (mean) |",
-        "|---|---:|---:|---:|",
     ]
+    paired, _ = cs.paired_section(outputs, tasks, labels, reference, task_metrics) if reference else ([], {})
+    lines += paired or [f"(No paired statistics: the reference method {reference_method} has no finished run with "
+                        "stored test predictions.)"]
+    floor = _variant_of(rows, labels, lambda m: m.head_only)
+    ceiling = _variant_of(rows, labels, lambda m: m.trains_all)
+    lines += cs.recovery_section(outputs, tasks, labels, floor, ceiling)
+    lines += ["", *cs.tuning_section(tuning or [], rows, tasks, labels)]
+    tune_cost: dict[str, float] = {}
+    for r in tuning or []:
+        tune_cost[r["variant"]] = tune_cost.get(r["variant"], 0.0) + (r.get("train_s") or 0.0)
+    lines += ["", "## Cost and budget", "",
+              "Trainable parameters are the mean over runs; a method's budget is the job's density unless it says "
+              "`own` (LoRA's rank, GPS's per-row K, every bias, every weight). Effective alpha: the share of a "
+              "hybrid mask the task-specific ranking chose. Tuning s: all tuning runs of the method, every task "
+              "(the run at the chosen rate is also the first seed's final run).", "",
+              "| method | budget | trainable parameters | effective alpha | artifact bytes | train s (mean) | tuning s (total) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for lab in labels:
         rs = [r for r in rows if r.get("status") == "ok" and _label(r, job_mix) == lab]
         if rs:
-            lines.append(f"| {lab} | {statistics.fmean(r['trainable'] or 0 for r in rs):,.0f} | "
+            eff = [r["effective_alpha"] for r in rs if r.get("effective_alpha") is not None]
+            lines.append(f"| {lab} | {rs[0].get('budget') or '-'} | "
+                         f"{statistics.fmean(r['trainable'] or 0 for r in rs):,.0f} | "
+                         f"{f'{statistics.fmean(eff):.3f}' if eff else '-'} | "
                          f"{statistics.fmean(r['artifact_bytes'] or 0 for r in rs):,.0f} | "
-                         f"{statistics.fmean(r['train_s'] or 0 for r in rs):.1f} |")
+                         f"{statistics.fmean(r['train_s'] or 0 for r in rs):.1f} | {tune_cost.get(lab, 0.0):.0f} |")
     lines += _kind_sections(root, rows, tasks, labels, job_mix, plots)
     claims = _claims(test, tasks, labels, job_mix)
     if claims:
-        lines += ["", "## Differences (mean test macro-F1 over tasks)", "", *claims]
+        lines += ["", "## Differences (mean test macro-F1 over tasks; see the paired statistics for what they support)",
+                  "", *claims]
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {r['task']} {_label(r, job_mix)} seed {r['seed']}: {r['error']}"

@@ -1,7 +1,8 @@
 """Paired comparisons of two methods evaluated on the same test images over the same seeds (numpy + SciPy).
 
 Input: the images' labels [N] and, per method, every seed's per-image outputs in the same image order
-([S, N] predicted classes, or [S, N, C] class probabilities). Seed s of one method is paired with seed
+([S, N] predicted classes, or [S, N, C] class probabilities); for a multi-label task the labels are
+[N, C] findings (1 / 0 / NaN unknown) and the outputs [S, N, C] per-finding probabilities. Seed s of one method is paired with seed
 s of the other: both ran with the same data order and augmentation (and, where seeds vary them, the
 same importance batches and warm head).
 
@@ -24,7 +25,10 @@ same importance batches and warm head).
   The interval is per comparison, not adjusted for the family.
 
 Every result is a function of the inputs and ``seed`` only. Metrics are functions of (labels, outputs);
-``metric_statistic`` gives macro-F1, accuracy and macro one-vs-rest AUC vectorised over resamples.
+``metric_statistic`` gives macro-F1, accuracy and macro one-vs-rest AUC vectorised over resamples, and
+for multi-label findings the unweighted mean over findings of each finding's AUROC on its known labels.
+``recovery_fraction`` is (method - floor) / (ceiling - floor) of three methods on the same images and
+seeds, with a percentile interval from the same bootstrap over seeds and images.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["StatsError", "PairedDifference", "metric_statistic", "paired_difference", "holm", "verdict",
-           "adjust_family", "compare_to_reference", "VERDICTS"]
+           "adjust_family", "compare_to_reference", "recovery_fraction", "VERDICTS"]
 
 VERDICTS = ("better", "no evidence of a difference", "worse")
 
@@ -90,10 +94,29 @@ def _auc_ovr_macro(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.where(defined.any(-1), np.nansum(stacked, -1) / np.maximum(defined.sum(-1), 1), np.nan)
 
 
+def _auc_findings_mean(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Unweighted mean over findings of each finding's AUROC on the images whose label is known (as
+    ``shpeft_core.label_metrics``: findings without both a positive and a negative are left out), by the
+    rank-sum formula over the known entries, ties averaged. labels [..., N, C] with NaN unknown."""
+    from scipy.stats import rankdata
+
+    known = ~np.isnan(labels)
+    pos = known & (labels == 1)
+    n_pos = pos.sum(-2)
+    n_neg = known.sum(-2) - n_pos
+    ranks = rankdata(np.where(known, probs, np.nan), axis=-2, nan_policy="omit")  # NaN where unknown
+    u = np.nansum(np.where(pos, ranks, 0.0), -2) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+    defined = np.isfinite(auc)
+    return np.where(defined.any(-1), np.nansum(auc, -1) / np.maximum(defined.sum(-1), 1), np.nan)
+
+
 def metric_statistic(name: str, num_classes: int) -> Callable:
     """A metric of (labels, outputs) vectorised over leading dimensions: ``macro_f1`` (over all
     ``num_classes`` classes, ``shpeft_core.metrics.macro_f1``), ``accuracy`` or ``auc`` (macro
-    one-vs-rest; needs probabilities). Predicted classes or probabilities for the first two."""
+    one-vs-rest; needs probabilities). Predicted classes or probabilities for the first two. ``auc``
+    of multi-label findings (float labels [..., N, C], NaN unknown) is the mean over findings of their AUROC."""
     from shpeft_core.metrics import macro_f1
 
     def preds(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -105,6 +128,9 @@ def metric_statistic(name: str, num_classes: int) -> Callable:
         return _batched(lambda y, out: (preds(out, y) == y).mean(-1))
     if name == "auc":
         def auc(y, out):
+            if y.ndim == out.ndim and np.issubdtype(y.dtype, np.floating):
+                # multi-label: findings [.., N, C] (float, NaN unknown) against probabilities [.., N, C]
+                return _auc_findings_mean(y, out)
             if out.ndim != y.ndim + 1:
                 raise StatsError("auc needs class probabilities [.., N, C], not predicted classes")
             return _auc_ovr_macro(y, out)
@@ -115,24 +141,27 @@ def metric_statistic(name: str, num_classes: int) -> Callable:
 # ---------------------------------------------------------------- one paired comparison
 
 
-def _check(labels, outputs_a, outputs_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check(labels, *outputs) -> tuple[np.ndarray, ...]:
     y = np.asarray(labels)
-    a, b = np.asarray(outputs_a), np.asarray(outputs_b)
-    if y.ndim != 1 or y.size < 2:
-        raise StatsError(f"labels must be one label per image (at least 2 images), got shape {y.shape}")
-    if a.shape != b.shape:
-        raise StatsError(f"outputs_a has shape {a.shape} and outputs_b {b.shape}: the same seeds and images "
-                         "are needed to pair them")
-    if a.ndim not in (2, 3) or a.shape[1] != y.size:
-        raise StatsError(f"outputs must be [seeds, {y.size} images] or [seeds, {y.size} images, classes], "
-                         f"got {a.shape}")
-    return y, a, b
+    arrays = [np.asarray(o) for o in outputs]
+    a = arrays[0]
+    if y.ndim not in (1, 2) or y.shape[0] < 2:
+        raise StatsError(f"labels must be one label (or one row of findings) per image, at least 2 images, got "
+                         f"shape {y.shape}")
+    for b in arrays[1:]:
+        if a.shape != b.shape:
+            raise StatsError(f"outputs_a has shape {a.shape} and outputs_b {b.shape}: the same seeds and images "
+                             "are needed to pair them")
+    n = y.shape[0]
+    if a.ndim not in (2, 3) or a.shape[1] != n or (y.ndim == 2 and a.shape[1:] != y.shape):
+        raise StatsError(f"outputs must be [seeds, {n} images] or [seeds, {n} images, classes], got {a.shape}")
+    return (y, *arrays)
 
 
 def _scores(metric: Callable, batched: bool, labels: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    """metric per (batch, seed) of ``outputs`` [B, S, N, ...] against ``labels`` [B, N] -> [B, S]."""
+    """metric per (batch, seed) of ``outputs`` [B, S, N, ...] against ``labels`` [B, N(, C)] -> [B, S]."""
     if batched:
-        y = np.broadcast_to(labels[:, None, :], outputs.shape[:3])
+        y = np.broadcast_to(labels[:, None], outputs.shape[:2] + labels.shape[1:])
         return np.asarray(metric(y, outputs), dtype=np.float64)
     return np.array([[metric(labels[i], outputs[i, s]) for s in range(outputs.shape[1])]
                      for i in range(outputs.shape[0])], dtype=np.float64)
@@ -194,7 +223,7 @@ def paired_difference(labels, outputs_a, outputs_b, metric: Callable, *, batched
         seeds = np.broadcast_to(all_seeds, (ia2.shape[0], n_seeds))
         pa = stacked[seeds[:, :, None], ia2[:, None, :]]
         pb = stacked[seeds[:, :, None], ib2[:, None, :]]
-        ys = np.broadcast_to(y, ia2.shape)
+        ys = np.broadcast_to(y, ia2.shape + y.shape[1:])
         out = _scores(metric, batched, ys, pa).mean(1) - _scores(metric, batched, ys, pb).mean(1)
         return out if two_d else out[0]
 
@@ -254,3 +283,48 @@ def compare_to_reference(labels, outputs: dict[str, np.ndarray], reference: str,
     others = [m for m in outputs if m != reference]
     raw = [paired_difference(labels, outputs[reference], outputs[m], metric, seed=seed, **kwargs) for m in others]
     return dict(zip(others, adjust_family(raw, alpha)))
+
+
+def recovery_fraction(labels, method, floor, ceiling, metric: Callable, *, confidence: float = 0.95,
+                      n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(method - floor) / (ceiling - floor) of the seed-mean metric (e.g. head-only as the floor and full
+    fine-tuning as the ceiling), with a percentile interval from ``scipy.stats.bootstrap`` over seeds and
+    images as in ``paired_difference`` (all three scored on the same resampled seeds and images). Outputs as
+    in ``paired_difference``. Returns (fraction, low, high); NaN where the ceiling does not exceed the floor
+    (for the interval: in half the resamples or more; otherwise the undefined resamples are left out)."""
+    from scipy.stats import bootstrap
+
+    y, m, lo, hi = _check(labels, method, floor, ceiling)
+    batched = bool(getattr(metric, "batched", False))
+    n_seeds, n_images = m.shape[0], m.shape[1]
+    per_value = int(np.prod(m.shape[2:], dtype=np.int64)) if m.ndim > 2 else 1
+    batch = max(1, int(4e6 // (3 * n_seeds * n_images * per_value)))
+
+    def fraction(*idx, axis=-1):
+        img = np.atleast_2d(idx[-1]).astype(np.intp)
+        seeds = np.atleast_2d(idx[0]).astype(np.intp) if len(idx) == 2 else np.zeros((img.shape[0], 1), np.intp)
+        vm, vl, vh = (_scores(metric, batched, y[img], o[seeds[:, :, None], img[:, None, :]]).mean(1)
+                      for o in (m, lo, hi))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(vh - vl > 0, (vm - vl) / (vh - vl), np.nan)
+        return out if np.ndim(idx[-1]) > 1 else out[0]
+
+    all_seeds, all_images = np.arange(n_seeds), np.arange(n_images)
+    point = float(fraction(all_seeds, all_images))
+    if not np.isfinite(point):
+        return point, float("nan"), float("nan")
+    samples = (all_seeds, all_images) if n_seeds > 1 else (all_images,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boot = bootstrap(samples, fraction, paired=False, vectorized=True, n_resamples=n_resamples,
+                         confidence_level=confidence, method="percentile", batch=batch,
+                         rng=np.random.default_rng([seed, 2]))
+    dist = np.asarray(boot.bootstrap_distribution, dtype=np.float64)
+    finite = dist[np.isfinite(dist)]
+    if finite.size < 0.5 * dist.size:  # the gap itself is not there in most resamples: no interval
+        return point, float("nan"), float("nan")
+    # Resamples where the ceiling does not exceed the floor have no fraction; the percentile interval is
+    # taken over the others (SciPy's own would be NaN as soon as one resample is undefined).
+    tail = 50 * (1 - confidence)
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return point, float(low), float(high)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from orchestrator.job.keys import task_config_hash
-from orchestrator.job.plan import TaskPlan, plan_for
+from orchestrator.job.plan import TaskPlan, plan_for, task_maps
 from orchestrator.job.spec import JobSpec
 from orchestrator.runtime.console import say
 from orchestrator.store import layout
@@ -44,16 +44,22 @@ class StageContext:
 
 
 def plan_task(ctx: StageContext, imaps, spec, *, method: str, seed: int, artifact: Callable[[str], str],
-              job: JobSpec | None = None, epochs: int | None = None) -> tuple[TaskPlan, str]:
+              job: JobSpec | None = None, epochs: int | None = None, importance_seed: int | None = None,
+              point: dict[str, Any] | None = None, equal_budget: bool = False) -> tuple[TaskPlan, str]:
     """The plan of (task ``spec``, ``method``, ``seed``) and its config hash.
 
     ``artifact(config_hash)`` names where the run writes its artifact; ``job`` overrides the context's
-    (a comparison's variant of it, e.g. another hybrid rule). Raises the error of a map the run needs.
+    (a comparison's variant of it, e.g. another hybrid rule); ``importance_seed`` draws the maps (None:
+    the job's seed); ``point`` holds values chosen for this run over the job's ({"lr", "alpha", "rank"}):
+    they enter the hash and the plan. Raises the error of a map the run needs.
     """
     job = job or ctx.job
-    d = imaps.specific(spec.name, job.importance.estimator)
-    ag = imaps.agnostic.get(spec.name) or {}
-    chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method, seed=seed)
+    d, head, ag = task_maps(job, spec, imaps, method, importance_seed)
+    chash = task_config_hash(job, spec, d.key, ag.get("key"), method=method, seed=seed, head_key=head.key,
+                             point=point, equal_budget=equal_budget)
     plan = plan_for(job, spec, ctx.backbone_fp, imaps, method=method, seed=seed, artifact=artifact(chash),
-                    epochs=epochs)
+                    epochs=epochs, importance_seed=importance_seed, equal_budget=equal_budget)
+    if point:
+        plan = plan.with_search_point(lr=point.get("lr"), alpha=point.get("alpha"),
+                                      settings={"rank": int(point["rank"])} if "rank" in point else None)
     return dataclasses.replace(plan, data_cache=layout.data_cache(ctx.store)), chash

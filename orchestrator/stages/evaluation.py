@@ -5,15 +5,17 @@ training history saved inside the artifact, each split's confusion matrix and pe
 specificity and one-vs-rest AUC (multi_label tasks: ``per_finding`` instead, each finding's AUROC, F1,
 sensitivity and specificity at its threshold, and ROC curve), the class names, the task kind, the sha256
 of the artifact the numbers belong to, the catalogue fields (``row``), every image's label, prediction and
-class probabilities per split (``predictions``, so reports can resample images; single_label and ordinal
-tasks), and a sha256 of its own content, checked by ``read_eval``. A multi_label task's thresholds are
-chosen on validation (best F1 per finding) and applied unchanged to test; an ordinal task's rows hold
-quadratic weighted kappa.
+class probabilities per split (``predictions``, so reports can resample images; a multi_label task's
+findings and probabilities), and a sha256 of its own content, checked by ``read_eval``. A multi_label
+task's thresholds are chosen on validation (best F1 per finding) and applied unchanged to test; an
+ordinal task's rows hold quadratic weighted kappa. A comparison's tuning runs are evaluated on validation
+alone (``on``): nothing about them is measured on test.
 
 ``predictions[split]``: ``labels`` and ``preds`` (the arg-max the split's metrics were computed from)
 as integer lists in the split's loader order (unshuffled: the same order for every method and seed),
 and ``probs``, the [n, num_classes] softmax as little-endian float32 in base64 (4 bytes a value instead
-of ~20 as JSON text). ``split_predictions`` decodes and checks them; from labels and preds the
+of ~20 as JSON text). A multi_label task's have ``findings`` instead of labels and preds: the [n, C]
+targets as int8 in base64 (1 present, 0 absent, -1 unknown), and ``probs`` each finding's sigmoid. ``split_predictions`` decodes and checks them; from labels and preds the
 split's macro-F1 and accuracy are reproduced exactly. Files of format /2 (before predictions were
 stored) are still read; they lack ``predictions`` and ``split_predictions`` returns None for them.
 """
@@ -32,9 +34,10 @@ __all__ = ["EVAL_FORMAT", "EvalFileError", "evaluate_artifact", "read_eval", "wr
            "split_predictions"]
 
 
-def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of the saved artifact (a fresh backbone + the artifact, on val and test) as row fields;
-    writes its evaluation file beside it."""
+def evaluate_artifact(plan, batch_size: int | None = None, on: tuple[str, ...] = EVAL_SPLITS) -> dict[str, Any]:
+    """Metrics of the saved artifact (a fresh backbone + the artifact, on the splits ``on``: val and test) as row
+    fields; writes its evaluation file beside it. A multi_label task's thresholds are chosen on val, so
+    val must be among the splits."""
     import torch
 
     from shpeft_core.artifacts import artifact_metadata, artifact_sha256, artifact_size
@@ -59,15 +62,13 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
     splits: dict[str, dict] = {}
     predictions: dict[str, dict] = {}
     thresholds = None  # multi_label: chosen on val (the first split), applied to test
-    for split in EVAL_SPLITS:
+    for split in (s for s in EVAL_SPLITS if s in on):
         loader = build_loader(spec, split, transform=tf, batch_size=batch_size or plan.batch_size,
                               cache=getattr(plan, "data_cache", None))
-        per_image = spec.kind != "multi_label"  # per-image predictions: single_label and ordinal tasks
         got = evaluate(model, loader, num_classes=spec.num_classes, device=device, per_class=True, kind=spec.kind,
-                       thresholds=thresholds, predictions=per_image)
-        if per_image:
-            p = got.pop("predictions")
-            predictions[split] = encode_predictions(p["labels"], p["preds"], p["probs"])
+                       thresholds=thresholds, predictions=True)
+        p = got.pop("predictions")
+        predictions[split] = encode_predictions(p["labels"], p.get("preds"), p["probs"])
         if spec.kind == "multi_label":
             thresholds = got["per_finding"]["threshold"]
         splits[split] = got
@@ -79,7 +80,11 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
 
         delta = load_delta(plan.artifact_uri)
         sparse = int(sum(v.numel() for v in delta.values.values()))
-        out.update(sparse_values=sparse, trainable=sparse + int(sum(v.numel() for v in delta.head.values())))
+        dense = int(sum(v.numel() for v in delta.dense.values()))
+        out.update(sparse_values=sparse, dense_values=dense,
+                   trainable=sparse + dense + int(sum(v.numel() for v in delta.head.values())))
+        if delta.metadata.get("effective_alpha"):
+            out["effective_alpha"] = float(delta.metadata["effective_alpha"])
     sha = artifact_sha256(plan.artifact_uri, kind)
     meta = artifact_metadata(plan.artifact_uri, kind)
     doc = {
@@ -106,21 +111,27 @@ def evaluate_artifact(plan, batch_size: int | None = None) -> dict[str, Any]:
 
 
 def encode_predictions(labels, preds, probs) -> dict[str, Any]:
-    """One split's per-image labels, arg-max predictions and probabilities, as stored in the file."""
+    """One split's per-image labels, arg-max predictions and probabilities, as stored in the file; a
+    multi_label task's (``preds`` None, ``labels`` [n, C] with NaN unknown) as findings and probabilities."""
     import base64
 
     import numpy as np
 
     probs = np.asarray(probs, dtype="<f4")
-    return {"n": int(probs.shape[0]), "num_classes": int(probs.shape[1]),
-            "labels": [int(v) for v in labels], "preds": [int(v) for v in preds],
-            "probs": base64.b64encode(probs.tobytes()).decode("ascii")}
+    out = {"n": int(probs.shape[0]), "num_classes": int(probs.shape[1]),
+           "probs": base64.b64encode(probs.tobytes()).decode("ascii")}
+    if preds is None:
+        y = np.asarray(labels, dtype=np.float64)
+        coded = np.where(np.isnan(y), -1, y).astype(np.int8)
+        return {**out, "findings": base64.b64encode(coded.tobytes()).decode("ascii")}
+    return {**out, "labels": [int(v) for v in labels], "preds": [int(v) for v in preds]}
 
 
 def split_predictions(doc: dict[str, Any], split: str, uri: str = "") -> dict[str, Any] | None:
     """``{"labels", "preds": int64 [n], "probs": float32 [n, C]}`` of ``split`` from a file read by
-    ``read_eval``; None for a file written before predictions were stored. Raises EvalFileError naming
-    the field when they do not fit together."""
+    ``read_eval`` (a multi_label task's: ``{"labels": float [n, C] with NaN unknown, "probs"}``); None for a
+    file written before predictions were stored. Raises EvalFileError naming the field when they do not
+    fit together."""
     import base64
     import binascii
 
@@ -130,6 +141,8 @@ def split_predictions(doc: dict[str, Any], split: str, uri: str = "") -> dict[st
     if stored is None:
         return None
     where = f"evaluation file {uri or doc.get('artifact_uri', '')}: predictions.{split}"
+    if "findings" in stored:
+        return _finding_predictions(stored, where)
     try:
         n, c = int(stored["n"]), int(stored["num_classes"])
         labels = np.asarray(stored["labels"], dtype=np.int64)
@@ -144,3 +157,23 @@ def split_predictions(doc: dict[str, Any], split: str, uri: str = "") -> dict[st
     if n and (min(labels.min(), preds.min()) < 0 or max(labels.max(), preds.max()) >= c):
         raise EvalFileError(f"{where}: a label or prediction outside [0, {c})")
     return {"labels": labels, "preds": preds, "probs": np.frombuffer(raw, dtype="<f4").reshape(n, c)}
+
+
+def _finding_predictions(stored: dict[str, Any], where: str) -> dict[str, Any]:
+    import base64
+    import binascii
+
+    import numpy as np
+
+    try:
+        n, c = int(stored["n"]), int(stored["num_classes"])
+        coded = np.frombuffer(base64.b64decode(stored["findings"], validate=True), dtype=np.int8)
+        raw = base64.b64decode(stored["probs"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise EvalFileError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
+    if coded.size != n * c or len(raw) != 4 * n * c:
+        raise EvalFileError(f"{where}: {coded.size} findings and {len(raw)} probability bytes for n = {n}, {c} findings")
+    if not np.isin(coded, (-1, 0, 1)).all():
+        raise EvalFileError(f"{where}: a finding outside 1 / 0 / -1 (unknown)")
+    labels = np.where(coded == -1, np.nan, coded).astype(np.float64).reshape(n, c)
+    return {"labels": labels, "probs": np.frombuffer(raw, dtype="<f4").reshape(n, c)}

@@ -1,5 +1,7 @@
 """Stage 1: every dataset's importance map (a Ray task each, cached by content), then one task-agnostic
-map per distinct pool (leave-one-out by default), cached too; a task whose agnostic map is the pre-trained
+map per distinct pool (leave-one-out by default), cached too; per seed where a comparison asks for
+several (each seed draws the map's batches and warm head, so seeds vary what they should); for a method
+that ranks by a pass of its own (GPS), that map too, keyed apart from the job's; a task whose agnostic map is the pre-trained
 weights' magnitude (``importance.agnostic``, orchestrator/job/agnostic.py) gets that one, computed once
 and cached by the backbone's fingerprint. A cache entry counts only when its bytes match the checksum
 recorded when it was written; a damaged one is reported and recomputed.
@@ -8,7 +10,7 @@ recorded when it was written; a damaged one is reported and recomputed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -19,7 +21,7 @@ from orchestrator.job.agnostic import agnostic_source
 from orchestrator.job.agnostic import pool_members as _pool_members
 from orchestrator.job.keys import agnostic_key, backbone_dict, importance_key, magnitude_key
 
-__all__ = ['DatasetMap', 'ImportanceMaps', 'run_importance_stage', 'extra_estimators', 'pool_members']
+__all__ = ['DatasetMap', 'ImportanceMaps', 'run_importance_stage', 'extra_variants', 'pool_members']
 
 
 def compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict, dataset_fp: str, uri: str,
@@ -46,20 +48,26 @@ def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict,
     spec = TaskSpec.model_validate(spec_json)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = build_backbone(backbone, spec.num_classes)
-    loader = build_loader(spec, "train", transform=transform_for(model, train=False),
-                          batch_size=settings["batch_size"], shuffle=True, seed=settings["seed"],
-                          cache=settings.get("data_cache"))
+    if settings.get("views") == "gps":  # GPS's pass contrasts two augmented views of every image
+        from tasks.transforms import gps_views
+
+        transform = gps_views(model)
+    else:
+        transform = transform_for(model, train=False)
+    loader = build_loader(spec, "train", transform=transform, batch_size=settings["batch_size"], shuffle=True,
+                          seed=settings["seed"], cache=settings.get("data_cache"))
     config = ImportanceConfig(estimator=settings["estimator"], num_batches=settings["batches"],
                               head_warmup=settings["head_warmup"], loss=settings["loss"],
                               rules=tuple(settings["rules"]) if settings["rules"] else None)
-    label = f"{spec.name} ({settings['estimator']})"
+    label = f"{spec.name} ({settings['variant']}, seed {settings['seed']})"
 
     def on_batch(done: int, total: int) -> None:
         if board is not None:
             board.push.remote({"kind": "importance", "name": label, "done": done, "total": total})
 
     imap = compute_importance(model, loader, config, num_classes=spec.num_classes, dataset_fingerprint=dataset_fp,
-                              device=device, backbone_name=backbone["name"], on_batch=on_batch, kind=spec.kind)
+                              device=device, backbone_name=backbone["name"], on_batch=on_batch, kind=spec.kind,
+                              seed=settings["seed"])
     sha = imap.save(uri)
     return {"uri": uri, "sha256": sha, "seconds": time.perf_counter() - t0}
 
@@ -68,7 +76,8 @@ def _compute_dataset_importance(backbone: dict, spec_json: dict, settings: dict,
 class DatasetMap:
     name: str
     spec: Any
-    estimator: str = ""
+    estimator: str = ""  # the variant: the job's estimator, or a method's own pass ("gps")
+    seed: int = 0
     fingerprint: str = ""
     key: str = ""
     uri: str = ""
@@ -79,17 +88,26 @@ class DatasetMap:
 
 @dataclass
 class ImportanceMaps:
-    """What stage 1 produced: per-dataset maps by (name, estimator), and each target's agnostic map."""
+    """What stage 1 produced: per-dataset maps by (name, variant, seed), and each target's agnostic map
+    (``agnostic``: at the job's seed; ``agnostic_for``: at any seed computed)."""
 
-    maps: dict[tuple[str, str], DatasetMap]
+    maps: dict[tuple[str, str, int], DatasetMap]
     agnostic: dict[str, dict[str, Any]]  # target -> {key, uri, cache, error, includes_target, source, datasets}
+    seed: int = 0  # the job's seed (training.seed): what ``seed=None`` means
+    agnostic_by_seed: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
-    def specific(self, name: str, estimator: str) -> DatasetMap:
-        return self.maps[(name, estimator)]
+    def specific(self, name: str, variant: str, seed: int | None = None) -> DatasetMap:
+        return self.maps[(name, variant, self.seed if seed is None else int(seed))]
+
+    def agnostic_for(self, name: str, seed: int | None = None) -> dict[str, Any]:
+        if seed is None or int(seed) == self.seed:
+            return self.agnostic.get(name) or {}
+        return self.agnostic_by_seed.get((name, int(seed))) or {}
 
     def named_uris(self, estimator: str) -> dict[str, str]:
-        """Dataset name -> its map computed with ``estimator`` (the job's), for plots and reports."""
-        return {name: d.uri for (name, est), d in self.maps.items() if est == estimator and d.uri and not d.error}
+        """Dataset name -> its map computed with ``estimator`` (the job's) at the job's seed, for plots and reports."""
+        return {name: d.uri for (name, est, seed), d in self.maps.items()
+                if est == estimator and seed == self.seed and d.uri and not d.error}
 
 
 def cache_hit(uri: str, what: str, progress: bool) -> bool:
@@ -122,46 +140,58 @@ def _compute_packed(args: tuple) -> dict[str, Any]:
 
 
 def run_importance_stage(ctx, targets: list, pool_extra: list,
-                         methods_by_task: dict[str, set[str]] | None = None) -> ImportanceMaps:
-    """Every dataset's map (cached by content), then one task-agnostic map per distinct pool.
+                         methods_by_task: dict[str, set[str]] | None = None,
+                         seeds: list[int] | None = None) -> ImportanceMaps:
+    """Every dataset's map (cached by content), then one task-agnostic map per distinct pool, at each seed.
 
-    ``methods_by_task`` names the methods each target will run: their maps are computed besides the
-    job's estimator's (``extra_estimators``). ``ctx.workers`` (a ``worker_pool.WorkerPool``) computes the
+    ``methods_by_task`` names the methods each target will run: the maps they rank by are computed besides
+    the job's (``extra_variants``). ``seeds`` (default: ``training.seed`` alone, as ``shpeft run`` uses)
+    draw each map's batches and warm head. ``ctx.workers`` (a ``worker_pool.WorkerPool``) computes the
     maps in its warm actors instead of one Ray task (1 CPU) each; its actors must hold a GPU exactly when
     ``importance_gpu(job)``.
     """
     import ray
 
+    from shpeft_core.methods import get_method
+
     from orchestrator.stages.fingerprints import fingerprint_for_job
 
     job, store, backbone_fp, force, progress = ctx.job, ctx.store, ctx.backbone_fp, ctx.force, ctx.progress
     workers, board = ctx.workers, ctx.board
-    extras = extra_estimators(job, targets, methods_by_task or {})
+    seeds = list(dict.fromkeys(seeds or [job.training.seed]))
+    extras = extra_variants(job, targets, methods_by_task or {})
     imp = job.importance
     use_gpu = importance_gpu(job)
-    settings = {
+    base_settings = {
         "batches": imp.batches, "batch_size": imp.batch_size or job.training.batch_size,
-        "loss": imp.loss, "head_warmup": imp.head_warmup, "seed": job.training.seed, "rules": job.selection.rules,
-        "data_cache": layout.data_cache(store),
+        "loss": imp.loss, "head_warmup": imp.head_warmup, "rules": job.selection.rules,
+        "data_cache": layout.data_cache(store), "estimator": imp.estimator, "variant": imp.estimator,
     }
     members = {t.name: pool_members(job, t.name, targets, pool_extra) for t in targets}
     wanted = {n for names in members.values() for n in names} | {t.name for t in targets}
-    maps: dict[tuple[str, str], DatasetMap] = {}
+    maps: dict[tuple[str, str, int], DatasetMap] = {}
+    settings_of: dict[tuple[str, str, int], dict] = {}
     fingerprints: dict[str, Any] = {}
     for spec in [*targets, *pool_extra]:
         if spec.name not in wanted:
             continue
-        for est in sorted({imp.estimator} | extras.get(spec.name, set())):
-            d = DatasetMap(spec.name, spec, estimator=est)
-            try:
-                if spec.name not in fingerprints:
-                    fingerprints[spec.name] = fingerprint_for_job(spec, store)
-                d.fingerprint = fingerprints[spec.name]
-                d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, est)
-                d.uri = layout.importance_map(store, d.key)
-            except Exception as exc:  # a broken dataset fails its task (and the pools holding it), not the job
-                d.error = f"{type(exc).__name__}: {exc}"
-            maps[(spec.name, est)] = d
+        variants = {imp.estimator: None, **extras.get(spec.name, {})}  # variant -> the method defining it
+        for variant, method in sorted(variants.items()):
+            own = get_method(method).own_importance if method else None
+            settings = get_method(method).importance_settings(base_settings) if method else dict(base_settings)
+            for seed in seeds:
+                d = DatasetMap(spec.name, spec, estimator=variant, seed=seed)
+                try:
+                    if spec.name not in fingerprints:
+                        fingerprints[spec.name] = fingerprint_for_job(spec, store)
+                    d.fingerprint = fingerprints[spec.name]
+                    d.key = importance_key(backbone_fp, d.fingerprint, job, spec.num_classes, settings["estimator"],
+                                           seed=seed, own=own)
+                    d.uri = layout.importance_map(store, d.key)
+                except Exception as exc:  # a broken dataset fails its task (and the pools holding it), not the job
+                    d.error = f"{type(exc).__name__}: {exc}"
+                maps[(spec.name, variant, seed)] = d
+                settings_of[(spec.name, variant, seed)] = {**settings, "variant": variant, "seed": seed}
 
     pending: dict[Any, list[DatasetMap]] = {}  # Ray task ref -> maps
     for_pool: dict[str, tuple[list[DatasetMap], tuple]] = {}  # key -> (maps, arguments)
@@ -170,16 +200,18 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
         if not d.error:
             by_key.setdefault(d.key, []).append(d)
     remote = ray.remote(compute_dataset_importance)
+    several = len(seeds) > 1
     for key, group in by_key.items():
         d = group[0]
-        if not force and cache_hit(d.uri, f"importance {d.name} ({d.estimator})", progress):
+        what = f"importance {d.name} ({d.estimator}{f', seed {d.seed}' if several else ''})"
+        if not force and cache_hit(d.uri, what, progress):
             for g in group:
                 g.cache = "hit"
             ctx.count("importance_loaded")
-            say(f"importance {d.name} ({d.estimator}): cache hit, nothing computed", progress)
+            say(f"{what}: cache hit, nothing computed", progress)
             continue
-        say(f"importance {d.name} ({d.estimator}): computing", progress)
-        args = (backbone_dict(job), d.spec.model_dump(mode="json"), {**settings, "estimator": d.estimator},
+        say(f"{what}: computing", progress)
+        args = (backbone_dict(job), d.spec.model_dump(mode="json"), settings_of[(d.name, d.estimator, d.seed)],
                 d.fingerprint, d.uri, use_gpu, board)
         if workers is not None:
             for_pool[key] = (group, args)
@@ -187,16 +219,18 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
             pending[remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(*args)] = group
 
     def finished(group: list[DatasetMap], get_result) -> None:
+        d = group[0]
+        what = f"importance {d.name} ({d.estimator}{f', seed {d.seed}' if several else ''})"
         try:
             out = get_result()
             ctx.count("importance_computed")
             for g in group:
                 g.cache, g.seconds = "miss", out["seconds"]
-            say(f"importance {group[0].name} ({group[0].estimator}): computed in {out['seconds']:.1f}s", progress)
+            say(f"{what}: computed in {out['seconds']:.1f}s", progress)
         except Exception as exc:
             for g in group:
                 g.error = f"importance failed: {short_error(exc)}"
-            say(f"importance {group[0].name}: FAILED {short_error(exc)}", progress)
+            say(f"{what}: FAILED {short_error(exc)}", progress)
 
     if for_pool:
         # retried 3 times when its process dies, as Ray retries a task
@@ -207,14 +241,17 @@ def run_importance_stage(ctx, targets: list, pool_extra: list,
         finished(pending.pop(done[0]), lambda: ray.get(done[0]))
 
     combined: dict[str, dict[str, Any]] = {}
-    agnostic: dict[str, dict[str, Any]] = {}
-    for t in targets:
-        if not members[t.name] and agnostic_source(job, []) == "magnitude":
-            agnostic[t.name] = magnitude_map(ctx, t.name, combined)
-            continue
-        pool = [maps[(n, imp.estimator)] for n in members[t.name] if (n, imp.estimator) in maps]
-        agnostic[t.name] = agnostic_map(ctx, t.name, pool, combined)
-    return ImportanceMaps(maps=maps, agnostic=agnostic)
+    agnostic: dict[tuple[str, int], dict[str, Any]] = {}
+    for seed in seeds:
+        for t in targets:
+            if not members[t.name] and agnostic_source(job, []) == "magnitude":
+                agnostic[(t.name, seed)] = magnitude_map(ctx, t.name, combined)
+                continue
+            pool = [maps[(n, imp.estimator, seed)] for n in members[t.name] if (n, imp.estimator, seed) in maps]
+            agnostic[(t.name, seed)] = agnostic_map(ctx, t.name, pool, combined)
+    first = seeds[0] if job.training.seed not in seeds else job.training.seed
+    return ImportanceMaps(maps=maps, agnostic={t.name: agnostic[(t.name, first)] for t in targets}, seed=first,
+                          agnostic_by_seed=agnostic)
 
 
 def magnitude_map(ctx, target: str, combined: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -287,12 +324,17 @@ def agnostic_map(ctx, target: str, pool: list[DatasetMap], combined: dict[str, d
     return out
 
 
-def extra_estimators(job: JobSpec, targets: list, methods_by_task: dict[str, set[str]]) -> dict[str, set[str]]:
-    """The maps each target's methods load besides the job's estimator (gps ranks by grad1, whatever the
-    job's estimator is): stage 1 computes them too."""
+def extra_variants(job: JobSpec, targets: list, methods_by_task: dict[str, set[str]]) -> dict[str, dict[str, str]]:
+    """The maps each target's methods rank by besides the job's: {target: {variant: a method defining it}}
+    (gps ranks by its own pass, whatever the job's estimator is); stage 1 computes them too."""
     from shpeft_core.methods import get_method
 
     est = job.importance.estimator
-    out = {t.name: {get_method(m).importance_estimator(est) for m in methods_by_task.get(t.name, set())} - {est}
-           for t in targets}
-    return {name: ests for name, ests in out.items() if ests}
+    out: dict[str, dict[str, str]] = {}
+    for t in targets:
+        for name in sorted(methods_by_task.get(t.name, set())):
+            m = get_method(name)
+            variant = m.importance_variant(est)
+            if m.uses_importance and variant != est:
+                out.setdefault(t.name, {}).setdefault(variant, name)
+    return out

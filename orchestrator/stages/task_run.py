@@ -28,10 +28,12 @@ def val_metric_value(metrics: dict[str, Any], metric: str) -> float:
     raise KeyError(f"metric {metric!r} not found in epoch metrics {sorted(metrics)}")
 
 
-def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
+def build_task_model(plan) -> tuple[torch.nn.Module, Any, int, dict[str, str]]:
     """The plan's backbone with its head initialised and exactly the method's parameters trainable.
 
-    Returns (model to train, the method's save handle, trainable parameter count).
+    Returns (model to train, the method's save handle, trainable parameter count, what the artifact's
+    metadata records about the mask: ``selected`` entries and, where the mask knows it, ``effective_alpha``,
+    the share of them the task-specific ranking chose).
     """
     from shpeft_core.backbone import build_backbone
     from shpeft_core.importance import ImportanceMap, load_warm_head
@@ -41,15 +43,23 @@ def build_task_model(plan) -> tuple[torch.nn.Module, Any, int]:
     method = get_method(plan.method)
     model = build_backbone(plan.backbone, plan.num_classes)
     specific = ImportanceMap.load(plan.specific_uri) if plan.specific_uri else None
-    if plan.head_init == "warm" and specific is not None:
-        load_warm_head(model, specific)
-    mask = None
+    head_map = specific if plan.head_map_uri == plan.specific_uri else ImportanceMap.load(plan.head_map_uri)
+    if plan.head_init == "warm" and head_map is not None:
+        load_warm_head(model, head_map)
+    mask, info = None, {}
     if method.uses_mask:
+        from shpeft_core.selection import effective_alpha, mask_size
+
         agnostic = ImportanceMap.load(plan.agnostic_uri) if plan.agnostic_uri and plan.alpha < 1 else None
         mask = method.mask(model, specific=specific, agnostic=agnostic, density=plan.density, alpha=plan.alpha,
-                           granularity=plan.granularity, mix=plan.mix, seed=plan.seed, rules=plan.rules)
+                           granularity=plan.granularity, mix=plan.mix, seed=plan.seed, rules=plan.rules,
+                           equal_budget=plan.equal_budget)
+        info["selected"] = str(mask_size(mask))
+        share = effective_alpha(mask)
+        if share is not None:
+            info["effective_alpha"] = repr(float(share))
     net, handle = method.prepare(model, mask=mask, settings=plan.settings)
-    return net, handle, count_trainable(net)
+    return net, handle, count_trainable(net), info
 
 
 def _push_progress(cfg: dict[str, Any], event: dict[str, Any]) -> None:
@@ -147,7 +157,7 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
     torch.set_num_threads(max(1, int(os.environ.get("SHPEFT_TORCH_THREADS", "1"))))
     device = device or torch.device("cpu")
     spec = TaskSpec.model_validate(plan.task)
-    model, handle, trainable = build_task_model(plan)
+    model, handle, trainable, mask_info = build_task_model(plan)
     train_tf = transform_for(model, train=True)
     eval_tf = transform_for(model, train=False)
     model = model.to(device)
@@ -163,7 +173,7 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
 
     def write_artifact(uri: str, epoch: int, history: list[dict]) -> dict[str, Any]:
         # The per-epoch history travels inside the artifact, so a copied sweep trial keeps its own curves.
-        meta = {**plan.metadata, "epochs_trained": str(epoch + 1), "trainable": str(trainable),
+        meta = {**plan.metadata, **mask_info, "epochs_trained": str(epoch + 1), "trainable": str(trainable),
                 "history": json.dumps(json_safe(history), allow_nan=False)}
         return save_artifact(model, handle, plan.method, uri, meta)  # extract_delta unwraps DDP itself
 

@@ -48,7 +48,7 @@ __all__ = [
     "plots_dir", "job_report_file", "report_dir", "backbones_dir", "sweep_trial_artifact",
     "sweep_summary", "read_sweep_summary", "sweep_checkpoints", "sweep_ledger", "tune_root", "tune_train_root", "train_runs_root",
     "run_checkpoints", "checkpoint_dir", "checkpoint_epochs", "fault_marker", "logs_dir", "log_file",
-    "compare_results", "compare_artifacts_dir", "compare_report_file", "job_report_json", "backbone_file",
+    "compare_results", "compare_tuning", "compare_artifacts_dir", "compare_report_file", "job_report_json", "backbone_file",
     "demo_data_dir", "demo_job_file", "deltas_dir", "job_evaluation_files", "damaged_copy", "mlflow_default_dir", "tensorboard_dir", "data_cache",
 ]
 
@@ -266,6 +266,11 @@ def report_dir(store: str, report_id: str) -> str:
 def compare_results(report_root: str) -> str:
     """A comparison's results: one row per (task, method, seed)."""
     return join_uri(report_root, "results.parquet")
+
+
+def compare_tuning(report_root: str) -> str:
+    """A comparison's tuning runs: one row per (task, method, learning rate tried), scored on validation."""
+    return join_uri(report_root, "tuning.parquet")
 
 
 def compare_report_file(report_root: str) -> str:

@@ -51,8 +51,10 @@ SCHEMA = pa.schema(
         pa.field("density", pa.float64()),
         pa.field("alpha", pa.float64()),
         pa.field("granularity", pa.string()),
-        pa.field("trainable", pa.int64()),  # sparse values + head
+        pa.field("trainable", pa.int64()),  # sparse values + dense values + head
         pa.field("sparse_values", pa.int64()),
+        pa.field("dense_values", pa.int64()),  # tensors a delta stores whole beside the sparse values (gps)
+        pa.field("effective_alpha", pa.float64()),  # the share of the mask the task-specific ranking chose
         pa.field("delta_uri", pa.string()),  # the artifact: a delta file, a checkpoint file or a lora folder
         pa.field("artifact_kind", pa.string()),  # delta | checkpoint | lora
         pa.field("sha256", pa.string()),

@@ -11,7 +11,7 @@ default learning rate and the kind of artifact it writes:
 | specific   | sparse    | the same with alpha = 1 (task-specific importance only)  | task delta                   |
 | agnostic   | sparse    | the same with alpha = 0 (task-agnostic importance only)  | task delta                   |
 | random     | sparse    | a seeded uniform random mask of the same size + head     | task delta                   |
-| gps        | gps       | per-row top entries of the task's \\|sum of grads\\| + head| task delta                   |
+| gps        | gps       | per-row top entries of its own \\|sum of grads\\|, biases + head | task delta (+ dense biases) |
 | linear     | dense     | the head only                                            | task delta without values    |
 | bitfit     | dense     | every bias + head                                        | plain timm checkpoint        |
 | lora       | lora      | peft LoRA adapters on qkv/proj/fc1/fc2 + head            | peft adapter folder + head   |
@@ -106,11 +106,12 @@ def get_method(name: str) -> Method:
 
 
 def method_mask(method: str, *, model: "nn.Module", specific=None, agnostic=None, density: float, alpha: float,
-                granularity: str = "global", mix: str = "rank_sum", seed: int = 0, rules=None):
-    """The mask ``method`` trains (None for a method without one). ``specific`` is the task's map."""
+                granularity: str = "global", mix: str = "rank_sum", seed: int = 0, rules=None,
+                equal_budget: bool = False):
+    """The mask ``method`` trains (None for a method without one). ``specific`` is the map it ranks by."""
     m = get_method(method)
     return m.mask(model, specific=specific, agnostic=agnostic, density=density, alpha=m.alpha(alpha),
-                  granularity=m.granularity(granularity), mix=mix, seed=seed, rules=rules)
+                  granularity=m.granularity(granularity), mix=mix, seed=seed, rules=rules, equal_budget=equal_budget)
 
 
 def prepare_model(model: "nn.Module", method: str, *, mask=None, settings: dict | None = None):

@@ -41,6 +41,13 @@ class Method:
             (``lora``), or None.
         revision: raised when what the method trains for the same settings changes, so artifacts of the
             earlier behaviour are not reused (it enters a run's config hash once above 0).
+        own_importance: settings of the task map it ranks by when they are not the job's (``importance``
+            section), e.g. GPS's own pass; the importance stage computes that map beside the job's and keys
+            it apart. Its warm head still comes from the job's map, as every method's does.
+        on_alpha_axis: whether its results lie on the hybrid's alpha axis (the hybrid and its two ends).
+        head_only: whether it trains the head alone: its learning rate is then the head's (a report's
+            floor for recovery fractions).
+        trains_all: whether it trains every weight (full fine-tuning: a report's ceiling).
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +60,10 @@ class Method:
     own_budget: ClassVar[bool] = True
     settings_section: ClassVar[str | None] = None
     revision: ClassVar[int] = 0
+    own_importance: ClassVar[dict[str, Any] | None] = None
+    on_alpha_axis: ClassVar[bool] = False
+    head_only: ClassVar[bool] = False
+    trains_all: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ importance and selection
 
@@ -61,9 +72,18 @@ class Method:
     uses_importance: ClassVar[bool] = False
 
     def importance_estimator(self, job_estimator: str) -> str:
-        """The estimator of the task's own map it loads: the one it ranks by, and whose warm head it starts
-        from. Most methods take the job's (``importance.estimator``)."""
-        return job_estimator
+        """The estimator of the task map it ranks by. Most methods take the job's (``importance.estimator``)."""
+        return (self.own_importance or {}).get("estimator", job_estimator)
+
+    def importance_variant(self, job_estimator: str) -> str:
+        """The name of the task map it ranks by: the job's estimator, or its own pass's name ("gps")."""
+        own = self.own_importance or {}
+        return own.get("name") or own.get("estimator") or job_estimator
+
+    def importance_settings(self, job_settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings of the task map it ranks by: the job's, with ``own_importance`` over them."""
+        own = {k: v for k, v in (self.own_importance or {}).items() if k != "name"}
+        return {**job_settings, **own}
 
     def alpha(self, job_alpha: float) -> float:
         """The hybrid weight it really uses (1 = task-specific only, 0 = task-agnostic only)."""
@@ -78,9 +98,15 @@ class Method:
         return job_granularity
 
     def mask(self, model, *, specific, agnostic, density: float, alpha: float, granularity: str, mix: str,
-             seed: int, rules=None):
-        """The mask it trains (a ``shpeft_core.selection.Mask``), or None when it trains no mask."""
+             seed: int, rules=None, equal_budget: bool = False):
+        """The mask it trains (a ``shpeft_core.selection.Mask``), or None when it trains no mask.
+        ``equal_budget``: select the job's k even where its own rule would take another count (per row)."""
         return None
+
+    def dense_extras(self, model) -> list[str]:
+        """Whole parameters it trains besides its mask and the head (GPS: biases, layer-scale gammas); a
+        task delta stores them as dense tensors. Named on the plain timm model."""
+        return []
 
     # ------------------------------------------------------------------ training and artifacts
 
@@ -104,6 +130,18 @@ class Method:
         if self.takes_alpha:
             space["alpha"] = ("linear", *alpha_range)
         return space
+
+    def tuning_space(self) -> dict[str, list[Any]]:
+        """What a comparison may tune for it besides the learning rate, as the values to try (a small grid
+        on validation): alpha for the hybrid, the rank for LoRA. Empty for most methods."""
+        return {}
+
+    def budget_label(self, *, density: float, granularity: str, equal_budget: bool,
+                     settings: dict[str, Any] | None = None) -> str:
+        """What its trainable count is, for reports: the job's density, or a budget of its own."""
+        if self.uses_mask:
+            return f"density {density:g} ({granularity})"
+        return "own: " + self.help
 
     def label(self, mix: str | None = None) -> str:
         """Its name in tables and plots (a hybrid: with its rule)."""

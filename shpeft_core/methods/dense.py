@@ -27,6 +27,7 @@ class HeadOnly(Method):
     name = "linear"
     help = "the head only (linear probe)"
     artifact = "delta"  # a task delta without values
+    head_only = True
 
     def prepare(self, model, *, mask=None, settings: dict[str, Any] | None = None):
         freeze_all(model)

@@ -14,6 +14,7 @@ class Full(Method):
     help = "every weight (full fine-tuning)"
     artifact = "checkpoint"
     default_lr = 3e-4
+    trains_all = True
 
     def prepare(self, model, *, mask=None, settings: dict[str, Any] | None = None):
         for p in model.parameters():

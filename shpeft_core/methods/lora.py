@@ -29,6 +29,13 @@ class LoRA(Method):
     default_lr = 3e-3
     settings_section = "lora"
 
+    def tuning_space(self) -> dict[str, list]:
+        return {"rank": [4, 8, 16]}
+
+    def budget_label(self, *, density, granularity, equal_budget, settings=None) -> str:
+        lora = LoraSettings(**(settings or {}))
+        return f"own: LoRA rank {lora.rank} on qkv/proj/fc1/fc2 + head"
+
     def prepare(self, model, *, mask=None, settings: dict[str, Any] | None = None):
         from peft import LoraConfig, get_peft_model
 

@@ -41,11 +41,16 @@ class Hybrid(MaskMethod):
     uses_importance = True
     takes_alpha = True
     takes_mix = True
+    on_alpha_axis = True
+
+    def tuning_space(self) -> dict[str, list]:
+        return {"alpha": [0.25, 0.5, 0.75]} if self.takes_alpha else {}
 
     def needs_agnostic(self, job_alpha: float) -> bool:
         return self.alpha(job_alpha) < 1.0
 
-    def mask(self, model, *, specific, agnostic, density, alpha, granularity, mix, seed, rules=None):
+    def mask(self, model, *, specific, agnostic, density, alpha, granularity, mix, seed, rules=None,
+             equal_budget=False):
         from ..selection import hybrid_mask
 
         a = self.alpha(alpha)
@@ -53,7 +58,8 @@ class Hybrid(MaskMethod):
             raise MethodError(f"{self.name} needs the task's importance map")
         if a < 1 and agnostic is None:
             raise MethodError(f"{self.name} at alpha {a:g} needs the task-agnostic importance map")
-        return hybrid_mask(specific if a > 0 else None, agnostic if a < 1 else None, a, density, granularity, mix)
+        return hybrid_mask(specific if a > 0 else None, agnostic if a < 1 else None, a, density, granularity, mix,
+                           equal_budget=equal_budget)
 
 
 @register_method
@@ -84,7 +90,8 @@ class RandomMask(MaskMethod):
     help = "a seeded uniform random mask of the same size"
     revision = 1  # 1: the job's granularity (it was always global), so its budget per tensor matches the others'
 
-    def mask(self, model, *, specific, agnostic, density, alpha, granularity, mix, seed, rules=None):
+    def mask(self, model, *, specific, agnostic, density, alpha, granularity, mix, seed, rules=None,
+             equal_budget=False):
         from ..backbone import unwrap
         from ..eligibility import eligible_parameters
         from ..selection import random_mask
@@ -92,4 +99,5 @@ class RandomMask(MaskMethod):
         params = eligible_parameters(unwrap(model), rules)
         if not params:
             raise MethodError("random mask: the model has no eligible weights")
-        return random_mask({n: p.shape for n, p in params.items()}, density, seed, granularity)
+        return random_mask({n: p.shape for n, p in params.items()}, density, seed, granularity,
+                           equal_budget=equal_budget)

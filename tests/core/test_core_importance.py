@@ -14,7 +14,8 @@ from shpeft_core import (
     magnitude_importance,
     eligible_parameters,
 )
-from shpeft_core.importance import ImportanceError, supcon_loss, warm_head
+from shpeft_core.importance import ImportanceError, warm_head
+from shpeft_core.objectives import supcon_loss
 from shpeft_core.selection import normalize_scores, rank_normalize
 
 from helpers_core import separable_batches, tiny_model

@@ -10,8 +10,9 @@ import torch
 
 from shpeft_core import BackboneSpec, create_backbone
 from shpeft_core.eligibility import eligible_parameters
-from shpeft_core.importance import (ImportanceConfig, compute_importance, gps_importance_config,
-                                    gps_trainable_extras, supcon_loss)
+from shpeft_core.importance import ImportanceConfig, compute_importance
+from shpeft_core.methods.gps import gps_importance_config, gps_trainable_extras
+from shpeft_core.objectives import supcon_loss
 from shpeft_core.selection import hybrid_mask, select_mask
 
 from helpers_core import tiny_model

@@ -17,7 +17,7 @@ import shpeft_core.mixed as mx
 from shpeft_core import apply_delta, apply_sparse_training, eligible_parameters, extract_delta, head_parameter_names
 from shpeft_core.mixed import MixedError, MixedTaskModel
 
-from helpers_core import IMG, tiny_model
+from helpers_core import IMG, TINY, tiny_model
 
 META = {"alpha": "0.5", "estimator": "grad2", "importance_key": "imp", "task": "t"}
 KINDS = ["vit", "swin", "convnext", "deit_distilled"]
@@ -258,3 +258,57 @@ def test_bad_batches_are_refused():
     mlp.forward = lambda h: mlp.fc2(mlp.act(mlp.fc1(h.transpose(0, 1)))).transpose(0, 1)
     with pytest.raises(MixedError, match="not a multiple of the batch"):
         mixed(torch.randn(2, 3, 32, 32), prepared, [0, 1])
+
+
+def _dense_delta(spec, dense_names, seed: int = 0):
+    """A format-2 delta: sparse entries in two layers plus whole trained tensors (``dense_names``)."""
+    from shpeft_core.backbone import create_backbone
+
+    g = torch.Generator().manual_seed(seed)
+    model = create_backbone(spec, 3)
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in dense_names}
+    mask = {n: _sorted_unique(torch.randperm(p.numel(), generator=g)[:20])
+            for n, p in eligible_parameters(model).items() if n.endswith(("qkv.weight", "fc2.weight"))}
+    apply_sparse_training(model, mask)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".values") or name in dense_names or name in set(head_parameter_names(model)):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return extract_delta(model, metadata=META, dense=before)
+
+
+def test_dense_biases_and_layer_scales_of_a_format_2_delta_equal_the_delta_applied_alone(mixed_path):
+    from shpeft_core.backbone import BackboneSpec, create_backbone
+
+    spec = BackboneSpec("test_vit", None, {"img_size": 32, "init_values": 0.1})  # LayerScale in every block
+    dense = ["blocks.0.attn.qkv.bias", "blocks.1.mlp.fc1.bias", "blocks.0.ls1.gamma", "blocks.2.ls2.gamma"]
+    deltas = [_dense_delta(spec, dense, seed=1), _dense_delta(spec, dense[:1], seed=2)]
+    assert all(d.dense for d in deltas) and deltas[0].metadata["shpeft_format"] == "2"
+    model = create_backbone(spec, 3).eval()
+    mixed = MixedTaskModel(model)
+    prepared = [mixed.prepare(d) for d in deltas]
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    task_index = torch.tensor([0, 1, 0, 1, 1, 0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = mixed(x, prepared, task_index)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing written
+    for t, d in enumerate(deltas):
+        ref = create_backbone(spec, 3).double().eval()
+        with torch.no_grad(), apply_delta(ref, d, check_fingerprint=False):
+            want = ref(x[task_index == t].double())
+        torch.testing.assert_close(got[t].double(), want, atol=1e-5, rtol=0)
+        without = create_backbone(spec, 3).double().eval()
+        with torch.no_grad(), apply_delta(without, _delta_with(d, dense={}, metadata={**d.metadata, "shpeft_format": "1"}),
+                                          check_fingerprint=False):
+            assert not torch.allclose(without(x[task_index == t].double()), want, atol=1e-4)  # the dense part counts
+
+
+def test_a_dense_tensor_the_mixed_forward_cannot_add_is_refused_naming_it():
+    from shpeft_core.backbone import create_backbone
+
+    spec = TINY["swin"]
+    table = next(n for n, _ in create_backbone(spec, 3).named_parameters() if "relative_position_bias_table" in n)
+    delta = _dense_delta(spec, [table])
+    with pytest.raises(MixedError, match=f"dense tensor {table} is not a Linear / Conv2d bias or a layer-scale gamma"):
+        MixedTaskModel(create_backbone(spec, 3)).prepare(delta)

@@ -230,3 +230,24 @@ def test_an_empty_task_agnostic_pool_exits_2_naming_the_task_before_ray_starts(t
         assert res.exit_code == 0, res.output
         note = res.output.splitlines()[-1]
         assert note.startswith("note: my-texture: no other dataset to pool") and "magnitude |w|" in note
+
+
+def test_compare_passes_tuning_seed_and_budget_options(tmp_path, monkeypatch):
+    code, out, (call,) = _compare_call(tmp_path, monkeypatch, "--methods", "shpeft,shpeft@0.001,full",
+                                       "--tune-points", 0, "--fixed-importance", "--equal-budget",
+                                       "--reference", "full")
+    assert code == 0, out
+    assert call["methods"] == ["shpeft", "shpeft@0.001", "full"]
+    assert call["tune"] is False and call["tune_points"] == 0 and call["fixed_importance"] is True
+    assert call["equal_budget"] is True and call["reference"] == "full"
+    code, out, (call,) = _compare_call(tmp_path, monkeypatch, "--methods", "shpeft,linear")
+    assert call["tune"] is True and call["tune_points"] == 3 and call["fixed_importance"] is False
+
+
+@pytest.mark.parametrize("args,message", [(("--methods", "linear,full"), "--reference: 'shpeft' is not among"),
+                                          (("--methods", "shpeft@0", "--reference", "shpeft"), "in (0, 1]"),
+                                          (("--methods", "full@0.01",), "only mask methods take a density")])
+def test_compare_bad_reference_or_density_exit_2(tmp_path, monkeypatch, args, message):
+    code, out, calls = _compare_call(tmp_path, monkeypatch, *args)
+    assert code == 2 and message in out and "Traceback" not in out, out
+    assert calls == []

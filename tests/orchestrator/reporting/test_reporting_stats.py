@@ -146,3 +146,52 @@ def test_compare_to_reference_adjusts_over_the_family(labels):
 def test_inputs_that_do_not_pair_up_are_refused(labels, a_shape, b_shape, match):
     with pytest.raises(StatsError, match=match):
         paired_difference(labels, np.zeros(a_shape, int), np.zeros(b_shape, int), metric_statistic("accuracy", C))
+
+
+def test_multi_label_auc_is_the_mean_finding_auroc_on_known_labels():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    n, c = 60, 3
+    y = (rng.random((n, c)) < 0.4).astype(np.float64)
+    y[rng.random((n, c)) < 0.2] = np.nan  # unknown findings take no part
+    y[:, 2] = np.where(np.isnan(y[:, 2]), np.nan, 0.0)  # a finding with no positive: left out
+    probs = np.clip(np.nan_to_num(y, nan=0.5) * 0.4 + rng.random((n, c)) * 0.6, 0, 1)
+    want = np.mean([roc_auc_score(y[~np.isnan(y[:, j]), j], probs[~np.isnan(y[:, j]), j]) for j in (0, 1)])
+    auc = metric_statistic("auc", c)
+    assert auc(y, probs) == pytest.approx(want)
+    # batched over resamples and seeds, as the bootstrap calls it
+    assert np.allclose(auc(np.stack([y, y]), np.stack([probs, probs])), want)
+    a = np.stack([probs, probs])
+    b = np.stack([rng.random((n, c)), rng.random((n, c))])
+    r = paired_difference(y, a, b, auc, seed=0, n_resamples=300, n_permutations=300)
+    assert r.metric_a == pytest.approx(want) and r.ci_low < r.difference < r.ci_high
+
+
+def test_recovery_fraction_places_a_method_between_floor_and_ceiling(labels):
+    from orchestrator.reporting.stats import recovery_fraction
+
+    rng = np.random.default_rng(6)
+    floor, ceiling = _predictions(labels, 0.45, 3, rng), _predictions(labels, 0.95, 3, rng)
+    f1 = metric_statistic("macro_f1", C)
+    assert recovery_fraction(labels, floor, floor, ceiling, f1, n_resamples=200)[0] == 0.0
+    assert recovery_fraction(labels, ceiling, floor, ceiling, f1, n_resamples=200)[0] == 1.0
+    mid = np.where(rng.random(floor.shape) < 0.5, floor, ceiling)
+    frac, lo, hi = recovery_fraction(labels, mid, floor, ceiling, f1, n_resamples=500)
+    means = [np.mean([f1(labels, o[s]) for s in range(3)]) for o in (mid, floor, ceiling)]
+    assert frac == pytest.approx((means[0] - means[1]) / (means[2] - means[1]))
+    assert 0.2 < lo < frac < hi < 0.8
+
+
+def test_recovery_interval_leaves_out_resamples_where_the_gap_vanishes(labels):
+    from orchestrator.reporting.stats import recovery_fraction
+
+    rng = np.random.default_rng(7)
+    floor, ceiling = _predictions(labels, 0.6, 1, rng), _predictions(labels, 0.75, 1, rng)
+    mid = np.where(rng.random(floor.shape) < 0.5, floor, ceiling)
+    f1 = metric_statistic("macro_f1", C)
+    # 40 images and a small gap: some resamples have no gap (undefined fraction); the rest give the interval
+    frac, lo, hi = recovery_fraction(labels[:40], mid[:, :40], floor[:, :40], ceiling[:, :40], f1, n_resamples=400)
+    assert np.isfinite([frac, lo, hi]).all() and lo <= frac <= hi
+    # no gap at all: no fraction and no interval
+    assert all(np.isnan(v) for v in recovery_fraction(labels, mid, ceiling, ceiling, f1, n_resamples=100))

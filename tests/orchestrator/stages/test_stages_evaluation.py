@@ -80,3 +80,28 @@ def test_encoded_probabilities_are_compact_and_exact_in_float32():
     assert len(enc["probs"]) == 4 * -(-(50 * 4 * 4) // 3)  # base64 of 4 bytes a value
     back = split_predictions({"predictions": {"test": json.loads(json.dumps(enc))}}, "test")
     assert np.array_equal(back["probs"], probs.astype(np.float32))
+
+
+def test_validation_only_evaluation_measures_nothing_on_test(task_specs, tmp_path):
+    spec = task_specs[0]
+    path = tmp_path / "tuning.safetensors"
+    bb = BackboneSpec(BACKBONE["name"], BACKBONE["source"], BACKBONE["kwargs"])
+    random_delta(bb, path, spec.name, spec.names(), seed=4, density=0.05, scale=0.05)
+    plan = SimpleNamespace(task=spec.model_dump(mode="json"), use_gpu=False, method="shpeft", artifact_uri=str(path),
+                           backbone=dict(BACKBONE), batch_size=7, metric="macro_f1", density=0.05, alpha=0.5)
+    row = evaluate_artifact(plan, on=("val",))
+    assert "val_macro_f1" in row and not any(k.startswith("test_") for k in row)
+    doc = read_eval(eval_file(str(path)))
+    assert set(doc["splits"]) == set(doc["predictions"]) == {"val"}
+
+
+def test_multi_label_predictions_round_trip_with_unknown_findings():
+    labels = np.array([[1.0, np.nan, 0.0], [0.0, 1.0, np.nan]])
+    probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.5]])
+    stored = encode_predictions(labels, None, probs)
+    got = split_predictions({"predictions": {"test": stored}}, "test")
+    assert np.array_equal(np.isnan(got["labels"]), np.isnan(labels))
+    assert np.array_equal(np.nan_to_num(got["labels"], nan=-1), np.nan_to_num(labels, nan=-1))
+    assert np.allclose(got["probs"], probs) and got["probs"].dtype == np.float32
+    with pytest.raises(EvalFileError, match="findings"):
+        split_predictions({"predictions": {"test": {**stored, "n": 3}}}, "test")

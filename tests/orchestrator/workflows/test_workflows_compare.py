@@ -3,6 +3,7 @@
 import io
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -36,8 +37,9 @@ def compared(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         methods = "shpeft,shpeft:rank_sum,specific,agnostic,random,gps,linear,bitfit,lora,full"
-        result = run_compare(job, methods=methods, seeds=2, progress=False)
-        again = run_compare(job, methods=methods, seeds=2, progress=False)
+        # every method at its default rate here; tuning is tested below on fewer methods
+        result = run_compare(job, methods=methods, seeds=2, progress=False, tune=False)
+        again = run_compare(job, methods=methods, seeds=2, progress=False, tune=False)
     finally:
         ray.shutdown()
     return job, result, again
@@ -52,6 +54,7 @@ def test_results_have_one_row_per_task_method_seed(compared):
     assert len(keys) == len(table) == 2 * 10 * 2
     for r in table:
         assert r["status"] == "ok"
+        assert r["lr_source"] == "default" and r["importance_seed"] == r["seed"]
         assert artifact_sha256(r["artifact_uri"], r["artifact_kind"]) == r["sha256"]
         assert r["artifact_bytes"] > 0 and r["trainable"] > 0
     by = {(r["method"], r["mix"]): r for r in table if r["task"] == "colour-a" and r["seed"] == 0}
@@ -74,7 +77,9 @@ def test_report_and_plots(compared):
     _, result, _ = compared
     text = open(result.report_uri).read()
     assert "| method | colour-a | colour-b | mean |" in text
-    assert "shpeft (union)" in text and "shpeft (rank_sum)" in text and "**" in text
+    assert "shpeft (union)" in text and "shpeft (rank_sum)" in text
+    assert "## Paired differences against shpeft (union) (test)" in text and "Holm" in text
+    assert "## Recovery of the linear to full gap" in text
     for png in ("metric_vs_trainable.png", "alpha_curve.png", "selection_location.png", "mask_overlap.png"):
         path = os.path.join(os.path.dirname(result.report_uri), png)
         assert os.path.getsize(path) > 1000 and f"({png})" in text
@@ -90,8 +95,85 @@ def test_rerun_reuses_verified_runs(compared):
 
 
 def test_methods_option_is_checked():
-    assert parse_methods("shpeft:rank_sum,linear") == [("shpeft", "rank_sum"), ("linear", None)]
+    assert [(e.method, e.mix, e.density) for e in parse_methods("shpeft:rank_sum,linear,shpeft@0.001")] == [
+        ("shpeft", "rank_sum", None), ("linear", None, None), ("shpeft", None, 0.001)]
     with pytest.raises(ValueError, match="'nope' is not a method"):
         parse_methods("shpeft,nope")
     with pytest.raises(ValueError, match="only shpeft takes a rule"):
         parse_methods("linear:union")
+    with pytest.raises(ValueError, match="only mask methods take a density"):
+        parse_methods("linear@0.01")
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        parse_methods("shpeft@2")
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        parse_methods("shpeft@abc")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuned")
+    spec = colour_task(str(root), "colour-a", 0)
+    job = parse_job({
+        "backbone": BACKBONE, "store": str(root / "store"), "tasks": [spec.model_dump(mode="json")],
+        "importance": {"batches": 2, "batch_size": 16}, "selection": {"density": 0.02, "alpha": 0.5},
+        "training": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "cpus_per_worker": 0.9, "lr": 0.05},
+        "method": {"lr": {"full": 0.002}},
+    })
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_compare(job, methods="shpeft,shpeft@0.005,linear,full", seeds=2, progress=False)
+        fixed = run_compare(job, methods="specific", seeds=2, progress=False, tune=False, fixed_importance=True)
+    finally:
+        ray.shutdown()
+    return job, result, fixed
+
+
+def test_learning_rates_are_chosen_on_validation_and_recorded(tuned):
+    from orchestrator.stages.evaluation import read_eval
+    from orchestrator.store.layout import compare_tuning, eval_file
+    from orchestrator.workflows.compare_tuning import read_tuning
+
+    _, result, _ = tuned
+    assert result.exit_code == 0, [r for r in result.rows if r["status"] != "ok"]
+    tuning = read_tuning(compare_tuning(os.path.dirname(result.results_uri)))
+    # full is pinned by method.lr (not searched); the others try 3 rates each on the first seed
+    assert sorted({r["variant"] for r in tuning}) == ["linear", "shpeft (union)", "shpeft (union) @ 0.005"]
+    assert all(r["seed"] == 0 and r["status"] == "ok" for r in tuning)
+    for variant in {r["variant"] for r in tuning}:
+        tried = sorted(r["lr"] for r in tuning if r["variant"] == variant)
+        assert {0.00333, 0.01, 0.03} <= set(tried)
+        best = max(tuning, key=lambda r: (r["val_score"], -abs(np.log(r["lr"] / 0.01))) if r["variant"] == variant
+                   else (-1, 0))["lr"]
+        # a best value at an end of what was tried means the two steps beyond the grid were used up
+        if best in (tried[0], tried[-1]):
+            assert len(tried) == 5, (variant, tried)
+    for r in tuning:  # a tuning run is measured on validation only
+        doc = read_eval(eval_file(r["artifact_uri"]))
+        chosen = any(x["artifact_uri"] == r["artifact_uri"] for x in result.rows)
+        assert set(doc["splits"]) == ({"val", "test"} if chosen else {"val"})
+    for r in result.rows:
+        assert r["trainable"] > 0 and r["train_s"] > 0  # a reused tuning run keeps its own count and cost
+        if r["method"] == "full":
+            assert (r["lr"], r["lr_source"]) == (0.002, "job")
+            continue
+        assert r["lr_source"] == "tuned" and r["lr"] != 0.05  # training.lr is not used
+        tried = {t["lr"]: t["val_score"] for t in tuning if t["variant"] == r["variant"]}
+        assert r["lr"] in tried and tried[r["lr"]] == max(tried.values())
+        assert r["reused_tuning_run"] == (r["seed"] == 0)  # the chosen tuning run is the first seed's run
+    by = {(r["variant"], r["seed"]): r for r in result.rows}
+    assert by[("shpeft (union) @ 0.005", 0)]["trainable"] < by[("shpeft (union)", 0)]["trainable"]
+    text = open(result.report_uri).read()
+    assert "## Learning rates (chosen on validation)" in text and "| colour-a | full | - | 0.002 | job |" in text
+    assert "tuning s (total)" in text and "each seed draws its own importance batches and warm head" in text
+
+
+def test_seeds_change_the_mask_of_importance_methods_unless_told_not_to(tuned):
+    _, result, fixed = tuned
+    by = {(r["variant"], r["seed"]): r for r in result.rows}
+    a, b = (load_delta(by[("shpeft (union)", s)]["artifact_uri"]) for s in (0, 1))
+    assert a.metadata["importance_seed"] == "0" and b.metadata["importance_seed"] == "1"
+    assert any(not np.array_equal(a.indices[k], b.indices[k]) for k in a.indices)
+    c, d = (load_delta(r["artifact_uri"]) for r in sorted(fixed.rows, key=lambda r: r["seed"]))
+    assert [r["importance_seed"] for r in fixed.rows] == [0, 0]
+    assert all(np.array_equal(c.indices[k], d.indices[k]) for k in c.indices)
+    assert "training.seed (--fixed-importance)" in open(fixed.report_uri).read()
