@@ -302,6 +302,9 @@ def agnostic_map(ctx, target: str, pool: list[DatasetMap], combined: dict[str, d
     uri = layout.agnostic_map(store, key)
     out.update(key=key, uri=uri)
     names = ", ".join(d.name for d in pool)
+    seeds = sorted({d.seed for d in pool})
+    if seeds != [job.training.seed]:  # maps of another seed than the job's: say which (compare runs one per seed)
+        names += f"; seed {', '.join(map(str, seeds))}"
     if not force and cache_hit(uri, f"task-agnostic importance for {target}", progress):
         out["cache"] = "hit"
         ctx.count("importance_loaded")
