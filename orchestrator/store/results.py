@@ -230,3 +230,20 @@ def heal_catalogue(store: str, job_id: str) -> list[str]:
         said.append(f"catalogue {uri}: {len(recovered)} row(s) rebuilt from verified deltas "
                     f"({', '.join(sorted(recovered))})")
     return said
+
+
+def read_table_rows(uri: str) -> list[dict[str, Any]]:
+    """The rows of one Parquet file of a report (results, tuning), or [] when there is none yet."""
+    from shpeft_core.io import exists
+
+    if not exists(uri):
+        return []
+    return pq.read_table(io.BytesIO(read_bytes(uri))).to_pylist()
+
+
+def write_table_rows(uri: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """Write ``rows`` as one Parquet file with ``schema`` (missing fields null), atomically."""
+    table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(uri, buf.getvalue())

@@ -10,15 +10,12 @@ every run, so a killed comparison resumes where it stopped.
 
 from __future__ import annotations
 
-import io
 import time
 from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from shpeft_core.io import atomic_write_bytes, exists, read_bytes
 from shpeft_core.methods import get_method
 from shpeft_core.options import DEFAULT_METRIC, EVAL_SPLITS, SUMMARY_METRICS
 
@@ -27,6 +24,7 @@ from orchestrator.stages.context import plan_task
 from orchestrator.stages.evaluation import evaluate_artifact
 from orchestrator.store import layout
 from orchestrator.store.layout import row_verified
+from orchestrator.store.results import read_table_rows, write_table_rows
 from orchestrator.workflows.compare_tuning import choose_lr, lr_grid, read_tuning, starting_lr, write_tuning
 
 __all__ = ["RESULT_COLUMNS", "SCHEMA", "CompareRuns", "tune_learning_rates", "read_results", "write_results"]
@@ -47,16 +45,11 @@ SCHEMA = pa.schema([pa.field(n, t) for n, t in RESULT_COLUMNS])
 
 
 def read_results(uri: str) -> list[dict[str, Any]]:
-    if not exists(uri):
-        return []
-    return pq.read_table(io.BytesIO(read_bytes(uri))).to_pylist()
+    return read_table_rows(uri)
 
 
 def write_results(uri: str, rows: list[dict[str, Any]]) -> None:
-    table = pa.Table.from_pylist([{n: r.get(n) for n, _ in RESULT_COLUMNS} for r in rows], schema=SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(uri, buf.getvalue())
+    write_table_rows(uri, rows, SCHEMA)
 
 
 def _run_one(arg) -> dict[str, Any]:

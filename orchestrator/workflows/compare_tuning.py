@@ -21,14 +21,12 @@ Invariants:
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from shpeft_core.io import atomic_write_bytes, exists, read_bytes
+from orchestrator.store.results import read_table_rows, write_table_rows
 
 __all__ = ["TUNING_COLUMNS", "starting_lr", "lr_grid", "choose_lr", "read_tuning", "write_tuning"]
 
@@ -70,13 +68,8 @@ def choose_lr(scores: dict[float, float | None], start: float) -> float | None:
 
 
 def read_tuning(uri: str) -> list[dict[str, Any]]:
-    if not exists(uri):
-        return []
-    return pq.read_table(io.BytesIO(read_bytes(uri))).to_pylist()
+    return read_table_rows(uri)
 
 
 def write_tuning(uri: str, rows: list[dict[str, Any]]) -> None:
-    table = pa.Table.from_pylist([{n: r.get(n) for n, _ in TUNING_COLUMNS} for r in rows], schema=TUNING_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(uri, buf.getvalue())
+    write_table_rows(uri, rows, TUNING_SCHEMA)
