@@ -70,7 +70,7 @@ def _methods_help() -> str:
 @click.option("--fixed-importance", is_flag=True,
               help="Every seed uses the importance maps and warm head of training.seed [default: each seed draws its own].")
 @click.option("--equal-budget", is_flag=True, help="Every mask method (gps included) selects the job's k.")
-@click.option("--reference", default="shpeft", show_default=True,
+@click.option("--reference", default="shpeft", show_default=True, metavar="METHOD[@DENSITY]",
               help="The method the report's paired statistics compare every other against.")
 @click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
 @show_logs_option
@@ -89,7 +89,7 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     Example: shpeft compare examples/compare_medmnist224_vitb16_gpu.yaml --seeds 3
     """
     job = load_job_or_exit(job_file)
-    from orchestrator.workflows.compare import compare_settings, run_compare
+    from orchestrator.workflows.compare import compare_settings, parse_methods, run_compare
 
     try:
         job, chosen, seeds = compare_settings(job, methods, seeds, smoke_test=smoke_test)
@@ -98,7 +98,11 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     validate_or_exit(job, job_file, data=True, cpus=None if address else (num_cpus or os.cpu_count() or 1),
                      methods=[m.partition("@")[0].partition(":")[0] for m in chosen])
     compared = [m.partition("@")[0].partition(":")[0] for m in chosen]
-    if reference not in compared:
+    try:  # a method name, or one --methods entry (e.g. shpeft@0.001 where shpeft runs at two densities)
+        named = reference in compared or parse_methods([reference])[0] in parse_methods(chosen)
+    except ValueError:
+        named = False
+    if not named:
         fail(f"--reference: {reference!r} is not among the methods compared ({', '.join(chosen)}); name one of them with --reference", EXIT_INVALID)
     with invalid_input_exits():
         result = run_compare(job, methods=chosen, seeds=seeds, address=address, num_cpus=num_cpus, force=force,

@@ -262,14 +262,28 @@ def _agnostic_sentence(agnostic: dict[str, dict[str, Any]] | None, tasks: list[s
     return where + (", the task itself included" if job.importance.include_target else "")
 
 
-def _variant_of(rows, labels: list[str], test) -> str | None:
-    """The first label among ``labels`` whose rows satisfy ``test(method)``."""
+def _variant_of(rows, labels: list[str], test, row_test=lambda r: True) -> str | None:
+    """The first label among ``labels`` whose rows satisfy ``test(method)`` and ``row_test(row)``."""
     from shpeft_core.methods import get_method
 
     for lab in labels:
-        if any(r.get("variant") == lab and test(get_method(r["method"])) for r in rows if r.get("status") == "ok"):
+        if any(r.get("variant") == lab and test(get_method(r["method"])) and row_test(r)
+               for r in rows if r.get("status") == "ok"):
             return lab
     return None
+
+
+def _is_entry(text: str):
+    """A row test for a --methods entry ``method[:rule][@density]`` (rule and density only where given)."""
+    head, _, dens = text.partition("@")
+    _, _, mix = head.partition(":")
+
+    def test(r) -> bool:
+        if mix and r.get("mix") != mix:
+            return False
+        return not dens or (r.get("density") is not None and math.isclose(float(r["density"]), float(dens)))
+
+    return test
 
 
 def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list[str], labels: list[str],
@@ -287,7 +301,8 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
     val = summarise(rows, job_mix, "val")
     outputs = cs.test_outputs(rows)
     reference_method = settings.get("reference") or REFERENCE_METHOD
-    reference = _variant_of(rows, labels, lambda m: m.name == reference_method)
+    reference = _variant_of(rows, labels, lambda m: m.name == reference_method.partition("@")[0].partition(":")[0],
+                            _is_entry(reference_method))
     task_metrics = {r["task"]: r.get("metric") for r in rows if r.get("metric")}
     plots: list[str] = []
     seeds_note = ("every seed uses the importance maps and warm head of training.seed (--fixed-importance)"

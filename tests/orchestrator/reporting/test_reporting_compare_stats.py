@@ -87,3 +87,21 @@ def test_tuning_table_lists_values_tried_and_the_source_of_each_rate():
     lines = tuning_section(tuning, rows, ["t"], ["shpeft", "full"])
     assert "| t | shpeft | 0.00333: 0.700, 0.01: 0.800, 0.03: 0.750 | 0.01 | tuned | 6 |" in lines
     assert "| t | full | - | 0.002 | job | 0 |" in lines
+
+
+def test_the_reference_may_name_one_density_of_a_method_compared_at_two():
+    from orchestrator.reporting.compare_report import _is_entry, _variant_of
+
+    rows = [{"method": "shpeft", "mix": "union", "density": d, "variant": lab, "status": "ok"}
+            for d, lab in ((0.02, "shpeft (union)"), (0.001, "shpeft (union) @ 0.001"))]
+    rows.append({"method": "linear", "mix": None, "density": None, "variant": "linear", "status": "ok"})
+    labels = ["shpeft (union)", "shpeft (union) @ 0.001", "linear"]
+
+    def pick(ref):
+        return _variant_of(rows, labels, lambda m: m.name == ref.partition("@")[0].partition(":")[0], _is_entry(ref))
+
+    assert pick("shpeft") == "shpeft (union)"  # the first variant of the method
+    assert pick("shpeft@0.001") == pick("shpeft@1e-3") == "shpeft (union) @ 0.001"
+    assert pick("shpeft:union@0.001") == "shpeft (union) @ 0.001"
+    assert pick("shpeft@0.005") is None and pick("shpeft:rank_sum") is None
+    assert pick("linear") == "linear"
