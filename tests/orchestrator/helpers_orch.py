@@ -42,16 +42,22 @@ def random_delta(spec: BackboneSpec, path: Path, task: str, class_names: list[st
 BACKBONE = {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def backbone_file(tmp_path_factory):
-    """A 'pre-trained' backbone as a local safetensors file, like a user's own weights."""
+def write_seeded_backbone(path: str, kwargs: dict) -> str:
+    """A seeded test_vit's weights as a safetensors file at ``path`` (the same weights for the same kwargs)."""
     import safetensors.torch
     import timm
 
-    path = str(tmp_path_factory.mktemp("weights") / "test_vit.safetensors")
     torch.manual_seed(123)
-    model = timm.create_model(BACKBONE["name"], num_classes=7, **BACKBONE["kwargs"])
+    model = timm.create_model("test_vit", num_classes=7, **kwargs)
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backbone_file(tmp_path_factory):
+    """A 'pre-trained' backbone as a local safetensors file, like a user's own weights."""
+    assert BACKBONE["name"] == "test_vit"
+    path = write_seeded_backbone(str(tmp_path_factory.mktemp("weights") / "test_vit.safetensors"), BACKBONE["kwargs"])
     BACKBONE["source"] = path
     yield path
 

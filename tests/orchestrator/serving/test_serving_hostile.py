@@ -26,7 +26,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers_orch import random_delta
+from helpers_orch import random_delta, write_seeded_backbone
 from orchestrator.cli.main import main
 from shpeft_core import _st
 from shpeft_core.backbone import BackboneSpec, backbone_fingerprint, create_backbone
@@ -38,14 +38,8 @@ CLASSES = {"busi": ["benign", "malignant", "normal"], "chaoyang": ["a", "b", "c"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import safetensors.torch
-    import timm
-
     d = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(123)
-    base = timm.create_model("test_vit", num_classes=7, **KWARGS)
-    weights = d / "base.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
+    weights = write_seeded_backbone(str(d / "base.safetensors"), KWARGS)
     spec = BackboneSpec("test_vit", str(weights), KWARGS)
     root = d / "deltas"
     root.mkdir()

@@ -26,7 +26,7 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from helpers_orch import random_delta  # noqa: E402
+from helpers_orch import random_delta, write_seeded_backbone  # noqa: E402
 from orchestrator.cli.main import main  # noqa: E402
 from orchestrator.serving.predict import predict_files  # noqa: E402
 from shpeft_core.backbone import BackboneSpec, backbone_fingerprint, create_backbone  # noqa: E402
@@ -53,13 +53,8 @@ def _png(rng, size=(40, 40)) -> bytes:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import safetensors.torch
-
     d = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(123)
-    base = timm.create_model("test_vit", num_classes=7, **KWARGS)
-    weights = d / "base.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
+    weights = write_seeded_backbone(str(d / "base.safetensors"), KWARGS)
     spec = BackboneSpec("test_vit", str(weights), KWARGS)
     deltas = {"busi": _delta(spec, d / "busi.safetensors", "busi", 1),
               "chaoyang": _delta(spec, d / "chaoyang.safetensors", "chaoyang", 2)}
