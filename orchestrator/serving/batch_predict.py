@@ -180,8 +180,7 @@ class _Predictor:
 
     def __init__(self, delta_uris: list[str], shas: list[str], backbone_source: str | None, device: str,
                  source: DatasetInput, batch_size: int, max_image_pixels: int | None = None):
-        from orchestrator.serving.predict import (check_base_weights, class_names, load_deltas, model_for_delta,
-                                                  validate_deltas)
+        from orchestrator.serving.predict import check_base_weights, class_names, load_deltas, model_for_delta
         from shpeft_core.mixed import MixedTaskModel
         from tasks.codecs.images import set_max_image_pixels
         from tasks.transforms import transform_for
@@ -192,8 +191,8 @@ class _Predictor:
         self.labels = [class_names(d) for d in self.deltas]
         self.model = model_for_delta(self.deltas[0], backbone_source, device, delta_uris[0]).eval()
         check_base_weights(self.model, self.deltas[0], delta_uris[0])  # once per actor, not per batch
-        validate_deltas(self.model, self.deltas, self.uris)
         self.mixed = MixedTaskModel(self.model)
+        # prepare validates each delta (validate_delta) as the driver did before any image was read
         self.prepared = [self.mixed.prepare(d, where=u, check_fingerprint=False)
                          for d, u in zip(self.deltas, delta_uris)]
         self.transform = transform_for(self.model, train=False)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from shpeft_core.io import StorageError, atomic_write_bytes, join_uri, read_bytes
+from shpeft_core.io import StorageError, atomic_write_bytes, exists, join_uri, read_bytes
 from shpeft_core.options import SUMMARY_METRICS
 
 from orchestrator.store.layout import catalogue_dir, catalogue_file, damaged_copy, job_evaluation_files
@@ -234,8 +234,6 @@ def heal_catalogue(store: str, job_id: str) -> list[str]:
 
 def read_table_rows(uri: str) -> list[dict[str, Any]]:
     """The rows of one Parquet file of a report (results, tuning), or [] when there is none yet."""
-    from shpeft_core.io import exists
-
     if not exists(uri):
         return []
     return pq.read_table(io.BytesIO(read_bytes(uri))).to_pylist()
