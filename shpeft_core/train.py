@@ -238,13 +238,16 @@ def fit(
     start_epoch: int = 0,
     resume_state: TrainState | None = None,
     on_epoch_end: Callable[[int, dict, TrainState], None] | None = None,
+    validate_each_epoch: bool = True,
 ) -> list[dict]:
     """Train the trainable parameters (values + head) with AdamW; returns per-epoch metrics.
 
     The loss is the task ``kind``'s (``shpeft_core.objectives.task_loss``: cross-entropy, or binary
     cross-entropy per finding for multi_label). ``model`` may be wrapped in DDP: the wrapper is used for
     the forward (gradient sync), the inner module for names. Each epoch's dict holds epoch, train_loss,
-    lr and evaluate()'s keys.
+    lr and evaluate()'s keys; with ``validate_each_epoch=False`` only the last epoch is evaluated (the
+    others hold no validation keys), for callers that read the final model only. Validation never
+    changes what is trained (every epoch reseeds), so both give the same weights.
     """
     from .objectives import check_kind, task_loss
 
@@ -308,8 +311,10 @@ def fit(
             n_seen += y.shape[0]
         if n_seen == 0:
             raise ValueError(f"training loader yielded no batches in epoch {epoch}")
-        metrics = evaluate(model, val_loader, num_classes=num_classes, device=config.device, bf16=config.bf16,
-                           kind=kind)
+        metrics = {}
+        if validate_each_epoch or epoch == config.epochs - 1:
+            metrics = evaluate(model, val_loader, num_classes=num_classes, device=config.device, bf16=config.bf16,
+                               kind=kind)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen),
                    "lr": opt.param_groups[0]["lr"], **metrics}
         history.append(metrics)

@@ -67,6 +67,8 @@ def _methods_help() -> str:
 @click.option("--tune-points", type=click.IntRange(min=0), default=3, show_default=True,
               help="Learning rates tried per (task, method) on validation, on a log grid around the method's "
               "default (x3 apart); 0: no tuning. A method pinned by the job's method.lr is not tuned.")
+@click.option("--tune-extensions", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Where an end of the grid wins, try one more rate a step beyond it, at most this many times.")
 @click.option("--fixed-importance", is_flag=True,
               help="Every seed uses the importance maps and warm head of training.seed [default: each seed draws its own].")
 @click.option("--equal-budget", is_flag=True, help="Every mask method (gps included) selects the job's k.")
@@ -75,8 +77,8 @@ def _methods_help() -> str:
 @click.option("--no-progress", is_flag=True, help="No per-run progress lines.")
 @show_logs_option
 def compare(job_file: str, methods: str | None, seeds: int, address: str | None, num_cpus: int | None, force: bool,
-            smoke_test: bool, tune_points: int, fixed_importance: bool, equal_budget: bool, reference: str,
-            no_progress: bool) -> None:
+            smoke_test: bool, tune_points: int, tune_extensions: int, fixed_importance: bool, equal_budget: bool,
+            reference: str, no_progress: bool) -> None:
     """Run the job's tasks with SH-PEFT and the methods users would pick instead, in one harness.
 
     Every run uses the same data, transforms, schedule, epochs and evaluation of its saved artifact;
@@ -107,6 +109,7 @@ def compare(job_file: str, methods: str | None, seeds: int, address: str | None,
     with invalid_input_exits():
         result = run_compare(job, methods=chosen, seeds=seeds, address=address, num_cpus=num_cpus, force=force,
                              progress=not no_progress, tune=tune_points > 0, tune_points=tune_points,
+                             tune_extensions=tune_extensions,
                              fixed_importance=fixed_importance, equal_budget=equal_budget, reference=reference)
     raise click.exceptions.Exit(int(result.exit_code))
 

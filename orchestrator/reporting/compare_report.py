@@ -338,7 +338,7 @@ def write_report(root: str, rows: list[dict[str, Any]], *, job, task_order: list
     floor = _variant_of(rows, labels, lambda m: m.head_only)
     ceiling = _variant_of(rows, labels, lambda m: m.trains_all)
     lines += cs.recovery_section(outputs, tasks, labels, floor, ceiling)
-    lines += ["", *cs.tuning_section(tuning or [], rows, tasks, labels)]
+    lines += ["", *cs.tuning_section(tuning or [], rows, tasks, labels, settings.get("tune_extensions"))]
     tune_cost: dict[str, float] = {}
     for r in tuning or []:
         tune_cost[r["variant"]] = tune_cost.get(r["variant"], 0.0) + (r.get("train_s") or 0.0)

@@ -179,10 +179,19 @@ def recovery_section(outputs: dict[str, dict], tasks: list[str], labels: list[st
             "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks), *rows]
 
 
+def _beyond(extensions: int | None) -> str:
+    if extensions is None:  # a report written before the setting was recorded
+        return " (and a step beyond an end of the grid that won, at most twice)"
+    if extensions == 0:
+        return " (no step beyond the grid: a rate at its end may have won only because the grid ended there)"
+    return (" (and a step beyond an end of the grid that won, at most "
+            f"{'once' if extensions == 1 else 'twice' if extensions == 2 else f'{extensions} times'})")
+
+
 def tuning_section(tuning: list[dict[str, Any]], chosen_rows: list[dict[str, Any]], tasks: list[str],
-                   labels: list[str]) -> list[str]:
+                   labels: list[str], extensions: int | None = None) -> list[str]:
     """The learning-rate search per (task, method): values tried with their validation score, the chosen
-    value and where each final run's rate came from."""
+    value and where each final run's rate came from; ``extensions``: steps allowed beyond a winning end."""
     sources: dict[tuple[str, str], tuple[float, str]] = {}
     for r in chosen_rows:
         if r.get("lr") is not None:
@@ -193,8 +202,8 @@ def tuning_section(tuning: list[dict[str, Any]], chosen_rows: list[dict[str, Any
     for r in tuning:
         tried.setdefault((r["task"], r["variant"]), []).append(r)
     lines = ["## Learning rates (chosen on validation)", "",
-             "Each (task, method) tried its default learning rate and its neighbours on a x3 log grid (and a step "
-             "beyond an end of the grid that won, at most twice), on the first seed, for the final runs' epochs; "
+             "Each (task, method) tried its default learning rate and its neighbours on a x3 log grid"
+             f"{_beyond(extensions)}, on the first seed, for the final runs' epochs; "
              "the task's model-selection metric on validation chose (ties: the value nearest the default). That "
              "run is also the first seed's final run. `job`: pinned by the job's "
              "method.lr, not searched; `default`: the method's own default, not searched.", "",

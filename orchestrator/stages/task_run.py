@@ -140,12 +140,14 @@ def run_plan(plan, *, rank: int = 0, board=None, trial: str | None = None, **kwa
 
 
 def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_state=None, wrap=None, report=None,
-                board=None, trial: str | None = None, trial_artifact=None) -> dict[str, Any]:
+                board=None, trial: str | None = None, trial_artifact=None,
+                validate_each_epoch: bool = True) -> dict[str, Any]:
     """Train one plan in this process.
 
     After every epoch ``report(epoch, metrics, TrainState)`` is called (checkpointing is the caller's);
     rank 0 writes the trial artifact after epoch e to ``trial_artifact(e)`` (a sweep trial; no write
     where it returns None), and the plan's artifact at the end. Returns the last epoch's metrics plus the artifact's sha256 / bytes / kind.
+    ``validate_each_epoch=False``: validation after the last epoch only (same weights; no per-epoch curve).
     """
     from shpeft_core.methods import save_artifact
     from shpeft_core.metrics import json_safe
@@ -178,7 +180,8 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
         return save_artifact(model, handle, plan.method, uri, meta)  # extract_delta unwraps DDP itself
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], state) -> None:
-        value = val_metric_value(metrics, plan.metric)
+        validated = validate_each_epoch or epoch == epochs - 1
+        value = val_metric_value(metrics, plan.metric) if validated else None
         # fit() returns evaluate()'s keys unprefixed; they are validation metrics.
         out = {
             (k_ if k_ in ("epoch", "train_loss", "lr") else f"val_{k_}"): float(v)
@@ -198,7 +201,8 @@ def _train_plan(plan, *, rank: int = 0, world: int = 1, device=None, resume_stat
             report(epoch, out, state)
 
     history = fit(model, train_loader, val_loader, train_cfg, num_classes=plan.num_classes, kind=plan.kind,
-                  start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end)
+                  start_epoch=0, resume_state=resume_state, on_epoch_end=on_epoch_end,
+                  validate_each_epoch=validate_each_epoch)
 
     if rank == 0 and plan.artifact_uri:
         last.update(write_artifact(plan.artifact_uri, epochs - 1, history))

@@ -30,6 +30,7 @@ from orchestrator.stages.importance_maps import run_importance_stage
 from orchestrator.store import layout
 from orchestrator.store.layout import normalise_store, report_dir
 from orchestrator.workflows.compare_runs import RESULT_COLUMNS, CompareRuns, tune_learning_rates
+from orchestrator.workflows.compare_tuning import TUNE_EXTENSIONS
 from orchestrator.workflows.preflight import preflight, resolve_targets
 
 __all__ = ["CompareResult", "DEFAULT_METHODS", "SMOKE_TEST_METHODS", "Entry", "default_methods", "parse_methods",
@@ -128,12 +129,13 @@ class CompareResult:
 
 def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, address: str | None = None,
                 num_cpus: int | None = None, force: bool = False, progress: bool = True, tune: bool = True,
-                tune_points: int = 3, fixed_importance: bool = False, equal_budget: bool = False,
-                reference: str = "shpeft") -> CompareResult:
+                tune_points: int = 3, tune_extensions: int = TUNE_EXTENSIONS, fixed_importance: bool = False,
+                equal_budget: bool = False, reference: str = "shpeft") -> CompareResult:
     """Run methods x tasks x seeds on Ray and write results.parquet and report.md; see the module doc.
 
     ``tune``: choose each (task, method)'s learning rate on validation first (``compare_tuning``), from
-    ``tune_points`` values; ``fixed_importance``: every seed uses the maps of ``training.seed`` (by default
+    ``tune_points`` values and at most ``tune_extensions`` steps beyond an end of the grid that won;
+    ``fixed_importance``: every seed uses the maps of ``training.seed`` (by default
     each seed draws its own importance batches and warm head); ``equal_budget``: every mask method selects
     the job's k (GPS included); ``reference``: the method the report's paired statistics compare against.
     """
@@ -141,8 +143,8 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
 
     job = with_classes(job)  # classes left to a task's folders are written in, as `shpeft run` does
     model = preflight(job)  # before Ray starts
-    settings = {"tune": tune_points if tune else 0, "fixed_importance": fixed_importance,
-                "equal_budget": equal_budget, "reference": reference}
+    settings = {"tune": tune_points if tune else 0, "tune_extensions": tune_extensions if tune else 0,
+                "fixed_importance": fixed_importance, "equal_budget": equal_budget, "reference": reference}
     with ray_session(address, num_cpus):
         return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress, settings=settings)
 
@@ -156,8 +158,11 @@ def _compare(job: JobSpec, model, entries: list[Entry], seeds: int, *, force: bo
     t_all = time.perf_counter()
     store = normalise_store(job.store)
     seed_list = [job.training.seed + i for i in range(seeds)]
+    # A setting at its default leaves the report id of earlier versions unchanged.
+    keyed = {k: v for k, v in settings.items()
+             if not (k == "tune_extensions" and v == (TUNE_EXTENSIONS if settings["tune"] else 0))}
     rid = content_hash({"job": compute_job_id(job), "methods": [e.text for e in entries], "seeds": seed_list,
-                        **settings}, length=12)
+                        **keyed}, length=12)
     root = report_dir(store, rid)
     labels = [e.label(job.selection.mix) for e in entries]
     say(f"compare {rid}: {len(job.tasks)} task(s) x {len(entries)} method(s) ({', '.join(labels)}) x "
@@ -183,7 +188,8 @@ def _compare(job: JobSpec, model, entries: list[Entry], seeds: int, *, force: bo
                                  seeds=sorted({importance_seed(s) for s in seed_list}))
     runs = CompareRuns(ctx, imaps, job, root, importance_seed, settings["equal_budget"], progress)
     with runs.pool():
-        chosen, tuning = tune_learning_rates(runs, targets, entries, seed_list[0], settings["tune"], force)
+        chosen, tuning = tune_learning_rates(runs, targets, entries, seed_list[0], settings["tune"], force,
+                                             settings["tune_extensions"])
         rows = runs.final(targets, entries, seed_list, chosen, tuning, force)
     task_names = [task_name(e) for e in job.tasks]
     report_uri, plots = write_report(root, rows, job=job, task_order=task_names, labels=labels,

@@ -25,7 +25,8 @@ from orchestrator.stages.evaluation import evaluate_artifact
 from orchestrator.store import layout
 from orchestrator.store.layout import row_verified
 from orchestrator.store.results import read_table_rows, write_table_rows
-from orchestrator.workflows.compare_tuning import choose_lr, lr_grid, read_tuning, starting_lr, write_tuning
+from orchestrator.workflows.compare_tuning import (TUNE_EXTENSIONS, choose_lr, lr_grid, read_tuning, starting_lr,
+                                                   write_tuning)
 
 __all__ = ["RESULT_COLUMNS", "SCHEMA", "CompareRuns", "tune_learning_rates", "read_results", "write_results"]
 
@@ -60,7 +61,8 @@ def _run_one(arg) -> dict[str, Any]:
 
     plan, mode = arg
     t0 = time.perf_counter()
-    out = run_plan(plan) if mode != "evaluate" else {}
+    # The saved artifact is evaluated below; per-epoch validation would only draw a curve nobody reads.
+    out = run_plan(plan, validate_each_epoch=False) if mode != "evaluate" else {}
     train_s = time.perf_counter() - t0
     ev = evaluate_artifact(plan, on=("val",) if mode == "tune" else EVAL_SPLITS)
     return {**ev, "train_s": train_s, "trainable": out.get("trainable", ev.get("trainable")),
@@ -189,7 +191,7 @@ class CompareRuns:
 
 
 def tune_learning_rates(runs: CompareRuns, targets, entries, seed: int, points: int, force: bool,
-                        extensions: int = 2):
+                        extensions: int = TUNE_EXTENSIONS):
     """Each (task, entry)'s learning rate, chosen on validation from ``lr_grid`` around its default.
 
     Where the best value sits at an end of what was tried, one more value a grid step beyond it is tried

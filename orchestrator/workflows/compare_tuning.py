@@ -9,7 +9,8 @@ Invariants:
   ``training.lr`` is never used by a comparison: it would give every method one rate.
 - The grid: the method's default rate times ``factor ** k`` for ``points`` values of k centred on 0
   (3 points x factor 3 by default: 10x from end to end); where the best value is at an end of what was
-  tried, one more value a step beyond it is tried, at most twice (``compare_runs.tune_learning_rates``).
+  tried, one more value a step beyond it is tried, at most ``TUNE_EXTENSIONS`` times (twice; each is a
+  round that waits for the one before, ``compare_runs.tune_learning_rates``).
   Every method starts with the same number of tries, on the first seed (its importance batches and warm
   head included), for the same epochs as the final runs; the task's own model-selection metric on
   validation decides, and a tie goes to the value nearest the default on the log scale. A grid is
@@ -28,7 +29,10 @@ import pyarrow as pa
 
 from orchestrator.store.results import read_table_rows, write_table_rows
 
-__all__ = ["TUNING_COLUMNS", "starting_lr", "lr_grid", "choose_lr", "read_tuning", "write_tuning"]
+__all__ = ["TUNE_EXTENSIONS", "TUNING_COLUMNS", "starting_lr", "lr_grid", "choose_lr", "read_tuning", "write_tuning"]
+
+# Steps beyond an end of the grid that won, at most, per (task, method).
+TUNE_EXTENSIONS = 2
 
 TUNING_COLUMNS = [
     ("task", pa.string()), ("variant", pa.string()), ("method", pa.string()), ("mix", pa.string()),

@@ -156,6 +156,10 @@ def demo_job_dict(store: str, backbone_uri: str, targets, pool_extra, *, smoke_t
 # hybrid rule, with `--all-methods`). DEMO_PAPER_DENSITY: 1e-3 of this backbone's eligible weights is about
 # 0.08 selected weights per row, as 0.01% of ViT-B/16 is (fewer than one per row on average).
 DEMO_PAPER_DENSITY = 1e-3
+# One step beyond a winning end of the learning-rate grid (`shpeft compare` allows two): each step is a
+# round that waits for the one before, and the second saves the demo's ten-minute budget about half a
+# minute; the report says how far the search went.
+DEMO_TUNE_EXTENSIONS = 1
 DEMO_COMPARE_METHODS = ("shpeft", f"shpeft@{DEMO_PAPER_DENSITY:g}", "linear", "full")
 DEMO_ALL_METHODS = ("shpeft", "shpeft:rank_sum", "specific", "agnostic", "random",
                     *(f"{m}@{DEMO_PAPER_DENSITY:g}" for m in ("shpeft", "specific", "agnostic", "random")),
@@ -230,7 +234,8 @@ def run_demo(store: str | None = None, smoke_test: bool = False, *, num_cpus: in
         # chosen on validation with bench/demo_recipe.py); training.lr is the job's, not the comparison's.
         compare_job = job.model_copy(update={"sweep": job.sweep.model_copy(update={"enabled": False})})
         methods = DEMO_ALL_METHODS if all_methods else DEMO_COMPARE_METHODS
-        compared = run_compare(compare_job, methods=methods, seeds=1 if smoke_test else 3, progress=progress)
+        compared = run_compare(compare_job, methods=methods, seeds=1 if smoke_test else 3, progress=progress,
+                               tune_extensions=DEMO_TUNE_EXTENSIONS)
     if progress:
         print(f"demo finished in {time.perf_counter() - t0:.0f}s; comparison report: {compared.report_uri}",
               flush=True)

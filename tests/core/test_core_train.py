@@ -72,6 +72,19 @@ def test_fit_deterministic_and_resume_bit_exact(tmp_path):
     assert sorted(names) == ["state.json", "tensors.safetensors"]
 
 
+def test_validating_the_last_epoch_only_trains_the_same_weights():
+    train = separable_batches(n=48, seed=0)
+    val = separable_batches(n=16, seed=1)
+    cfg = TrainConfig(epochs=3, lr=1e-2, weight_decay=0.05, seed=3)
+    every, last = _sparse_model(train), _sparse_model(train)
+    hist_every = fit(every, train, val, cfg, num_classes=2)
+    hist_last = fit(last, train, val, cfg, num_classes=2, validate_each_epoch=False)
+    assert all(torch.equal(a, b) for a, b in zip(every.parameters(), last.parameters()))
+    assert [("macro_f1" in h) for h in hist_last] == [False, False, True]
+    assert hist_last[-1]["macro_f1"] == hist_every[-1]["macro_f1"]
+    assert [h["train_loss"] for h in hist_last] == [h["train_loss"] for h in hist_every]
+
+
 def test_train_state_checksum_and_mismatch(tmp_path):
     train = separable_batches(n=16, seed=0)
     model = _sparse_model(train)

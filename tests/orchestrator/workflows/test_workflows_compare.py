@@ -123,9 +123,10 @@ def tuned(tmp_path_factory):
     try:
         result = run_compare(job, methods="shpeft,shpeft@0.005,linear,full", seeds=2, progress=False)
         fixed = run_compare(job, methods="specific", seeds=2, progress=False, tune=False, fixed_importance=True)
+        no_beyond = run_compare(job, methods="linear", seeds=1, progress=False, tune_extensions=0)
     finally:
         ray.shutdown()
-    return job, result, fixed
+    return job, result, fixed, no_beyond
 
 
 def test_learning_rates_are_chosen_on_validation_and_recorded(tuned):
@@ -133,7 +134,7 @@ def test_learning_rates_are_chosen_on_validation_and_recorded(tuned):
     from orchestrator.store.layout import compare_tuning, eval_file
     from orchestrator.workflows.compare_tuning import read_tuning
 
-    _, result, _ = tuned
+    _, result, _, _ = tuned
     assert result.exit_code == 0, [r for r in result.rows if r["status"] != "ok"]
     tuning = read_tuning(compare_tuning(os.path.dirname(result.results_uri)))
     # full is pinned by method.lr (not searched); the others try 3 rates each on the first seed
@@ -167,8 +168,21 @@ def test_learning_rates_are_chosen_on_validation_and_recorded(tuned):
     assert "tuning s (total)" in text and "each seed draws its own importance batches and warm head" in text
 
 
+def test_tuning_without_steps_beyond_the_grid_tries_the_grid_only(tuned):
+    from orchestrator.store.layout import compare_tuning
+    from orchestrator.workflows.compare_tuning import read_tuning
+
+    _, result, _, no_beyond = tuned
+    assert no_beyond.exit_code == 0 and no_beyond.report_id != result.report_id
+    tried = sorted(r["lr"] for r in read_tuning(compare_tuning(os.path.dirname(no_beyond.results_uri))))
+    assert tried == [0.00333, 0.01, 0.03]
+    assert no_beyond.rows[0]["lr"] in tried and no_beyond.rows[0]["lr_source"] == "tuned"
+    assert "no step beyond the grid" in open(no_beyond.report_uri).read()
+    assert "at most twice" in open(result.report_uri).read()
+
+
 def test_seeds_change_the_mask_of_importance_methods_unless_told_not_to(tuned):
-    _, result, fixed = tuned
+    _, result, fixed, _ = tuned
     by = {(r["variant"], r["seed"]): r for r in result.rows}
     a, b = (load_delta(by[("shpeft (union)", s)]["artifact_uri"]) for s in (0, 1))
     assert a.metadata["importance_seed"] == "0" and b.metadata["importance_seed"] == "1"
