@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Sequence
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from .backbone import backbone_fingerprint, head_module_paths, unwrap
 from .delta import DeltaError, TaskDelta, check_backbone_name, validate_delta
 from .eligibility import is_supported_module
+from .values_grad import csr_row_pointers, sorted_csr
 
 __all__ = ["MIXED_PATHS", "MixedError", "LayerDelta", "PreparedDelta", "MixedTaskModel", "linear_path"]
 
@@ -108,13 +108,8 @@ class _Plan:
 
 
 def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        # rows come from sorted unique flat indices: the CSR is valid by construction
-        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    # rows and cols come from sorted unique flat indices: the CSR is valid by construction
+    return sorted_csr(csr_row_pointers(rows, shape[0]), cols, values, shape)
 
 
 def _linear_correction(x: Tensor, y: Tensor, ld: LayerDelta) -> None:

@@ -34,6 +34,8 @@ __all__ = [
     "VALUES_GRAD_PATHS",
     "SparsePattern",
     "sparse_pattern",
+    "csr_row_pointers",
+    "sorted_csr",
     "values_grad",
     "values_grad_choices",
     "export_choices",
@@ -120,11 +122,26 @@ class SparsePattern(NamedTuple):
     local_idx: Tensor  # [k] flat index into the [R, C] compact block
 
 
+def csr_row_pointers(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] of entries sorted by row."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return crow
+
+
+def sorted_csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix of entries from sorted, unique, in-range flat indices (valid by construction,
+    so torch's invariant checks are off, and so are its beta warnings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
 def sparse_pattern(flat_idx: Tensor, shape: tuple[int, int]) -> SparsePattern:
     flat = flat_idx.to(torch.int64)
     rows, cols = flat // shape[1], flat % shape[1]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    crow = csr_row_pointers(rows, shape[0])
     urows, rrank = torch.unique(rows, return_inverse=True)
     ucols, crank = torch.unique(cols, return_inverse=True)
     return SparsePattern(shape, flat, rows, cols, crow, urows, ucols, rrank * ucols.numel() + crank)
@@ -139,11 +156,7 @@ def _grad_sddmm(a: Tensor, b: Tensor, pat: SparsePattern) -> Tensor:
     a, b = a.to(_acc_dtype(a.dtype)), b.to(_acc_dtype(b.dtype))
     # beta=0 still reads the pattern's values (0 * NaN = NaN), so they must be zeros.
     zeros = torch.zeros(pat.cols.numel(), dtype=a.dtype, device=a.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        # check_invariants=False on purpose: sparse_pattern builds the CSR sorted and in range
-        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        csr = torch.sparse_csr_tensor(pat.crow, pat.cols, zeros, pat.shape, check_invariants=False)
+    csr = sorted_csr(pat.crow, pat.cols, zeros, pat.shape)
     # CSR order is sorted row-major order, the order of the values.
     return torch.sparse.sampled_addmm(csr, a.t(), b, beta=0.0).values()
 
