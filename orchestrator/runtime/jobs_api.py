@@ -31,7 +31,6 @@ __all__ = [
     "check_reachable",
     "submission_client",
     "submit_job_file",
-    "job_status",
     "job_logs",
     "follow_job_logs",
     "SubmitResult",
@@ -264,12 +263,6 @@ def job_state(client, submission_id: str) -> JobState:
         raise JobsApiError(f"cannot get the status of {submission_id} from {_address_of(client)}: {_one_line(exc)}") from None
 
 
-def job_status(client, submission_id: str) -> tuple[str, str]:
-    """(status name, status message) of a submitted job."""
-    state = job_state(client, submission_id)
-    return state.status, state.message
-
-
 # A shell answers these when the command itself could not run.
 _CANNOT_RUN = {127: "command not found", 126: "found but not executable"}
 _EXIT_IN_MESSAGE = re.compile(r"exit code (-?\d+)")
@@ -342,15 +335,11 @@ def follow_job_logs(client, submission_id: str, write: Callable[[str], None]) ->
         async for chunk in client.tail_job_logs(submission_id):
             write(chunk)
 
-    # Ray's SDK logs an INFO line when the stream ends normally; it is not part of the job's logs.
-    sdk_logger = logging.getLogger("ray.dashboard.modules.job.sdk")
-    level = sdk_logger.level
-    sdk_logger.setLevel(logging.WARNING)
     import aiohttp
 
+    # Ray's SDK logs an INFO line when the stream ends normally; it is not part of the job's logs.
     try:
-        asyncio.run(_tail())
+        with _ray_info_lines_quiet():
+            asyncio.run(_tail())
     except _SDK_ERRORS + (aiohttp.ClientError,) as exc:
         raise JobsApiError(f"cannot follow the logs of {submission_id} from {_address_of(client)}: {_one_line(exc)}") from None
-    finally:
-        sdk_logger.setLevel(level)
