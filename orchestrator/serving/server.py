@@ -235,7 +235,7 @@ class DeltaServer:
             sha = sha256_bytes(read_regular_bytes(uri, max_bytes=self.max_delta_bytes, timeout_s=self.load_timeout_s))
         except (OSError, StorageError) as exc:
             raise ServeError(f"delta {uri}: {exc}", 422) from None
-        return LoadedDelta(uri, delta, task_name(delta, uri), class_names(delta), sha, prepared)
+        return LoadedDelta(uri, delta, prepared.name, class_names(delta), sha, prepared)
 
     def _take_out_of_service(self, reason: str) -> None:
         if self.out_of_service is None:
@@ -296,12 +296,12 @@ class DeltaServer:
 
     def _run_batch(self, requests: list[tuple[LoadedDelta, torch.Tensor]]) -> list[dict]:
         """One mixed-task forward for the whole batch; the answers in request order."""
+        if self.out_of_service is not None:
+            raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
         slot: dict[int, int] = {}  # id(LoadedDelta) -> its place among the batch's deltas
         task_index = [slot.setdefault(id(ld), len(slot)) for ld, _ in requests]
         deltas = list({id(ld): ld for ld, _ in requests}.values())
         x = torch.stack([image for _, image in requests])
-        if self.out_of_service is not None:
-            raise ServeError(f"this replica is out of service ({self.out_of_service}); retry", 503)
         # The fingerprint was checked once at start-up and each delta's at load: no batch hashes the backbone.
         logits = self.mixed(x, [ld.prepared for ld in deltas], task_index)
         probs = [task_probabilities(lg, ld.delta).cpu() for lg, ld in zip(logits, deltas)]
