@@ -180,7 +180,7 @@ def recovery_section(outputs: dict[str, dict], tasks: list[str], labels: list[st
 
 
 def _beyond(extensions: int | None) -> str:
-    if extensions is None:  # a report written before the setting was recorded
+    if extensions is None:  # not given by the caller: the comparison's default
         return " (and a step beyond an end of the grid that won, at most twice)"
     if extensions == 0:
         return " (no step beyond the grid: a rate at its end may have won only because the grid ended there)"

@@ -143,7 +143,8 @@ def run_compare(job: JobSpec, *, methods=DEFAULT_METHODS, seeds: int = 3, addres
 
     job = with_classes(job)  # classes left to a task's folders are written in, as `shpeft run` does
     model = preflight(job)  # before Ray starts
-    settings = {"tune": tune_points if tune else 0, "tune_extensions": tune_extensions if tune else 0,
+    points = tune_points if tune else 0
+    settings = {"tune": points, "tune_extensions": tune_extensions if points else 0,
                 "fixed_importance": fixed_importance, "equal_budget": equal_budget, "reference": reference}
     with ray_session(address, num_cpus):
         return _compare(job, model, parse_methods(methods), seeds, force=force, progress=progress, settings=settings)
@@ -158,9 +159,11 @@ def _compare(job: JobSpec, model, entries: list[Entry], seeds: int, *, force: bo
     t_all = time.perf_counter()
     store = normalise_store(job.store)
     seed_list = [job.training.seed + i for i in range(seeds)]
-    # A setting at its default leaves the report id of earlier versions unchanged.
-    keyed = {k: v for k, v in settings.items()
-             if not (k == "tune_extensions" and v == (TUNE_EXTENSIONS if settings["tune"] else 0))}
+    # Steps beyond the grid are keyed only where they differ from the default (and matter: tuning is on),
+    # so a report's id is what it was before they could be chosen.
+    keyed = dict(settings)
+    if not settings["tune"] or settings["tune_extensions"] == TUNE_EXTENSIONS:
+        del keyed["tune_extensions"]
     rid = content_hash({"job": compute_job_id(job), "methods": [e.text for e in entries], "seeds": seed_list,
                         **keyed}, length=12)
     root = report_dir(store, rid)
